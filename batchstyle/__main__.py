@@ -1,0 +1,3 @@
+from batchstyle.cli import main
+
+main()

@@ -1,0 +1,246 @@
+"""The option table: one definition per option, shared by the CLI, the manifest columns and the job key.
+
+Keeping a single table means a manifest column, a command-line flag and the hash that decides whether a row must be
+redone can never disagree about an option's name, type, range or default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Every ReLU of VGG-19 (a superset of VGG-16's): layer names are checked against this without loading a network,
+# and the network itself rejects the few (relu3_4, relu4_4, relu5_4) that VGG-16 lacks.
+VGG19_RELUS = tuple(
+    f"relu{block}_{i}" for block, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for i in range(1, n + 1)
+)
+
+
+class OptionError(ValueError):
+    """A value that does not fit its option; the message says what would."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "y", "on"}:
+        return True
+    if value in {"0", "false", "no", "n", "off"}:
+        return False
+    raise OptionError(f"{raw!r} is not a yes/no value (use true or false)")
+
+
+def _parse_number(kind: type) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            name = "an integer" if kind is int else "a number"
+            raise OptionError(f"{raw!r} is not {name}") from None
+
+    return parse
+
+
+def _parse_layers(raw: str) -> tuple[str, ...]:
+    layers = tuple(part.strip() for part in raw.replace(";", ",").split(",") if part.strip())
+    if not layers:
+        raise OptionError("no layer given")
+    unknown = [name for name in layers if name not in VGG19_RELUS]
+    if unknown:
+        raise OptionError(f"unknown layer {', '.join(unknown)} (layers are ReLU outputs: relu1_1 .. relu5_4)")
+    if len(set(layers)) != len(layers):
+        raise OptionError("a layer is listed twice")
+    return layers
+
+
+def parse_weight_list(raw: str) -> tuple[float, ...]:
+    """Weights as in `0.7;0.3` (a comma works too): positive numbers, at least one."""
+    parts = [part.strip() for part in raw.replace(",", ";").split(";") if part.strip()]
+    try:
+        weights = tuple(float(part) for part in parts)
+    except ValueError:
+        raise OptionError(f"{raw!r} is not a list of numbers such as 0.7;0.3") from None
+    if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise OptionError(f"{raw!r}: weights must be non-negative numbers, not all zero")
+    return weights
+
+
+def _range(lo: float | None, hi: float | None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if lo is not None and value < lo:
+            return f"must be at least {lo}"
+        if hi is not None and value > hi:
+            return f"must be at most {hi}"
+        return None
+
+    return check
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise OptionError(f"{raw!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_init(raw: str) -> str:
+    """`content`, `noise`, or an image path (checked against the manifest's folder by the manifest reader)."""
+    value = raw.strip()
+    if not value:
+        raise OptionError("empty init (use content, noise or an image path)")
+    return value.lower() if value.lower() in {"content", "noise"} else value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    check: Callable[[Any], str | None] = lambda value: None
+    metavar: str = "VALUE"
+
+    def from_text(self, raw: str) -> Any:
+        """Parses and range-checks a manifest cell or command-line string."""
+        value = self.parse(raw)
+        problem = self.check(value)
+        if problem:
+            raise OptionError(f"{raw.strip()!r} {problem}")
+        return value
+
+    def to_text(self, value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+OPTIONS: dict[str, Option] = {
+    opt.name: opt
+    for opt in [
+        Option("size", 512, _parse_number(int), "Long side of the output in pixels.", _range(16, 16384), "PX"),
+        Option("iterations", 500, _parse_number(int), "Optimiser iterations.", _range(1, 100000), "N"),
+        Option(
+            "optimizer",
+            "lbfgs",
+            _choice("lbfgs", "adam"),
+            "lbfgs (fewer iterations to a good result) or adam (cheaper per iteration, steadier).",
+            metavar="lbfgs|adam",
+        ),
+        Option(
+            "learning_rate",
+            None,
+            _parse_number(float),
+            "Step size (default: 1.0 for L-BFGS, 0.02 for Adam on [0, 1] pixels).",
+            lambda value: None if value is None else _range(1e-6, 100)(value),
+            "LR",
+        ),
+        Option(
+            "content_weight",
+            1.0,
+            _parse_number(float),
+            "Weight of the content loss (alpha).",
+            _range(0, None),
+        ),
+        Option("style_weight", 1000.0, _parse_number(float), "Weight of the style loss (beta).", _range(0, None)),
+        Option("tv_weight", 1.0, _parse_number(float), "Weight of the total-variation loss.", _range(0, None)),
+        Option(
+            "content_layers",
+            ("relu4_2",),
+            _parse_layers,
+            "Content layers, comma-separated.",
+            metavar="LAYERS",
+        ),
+        Option(
+            "style_layers",
+            STYLE_LAYERS,
+            _parse_layers,
+            "Style layers, comma-separated.",
+            metavar="LAYERS",
+        ),
+        Option(
+            "style_layer_weights",
+            (),
+            lambda raw: () if not raw.strip() else parse_weight_list(raw),
+            "Per-style-layer weights, one per style layer (default: equal). Normalised to sum to 1.",
+            metavar="W,W,...",
+        ),
+        Option(
+            "style_scale",
+            1.0,
+            _parse_number(float),
+            "Style image size relative to the output's long side: below 1 gives larger brush strokes' detail.",
+            _range(0.05, 8),
+            "S",
+        ),
+        Option(
+            "preserve_color",
+            False,
+            _parse_bool,
+            "Luminance-only transfer: keep the content's colours.",
+            metavar="BOOL",
+        ),
+        Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
+        Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
+        Option("seed", 0, _parse_number(int), "Random seed (noise init, random weights).", _range(0, 2**63 - 1)),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option resolved for one job: command-line defaults overlaid by the row's own values."""
+
+    size: int
+    iterations: int
+    optimizer: str
+    learning_rate: float | None
+    content_weight: float
+    style_weight: float
+    tv_weight: float
+    content_layers: tuple[str, ...]
+    style_layers: tuple[str, ...]
+    style_layer_weights: tuple[float, ...]
+    style_scale: float
+    preserve_color: bool
+    init: str
+    pooling: str
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def step_size(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1.0 if self.optimizer == "lbfgs" else 0.02
+
+    def normalised_style_layer_weights(self) -> tuple[float, ...]:
+        weights = self.style_layer_weights or (1.0,) * len(self.style_layers)
+        total = sum(weights)
+        return tuple(w / total for w in weights)
+
+
+def settings_problem(settings: Settings) -> str | None:
+    """Cross-option checks that no single cell can make."""
+    if settings.style_layer_weights and len(settings.style_layer_weights) != len(settings.style_layers):
+        return (
+            f"style_layer_weights has {len(settings.style_layer_weights)} values for "
+            f"{len(settings.style_layers)} style layers: give one weight per layer"
+        )
+    return None
+
+
+def default_values() -> dict[str, Any]:
+    return {name: opt.default for name, opt in OPTIONS.items()}
+
+
+def make_settings(values: dict[str, Any]) -> Settings:
+    return Settings(**{name: values[name] for name in OPTIONS})
