@@ -1,0 +1,375 @@
+"""Everything that touches image files: decoding, resizing, tensor conversion, colour spaces, atomic saving.
+
+The rest of the package only ever sees 8-bit RGB ``PIL.Image`` objects and ``(1, 3, H, W)`` float tensors in
+[0, 1]; every oddity of real-world files (EXIF rotation, 16-bit, CMYK, alpha, palettes, truncation, absurd
+sizes) is dealt with here, once, and anything that cannot be handled becomes an :class:`ImageError` whose
+message names the file and the fix, so a batch run can report it per row instead of crashing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
+
+# Temp files are hidden (leading dot) so globbing for outputs never picks up a half-written one, and carry
+# this marker so a later run can recognise and delete the ones a killed run left behind.
+TEMP_MARKER: str = ".tmp-"
+
+_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset(_FORMATS)
+# PNG optimisation costs seconds per large image for a few percent of size; outputs are written often.
+_SAVE_OPTIONS: dict[str, dict[str, object]] = {
+    "PNG": {"optimize": False},
+    "JPEG": {"quality": 95},
+    "WEBP": {"quality": 95},
+    "TIFF": {"compression": "tiff_lzw"},
+}
+# ImageDescription lives in IFD0, which Pillow reads and writes the same way for JPEG, WebP and TIFF; the
+# alternative, UserComment, sits in the Exif sub-IFD and needs a hand-made character-code prefix.
+_DESCRIPTION_TAG = ExifTags.Base.ImageDescription
+# The EXIF orientations that swap width and height.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+# NTSC (FCC) RGB -> YIQ. The inverse is computed rather than taken from a table so that the round trip is
+# exact to float precision; published inverse coefficients are rounded to three digits.
+_RGB_TO_YIQ = torch.tensor(
+    [
+        [0.299, 0.587, 0.114],
+        [0.595716, -0.274453, -0.321263],
+        [0.211456, -0.522591, 0.311135],
+    ],
+    dtype=torch.float64,
+)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+class ImageError(Exception):
+    """An image file that cannot be used; message names the file and says what to do."""
+
+
+@contextlib.contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """Turn whatever Pillow raises for a bad file into an ImageError a batch run can report per row.
+
+    Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; the warning is escalated so the configured
+    limit is the one actually enforced, without touching the global limit itself.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = _BOMB_PIXELS.search(str(exc))
+        pixels = found.group(1) if found else "too many"
+        raise ImageError(
+            f"{path} has {pixels} pixels, over Pillow's decompression-bomb limit of "
+            f"{Image.MAX_IMAGE_PIXELS}; downscale it first"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: no such file; check the path") from exc
+    except IsADirectoryError as exc:
+        raise ImageError(f"{path} is a directory, not an image file; name an image file instead") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{path} cannot be read (permission denied); fix its permissions") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's format plugins raise many exception types for malformed data.
+        raise ImageError(
+            f"{path} cannot be read as an image ({type(exc).__name__}: {exc}); the file is corrupt, "
+            "truncated or not an image -- re-export or re-download it"
+        ) from exc
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode ``path`` fully into 8-bit RGB, upright as a viewer would show it.
+
+    Decoding everything here (rather than lazily) makes truncated files fail at load time, with the file's
+    name, instead of somewhere inside the optimisation loop.
+    """
+    path = Path(path)
+    with _image_errors(path):
+        if path.is_dir():
+            raise IsADirectoryError(path)
+        with Image.open(path) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+        return _to_rgb(upright, path)
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Map any Pillow mode to 8-bit RGB the way a viewer would show it.
+
+    Pillow's own ``convert`` clips 16-bit and float data to 0..255 (a mostly white image) and drops alpha
+    (transparent areas show whatever colour they happen to hold), so those cases are handled by hand.
+    """
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 32-bit "I" images come from 16-bit sources (older Pillow, some TIFFs), so share the 16-bit scale.
+        values = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+        return Image.fromarray(np.round(values).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        # Float images have no defined range; [0, 1] is the usual convention, anything else is read as 0..255.
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.round(np.clip(values, 0, 255)).astype(np.uint8)).convert("RGB")
+    try:
+        if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(f"{path} has colour mode {img.mode}, which cannot be converted; re-save it as RGB") from exc
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """Validate ``path`` for ``batchstyle check`` and return its upright (width, height).
+
+    ``verify()`` catches structural damage but not missing pixel data (it does nothing at all for JPEG,
+    WebP or TIFF), so the pixels are decoded too, or a truncated file would pass here and fail hours into a
+    run. JPEG, the common case for photos, is decoded at 1/8 scale via ``draft``: that still reads every
+    byte of the entropy-coded data, so it catches truncation at a fraction of the cost of a full decode.
+    """
+    path = Path(path)
+    with _image_errors(path):
+        if path.is_dir():
+            raise IsADirectoryError(path)
+        with Image.open(path) as img:
+            img.verify()
+        # verify() leaves the image unusable, so the pixels are decoded from a second open.
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            img.draft(None, (1, 1))
+            img.load()
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def output_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The (w, h) that :func:`resize_long_side` produces, so runs can be planned without decoding pixels.
+
+    Integer round-half-up keeps the result identical on every platform, and no side may collapse to zero.
+    """
+    if width < 1 or height < 1 or size < 1:
+        raise ValueError(f"sizes must be positive, got width={width}, height={height}, size={size}")
+    if width >= height:
+        return size, max(1, (2 * height * size + width) // (2 * width))
+    return max(1, (2 * width * size + height) // (2 * height)), size
+
+
+def resize_long_side(img: Image.Image, size: int) -> Image.Image:
+    """Scale so the long side is ``size``: optimisation cost grows with pixel count, so it is capped here."""
+    target = output_size(img.width, img.height, size)
+    if img.size == target:
+        return img
+    return img.resize(target, Image.Resampling.LANCZOS)
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [0, 1].
+
+    Other modes are refused rather than converted: a silent ``convert`` would treat alpha differently from
+    :func:`load_image`, which is the way images should enter the pipeline.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"image_to_tensor needs an RGB image, got mode {img.mode}; load it with load_image")
+    array = np.array(img, dtype=np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous().unsqueeze(0).to(torch.float32).div_(255.0)
+
+
+def tensor_to_image(t: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) or (3, H, W) tensor in [0, 1] -> RGB image, rounding to the nearest 8-bit value.
+
+    NaNs (a diverged optimisation) become black instead of undefined bytes.
+    """
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3 or t.shape[0] != 3:
+        raise ValueError(f"expected a (1, 3, H, W) or (3, H, W) tensor, got shape {tuple(t.shape)}")
+    values = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0).clamp(0.0, 1.0)
+    array = values.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(array)
+
+
+def _apply_colour_matrix(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if t.dim() < 3 or t.shape[-3] != 3:
+        raise ValueError(f"expected a (..., 3, H, W) tensor, got shape {tuple(t.shape)}")
+    return torch.einsum("ij,...jhw->...ihw", matrix.to(device=t.device, dtype=t.dtype), t)
+
+
+def rgb_to_yiq(t: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB -> YIQ: separates luminance (Y) from chroma (I, Q) for colour preservation."""
+    return _apply_colour_matrix(_RGB_TO_YIQ, t)
+
+
+def yiq_to_rgb(t: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) YIQ -> RGB, the exact inverse of :func:`rgb_to_yiq` (no clamping)."""
+    return _apply_colour_matrix(_YIQ_TO_RGB, t)
+
+
+def luminance_image(t: torch.Tensor, match: torch.Tensor | None = None) -> torch.Tensor:
+    """Y of an RGB tensor as a grey 3-channel image (same shape as ``t``), clamped to [0, 1].
+
+    Luminance-only transfer ("preserving colour", Gatys et al. 2016) optimises on these grey images and
+    puts the content's colour back afterwards with :func:`recombine_color`. With ``match`` (the content),
+    Y is mapped affinely so its mean and population standard deviation equal ``match``'s Y; otherwise a
+    dark or low-contrast style would shift the content's brightness. A flat Y has no contrast to scale and
+    is only shifted.
+    """
+    y = rgb_to_yiq(t)[..., :1, :, :]
+    if match is not None:
+        target = rgb_to_yiq(match.to(device=y.device, dtype=y.dtype))[..., :1, :, :]
+        std = y.std(correction=0)
+        y = y - y.mean()
+        if std > 0:
+            y = y * (target.std(correction=0) / std)
+        y = y + target.mean()
+    return y.clamp(0.0, 1.0).expand(*y.shape[:-3], 3, *y.shape[-2:]).contiguous()
+
+
+def recombine_color(stylized: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """Luminance of ``stylized`` with the chroma of ``content``: the "preserving colour" recombination step.
+
+    ``content`` is resized (bicubic) to the stylised size if they differ, because the stylised output may
+    have been produced at a different resolution than the content tensor at hand.
+    """
+    for name, tensor in (("stylized", stylized), ("content", content)):
+        if tensor.dim() != 4 or tensor.shape[1] != 3:
+            raise ValueError(f"{name} must be (N, 3, H, W), got shape {tuple(tensor.shape)}")
+    content = content.to(device=stylized.device, dtype=stylized.dtype)
+    if content.shape[-2:] != stylized.shape[-2:]:
+        content = F.interpolate(content, size=stylized.shape[-2:], mode="bicubic", align_corners=False)
+        content = content.clamp(0.0, 1.0)
+    yiq = torch.cat([rgb_to_yiq(stylized)[:, :1], rgb_to_yiq(content)[:, 1:]], dim=1)
+    return yiq_to_rgb(yiq).clamp(0.0, 1.0)
+
+
+def _format_for(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        supported = ", ".join(sorted(SUPPORTED_SUFFIXES))
+        raise ValueError(f"unsupported image suffix {suffix!r} for {path}; use one of {supported}")
+    return _FORMATS[suffix]
+
+
+def _metadata_options(fmt: str, metadata: dict[str, str]) -> dict[str, object]:
+    """Save options carrying ``metadata``: PNG text chunks, or one JSON object in EXIF ImageDescription.
+
+    The JSON is ASCII-escaped because Pillow writes EXIF ASCII tags with ``encode("ascii", "replace")``,
+    which would turn non-ASCII text into question marks.
+    """
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            # PNG keywords are 1-79 Latin-1 characters; Pillow would fail or write an unreadable chunk.
+            if not 1 <= len(key) <= 79 or any(ord(char) > 255 for char in key):
+                raise ValueError(f"PNG metadata key {key!r} must be 1-79 Latin-1 characters")
+            info.add_text(key, value)
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif[_DESCRIPTION_TAG] = json.dumps(metadata, ensure_ascii=True, sort_keys=True)
+    return {"exif": exif}
+
+
+def save_image_atomic(img: Image.Image, path: Path, metadata: dict[str, str]) -> None:
+    """Write ``img`` so that ``path`` is either absent or complete, even if the process is killed mid-write.
+
+    The image goes to a hidden temp file in the same directory (``os.replace`` is only atomic within one
+    filesystem), is fsynced, renamed over ``path``, and the directory is fsynced so the rename survives a
+    power loss. Resumable runs rely on this: an existing output is a finished output. The temp file is
+    created with mode 0o666 so the umask applies, as it would for a plain ``open``.
+    """
+    path = Path(path)
+    fmt = _format_for(path)
+    options = {**_SAVE_OPTIONS[fmt], **_metadata_options(fmt, metadata)}
+    temp = path.with_name(f".{path.name}{TEMP_MARKER}{secrets.token_hex(8)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            img.save(handle, format=fmt, **options)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    # Windows cannot open directories and some filesystems refuse to fsync them; the file itself is already
+    # durable, so losing only the rename's durability there is the best that can be done.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The dict :func:`save_image_atomic` stored in ``path``, so a run can tell how an output was made.
+
+    PNG returns every text chunk (reading them decodes the image, as chunks may follow the pixel data). For
+    the EXIF formats, an ImageDescription that is not a JSON object of strings (a camera's "OLYMPUS DIGITAL
+    CAMERA", say) was not written by us and reads as ``{}``.
+    """
+    path = Path(path)
+    with _image_errors(path):
+        if path.is_dir():
+            raise IsADirectoryError(path)
+        with Image.open(path) as img:
+            if img.format == "PNG":
+                return {str(key): str(value) for key, value in img.text.items()}
+            description = img.getexif().get(_DESCRIPTION_TAG)
+    if isinstance(description, bytes):
+        description = description.decode("utf-8", "replace")
+    try:
+        data = json.loads(description) if isinstance(description, str) else None
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        return {}
+    return data
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is named like a :func:`save_image_atomic` temp file (name only; nothing is read)."""
+    name = Path(path).name
+    return name.startswith(".") and TEMP_MARKER in name
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete temp files that runs killed mid-save left anywhere under ``folder``; return what was removed.
+
+    Call it before a run starts writing: a temp file of a run that is still saving into the same folder
+    would be deleted too. Symlinked directories are not followed, so nothing outside ``folder`` is touched.
+    """
+    removed: list[Path] = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            candidate = Path(root, name)
+            if is_temp_file(candidate) and not candidate.is_symlink():
+                candidate.unlink(missing_ok=True)
+                removed.append(candidate)
+    return sorted(removed)
