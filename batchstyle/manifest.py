@@ -1,0 +1,292 @@
+"""Reading and validating a CSV manifest into rows, with every problem reported by row number.
+
+Validation is complete before any work starts and never loads the network, so `batchstyle check` can vet a night's
+manifest in seconds, and a run knows up front which rows cannot succeed.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchstyle.images import SUPPORTED_SUFFIXES, ImageError, check_image
+from batchstyle.options import OPTIONS, OptionError, make_settings, parse_weight_list, settings_problem
+
+REQUIRED = ("content", "style")
+ROW_ONLY = ("output", "style_blend_weights")
+COLUMNS = (*REQUIRED, *ROW_ONLY, *OPTIONS)
+
+
+class ManifestError(Exception):
+    """The manifest as a whole is unusable (exit code 2): nothing can be run from it."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    manifest: Path
+    row: int | None
+    line: int | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [str(self.manifest)]
+        if self.row is not None:
+            where.append(f"row {self.row} (line {self.line})")
+        if self.column:
+            where.append(f"column {self.column}")
+        return f"{', '.join(where)}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int  # 1-based among data rows, as a spreadsheet user counts them below the header
+    line: int  # line in the file, for editors
+    content: Path
+    styles: tuple[Path, ...]
+    blend: tuple[float, ...]
+    output: Path  # absolute, inside the output folder
+    values: dict[str, Any]  # every option: defaults overlaid by this row's cells
+    init_image: Path | None = None
+
+
+@dataclass
+class Manifest:
+    path: Path
+    out_dir: Path
+    rows: list[Row] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    total_rows: int = 0
+
+    def problem_rows(self) -> dict[int, list[Problem]]:
+        found: dict[int, list[Problem]] = {}
+        for problem in self.problems:
+            if problem.row is not None:
+                found.setdefault(problem.row, []).append(problem)
+        return found
+
+
+def default_out_dir(manifest: Path) -> Path:
+    """Beside the manifest, named after it: `night.csv` writes to `night/`."""
+    return manifest.parent / manifest.stem
+
+
+def _split_paths(cell: str) -> list[str]:
+    return [part.strip() for part in cell.split(";") if part.strip()]
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, COLUMNS, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    if not path.is_file():
+        raise ManifestError(f"{path}: no such manifest file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not a UTF-8 text CSV file; save it as CSV (UTF-8)") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    reader = csv.reader(text.splitlines())
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ManifestError(f"{path}: the manifest is empty; it needs a header line with content,style") from None
+    except csv.Error as exc:
+        raise ManifestError(f"{path}: not a CSV file ({exc})") from None
+    columns = [name.strip().lower() for name in header]
+    missing = [name for name in REQUIRED if name not in columns]
+    if missing:
+        raise ManifestError(
+            f"{path}: the header {','.join(header)!r} has no {' or '.join(missing)} column; "
+            "the first line must name the columns, e.g. content,style,output"
+        )
+    unknown = [name for name in columns if name and name not in COLUMNS]
+    if unknown:
+        raise ManifestError(
+            f"{path}: unknown column {', '.join(repr(u) + _suggest(u) for u in unknown)}; "
+            f"known columns: {', '.join(COLUMNS)}"
+        )
+    duplicated = sorted({name for name in columns if name and columns.count(name) > 1})
+    if duplicated:
+        raise ManifestError(f"{path}: column {', '.join(duplicated)} appears twice in the header")
+    rows = []
+    try:
+        for cells in reader:
+            if not any(cell.strip() for cell in cells) or cells[0].lstrip().startswith("#"):
+                continue
+            line = reader.line_num
+            if len(cells) > len(columns):
+                extra = dict(zip(columns, cells))
+                extra["__extra__"] = ",".join(cells[len(columns) :])
+                rows.append((line, extra))
+                continue
+            rows.append((line, {name: cell for name, cell in zip(columns, cells) if name}))
+    except csv.Error as exc:
+        raise ManifestError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from None
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has a header but no rows; add one row per content/style pair")
+    return columns, rows
+
+
+def read_manifest(
+    path: Path,
+    defaults: dict[str, Any],
+    out_dir: Path | None = None,
+    fmt: str = "png",
+    check_images: bool = True,
+) -> Manifest:
+    """Parses and validates every row. Raises ManifestError only when no row could be used at all.
+
+    `defaults` are the command line's option values; a row's non-empty cells override them.
+    """
+    path = Path(path)
+    columns, table = _read_table(path)
+    base = path.parent
+    out = Path(out_dir) if out_dir is not None else default_out_dir(path)
+    manifest = Manifest(path=path, out_dir=out, total_rows=len(table))
+    suffix = "." + fmt.lower().lstrip(".")
+    image_ok: dict[Path, str | None] = {}
+
+    def image_problem(file: Path) -> str | None:
+        if file not in image_ok:
+            try:
+                if check_images:
+                    check_image(file)
+                elif not file.is_file():
+                    raise ImageError(f"{file}: no such file")
+                image_ok[file] = None
+            except ImageError as exc:
+                image_ok[file] = str(exc)
+        return image_ok[file]
+
+    planned: list[tuple[Row, str]] = []
+    for number, (line, cells) in enumerate(table, start=1):
+        problems: list[tuple[str | None, str]] = []
+        if "__extra__" in cells:
+            problems.append(
+                (
+                    None,
+                    f"more cells than header columns (extra: {cells['__extra__']!r}); quote cells that contain commas",
+                )
+            )
+        content_cell = cells.get("content", "").strip()
+        style_cells = _split_paths(cells.get("style", ""))
+        if not content_cell:
+            problems.append(("content", "empty; give the content image's path"))
+        if not style_cells:
+            problems.append(("style", "empty; give one style image path, or several separated by ';'"))
+        content = (base / content_cell) if content_cell else base
+        styles = tuple(base / cell for cell in style_cells)
+        for column, files in (("content", [content] if content_cell else []), ("style", list(styles))):
+            for file in files:
+                problem = image_problem(file)
+                if problem:
+                    problems.append((column, problem))
+
+        values = dict(defaults)
+        for name, option in OPTIONS.items():
+            raw = cells.get(name, "")
+            if raw.strip():
+                try:
+                    values[name] = option.from_text(raw)
+                except OptionError as exc:
+                    problems.append((name, str(exc)))
+        init_image = None
+        if values["init"] not in ("content", "noise"):
+            init_image = base / values["init"]
+            problem = image_problem(init_image)
+            if problem:
+                problems.append(("init", problem))
+
+        blend: tuple[float, ...] = (1.0,) * len(styles)
+        raw_blend = cells.get("style_blend_weights", "").strip()
+        if raw_blend:
+            try:
+                blend = parse_weight_list(raw_blend)
+                if len(blend) != len(styles):
+                    problems.append(
+                        (
+                            "style_blend_weights",
+                            f"{len(blend)} weights for {len(styles)} style images; give one each",
+                        )
+                    )
+            except OptionError as exc:
+                problems.append(("style_blend_weights", str(exc)))
+        if not problems:
+            cross = settings_problem(make_settings(values))
+            if cross:
+                problems.append((None, cross))
+
+        output_cell = cells.get("output", "").strip()
+        if output_cell:
+            output = out / output_cell
+            if output.suffix.lower() not in SUPPORTED_SUFFIXES:
+                problems.append(
+                    (
+                        "output",
+                        f"{output_cell!r} has no supported extension ({', '.join(sorted(SUPPORTED_SUFFIXES))})",
+                    )
+                )
+        else:
+            stem = f"{content.stem}-{'+'.join(s.stem for s in styles)}" if content_cell and styles else f"row{number}"
+            output = out / f"{stem}{suffix}"
+        resolved_out = out.resolve()
+        if not output.resolve().is_relative_to(resolved_out):
+            problems.append(
+                (
+                    "output",
+                    f"{output_cell!r} would land outside the output folder {out}; use a path "
+                    "relative to it without '..'",
+                )
+            )
+        for column, message in problems:
+            manifest.problems.append(Problem(path, number, line, column, message))
+        if not problems:
+            row = Row(number, line, content, styles, blend, output, values, init_image)
+            planned.append((row, output_cell))
+
+    _resolve_output_clashes(manifest, planned)
+    return manifest
+
+
+def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:
+    """Explicit outputs must be unique (an error names both rows); generated names that collide with any other
+    output get the row number appended, so a manifest of repeated pairs with different options just works."""
+    explicit: dict[Path, Row] = {}
+    generated_count: dict[Path, int] = {}
+    for row, cell in planned:
+        key = row.output.resolve()
+        if not cell:
+            generated_count[key] = generated_count.get(key, 0) + 1
+        elif key in explicit:
+            manifest.problems.append(
+                Problem(
+                    manifest.path,
+                    row.number,
+                    row.line,
+                    "output",
+                    f"same output {cell!r} as row {explicit[key].number}; give each row its own output",
+                )
+            )
+        else:
+            explicit[key] = row
+            manifest.rows.append(row)
+    for row, cell in planned:
+        if cell:
+            continue
+        key = row.output.resolve()
+        if key in explicit or generated_count[key] > 1:
+            row = Row(
+                **{
+                    **row.__dict__,
+                    "output": row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}"),
+                }
+            )
+        manifest.rows.append(row)
+    manifest.rows.sort(key=lambda r: r.number)
