@@ -1,0 +1,271 @@
+"""The run ledger: an SQLite file in the output folder recording what each manifest row produced.
+
+It is what makes a nightly job resumable: a row is `done` only after its output file was renamed into place, so a
+run killed at any moment leaves rows `running` (or `pending`) that the next run simply does again. One process (the
+parent of a run) writes it; a lock file keeps a second run off the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+LEDGER_NAME = "batchstyle-ledger.sqlite"
+LOCK_NAME = ".batchstyle.lock"
+SCHEMA_VERSION = 1
+STATUSES = ("pending", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    finished REAL,
+    manifest TEXT,
+    argv TEXT,
+    model TEXT,
+    weights TEXT,
+    outcome TEXT
+);
+CREATE TABLE IF NOT EXISTS rows (
+    output TEXT PRIMARY KEY,          -- relative to the output folder: the row's identity across runs
+    row INTEGER,
+    content TEXT,
+    styles TEXT,
+    key TEXT NOT NULL,                -- hash of everything that determines the output
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    run_id INTEGER REFERENCES runs(id),
+    started REAL,
+    finished REAL,
+    seconds REAL,
+    iterations INTEGER,
+    content_loss REAL,
+    style_loss REAL,
+    tv_loss REAL,
+    total_loss REAL,
+    device TEXT,
+    model TEXT,
+    weights TEXT,
+    params TEXT,
+    error TEXT
+);
+"""
+
+
+class LedgerBusy(RuntimeError):
+    """Another run holds the output folder."""
+
+
+@dataclass(frozen=True)
+class Record:
+    output: str
+    row: int | None
+    content: str | None
+    styles: str | None
+    key: str
+    status: str
+    run_id: int | None
+    started: float | None
+    finished: float | None
+    seconds: float | None
+    iterations: int | None
+    content_loss: float | None
+    style_loss: float | None
+    tv_loss: float | None
+    total_loss: float | None
+    device: str | None
+    model: str | None
+    weights: str | None
+    params: str | None
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _lock(handle: IO[str]) -> bool:
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    except OSError:
+        return False
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    # WAL + FULL: every commit survives a SIGKILL or power cut; one commit per row costs nothing next to a row.
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class Ledger:
+    """The writable ledger of one output folder, held under an exclusive lock for the life of a run."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # The OS drops an flock when its process dies, however it dies: a killed run never leaves the folder locked.
+        self._lock_file = open(self.out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until close()
+        if not _lock(self._lock_file):
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "unknown"
+            self._lock_file.close()
+            raise LedgerBusy(
+                f"another batchstyle run (pid {holder}) is writing to {self.out_dir}; wait for it to finish, "
+                "or give this run another --out folder"
+            )
+        self._lock_file.truncate(0)
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+        self.conn = _connect(self.out_dir / LEDGER_NAME)
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.out_dir / LEDGER_NAME} was written by a newer batchstyle (schema {version}); upgrade batchstyle"
+            )
+        self.conn.executescript(_SCHEMA)
+        self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+        self._lock_file.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def relative(self, output: Path) -> str:
+        return Path(output).resolve().relative_to(self.out_dir.resolve()).as_posix()
+
+    def start_run(self, manifest: Path, argv: list[str], model: str, weights: str) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO runs (started, manifest, argv, model, weights) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), str(manifest), json.dumps(argv), model, weights),
+        )
+        return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, outcome: dict[str, int]) -> None:
+        self.conn.execute(
+            "UPDATE runs SET finished = ?, outcome = ? WHERE id = ?", (time.time(), json.dumps(outcome), run_id)
+        )
+
+    def get(self, output: Path) -> Record | None:
+        found = self.conn.execute("SELECT * FROM rows WHERE output = ?", (self.relative(output),)).fetchone()
+        return Record(**dict(found)) if found else None
+
+    def is_done(self, output: Path, key: str) -> bool:
+        """Done means: same inputs and options as now, finished, and its file still there."""
+        record = self.get(output)
+        return record is not None and record.status == "done" and record.key == key and Path(output).is_file()
+
+    def _upsert(self, output: Path, fields: dict[str, Any]) -> None:
+        fields = {"output": self.relative(output), **fields}
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in fields if name != "output")
+        self.conn.execute(
+            f"INSERT INTO rows ({names}) VALUES ({marks}) ON CONFLICT(output) DO UPDATE SET {updates}",
+            tuple(fields.values()),
+        )
+
+    def _update(self, output: Path, fields: dict[str, Any]) -> None:
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        cur = self.conn.execute(
+            f"UPDATE rows SET {assignments} WHERE output = ?", (*fields.values(), self.relative(output))
+        )
+        if cur.rowcount != 1:
+            raise KeyError(f"the ledger has no row for {output}")
+
+    def mark_pending(self, output: Path, *, row: int, content: str, styles: str, key: str, run_id: int) -> None:
+        """Records a row this run will do; its last results stay visible until it is actually redone."""
+        self._upsert(
+            output,
+            {"row": row, "content": content, "styles": styles, "key": key, "status": "pending", "run_id": run_id},
+        )
+
+    def mark_running(self, output: Path, *, run_id: int, device: str, model: str, weights: str) -> None:
+        self._update(
+            output,
+            {
+                "status": "running",
+                "run_id": run_id,
+                "started": time.time(),
+                "finished": None,
+                "seconds": None,
+                "device": device,
+                "model": model,
+                "weights": weights,
+                "error": None,
+            },
+        )
+
+    def mark_finished(self, output: Path, *, status: str, **fields: Any) -> None:
+        if status not in ("done", "failed", "pending"):
+            raise ValueError(status)
+        self._update(output, {"status": status, "finished": time.time(), **fields})
+
+    def forget_invalid_rows(self) -> None:
+        """Validation failures belong to the run that found them: the next run re-validates the manifest."""
+        self.conn.execute("DELETE FROM rows WHERE key = 'invalid'")
+
+    def mark_failed_unstarted(
+        self, output: Path, *, row: int, content: str, styles: str, run_id: int, error: str
+    ) -> None:
+        """A row that failed validation: recorded so `status` shows it, with a key that never matches a real one."""
+        self._upsert(
+            output,
+            {
+                "row": row,
+                "content": content,
+                "styles": styles,
+                "key": "invalid",
+                "status": "failed",
+                "run_id": run_id,
+                "started": None,
+                "finished": time.time(),
+                "error": error,
+            },
+        )
+
+    def records(self) -> list[Record]:
+        return [Record(**dict(r)) for r in self.conn.execute("SELECT * FROM rows ORDER BY row, output")]
+
+
+def read_records(out_dir: Path) -> tuple[list[Record], dict[str, Any] | None]:
+    """Read-only view for `batchstyle status`: works while a run holds the folder (WAL readers never block)."""
+    path = Path(out_dir) / LEDGER_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} has no {LEDGER_NAME}: no batchstyle run has written there")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        records = [Record(**dict(r)) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
+        last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return records, dict(last) if last else None
+    finally:
+        conn.close()
+
+
+def summarise(records: list[Record]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    return counts
