@@ -1,0 +1,257 @@
+"""The `batchstyle` command: a thin click layer, one command per library function.
+
+Exit codes: 0 every row done, 1 some row failed, 2 the manifest or the command line is unusable (found before any
+work is done).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchstyle import __version__, engine, ledger, weights
+from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
+from batchstyle.options import OPTIONS, OptionError, default_values
+from batchstyle.progress import Fanout, JsonLog, Silent, Terminal
+
+
+def _option_decorators(func: Any) -> Any:
+    """Every option of the table as a flag; unset flags stay None so the table's defaults apply."""
+    for name, option in reversed(OPTIONS.items()):
+        flag = "--" + name.replace("_", "-")
+        default = option.to_text(option.default) or "per optimizer"
+        help_text = f"{option.help} [default: {default}]"
+        if isinstance(option.default, bool):
+            func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
+        else:
+            func = click.option(flag, name, default=None, metavar=option.metavar, help=help_text)(func)
+    return func
+
+
+def _defaults(given: dict[str, Any]) -> dict[str, Any]:
+    values = default_values()
+    for name, raw in given.items():
+        if raw is None:
+            continue
+        if isinstance(raw, bool):
+            values[name] = raw
+            continue
+        try:
+            values[name] = OPTIONS[name].from_text(raw)
+        except OptionError as exc:
+            raise click.BadParameter(str(exc), param_hint="--" + name.replace("_", "-")) from None
+    return values
+
+
+def _common(func: Any) -> Any:
+    func = click.option(
+        "--format",
+        "fmt",
+        default="png",
+        show_default=True,
+        type=click.Choice(["png", "jpg", "webp", "tif"]),
+        help="Format of outputs whose row gives no output name.",
+    )(func)
+    func = click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Output folder [default: beside the manifest, named after it].",
+    )(func)
+    func = click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))(func)
+    return _option_decorators(func)
+
+
+def _read(manifest_path: Path, out_dir: Path | None, fmt: str, options: dict[str, Any]) -> Manifest:
+    defaults = _defaults(options)
+    try:
+        return read_manifest(manifest_path, defaults, out_dir, fmt)
+    except ManifestError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="batchstyle")
+def main() -> None:
+    """Batch neural style transfer (Gatys, Ecker & Bethge) over CSV manifests."""
+
+
+@main.command()
+@_common
+def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -> None:
+    """Validate MANIFEST without loading the network: every problem, by row."""
+    manifest = _read(manifest_path, out_dir, fmt, options)
+    for problem in manifest.problems:
+        click.echo(str(problem))
+    bad = len(manifest.problem_rows())
+    click.echo(
+        f"{manifest.total_rows} rows: {manifest.total_rows - bad} ok, {bad} with problems; outputs to "
+        f"{manifest.out_dir}"
+    )
+    sys.exit(1 if manifest.problems else 0)
+
+
+@main.command()
+@_common
+@click.option(
+    "--model",
+    default="auto",
+    show_default=True,
+    help="auto, vgg19, vgg16, vgg16-hed, random, or a .safetensors/.pth file.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--force", is_flag=True, help="Redo every row, even those already done.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the summary and errors.")
+@click.option(
+    "--log-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append machine-readable JSON-lines events to FILE.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Weights cache [default: $BATCHSTYLE_CACHE or ~/.cache/batchstyle].",
+)
+def run(
+    manifest_path: Path,
+    out_dir: Path | None,
+    fmt: str,
+    model: str,
+    device: str,
+    force: bool,
+    quiet: bool,
+    log_json: Path | None,
+    cache_dir: Path | None,
+    **options: Any,
+) -> None:
+    """Stylize every row of MANIFEST, skipping rows already done."""
+    manifest = _read(manifest_path, out_dir, fmt, options)
+    sinks: list[Any] = [] if quiet else [Terminal()]
+    log_handle = open(log_json, "a", encoding="utf-8") if log_json else None  # noqa: SIM115
+    if log_handle:
+        sinks.append(JsonLog(log_handle))
+    events = Fanout(*sinks) if sinks else Silent()
+    try:
+        summary = engine.run(manifest, model, device, force, events, cache_dir, sys.argv)
+    except (weights.WeightsError, ledger.LedgerBusy, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished rows are kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    finally:
+        if log_handle:
+            log_handle.close()
+    counts = summary.counts()
+    click.echo(
+        f"\n{'done':<8}{counts['done']:>6}\n{'skipped':<8}{counts['skipped']:>6}\n{'failed':<8}{counts['failed']:>6}"
+    )
+    for number, error in sorted(summary.failed.items()):
+        click.echo(f"  row {number}: {error}")
+    click.echo(f"outputs: {summary.out_dir}  (model {summary.model})")
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
+def status(target: Path, as_json: bool) -> None:
+    """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
+    out_dir = default_out_dir(target) if target.suffix.lower() == ".csv" else target
+    try:
+        records, last_run = ledger.read_records(out_dir)
+    except FileNotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    counts = ledger.summarise(records)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "out_dir": str(out_dir),
+                    "counts": counts,
+                    "last_run": last_run,
+                    "rows": [r.as_dict() for r in records],
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"{out_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    for r in records:
+        losses = f"loss {r.total_loss:.4g}" if r.total_loss is not None else ""
+        seconds = f"{r.seconds:.1f}s" if r.seconds is not None else ""
+        line = f"  row {r.row if r.row is not None else '?':>4}  {r.status:<8} {r.output:<40} {seconds:>8} {losses}"
+        click.echo(line.rstrip())
+        if r.error:
+            click.echo(f"        {r.error}")
+
+
+@main.group("weights")
+def weights_group() -> None:
+    """The VGG weight sources."""
+
+
+@weights_group.command("list")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+def weights_list(cache_dir: Path | None) -> None:
+    """Every weight source: architecture, preprocessing, whether cached, origin and licence."""
+    for source in weights.SOURCES.values():
+        cached = "cached" if source.is_cached(cache_dir) else "not cached"
+        click.echo(f"{source.name:<10} {source.arch:<6} {source.preprocess.name:<13} {cached:<11} {source.description}")
+        click.echo(f"{'':<10} from {source.origin}; licence: {source.licence}")
+
+
+@weights_group.command("fetch")
+@click.argument("name")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+def weights_fetch(name: str, cache_dir: Path | None) -> None:
+    """Download and verify weights NAME into the cache."""
+    if name not in weights.SOURCES:
+        raise click.BadParameter(f"use one of {', '.join(weights.SOURCES)}", param_hint="NAME")
+    try:
+        weights.SOURCES[name].fetch(cache_dir)
+    except weights.WeightsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"{name}: cached")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures measured on this machine."""
+
+
+@bench.command("iteration")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option("--sizes", default="256,512", show_default=True, help="Long sides to measure, comma-separated.")
+@click.option("--optimizer", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "adam"]))
+@click.option("--iterations", default=10, show_default=True, help="Timed iterations per size (median).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+def bench_iteration(
+    model: str, sizes: str, optimizer: str, iterations: int, device: str, cache_dir: Path | None
+) -> None:
+    """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk)."""
+    from batchstyle.bench import iteration_figures
+
+    source, _ = weights.resolve(model, cache_dir)
+    loaded = source.load(cache_dir)
+    dev = str(engine.pick_device(device))
+    click.echo(f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}")
+    click.echo(f"{'size':>10} {'s/iteration':>12} {'floor s':>10} {'ratio':>7}")
+    for long_side in (int(s) for s in sizes.split(",")):
+        fig = iteration_figures(loaded, long_side, optimizer, iterations, dev)
+        w, h = fig.size
+        click.echo(f"{f'{w}x{h}':>10} {fig.seconds_per_iteration:>12.4f} {fig.floor_seconds:>10.4f} {fig.ratio:>7.3f}")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

