@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from batchstyle.weights import Preprocess
+    from batchstyle.weights import Preprocess, Weights
 
 # torchvision's VGG configurations: channel counts of the 3x3 convs, "M" for a 2x2 pooling.
 ARCHS: dict[str, list[int | str]] = {
@@ -62,6 +62,30 @@ def conv_names(arch: str, params: bool = False) -> list[str]:
     return [f"{c}.{kind}" for c in convs for kind in ("weight", "bias")] if params else convs
 
 
+def layer_shape(arch: str, layer: str, height: int, width: int) -> tuple[int, int, int]:
+    """(channels, height, width) of a layer's activation for an input of height x width, without running it.
+
+    Lets callers allocate outputs ahead of time (ONNX Runtime IO binding) for any input size.
+    """
+    channels, h, w = 3, height, width
+    for name, item in zip(layer_names(arch), _expanded(arch)):
+        if item == "M":
+            h, w = h // 2, w // 2
+        elif isinstance(item, int):
+            channels = item
+        if name == layer:
+            return channels, h, w
+    raise ValueError(f"{arch} has no layer {layer!r}")
+
+
+def _expanded(arch: str) -> list[int | str | None]:
+    """ARCHS aligned with layer_names: a conv's channel count, None for its ReLU, "M" for a pool."""
+    out: list[int | str | None] = []
+    for item in ARCHS[arch]:
+        out += ["M"] if item == "M" else [item, None]
+    return out
+
+
 class VGGFeatures(nn.Module):
     """Maps RGB in [0, 1] to a dict of the tapped layers' activations.
 
@@ -98,8 +122,9 @@ class VGGFeatures(nn.Module):
                 self.layers[name] = conv
                 in_ch = out_ch
             elif name.startswith("relu"):
-                # In place is safe: a tapped ReLU output is only read afterwards, by the next conv or pool.
-                self.layers[name] = nn.ReLU(inplace=True)
+                # In place is safe for a tapped ReLU (only read afterwards, by the next conv or pool), not when the
+                # conv before it is tapped: its pre-activation output must survive.
+                self.layers[name] = nn.ReLU(inplace=name.replace("relu", "conv") not in self.taps)
             else:
                 self.layers[name] = nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2)
         self.requires_grad_(False)
@@ -123,6 +148,6 @@ class VGGFeatures(nn.Module):
         return out
 
 
-def build(weights: object, taps: Sequence[str], pooling: str = "max") -> VGGFeatures:
-    """A trunk for `weights` (a `batchstyle.weights.Weights`) tapping `taps`."""
-    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, pooling)  # type: ignore[attr-defined]
+def build(weights: Weights, taps: Sequence[str], pooling: str = "max") -> VGGFeatures:
+    """A trunk for `weights` tapping `taps`."""
+    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, pooling)

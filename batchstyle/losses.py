@@ -18,6 +18,11 @@ from torch import nn
 EPS = 1e-8
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 activations are promoted (Gram sums overflow fp16); float64 stays float64 for exact checks."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C) channel correlations averaged over positions, in fp32.
 
@@ -25,7 +30,7 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     resized (style_scale) or measured at another resolution than the output.
     """
     b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w).float()
+    flat = features.reshape(b, c, h * w).to(_at_least_fp32(features.dtype))
     return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
 
 
@@ -43,7 +48,7 @@ class ContentLoss(nn.Module):
         self.register_buffer("norm", self.target.flatten(1).square().mean(dim=1) + EPS)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return _relative_mse(features.float(), self.target, self.norm)
+        return _relative_mse(features.to(_at_least_fp32(features.dtype)), self.target, self.norm)
 
 
 class StyleLoss(nn.Module):
