@@ -95,6 +95,8 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     reader = csv.reader(text.splitlines())
     try:
         header = next(reader)
+        while not any(cell.strip() for cell in header) or header[0].lstrip().startswith("#"):
+            header = next(reader)  # blank lines and comments above the header
     except StopIteration:
         raise ManifestError(f"{path}: the manifest is empty; it needs a header line with content,style") from None
     except csv.Error as exc:
@@ -102,8 +104,10 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     columns = [name.strip().lower() for name in header]
     missing = [name for name in REQUIRED if name not in columns]
     if missing:
+        hints = [f"{c!r} (did you mean {m}?)" for c in columns for m in missing if difflib.get_close_matches(c, [m])]
+        hint = f"; found {', '.join(hints)}" if hints else ""
         raise ManifestError(
-            f"{path}: the header {','.join(header)!r} has no {' or '.join(missing)} column; "
+            f"{path}: the header {','.join(header)!r} has no {' or '.join(missing)} column{hint}; "
             "the first line must name the columns, e.g. content,style,output"
         )
     unknown = [name for name in columns if name and name not in COLUMNS]
@@ -218,10 +222,12 @@ def read_manifest(
                     )
             except OptionError as exc:
                 problems.append(("style_blend_weights", str(exc)))
-        if not problems:
+        # Cross-option checks run unless an option cell itself failed (its default would stand in and mislead), so
+        # one `check` reports them next to a row's other problems. The only one is about style_layer_weights.
+        if not any(column in OPTIONS for column, _ in problems):
             cross = settings_problem(make_settings(values))
             if cross:
-                problems.append((None, cross))
+                problems.append(("style_layer_weights", cross))
 
         output_cell = cells.get("output", "").strip()
         if output_cell:
@@ -277,6 +283,7 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
         else:
             explicit[key] = row
             manifest.rows.append(row)
+    taken: dict[Path, Row] = dict(explicit)
     for row, cell in planned:
         if cell:
             continue
@@ -288,5 +295,19 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
                     "output": row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}"),
                 }
             )
+            key = row.output.resolve()
+        if key in taken:  # a renamed name that another row's output already has: never let two rows share a file
+            manifest.problems.append(
+                Problem(
+                    manifest.path,
+                    row.number,
+                    row.line,
+                    "output",
+                    f"the generated output name {row.output.name!r} is row {taken[key].number}'s output too; "
+                    "give this row its own output",
+                )
+            )
+            continue
+        taken[key] = row
         manifest.rows.append(row)
     manifest.rows.sort(key=lambda r: r.number)

@@ -68,3 +68,11 @@ def hed_weights() -> Weights:
     source = SOURCES["vgg16-hed"]
     source.fetch(default_cache_dir())
     return source.load(default_cache_dir())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny images run fastest on one thread; two fight over two cores when anything else runs beside them."""
+    import torch
+
+    torch.set_num_threads(1)
