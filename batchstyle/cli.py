@@ -14,9 +14,16 @@ from typing import Any
 import click
 
 from batchstyle import __version__, engine, ledger, weights
+from batchstyle.export import ExportError
 from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
 from batchstyle.options import OPTIONS, OptionError, default_values
 from batchstyle.progress import Fanout, JsonLog, Silent, Terminal
+
+CACHE_DIR = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Cache for weights, targets and ONNX graphs [default: $BATCHSTYLE_CACHE or ~/.cache/batchstyle].",
+)
 
 
 def _option_decorators(func: Any) -> Any:
@@ -113,10 +120,14 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Append machine-readable JSON-lines events to FILE.",
 )
 @click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Weights cache [default: $BATCHSTYLE_CACHE or ~/.cache/batchstyle].",
+    "--targets",
+    default="ort",
+    show_default=True,
+    type=click.Choice(["ort", "torch"]),
+    help="Compute content/style targets with ONNX Runtime (TensorRT -> CUDA -> CPU) or PyTorch.",
 )
+@click.option("--trt-fp16", is_flag=True, help="Let TensorRT build fp16 engines for targets.")
+@CACHE_DIR
 def run(
     manifest_path: Path,
     out_dir: Path | None,
@@ -126,6 +137,8 @@ def run(
     force: bool,
     quiet: bool,
     log_json: Path | None,
+    targets: str,
+    trt_fp16: bool,
     cache_dir: Path | None,
     **options: Any,
 ) -> None:
@@ -137,8 +150,9 @@ def run(
         sinks.append(JsonLog(log_handle))
     events = Fanout(*sinks) if sinks else Silent()
     try:
-        summary = engine.run(manifest, model, device, force, events, cache_dir, sys.argv)
-    except (weights.WeightsError, ledger.LedgerBusy, ValueError) as exc:
+        config = engine.RunConfig(model, device, force, cache_dir, targets, trt_fp16, tuple(sys.argv))
+        summary = engine.run(manifest, config, events)
+    except (weights.WeightsError, ledger.LedgerBusy, ExportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -160,11 +174,12 @@ def run(
 @main.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
-def status(target: Path, as_json: bool) -> None:
+@click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")
+def status(target: Path, as_json: bool, all_rows: bool) -> None:
     """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
     out_dir = default_out_dir(target) if target.suffix.lower() == ".csv" else target
     try:
-        records, last_run = ledger.read_records(out_dir)
+        records, last_run = ledger.read_records(out_dir, all_rows)
     except FileNotFoundError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -198,7 +213,7 @@ def weights_group() -> None:
 
 
 @weights_group.command("list")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+@CACHE_DIR
 def weights_list(cache_dir: Path | None) -> None:
     """Every weight source: architecture, preprocessing, whether cached, origin and licence."""
     for source in weights.SOURCES.values():
@@ -209,7 +224,7 @@ def weights_list(cache_dir: Path | None) -> None:
 
 @weights_group.command("fetch")
 @click.argument("name")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+@CACHE_DIR
 def weights_fetch(name: str, cache_dir: Path | None) -> None:
     """Download and verify weights NAME into the cache."""
     if name not in weights.SOURCES:
@@ -233,7 +248,7 @@ def bench() -> None:
 @click.option("--optimizer", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "adam"]))
 @click.option("--iterations", default=10, show_default=True, help="Timed iterations per size (median).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path))
+@CACHE_DIR
 def bench_iteration(
     model: str, sizes: str, optimizer: str, iterations: int, device: str, cache_dir: Path | None
 ) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from batchstyle import ALGORITHM_VERSION, __version__
-from batchstyle.features import VGGFeatures
+from batchstyle.export import ExportError, GraphSpec, export_graph, graph_matches
+from batchstyle.features import VGGFeatures, layer_names
 from batchstyle.images import (
     ImageError,
     image_to_tensor,
@@ -36,8 +37,8 @@ from batchstyle.manifest import Manifest, Row
 from batchstyle.optimize import Losses, stylize
 from batchstyle.options import Settings, make_settings
 from batchstyle.progress import Events, Silent
-from batchstyle.targets import compute_targets, style_long_side
-from batchstyle.weights import Weights, WeightsError, WeightSource, resolve
+from batchstyle.targets import OrtBackend, TargetCache, Targets, TargetStore, TorchBackend, blend_grams, style_long_side
+from batchstyle.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Job:
     row: Row
     settings: Settings
     key: str
+    content_digest: str
+    style_digests: tuple[str, ...]
 
     @property
     def output(self) -> Path:
@@ -59,6 +62,8 @@ class Result:
     losses: Losses | None = None
     error: str | None = None
     history: list[Losses] = field(default_factory=list)
+    targets: str | None = None  # where the targets came from, e.g. "content=hit style=miss,hit"
+    provider: str | None = None
 
 
 @dataclass
@@ -108,13 +113,28 @@ def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path,
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def plan(manifest: Manifest, source: WeightSource) -> list[Job]:
+def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int, str]]:
+    """Keyed jobs for the manifest's valid rows; rows that cannot work with this model fail here, alone."""
     memo: dict[Path, str] = {}
-    jobs = []
+    jobs, failed = [], {}
+    known = layer_names(source.arch)
     for row in manifest.rows:
         settings = make_settings(row.values)
-        jobs.append(Job(row, settings, job_key(row, settings, source, memo)))
-    return jobs
+        missing = [name for name in (*settings.content_layers, *settings.style_layers) if name not in known]
+        if missing:
+            failed[row.number] = (
+                f"row {row.number} ({row.content.name}): model {source.name} ({source.arch}) has no layer "
+                f"{', '.join(missing)}; "
+                "use layers it has (VGG-16 stops at relu5_3) or --model vgg19"
+            )
+            continue
+        key = job_key(row, settings, source, memo)
+        jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles)))
+    return jobs, failed
+
+
+def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
+    return GraphSpec(source.name, source.sha256, settings.content_layers, settings.style_layers, settings.pooling)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -134,11 +154,12 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 class Worker:
-    """Holds the weights and one trunk per tap set, and turns a job into an output file."""
+    """Holds the weights, one trunk per tap set and a target store, and turns a job into an output file."""
 
-    def __init__(self, weights: Weights, device: torch.device) -> None:
+    def __init__(self, weights: Weights, device: torch.device, targets: TargetStore) -> None:
         self.weights = weights
         self.device = device
+        self.targets = targets
         self._models: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
 
     def model(self, settings: Settings) -> VGGFeatures:
@@ -152,15 +173,11 @@ class Worker:
     def run(self, job: Job, on_iteration: Callable[[int, Losses], None] | None = None) -> Result:
         start = time.perf_counter()
         try:
-            outcome = self._stylize(job, on_iteration)
+            return self._stylize(job, on_iteration, start)
         except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
             return Result("failed", time.perf_counter() - start, error=describe_failure(job, exc))
-        iterations, losses, history = outcome
-        return Result("done", time.perf_counter() - start, iterations, losses, history=history)
 
-    def _stylize(
-        self, job: Job, on_iteration: Callable[[int, Losses], None] | None
-    ) -> tuple[int, Losses, list[Losses]]:
+    def _stylize(self, job: Job, on_iteration: Callable[[int, Losses], None] | None, start: float) -> Result:
         s = job.settings
         dev = self.device
         content = image_to_tensor(resize_long_side(load_image(job.row.content), s.size)).to(dev)
@@ -168,17 +185,36 @@ class Worker:
         styles = [image_to_tensor(resize_long_side(load_image(p), style_size)).to(dev) for p in job.row.styles]
         init = image_to_tensor(load_image(job.row.init_image)).to(dev) if job.row.init_image else None
         original = content
+        content_variant, style_variant = "rgb", "rgb"
         if s.preserve_color:
             # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
             styles = [luminance_image(st, match=content) for st in styles]
             content = luminance_image(content)
             init = luminance_image(init) if init is not None else None
-        model = self.model(s)
-        targets = compute_targets(model, content, styles, job.row.blend, s.content_layers, s.style_layers)
-        outcome = stylize(model, content, targets, s, init, on_iteration)
+            h, w = content.shape[-2:]
+            content_variant, style_variant = "luma", f"luma-matched:{job.content_digest}:{w}x{h}"
+        spec = graph_spec(self.weights.source, s)
+        content_targets, content_hit = self.targets.get(spec, "content", job.content_digest, content_variant, content)
+        grams, style_hits = [], []
+        for digest, pixels in zip(job.style_digests, styles):
+            found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
+            grams.append(found)
+            style_hits.append(hit)
+        targets = Targets(content_targets, blend_grams(grams, job.row.blend))
+        outcome = stylize(self.model(s), content, targets, s, init, on_iteration)
         image = recombine_color(outcome.image, original) if s.preserve_color else outcome.image
+        job.output.parent.mkdir(parents=True, exist_ok=True)
         save_image_atomic(tensor_to_image(image), job.output, self.metadata(job, outcome.losses))
-        return outcome.iterations, outcome.losses, outcome.history
+        hit = lambda flag: "hit" if flag else "miss"  # noqa: E731
+        return Result(
+            "done",
+            time.perf_counter() - start,
+            outcome.iterations,
+            outcome.losses,
+            history=outcome.history,
+            targets=f"content={hit(content_hit)} style={','.join(hit(h) for h in style_hits)}",
+            provider=self.targets.backend(spec).provider,
+        )
 
     def metadata(self, job: Job, losses: Losses) -> dict[str, str]:
         """Enough to know, from the file alone, how it was made and to make it again."""
@@ -198,6 +234,12 @@ class Worker:
         }
 
 
+def _without_row(number: int, error: str) -> str:
+    """The summary prints `row N: ...` itself; the ledger keeps the full text."""
+    prefix = f"row {number}"
+    return error[len(prefix) :].lstrip(": ") if error.startswith(prefix) else error
+
+
 def describe_failure(job: Job, exc: BaseException) -> str:
     where = f"row {job.row.number}"
     if isinstance(exc, ImageError):
@@ -212,50 +254,129 @@ def describe_failure(job: Job, exc: BaseException) -> str:
     return f"{where} ({job.row.content.name}): {exc.__class__.__name__}: {exc}{at}"
 
 
-def run(
-    manifest: Manifest,
-    model: str = "auto",
-    device: str = "auto",
-    force: bool = False,
-    events: Events | None = None,
-    cache_dir: Path | None = None,
-    argv: list[str] | None = None,
-) -> RunSummary:
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-level choices: which weights, where to compute, and how targets are made and kept."""
+
+    model: str = "auto"
+    device: str = "auto"
+    force: bool = False
+    cache_dir: Path | None = None  # weights, targets and exported graphs; default: weights.default_cache_dir()
+    targets: str = "ort"  # ort | torch
+    trt_fp16: bool = False
+    argv: tuple[str, ...] = ()
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir or default_cache_dir()
+
+
+def run(manifest: Manifest, config: RunConfig | None = None, events: Events | None = None) -> RunSummary:
     """Runs every valid row not already done; invalid rows are recorded as failed with their problems."""
+    config = config or RunConfig()
     events = events or Silent()
-    source, reason = resolve(model, cache_dir)
-    torch_device = pick_device(device)
-    jobs = plan(manifest, source)
+    source, reason = resolve(config.model, config.cache)
+    torch_device = pick_device(config.device)
+    jobs, unplannable = plan(manifest, source)
     summary = RunSummary(manifest.out_dir, source.name)
     with Ledger(manifest.out_dir) as ledger:
         # A run killed mid-save leaves hidden temp files; nothing else writes here while we hold the lock.
         remove_stale_temp_files(manifest.out_dir)
-        run_id = ledger.start_run(manifest.path, argv or [], source.name, source.sha256)
+        run_id = ledger.start_run(manifest.path, list(config.argv), source.name, source.sha256)
         ledger.forget_invalid_rows()
         for number, problems in manifest.problem_rows().items():
             output = manifest.out_dir / f".invalid-row{number}"
             ledger.mark_failed_unstarted(
                 output, row=number, content="", styles="", run_id=run_id, error="; ".join(str(p) for p in problems)
             )
-            summary.failed[number] = "; ".join(p.message for p in problems)
+            summary.failed[number] = "; ".join(
+                f"column {p.column}: {p.message}" if p.column else p.message for p in problems
+            )
+        for row in manifest.rows:
+            if row.number in unplannable:
+                ledger.mark_failed_unstarted(
+                    row.output,
+                    row=row.number,
+                    content=str(row.content),
+                    styles=";".join(map(str, row.styles)),
+                    run_id=run_id,
+                    error=unplannable[row.number],
+                )
+                summary.failed[row.number] = _without_row(row.number, unplannable[row.number])
         to_do = []
         for job in jobs:
-            if not force and ledger.is_done(job.output, job.key):
+            if not config.force and ledger.is_done(job.output, job.key):
                 summary.skipped.append(job.row.number)
+                ledger.mark_seen(job.output, run_id)
             else:
                 to_do.append(job)
+                row = job.row
+                ledger.mark_pending(
+                    job.output,
+                    row=row.number,
+                    content=str(row.content),
+                    styles=";".join(map(str, row.styles)),
+                    key=job.key,
+                    run_id=run_id,
+                )
         events.run_started(manifest.total_rows, len(to_do), source.name, reason, str(torch_device))
         for number, message in summary.failed.items():
             events.row_finished(number, "", "failed", {"error": message})
+        cache = TargetCache(config.cache)
         try:
             if to_do:
-                worker = Worker(_load_weights(source, model, cache_dir), torch_device)
+                weights = _load_weights(source, config.model, config.cache)
+                store = TargetStore(_backend_factory(weights, to_do, torch_device, config, events), cache)
+                worker = Worker(weights, torch_device, store)
                 for job in to_do:
                     _run_one(job, worker, ledger, run_id, events, summary)
         finally:
+            cache.close()
             ledger.finish_run(run_id, summary.counts())
             events.run_finished(summary.counts())
     return summary
+
+
+def _backend_factory(
+    weights: Weights, jobs: list[Job], device: torch.device, config: RunConfig, events: Events
+) -> Callable[[GraphSpec], TorchBackend | OrtBackend]:
+    """Exports (once, in the parent) the ONNX graphs the jobs need, and says how a worker opens each one."""
+    use_ort = config.targets == "ort"
+    if use_ort:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            events.message(
+                "onnxruntime is not installed: targets are computed with torch "
+                "(pip install 'batchstyle[cpu]', or 'batchstyle[gpu]' on a GPU host, to use ONNX Runtime)"
+            )
+            use_ort = False
+    if not use_ort:
+        return lambda spec: TorchBackend(weights, spec, device)
+    export_dir = config.cache / "onnx"
+    failures: dict[GraphSpec, str] = {}
+    for spec in dict.fromkeys(graph_spec(weights.source, job.settings) for job in jobs):
+        path = export_dir / spec.filename()
+        if not graph_matches(path, spec):
+            events.message(f"exporting the target graph {path.name} (once; reused by later runs)")
+            try:
+                export_graph(weights, spec, export_dir, log=events.message)
+            except ExportError as exc:  # only the rows needing this graph fail, each with this error
+                failures[spec] = str(exc)
+    seen: set[str] = set()
+
+    def make(spec: GraphSpec) -> OrtBackend:
+        if spec in failures:
+            raise ExportError(failures[spec])
+        backend = OrtBackend(
+            export_dir / spec.filename(), spec, weights.arch, device, config.cache, config.trt_fp16, warn=events.message
+        )
+        if backend.provider not in seen:
+            seen.add(backend.provider)
+            events.message(f"targets: ONNX Runtime on {backend.provider}")
+        return backend
+
+    return make
 
 
 def _load_weights(source: WeightSource, model: str, cache_dir: Path | None) -> Weights:
@@ -274,14 +395,6 @@ def _load_weights(source: WeightSource, model: str, cache_dir: Path | None) -> W
 def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Events, summary: RunSummary) -> None:
     row = job.row
     rel = ledger.relative(job.output)
-    ledger.mark_pending(
-        job.output,
-        row=row.number,
-        content=str(row.content),
-        styles=";".join(str(s) for s in row.styles),
-        key=job.key,
-        run_id=run_id,
-    )
     source = worker.weights.source
     ledger.mark_running(job.output, run_id=run_id, device=str(worker.device), model=source.name, weights=source.sha256)
     events.row_started(row.number, rel, job.settings.iterations)
@@ -294,7 +407,13 @@ def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Even
     except KeyboardInterrupt:
         ledger.mark_finished(job.output, status="pending", error="interrupted")
         raise
-    fields: dict[str, Any] = {"seconds": result.seconds, "iterations": result.iterations, "error": result.error}
+    fields: dict[str, Any] = {
+        "seconds": result.seconds,
+        "iterations": result.iterations,
+        "error": result.error,
+        "targets": result.targets,
+        "provider": result.provider,
+    }
     if result.losses is not None:
         fields.update(
             content_loss=result.losses.content,
@@ -311,4 +430,4 @@ def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Even
     if result.status == "done":
         summary.done.append(row.number)
     else:
-        summary.failed[row.number] = result.error or "failed"
+        summary.failed[row.number] = _without_row(row.number, result.error or "failed")

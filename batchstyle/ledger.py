@@ -17,7 +17,7 @@ from typing import IO, Any
 
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -51,9 +51,16 @@ CREATE TABLE IF NOT EXISTS rows (
     model TEXT,
     weights TEXT,
     params TEXT,
-    error TEXT
+    error TEXT,
+    targets TEXT,                     -- where the row's targets came from: "content=hit style=miss,hit"
+    provider TEXT                     -- what computed them: an ONNX Runtime provider or torch:<device>
 );
 """
+
+# Each entry upgrades a ledger from the version before it; an old output folder keeps its history.
+_MIGRATIONS = {
+    2: ["ALTER TABLE rows ADD COLUMN targets TEXT", "ALTER TABLE rows ADD COLUMN provider TEXT"],
+}
 
 
 class LedgerBusy(RuntimeError):
@@ -82,6 +89,8 @@ class Record:
     weights: str | None
     params: str | None
     error: str | None
+    targets: str | None = None
+    provider: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -139,7 +148,13 @@ class Ledger:
             raise RuntimeError(
                 f"{self.out_dir / LEDGER_NAME} was written by a newer batchstyle (schema {version}); upgrade batchstyle"
             )
-        self.conn.executescript(_SCHEMA)
+        fresh = self.conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'rows'").fetchone()[0] == 0
+        if fresh:
+            self.conn.executescript(_SCHEMA)
+        else:
+            for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target]:
+                    self.conn.execute(statement)
         self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -222,6 +237,10 @@ class Ledger:
             raise ValueError(status)
         self._update(output, {"status": status, "finished": time.time(), **fields})
 
+    def mark_seen(self, output: Path, run_id: int) -> None:
+        """A row the run planned but skipped as done still belongs to this run's manifest."""
+        self._update(output, {"run_id": run_id})
+
     def forget_invalid_rows(self) -> None:
         """Validation failures belong to the run that found them: the next run re-validates the manifest."""
         self.conn.execute("DELETE FROM rows WHERE key = 'invalid'")
@@ -249,8 +268,12 @@ class Ledger:
         return [Record(**dict(r)) for r in self.conn.execute("SELECT * FROM rows ORDER BY row, output")]
 
 
-def read_records(out_dir: Path) -> tuple[list[Record], dict[str, Any] | None]:
-    """Read-only view for `batchstyle status`: works while a run holds the folder (WAL readers never block)."""
+def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], dict[str, Any] | None]:
+    """Read-only view for `batchstyle status`: works while a run holds the folder (WAL readers never block).
+
+    By default only the rows of the latest run's manifest: rows since dropped from the manifest keep their history
+    in the ledger but no longer count as its state.
+    """
     path = Path(out_dir) / LEDGER_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} has no {LEDGER_NAME}: no batchstyle run has written there")
@@ -259,6 +282,8 @@ def read_records(out_dir: Path) -> tuple[list[Record], dict[str, Any] | None]:
     try:
         records = [Record(**dict(r)) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
         last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if last is not None and not all_rows:
+            records = [r for r in records if r.run_id == last["id"]]
         return records, dict(last) if last else None
     finally:
         conn.close()

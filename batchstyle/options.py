@@ -149,8 +149,8 @@ OPTIONS: dict[str, Option] = {
             "Weight of the content loss (alpha).",
             _range(0, None),
         ),
-        Option("style_weight", 1000.0, _parse_number(float), "Weight of the style loss (beta).", _range(0, None)),
-        Option("tv_weight", 1.0, _parse_number(float), "Weight of the total-variation loss.", _range(0, None)),
+        Option("style_weight", 100.0, _parse_number(float), "Weight of the style loss (beta).", _range(0, None)),
+        Option("tv_weight", 10.0, _parse_number(float), "Weight of the total-variation loss.", _range(0, None)),
         Option(
             "content_layers",
             ("relu4_2",),

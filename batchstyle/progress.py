@@ -74,7 +74,7 @@ class Terminal(Silent):
 
     def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:
         if status == "failed":
-            self.message(f"row {row} failed: {info.get('error')}")
+            self.message(f"failed: {info.get('error')}")
         if self.image is None:  # a row that failed validation was never started: not counted in the bar
             return
         self.image.close()

@@ -1,18 +1,28 @@
-"""Content features and style Gram matrices: what the optimiser is pulled towards.
+"""Content features and style Gram matrices: what the optimiser is pulled towards, and where they come from.
 
-Targets are forward-only work on fixed images, computed once per job before the pixel loop starts, and kept apart
-from the loop so another backend (ONNX Runtime) or a cache can supply them.
+Targets are forward-only work on fixed images, so they can run in ONNX Runtime (TensorRT -> CUDA -> CPU) instead of
+PyTorch, and they depend only on the image bytes, the resize and the network, so they are cached on disk by content
+address: rows sharing a style compute it once, and a nightly rerun computes nothing it computed before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from batchstyle.features import VGGFeatures
+from batchstyle.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
+from batchstyle.features import VGGFeatures, layer_shape
 from batchstyle.losses import gram_matrix
+from batchstyle.weights import Weights
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,272 @@ def compute_targets(
     content_layers: Sequence[str],
     style_layers: Sequence[str],
 ) -> Targets:
+    """Plain PyTorch targets with no cache: what benchmarks and the reference path use."""
     return Targets(
         content=content_features(model, content, content_layers),
         style=blend_grams([style_grams(model, s, style_layers) for s in styles], blend),
     )
+
+
+# --- backends: pixels -> named graph outputs (content_<layer>, gram_<layer>) ---------------------------------
+
+
+class Backend(Protocol):
+    name: str
+    provider: str
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class TorchBackend:
+    def __init__(self, weights: Weights, spec: GraphSpec, device: torch.device) -> None:
+        self.graph = target_graph(weights, spec).to(device)
+        self.names = spec.output_names
+        self.name = "torch"
+        self.provider = f"torch:{device}"
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.graph(pixels)))
+
+
+def ort_providers(
+    available: Sequence[str],
+    device: torch.device,
+    cache_dir: Path,
+    trt_fp16: bool = False,
+    profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The provider chain for a device from what this onnxruntime build offers: TensorRT -> CUDA -> CPU.
+
+    TensorRT keeps its engines and timing cache under the batchstyle cache, and gets one shape profile spanning the
+    image sizes of the run (min, opt, max as (height, width)), so engines are built once, not per image size.
+    """
+    chain: list[tuple[str, dict[str, Any]]] = []
+    if device.type == "cuda":
+        device_id = device.index or 0
+        if "TensorrtExecutionProvider" in available:
+            trt_dir = cache_dir / "tensorrt"
+            options: dict[str, Any] = {
+                "device_id": device_id,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(trt_dir / "engines"),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(trt_dir / "timing"),
+                "trt_fp16_enable": trt_fp16,
+            }
+            if profile is not None:
+                (h0, w0), (h1, w1), (h2, w2) = profile
+                options["trt_profile_min_shapes"] = f"{INPUT_NAME}:1x3x{h0}x{w0}"
+                options["trt_profile_opt_shapes"] = f"{INPUT_NAME}:1x3x{h1}x{w1}"
+                options["trt_profile_max_shapes"] = f"{INPUT_NAME}:1x3x{h2}x{w2}"
+            chain.append(("TensorrtExecutionProvider", options))
+        if "CUDAExecutionProvider" in available:
+            chain.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    chain.append(("CPUExecutionProvider", {}))
+    return chain
+
+
+class OrtBackend:
+    """ONNX Runtime with IO binding: inputs and outputs are torch tensors on the worker's device, no host copies."""
+
+    def __init__(
+        self,
+        graph_path: Path,
+        spec: GraphSpec,
+        arch: str,
+        device: torch.device,
+        cache_dir: Path,
+        trt_fp16: bool = False,
+        profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
+        warn: Callable[[str], None] = lambda text: None,
+    ) -> None:
+        import onnxruntime as ort
+
+        chain = ort_providers(ort.get_available_providers(), device, cache_dir, trt_fp16, profile)
+        for _, options in chain:
+            for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+                if key in options:
+                    Path(options[key]).mkdir(parents=True, exist_ok=True)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        # ORT's pool threads spin-wait after each run by default; between target computations that steals the
+        # cores PyTorch's optimisation loop needs (measured: a 64 px run slowed from seconds to minutes).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(
+            str(graph_path), opts, providers=[name for name, _ in chain], provider_options=[o for _, o in chain]
+        )
+        self.provider = self.session.get_providers()[0]
+        self.name = "ort"
+        self.spec = spec
+        self.arch = arch
+        self.device = device
+        if device.type == "cuda" and self.provider == "CPUExecutionProvider":
+            warn(
+                f"ONNX Runtime runs targets on the CPU although the device is {device}: install onnxruntime-gpu "
+                "(pip install 'batchstyle[gpu]') or use --targets torch"
+            )
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        pixels = pixels.to(self.device, torch.float32).contiguous()
+        b, _, h, w = pixels.shape
+        kind, index = self.device.type, self.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(INPUT_NAME, kind, index, np.float32, tuple(pixels.shape), pixels.data_ptr())
+        outputs: dict[str, torch.Tensor] = {}
+        for name in self.spec.output_names:
+            role, layer = name.split("_", 1)
+            c, fh, fw = layer_shape(self.arch, layer, h, w)
+            shape = (b, c, fh, fw) if role == "content" else (b, c, c)
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            binding.bind_output(name, kind, index, np.float32, shape, outputs[name].data_ptr())
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+# --- the content-addressed cache ------------------------------------------------------------------------------
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TargetCache:
+    """Targets on disk as safetensors, one file per key, each carrying a checksum of its own tensors.
+
+    A file that is truncated, corrupt or fails its checksum is deleted and recomputed, never trusted. An SQLite
+    index keeps sizes and hit counts for `batchstyle cache info`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "targets"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.index = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
+        self.index.execute("PRAGMA journal_mode=WAL")
+        self.index.execute(
+            "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, role TEXT, bytes INTEGER, created REAL, "
+            "last_used REAL, hits INTEGER NOT NULL DEFAULT 0)"
+        )
+
+    def close(self) -> None:
+        self.index.close()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - safe_open API
+            if not tensors or meta.get("sha256") != _tensor_digest(tensors):
+                raise ValueError("checksum mismatch")
+        except Exception:  # noqa: BLE001 - any unreadable entry is discarded and recomputed
+            path.unlink(missing_ok=True)
+            self.index.execute("DELETE FROM entries WHERE key = ?", (key,))
+            return None
+        self.index.execute("UPDATE entries SET hits = hits + 1, last_used = ? WHERE key = ?", (time.time(), key))
+        return tensors
+
+    def put(self, key: str, role: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        cpu = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(cpu, str(tmp), metadata={"sha256": _tensor_digest(cpu), "role": role})
+        os.replace(tmp, path)
+        now = time.time()
+        self.index.execute(
+            "INSERT OR REPLACE INTO entries (key, role, bytes, created, last_used, hits) VALUES (?, ?, ?, ?, ?, 0)",
+            (key, role, path.stat().st_size, now, now),
+        )
+
+    def info(self) -> dict[str, Any]:
+        rows = self.index.execute(
+            "SELECT role, COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(hits), 0) FROM entries GROUP BY role"
+        )
+        by_role = {role: {"entries": n, "bytes": size, "hits": hits} for role, n, size, hits in rows}
+        return {
+            "path": str(self.root),
+            "entries": sum(r["entries"] for r in by_role.values()),
+            "bytes": sum(r["bytes"] for r in by_role.values()),
+            "hits": sum(r["hits"] for r in by_role.values()),
+            "by_role": by_role,
+        }
+
+    def clear(self) -> int:
+        removed = 0
+        for path in self.root.glob("*/*.safetensors"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        self.index.execute("DELETE FROM entries")
+        return removed
+
+
+def target_key(spec: GraphSpec, role: str, image_digest: str, size: tuple[int, int], variant: str) -> str:
+    """Everything a target depends on: image bytes, the resize applied, the network, the layers, the maths."""
+    layers = spec.content_layers if role == "content" else spec.style_layers
+    material = {
+        "role": role,
+        "image": image_digest,
+        "size": list(size),
+        "variant": variant,
+        "model": spec.model,
+        "weights": spec.weights_sha256,
+        "pooling": spec.pooling,
+        "layers": list(layers),
+        "normalisation": GRAM_NORMALISATION,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+class TargetStore:
+    """Hands out targets for one worker: from the cache when it has them, else from its backend (then cached)."""
+
+    def __init__(
+        self,
+        make_backend: Callable[[GraphSpec], Backend],
+        cache: TargetCache | None,
+    ) -> None:
+        self.make_backend = make_backend
+        self.cache = cache
+        self.backends: dict[GraphSpec, Backend] = {}
+        self.computed = 0
+
+    def backend(self, spec: GraphSpec) -> Backend:
+        if spec not in self.backends:
+            self.backends[spec] = self.make_backend(spec)
+        return self.backends[spec]
+
+    def get(
+        self, spec: GraphSpec, role: str, image_digest: str, variant: str, pixels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], bool]:
+        """Targets of one image for one role ('content' or 'style'), and whether they came from the cache."""
+        h, w = pixels.shape[-2:]
+        key = target_key(spec, role, image_digest, (w, h), variant)
+        prefix = "content_" if role == "content" else "gram_"
+        if self.cache is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return {name: t.to(pixels.device) for name, t in cached.items()}, True
+        outputs = self.backend(spec)(pixels)
+        self.computed += 1
+        found = {name.removeprefix(prefix): t for name, t in outputs.items() if name.startswith(prefix)}
+        if self.cache is not None:
+            self.cache.put(key, role, found)
+        return found, False
