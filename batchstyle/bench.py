@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -81,3 +82,95 @@ def iteration_figures(
     stylize(model, content, targets, make_settings({**settings.as_dict(), "iterations": iterations + 1}), None, stamp)
     per_iteration = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
     return IterationFigures((w, h), optimizer, per_iteration, floor)
+
+
+@dataclass(frozen=True)
+class TargetFigures:
+    size: tuple[int, int]
+    torch_seconds: float
+    ort_seconds: float | None
+    ort_provider: str | None
+
+
+def target_figures(
+    weights: Weights, long_side: int, cache_dir: Path, repeats: int = 5, device: str = "cpu"
+) -> TargetFigures:
+    """Median seconds to compute one row's targets (content features of one image, Grams of one style)."""
+    from batchstyle.engine import graph_spec
+    from batchstyle.export import export_graph, graph_matches
+    from batchstyle.targets import OrtBackend, TorchBackend
+
+    dev = torch.device(device)
+    spec = graph_spec(weights.source, make_settings(default_values()))
+    h, w = long_side * 3 // 4, long_side
+    gen = torch.Generator().manual_seed(0)
+    content, style = torch.rand(1, 3, h, w, generator=gen).to(dev), torch.rand(1, 3, w, w, generator=gen).to(dev)
+    torch_backend = TorchBackend(weights, spec, dev)
+    torch_s = _median_seconds(lambda: (torch_backend(content), torch_backend(style)), repeats, dev)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return TargetFigures((w, h), torch_s, None, None)
+    export_dir = cache_dir / "onnx"
+    if not graph_matches(export_dir / spec.filename(), spec):
+        export_graph(weights, spec, export_dir)
+    ort_backend = OrtBackend(export_dir / spec.filename(), spec, weights.arch, dev, cache_dir)
+    ort_s = _median_seconds(lambda: (ort_backend(content), ort_backend(style)), repeats, dev)
+    return TargetFigures((w, h), torch_s, ort_s, ort_backend.provider)
+
+
+@dataclass(frozen=True)
+class CacheFigures:
+    rows: int
+    styles: int
+    uncached_seconds: float
+    first_run_seconds: float
+    rerun_seconds: float
+    computed_first: int
+    computed_rerun: int
+
+
+def cache_figures(
+    weights: Weights, long_side: int, rows: int, styles: int, backend: str = "torch", device: str = "cpu"
+) -> CacheFigures:
+    """Target time for a manifest of `rows` distinct contents sharing `styles` styles: no cache, a first run that
+    fills the cache, and a rerun that finds everything there."""
+    import tempfile
+
+    from batchstyle.engine import graph_spec
+    from batchstyle.export import export_graph
+    from batchstyle.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
+
+    dev = torch.device(device)
+    spec = graph_spec(weights.source, make_settings(default_values()))
+    h, w = long_side * 3 // 4, long_side
+    gen = torch.Generator().manual_seed(1)
+    contents = [torch.rand(1, 3, h, w, generator=gen).to(dev) for _ in range(rows)]
+    style_images = [torch.rand(1, 3, w, w, generator=gen).to(dev) for _ in range(styles)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if backend == "ort":
+            path = export_graph(weights, spec, root / "onnx").path
+            make = lambda s: OrtBackend(path, s, weights.arch, dev, root)  # noqa: E731
+        else:
+            make = lambda s: TorchBackend(weights, s, dev)  # noqa: E731
+
+        def manifest_pass(store: TargetStore) -> float:
+            start = time.perf_counter()
+            for i, content in enumerate(contents):
+                store.get(spec, "content", f"content{i}", "rgb", content)
+                store.get(spec, "style", f"style{i % styles}", "rgb", style_images[i % styles])
+            _sync(dev)
+            return time.perf_counter() - start
+
+        warm = TargetStore(make, None)
+        warm.get(spec, "content", "warm", "rgb", contents[0])  # backend creation stays out of the figures
+        uncached = TargetStore(lambda s: warm.backend(s), None)
+        uncached_s = manifest_pass(uncached)
+        cache = TargetCache(root / "cache")
+        first = TargetStore(lambda s: warm.backend(s), cache)
+        first_s = manifest_pass(first)
+        rerun = TargetStore(lambda s: warm.backend(s), cache)
+        rerun_s = manifest_pass(rerun)
+        cache.close()
+    return CacheFigures(rows, styles, uncached_s, first_s, rerun_s, first.computed, rerun.computed)

@@ -15,8 +15,9 @@ import click
 
 from batchstyle import __version__, engine, ledger, weights
 from batchstyle.export import ExportError
+from batchstyle.features import layer_names
 from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
-from batchstyle.options import OPTIONS, OptionError, default_values
+from batchstyle.options import OPTIONS, OptionError, default_values, make_settings
 from batchstyle.progress import Fanout, JsonLog, Silent, Terminal
 
 CACHE_DIR = click.option(
@@ -270,3 +271,130 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+@bench.command("targets")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option("--sizes", default="256,512", show_default=True, help="Long sides to measure, comma-separated.")
+@click.option("--rows", default=8, show_default=True, help="Rows of the repeated-style manifest.")
+@click.option("--styles", default=2, show_default=True, help="Distinct styles those rows share.")
+@click.option("--device", default="auto", show_default=True)
+@CACHE_DIR
+def bench_targets(model: str, sizes: str, rows: int, styles: int, device: str, cache_dir: Path | None) -> None:
+    """Seconds for one row's targets with ONNX Runtime and with torch, and what the target cache saves."""
+    from batchstyle.bench import cache_figures, target_figures
+
+    source, _ = weights.resolve(model, cache_dir)
+    loaded = source.load(cache_dir)
+    dev = str(engine.pick_device(device))
+    cache = cache_dir or weights.default_cache_dir()
+    click.echo(f"model {source.name}, device {dev}, {torch_threads()} threads; one row = content + one style")
+    click.echo(f"{'size':>10} {'torch s':>9} {'ort s':>9} {'ort/torch':>9}  provider")
+    for long_side in (int(s) for s in sizes.split(",")):
+        fig = target_figures(loaded, long_side, cache, device=dev)
+        w, h = fig.size
+        ort = (
+            f"{fig.ort_seconds:>9.4f} {fig.ort_seconds / fig.torch_seconds:>9.3f}"
+            if fig.ort_seconds
+            else "    (no onnxruntime)"
+        )
+        click.echo(f"{f'{w}x{h}':>10} {fig.torch_seconds:>9.4f} {ort}  {fig.ort_provider or ''}")
+    long_side = int(sizes.split(",")[0])
+    cf = cache_figures(loaded, long_side, rows, styles, device=dev)
+    click.echo(
+        f"\n{rows} rows sharing {styles} styles at {long_side} px, targets only:\n"
+        f"  no cache:            {cf.uncached_seconds:8.3f} s ({2 * rows} computations)\n"
+        f"  first run, cached:   {cf.first_run_seconds:8.3f} s ({cf.computed_first} computations)\n"
+        f"  rerun, all cached:   {cf.rerun_seconds:8.3f} s ({cf.computed_rerun} computations)\n"
+        f"  saved by the cache:  {cf.uncached_seconds - cf.first_run_seconds:8.3f} s on the first run, "
+        f"{cf.uncached_seconds - cf.rerun_seconds:.3f} s on a rerun"
+    )
+
+
+@main.command("export")
+@click.option("--model", default="auto", show_default=True, help="Weights to export (see `batchstyle weights list`).")
+@click.option("--out", "out_dir", default="export", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--content-layers", default=None, metavar="LAYERS", help="[default: relu4_2]")
+@click.option("--style-layers", default=None, metavar="LAYERS", help="[default: relu1_1,...,relu5_1]")
+@click.option("--pooling", default="max", show_default=True, type=click.Choice(["max", "avg"]))
+@click.option(
+    "--exporter",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "dynamo", "legacy"]),
+    help="auto tries torch.onnx's dynamo exporter, then the legacy TorchScript one.",
+)
+@CACHE_DIR
+def export_command(
+    model: str,
+    out_dir: Path,
+    content_layers: str | None,
+    style_layers: str | None,
+    pooling: str,
+    exporter: str,
+    cache_dir: Path | None,
+) -> None:
+    """Export the target graph (features + Gram matrices, pixels in) to ONNX and validate it against PyTorch."""
+    from batchstyle.export import export_graph
+
+    values = _defaults({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        click.echo("error: validating an export needs onnxruntime: pip install 'batchstyle[cpu]'", err=True)
+        sys.exit(2)
+    try:
+        source, reason = weights.resolve(model, cache_dir)
+        loaded = source.load(cache_dir)
+        spec = engine.graph_spec(source, make_settings(values))
+        missing = [n for n in (*spec.content_layers, *spec.style_layers) if n not in layer_names(source.arch)]
+        if missing:
+            raise click.BadParameter(f"{source.arch} has no layer {', '.join(missing)}", param_hint="layers")
+        exporters = ("dynamo", "legacy") if exporter == "auto" else (exporter,)
+        result = export_graph(loaded, spec, out_dir, exporters, log=lambda text: click.echo(text, err=True))
+    except (weights.WeightsError, ExportError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) with the {result.exporter} exporter")
+    if result.fallback_reason:
+        click.echo(f"  (fell back: {result.fallback_reason[:300]})")
+    click.echo("ONNX Runtime vs PyTorch, worst relative error per output:")
+    for shape, errors in result.errors.items():
+        worst = max(errors.values())
+        detail = ", ".join(f"{name} {err:.1e}" for name, err in errors.items())
+        click.echo(f"  input {'x'.join(map(str, shape))}: max {worst:.1e} ({detail})")
+
+
+@main.group()
+def cache() -> None:
+    """The target cache (content features and style Grams, content-addressed)."""
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True)
+@CACHE_DIR
+def cache_info(as_json: bool, cache_dir: Path | None) -> None:
+    """Entries, size and hit counts."""
+    from batchstyle.targets import TargetCache
+
+    store = TargetCache(cache_dir or weights.default_cache_dir())
+    info = store.info()
+    store.close()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['entries']} entries, {info['bytes'] / 1e6:.1f} MB, {info['hits']} hits")
+    for role, r in sorted(info["by_role"].items()):
+        click.echo(f"  {role:<8} {r['entries']:>6} entries {r['bytes'] / 1e6:>9.1f} MB {r['hits']:>7} hits")
+
+
+@cache.command("clear")
+@CACHE_DIR
+def cache_clear(cache_dir: Path | None) -> None:
+    """Delete every cached target (weights and exported graphs stay)."""
+    from batchstyle.targets import TargetCache
+
+    store = TargetCache(cache_dir or weights.default_cache_dir())
+    removed = store.clear()
+    store.close()
+    click.echo(f"removed {removed} cached targets")

@@ -32,7 +32,7 @@ from batchstyle.images import (
     save_image_atomic,
     tensor_to_image,
 )
-from batchstyle.ledger import Ledger
+from batchstyle.ledger import Ledger, pack_history
 from batchstyle.manifest import Manifest, Row
 from batchstyle.optimize import Losses, stylize
 from batchstyle.options import Settings, make_settings
@@ -325,7 +325,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
         cache = TargetCache(config.cache)
         try:
             if to_do:
-                weights = _load_weights(source, config.model, config.cache)
+                weights = _load_weights(source, config.model, config.cache, events)
                 store = TargetStore(_backend_factory(weights, to_do, torch_device, config, events), cache)
                 worker = Worker(weights, torch_device, store)
                 for job in to_do:
@@ -379,7 +379,9 @@ def _backend_factory(
     return make
 
 
-def _load_weights(source: WeightSource, model: str, cache_dir: Path | None) -> Weights:
+def _load_weights(source: WeightSource, model: str, cache_dir: Path | None, events: Events) -> Weights:
+    if not source.is_cached(cache_dir):
+        events.message(f"fetching {source.name} weights from {source.origin} (once; cached in {cache_dir})")
     try:
         return source.load(cache_dir)
     except WeightsError as exc:
@@ -413,6 +415,7 @@ def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Even
         "error": result.error,
         "targets": result.targets,
         "provider": result.provider,
+        "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
     }
     if result.losses is not None:
         fields.update(

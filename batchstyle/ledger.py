@@ -11,13 +11,17 @@ import json
 import os
 import sqlite3
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -53,14 +57,31 @@ CREATE TABLE IF NOT EXISTS rows (
     params TEXT,
     error TEXT,
     targets TEXT,                     -- where the row's targets came from: "content=hit style=miss,hit"
-    provider TEXT                     -- what computed them: an ONNX Runtime provider or torch:<device>
+    provider TEXT,                    -- what computed them: an ONNX Runtime provider or torch:<device>
+    history BLOB                      -- per-iteration losses, see pack_history
 );
 """
 
 # Each entry upgrades a ledger from the version before it; an old output folder keeps its history.
 _MIGRATIONS = {
     2: ["ALTER TABLE rows ADD COLUMN targets TEXT", "ALTER TABLE rows ADD COLUMN provider TEXT"],
+    3: ["ALTER TABLE rows ADD COLUMN history BLOB"],
 }
+
+HISTORY_COLUMNS = ("content", "style", "tv")
+
+
+def pack_history(history: Sequence[Sequence[float]]) -> bytes:
+    """Per-iteration (content, style, tv) losses as zlib-compressed float32: 500 iterations take ~4 KB."""
+    array = np.asarray(history, dtype="<f4").reshape(-1, len(HISTORY_COLUMNS))
+    return zlib.compress(array.tobytes(), 6)
+
+
+def unpack_history(blob: bytes | None) -> np.ndarray:
+    """(iterations, 3) array of content, style and TV loss; empty when the row recorded none."""
+    if not blob:
+        return np.zeros((0, len(HISTORY_COLUMNS)), np.float32)
+    return np.frombuffer(zlib.decompress(blob), dtype="<f4").reshape(-1, len(HISTORY_COLUMNS))
 
 
 class LedgerBusy(RuntimeError):
@@ -91,9 +112,16 @@ class Record:
     error: str | None
     targets: str | None = None
     provider: str | None = None
+    history: bytes | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def as_dict(self, history: bool = False) -> dict[str, Any]:
+        """JSON-ready; the per-iteration losses (lists, not bytes) only when asked for, as they dwarf the rest."""
+        data = dict(self.__dict__)
+        data.pop("history")
+        if history:
+            losses = unpack_history(self.history)
+            data["history"] = {name: losses[:, i].tolist() for i, name in enumerate(HISTORY_COLUMNS)}
+        return data
 
 
 def _lock(handle: IO[str]) -> bool:

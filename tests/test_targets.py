@@ -1,0 +1,222 @@
+"""Targets: ONNX Runtime against torch, provider selection, the content-addressed cache, and what runs record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import write_manifest
+from PIL import Image
+
+from batchstyle.cli import main
+from batchstyle.engine import graph_spec
+from batchstyle.export import export_graph
+from batchstyle.ledger import read_records
+from batchstyle.options import default_values, make_settings
+from batchstyle.targets import OrtBackend, TargetCache, TargetStore, TorchBackend, ort_providers
+from batchstyle.weights import SOURCES
+
+FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "-q")
+ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def random_weights():
+    return SOURCES["random"].load()
+
+
+@pytest.fixture(scope="module")
+def spec(random_weights):
+    return graph_spec(random_weights.source, make_settings(default_values()))
+
+
+@pytest.fixture(scope="module")
+def graph(random_weights, spec, tmp_path_factory) -> Path:
+    return export_graph(random_weights, spec, tmp_path_factory.mktemp("onnx")).path
+
+
+def run(*args: object):  # noqa: ANN201
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+# --- ONNX Runtime against torch -------------------------------------------------------------------------------
+
+
+def test_ort_targets_match_torch_through_io_binding(random_weights, spec, graph: Path, tmp_path: Path) -> None:
+    pixels = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    ort_out = OrtBackend(graph, spec, random_weights.arch, torch.device("cpu"), tmp_path)(pixels)
+    torch_out = TorchBackend(random_weights, spec, torch.device("cpu"))(pixels)
+    assert set(ort_out) == set(torch_out) == set(spec.output_names)
+    for name, ref in torch_out.items():
+        assert ort_out[name].shape == ref.shape, name
+        assert ort_out[name].dtype == torch.float32
+        rel = float((ort_out[name] - ref).abs().max() / ref.abs().max())
+        assert rel <= 1e-4, (name, rel)
+
+
+def test_ort_and_torch_runs_give_the_same_output(tmp_path: Path, images: dict[str, Path]) -> None:
+    """Separate caches, so each run really computes its targets with its own backend."""
+    manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,out.png")
+    outputs = {}
+    for backend in ("ort", "torch"):
+        result = run(
+            "run",
+            manifest,
+            *FAST,
+            "--targets",
+            backend,
+            "--out",
+            tmp_path / backend,
+            "--cache-dir",
+            tmp_path / f"cache-{backend}",
+        )
+        assert result.exit_code == 0, result.output
+        record = read_records(tmp_path / backend)[0][0]
+        assert record.provider == ("CPUExecutionProvider" if backend == "ort" else "torch:cpu")
+        assert record.targets == "content=miss style=miss"
+        outputs[backend] = np.asarray(Image.open(tmp_path / backend / "out.png"), np.int16)
+    diff = np.abs(outputs["ort"] - outputs["torch"])
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+# --- provider selection ---------------------------------------------------------------------------------------
+
+
+def test_providers_on_a_gpu_host_go_tensorrt_cuda_cpu(tmp_path: Path) -> None:
+    chain = ort_providers(
+        ALL, torch.device("cuda:1"), tmp_path, trt_fp16=True, profile=((192, 256), (384, 512), (768, 1024))
+    )
+    assert [name for name, _ in chain] == ALL
+    trt, cuda, cpu = (options for _, options in chain)
+    assert trt["device_id"] == 1 and cuda == {"device_id": 1} and cpu == {}
+    assert trt["trt_fp16_enable"] is True
+    assert Path(trt["trt_engine_cache_path"]).is_relative_to(tmp_path)
+    assert Path(trt["trt_timing_cache_path"]).is_relative_to(tmp_path)
+    assert trt["trt_profile_min_shapes"] == "pixels:1x3x192x256"
+    assert trt["trt_profile_opt_shapes"] == "pixels:1x3x384x512"
+    assert trt["trt_profile_max_shapes"] == "pixels:1x3x768x1024"
+
+
+@pytest.mark.parametrize(
+    ("available", "device", "expected"),
+    [
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+        (
+            ["TensorrtExecutionProvider", "CPUExecutionProvider"],
+            "cuda:0",
+            ["TensorrtExecutionProvider", "CPUExecutionProvider"],
+        ),
+        (["CPUExecutionProvider"], "cuda:0", ["CPUExecutionProvider"]),
+        (ALL, "cpu", ["CPUExecutionProvider"]),
+        (["AzureExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"]),
+    ],
+)
+def test_providers_fall_back_to_what_is_installed(available, device, expected, tmp_path: Path) -> None:
+    assert [name for name, _ in ort_providers(available, torch.device(device), tmp_path)] == expected
+
+
+def test_cpu_fallback_on_a_gpu_device_is_a_visible_warning(random_weights, spec, graph: Path, tmp_path: Path) -> None:
+    """This onnxruntime build has no CUDA provider: asking for cuda:0 must say so, not fall back silently."""
+    said: list[str] = []
+    backend = OrtBackend(graph, spec, random_weights.arch, torch.device("cuda:0"), tmp_path, warn=said.append)
+    assert backend.provider == "CPUExecutionProvider"
+    assert said and "onnxruntime-gpu" in said[0] and "cuda:0" in said[0]
+
+
+# --- the cache ------------------------------------------------------------------------------------------------
+
+
+def test_cache_returns_what_was_computed_and_counts_hits(random_weights, spec, tmp_path: Path) -> None:
+    cache = TargetCache(tmp_path)
+    store = TargetStore(lambda s: TorchBackend(random_weights, s, torch.device("cpu")), cache)
+    pixels = torch.rand(1, 3, 40, 32, generator=torch.Generator().manual_seed(1))
+    first, hit1 = store.get(spec, "style", "digest-a", "rgb", pixels)
+    again, hit2 = store.get(spec, "style", "digest-a", "rgb", pixels)
+    other_size, hit3 = store.get(spec, "style", "digest-a", "rgb", pixels[..., :36, :28])
+    assert (hit1, hit2, hit3) == (False, True, False)
+    assert store.computed == 2
+    assert set(first) == set(spec.style_layers)
+    for layer in first:
+        assert torch.equal(first[layer], again[layer])
+    info = cache.info()
+    assert info["entries"] == 2 and info["hits"] == 1 and info["by_role"]["style"]["entries"] == 2
+    cache.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_damaged_cache_file_is_recomputed_not_trusted(random_weights, spec, tmp_path: Path, damage: str) -> None:
+    cache = TargetCache(tmp_path)
+    store = TargetStore(lambda s: TorchBackend(random_weights, s, torch.device("cpu")), cache)
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    good, _ = store.get(spec, "content", "digest-b", "rgb", pixels)
+    [path] = list(cache.root.glob("*/*.safetensors"))
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-5] ^= 0xFF  # inside the tensor bytes: only the checksum can tell
+    else:
+        data = bytearray(b"\x00" * 64)
+    path.write_bytes(bytes(data))
+    again, hit = store.get(spec, "content", "digest-b", "rgb", pixels)
+    assert hit is False and store.computed == 2
+    for layer in good:
+        assert torch.equal(good[layer], again[layer])
+    assert cache.get(path.stem) is not None, "the recomputed entry is written back whole"
+    cache.close()
+
+
+def test_four_rows_sharing_a_style_compute_it_once_and_a_rerun_computes_nothing(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        "content,style,output",
+        "in/photo.png,in/painting.png,a.png",
+        "in/photo2.jpg,in/painting.png,b.png",
+        "in/photo.png,in/painting.png,c.png",
+        "in/photo2.jpg,in/painting.png,d.png",
+    )
+    cache = tmp_path / "cache"
+    first = run("run", manifest, *FAST, "--cache-dir", cache)
+    assert first.exit_code == 0, first.output
+    records = read_records(tmp_path / "m")[0]
+    style = [r.targets.split("style=")[1] for r in records]
+    content = [r.targets.split()[0] for r in records]
+    assert style.count("miss") == 1 and style.count("hit") == 3
+    assert content.count("content=miss") == 2 and content.count("content=hit") == 2
+    info = json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)
+    assert info["by_role"]["style"]["entries"] == 1 and info["by_role"]["content"]["entries"] == 2
+
+    again = run("run", manifest, *FAST, "--cache-dir", cache, "--force")
+    assert again.exit_code == 0, again.output
+    assert {r.targets for r in read_records(tmp_path / "m")[0]} == {"content=hit style=hit"}
+    info = json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)
+    assert info["entries"] == 3, "a rerun adds no entry"
+
+
+def test_a_corrupt_cache_file_does_not_fail_the_row(tmp_path: Path, images: dict[str, Path]) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,a.png")
+    cache = tmp_path / "cache"
+    assert run("run", manifest, *FAST, "--cache-dir", cache).exit_code == 0
+    for path in (cache / "targets").glob("*/*.safetensors"):
+        path.write_bytes(path.read_bytes()[:100])
+    result = run("run", manifest, *FAST, "--cache-dir", cache, "--force")
+    assert result.exit_code == 0, result.output
+    assert read_records(tmp_path / "m")[0][0].targets == "content=miss style=miss"
+
+
+def test_cache_clear_empties_it(tmp_path: Path, images: dict[str, Path]) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
+    cache = tmp_path / "cache"
+    assert run("run", manifest, *FAST, "--cache-dir", cache).exit_code == 0
+    assert "removed 2 cached targets" in run("cache", "clear", "--cache-dir", cache).stdout
+    assert json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)["entries"] == 0
+    assert not list((cache / "targets").glob("*/*.safetensors"))
