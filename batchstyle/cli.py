@@ -128,6 +128,13 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Compute content/style targets with ONNX Runtime (TensorRT -> CUDA -> CPU) or PyTorch.",
 )
 @click.option("--trt-fp16", is_flag=True, help="Let TensorRT build fp16 engines for targets.")
+@click.option(
+    "--save-every",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Also write every N-th iterate, into <output stem>.iterates/ beside the output.",
+)
 @CACHE_DIR
 def run(
     manifest_path: Path,
@@ -140,6 +147,7 @@ def run(
     log_json: Path | None,
     targets: str,
     trt_fp16: bool,
+    save_every: int,
     cache_dir: Path | None,
     **options: Any,
 ) -> None:
@@ -151,7 +159,7 @@ def run(
         sinks.append(JsonLog(log_handle))
     events = Fanout(*sinks) if sinks else Silent()
     try:
-        config = engine.RunConfig(model, device, force, cache_dir, targets, trt_fp16, tuple(sys.argv))
+        config = engine.RunConfig(model, device, force, cache_dir, targets, trt_fp16, save_every, tuple(sys.argv))
         summary = engine.run(manifest, config, events)
     except (weights.WeightsError, ledger.LedgerBusy, ExportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)

@@ -7,6 +7,8 @@ One failing row is recorded with its error and never costs other rows their work
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -34,7 +36,7 @@ from batchstyle.images import (
 )
 from batchstyle.ledger import Ledger, pack_history
 from batchstyle.manifest import Manifest, Row
-from batchstyle.optimize import Losses, stylize
+from batchstyle.optimize import Losses, scale_sizes, stylize, upsample
 from batchstyle.options import Settings, make_settings
 from batchstyle.progress import Events, Silent
 from batchstyle.targets import OrtBackend, TargetCache, Targets, TargetStore, TorchBackend, blend_grams, style_long_side
@@ -53,6 +55,17 @@ class Job:
     def output(self) -> Path:
         return self.row.output
 
+    def scales(self) -> list[tuple[int, int]]:
+        """(long side, iterations) per scale, coarse to fine."""
+        s = self.settings
+        sizes = scale_sizes(s.min_size, s.size)
+        first = s.scale_iterations if s.scale_iterations and len(sizes) > 1 else s.iterations
+        return [(size, first if k == 0 else s.iterations) for k, size in enumerate(sizes)]
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(iterations for _, iterations in self.scales())
+
 
 @dataclass
 class Result:
@@ -64,6 +77,7 @@ class Result:
     history: list[Losses] = field(default_factory=list)
     targets: str | None = None  # where the targets came from, e.g. "content=hit style=miss,hit"
     provider: str | None = None
+    scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
 
 
 @dataclass
@@ -156,10 +170,11 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 class Worker:
     """Holds the weights, one trunk per tap set and a target store, and turns a job into an output file."""
 
-    def __init__(self, weights: Weights, device: torch.device, targets: TargetStore) -> None:
+    def __init__(self, weights: Weights, device: torch.device, targets: TargetStore, save_every: int = 0) -> None:
         self.weights = weights
         self.device = device
         self.targets = targets
+        self.save_every = save_every
         self._models: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
 
     def model(self, settings: Settings) -> VGGFeatures:
@@ -180,45 +195,91 @@ class Worker:
     def _stylize(self, job: Job, on_iteration: Callable[[int, Losses], None] | None, start: float) -> Result:
         s = job.settings
         dev = self.device
-        content = image_to_tensor(resize_long_side(load_image(job.row.content), s.size)).to(dev)
-        style_size = style_long_side(s.size, s.style_scale)
-        styles = [image_to_tensor(resize_long_side(load_image(p), style_size)).to(dev) for p in job.row.styles]
-        init = image_to_tensor(load_image(job.row.init_image)).to(dev) if job.row.init_image else None
-        original = content
-        content_variant, style_variant = "rgb", "rgb"
-        if s.preserve_color:
-            # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
-            styles = [luminance_image(st, match=content) for st in styles]
-            content = luminance_image(content)
-            init = luminance_image(init) if init is not None else None
-            h, w = content.shape[-2:]
-            content_variant, style_variant = "luma", f"luma-matched:{job.content_digest}:{w}x{h}"
+        content_full = load_image(job.row.content)
+        styles_full = [load_image(p) for p in job.row.styles]
+        init_full = image_to_tensor(load_image(job.row.init_image)).to(dev) if job.row.init_image else None
         spec = graph_spec(self.weights.source, s)
-        content_targets, content_hit = self.targets.get(spec, "content", job.content_digest, content_variant, content)
-        grams, style_hits = [], []
-        for digest, pixels in zip(job.style_digests, styles):
-            found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
-            grams.append(found)
-            style_hits.append(hit)
-        targets = Targets(content_targets, blend_grams(grams, job.row.blend))
-        outcome = stylize(self.model(s), content, targets, s, init, on_iteration)
-        image = recombine_color(outcome.image, original) if s.preserve_color else outcome.image
+        model = self.model(s)
+        image: torch.Tensor | None = None
+        history: list[Losses] = []
+        scales: list[tuple[int, int, int]] = []
+        hits: list[str] = []
+        done_before = 0
+        for k, (size, iterations) in enumerate(job.scales()):
+            content = image_to_tensor(resize_long_side(content_full, size)).to(dev)
+            style_size = style_long_side(size, s.style_scale)
+            styles = [image_to_tensor(resize_long_side(st, style_size)).to(dev) for st in styles_full]
+            original, init = content, init_full
+            content_variant, style_variant = "rgb", "rgb"
+            if s.preserve_color:
+                # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
+                styles = [luminance_image(st, match=content) for st in styles]
+                content = luminance_image(content)
+                init = luminance_image(init) if init is not None else None
+                h, w = content.shape[-2:]
+                content_variant, style_variant = "luma", f"luma-matched:{job.content_digest}:{w}x{h}"
+            content_targets, content_hit = self.targets.get(
+                spec, "content", job.content_digest, content_variant, content
+            )
+            grams, style_hits = [], []
+            for digest, pixels in zip(job.style_digests, styles):
+                found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
+                grams.append(found)
+                style_hits.append(hit)
+            hits.append(f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}")
+            targets = Targets(content_targets, blend_grams(grams, job.row.blend))
+            scale_settings = dataclasses.replace(s, size=size, iterations=iterations)
+            offset = done_before
+            outcome = stylize(
+                model,
+                content,
+                targets,
+                scale_settings,
+                init,
+                None if on_iteration is None else functools.partial(_offset_progress, on_iteration, offset),
+                start=None if image is None else upsample(image, content),
+                on_snapshot=self._snapshot(job, k, original),
+                snapshot_every=self.save_every,
+            )
+            image = outcome.image
+            history += outcome.history
+            done_before += iterations
+            scales.append((content.shape[-1], content.shape[-2], iterations))
+        assert image is not None
+        result_image = recombine_color(image, original) if s.preserve_color else image
         job.output.parent.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(tensor_to_image(image), job.output, self.metadata(job, outcome.losses))
-        hit = lambda flag: "hit" if flag else "miss"  # noqa: E731
+        save_image_atomic(tensor_to_image(result_image), job.output, self.metadata(job, outcome.losses, scales))
         return Result(
             "done",
             time.perf_counter() - start,
-            outcome.iterations,
+            done_before,
             outcome.losses,
-            history=outcome.history,
-            targets=f"content={hit(content_hit)} style={','.join(hit(h) for h in style_hits)}",
+            history=history,
+            targets=" | ".join(hits) if len(hits) > 1 else hits[0],
             provider=self.targets.backend(spec).provider,
+            scales=scales,
         )
 
-    def metadata(self, job: Job, losses: Losses) -> dict[str, str]:
+    def _snapshot(self, job: Job, scale: int, original: torch.Tensor) -> Callable[[int, torch.Tensor], None] | None:
+        """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output."""
+        if not self.save_every:
+            return None
+        folder = job.output.parent / f"{job.output.stem}.iterates"
+
+        def save(iteration: int, pixels: torch.Tensor) -> None:
+            image = recombine_color(pixels, original) if job.settings.preserve_color else pixels
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"scale{scale}-iter{iteration:05d}{job.output.suffix}"
+            save_image_atomic(
+                tensor_to_image(image), path, {"batchstyle:iterate": f"scale {scale}, iteration {iteration}"}
+            )
+
+        return save
+
+    def metadata(self, job: Job, losses: Losses, scales: list[tuple[int, int, int]]) -> dict[str, str]:
         """Enough to know, from the file alone, how it was made and to make it again."""
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.as_dict().items()}
+        params["scales"] = [list(scale) for scale in scales]
         return {
             "Software": f"batchstyle {__version__}",
             "batchstyle:content": job.row.content.name,
@@ -232,6 +293,15 @@ class Worker:
             "batchstyle:key": job.key,
             "batchstyle:device": str(self.device),
         }
+
+
+def _offset_progress(callback: Callable[[int, Losses], None], offset: int, iteration: int, losses: Losses) -> None:
+    """Iterations count across scales, so one progress bar covers the whole row."""
+    callback(offset + iteration, losses)
+
+
+def _hit(flag: bool) -> str:
+    return "hit" if flag else "miss"
 
 
 def _without_row(number: int, error: str) -> str:
@@ -264,6 +334,7 @@ class RunConfig:
     cache_dir: Path | None = None  # weights, targets and exported graphs; default: weights.default_cache_dir()
     targets: str = "ort"  # ort | torch
     trt_fp16: bool = False
+    save_every: int = 0  # write every N-th iterate beside the output, in <output stem>.iterates/
     argv: tuple[str, ...] = ()
 
     @property
@@ -327,7 +398,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             if to_do:
                 weights = _load_weights(source, config.model, config.cache, events)
                 store = TargetStore(_backend_factory(weights, to_do, torch_device, config, events), cache)
-                worker = Worker(weights, torch_device, store)
+                worker = Worker(weights, torch_device, store, config.save_every)
                 for job in to_do:
                     _run_one(job, worker, ledger, run_id, events, summary)
         finally:
@@ -399,7 +470,7 @@ def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Even
     rel = ledger.relative(job.output)
     source = worker.weights.source
     ledger.mark_running(job.output, run_id=run_id, device=str(worker.device), model=source.name, weights=source.sha256)
-    events.row_started(row.number, rel, job.settings.iterations)
+    events.row_started(row.number, rel, job.total_iterations)
 
     def on_iteration(i: int, losses: Losses) -> None:
         events.iteration(row.number, i, losses.__dict__)
@@ -423,7 +494,7 @@ def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Even
             style_loss=result.losses.style,
             tv_loss=result.losses.tv,
             total_loss=result.losses.total,
-            params=json.dumps(job.settings.as_dict()),
+            params=json.dumps({**job.settings.as_dict(), "scales": [list(x) for x in result.scales]}),
         )
     ledger.mark_finished(job.output, status=result.status, **fields)
     info = {"seconds": round(result.seconds, 3), "error": result.error}

@@ -6,6 +6,7 @@ iteration costs exactly one forward+backward, and progress, interruption and per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,10 +29,11 @@ class Losses:
 
 @dataclass
 class Outcome:
-    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]: the lowest-loss iterate
     iterations: int
-    losses: Losses
+    losses: Losses  # of that image
     history: list[Losses] = field(default_factory=list)
+    kept_iteration: int = 0  # which iterate was kept (0 = the start, iterations = the last)
 
 
 OnIteration = Callable[[int, Losses], None]
@@ -79,6 +81,20 @@ def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch
     return torch.nn.functional.interpolate(init_image, size=content.shape[-2:], mode="bicubic").clamp(0, 1)
 
 
+def scale_sizes(min_size: int, size: int) -> list[int]:
+    """Long sides for coarse-to-fine: from min_size up to size in steps of about sqrt(2) (each scale doubles the
+    pixel count), so every scale starts from an upsampled image that is already close to its own optimum."""
+    if not min_size or min_size >= size:
+        return [size]
+    steps = max(1, math.ceil(math.log(size / min_size) / math.log(math.sqrt(2)) - 1e-9))
+    return [round(min_size * (size / min_size) ** (i / steps)) for i in range(steps + 1)]
+
+
+def upsample(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The previous scale's result at the next scale's size: the warm start of coarse-to-fine."""
+    return torch.nn.functional.interpolate(image, size=like.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+
 def stylize(
     model: VGGFeatures,
     content: torch.Tensor,
@@ -86,11 +102,21 @@ def stylize(
     settings: Settings,
     init_image: torch.Tensor | None = None,
     on_iteration: OnIteration | None = None,
+    start: torch.Tensor | None = None,
+    on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
+    snapshot_every: int = 0,
 ) -> Outcome:
-    """Optimises the pixels for `settings.iterations` iterations and returns the final image and losses."""
+    """Optimises the pixels for `settings.iterations` iterations.
+
+    Returns the iterate with the lowest total loss, not simply the last: L-BFGS without a line search and Adam can
+    both end on a step that went uphill, and the lowest-loss image is by definition the best fit to the targets
+    (averaging late iterates would blur exactly the texture the style loss asks for). `start` overrides
+    `settings.init` (a warm start from a coarser scale); `on_snapshot` gets every `snapshot_every`-th iterate.
+    """
     torch.manual_seed(settings.seed)
     objective = Objective(model, targets, settings).to(content.device)
-    pixels = initial_image(settings.init, content, settings.seed, init_image).contiguous().requires_grad_(True)
+    first = start if start is not None else initial_image(settings.init, content, settings.seed, init_image)
+    pixels = first.detach().clone().contiguous().requires_grad_(True)
     lr = settings.step_size()
     if settings.optimizer == "lbfgs":
         optimizer: torch.optim.Optimizer = torch.optim.LBFGS([pixels], lr=lr, max_iter=1, history_size=100)
@@ -98,13 +124,19 @@ def stylize(
         optimizer = torch.optim.Adam([pixels], lr=lr)
 
     history: list[Losses] = []
+    best: tuple[float, int, torch.Tensor] = (math.inf, 0, pixels.detach())
 
     def closure() -> torch.Tensor:
+        nonlocal best
         optimizer.zero_grad(set_to_none=True)
         total, c, s, t = objective(pixels)
         loss = total.sum()
         loss.backward()
-        history.append(_losses(total, c, s, t))
+        losses = _losses(total, c, s, t)
+        history.append(losses)
+        # The closure sees the iterate before this step: history[k] is the loss of iterate k.
+        if losses.total < best[0]:
+            best = (losses.total, len(history) - 1, pixels.detach().clone())
         return loss
 
     for i in range(settings.iterations):
@@ -113,8 +145,12 @@ def stylize(
             pixels.clamp_(0, 1)
         if on_iteration is not None:
             on_iteration(i + 1, history[-1])
+        if on_snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0:
+            on_snapshot(i + 1, pixels.detach())
 
     with torch.no_grad():
         total, c, s, t = objective(pixels)
     final = _losses(total, c, s, t)
-    return Outcome(pixels.detach(), settings.iterations, final, history)
+    if final.total <= best[0]:
+        return Outcome(pixels.detach(), settings.iterations, final, history, settings.iterations)
+    return Outcome(best[2], settings.iterations, history[best[1]], history, best[1])

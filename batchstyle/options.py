@@ -126,7 +126,23 @@ OPTIONS: dict[str, Option] = {
     opt.name: opt
     for opt in [
         Option("size", 512, _parse_number(int), "Long side of the output in pixels.", _range(16, 16384), "PX"),
-        Option("iterations", 500, _parse_number(int), "Optimiser iterations.", _range(1, 100000), "N"),
+        Option("iterations", 500, _parse_number(int), "Optimiser iterations (per scale).", _range(1, 100000), "N"),
+        Option(
+            "min_size",
+            0,
+            _parse_number(int),
+            "Coarse-to-fine: start at this long side and grow by ~sqrt(2) up to size (0: one scale).",
+            lambda value: None if value == 0 else _range(16, 16384)(value),
+            "PX",
+        ),
+        Option(
+            "scale_iterations",
+            None,
+            _parse_number(int),
+            "Iterations at the first (smallest) scale; later scales use iterations (default: iterations).",
+            lambda value: None if value is None else _range(1, 100000)(value),
+            "N",
+        ),
         Option(
             "optimizer",
             "lbfgs",
@@ -200,6 +216,8 @@ class Settings:
 
     size: int
     iterations: int
+    min_size: int
+    scale_iterations: int | None
     optimizer: str
     learning_rate: float | None
     content_weight: float
