@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -174,3 +175,76 @@ def cache_figures(
         rerun_s = manifest_pass(rerun)
         cache.close()
     return CacheFigures(rows, styles, uncached_s, first_s, rerun_s, first.computed, rerun.computed)
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    long_side: int
+    scales: tuple[int, ...]
+    peak_mib: float  # the process's peak resident memory
+    baseline_mib: float  # after loading the weights, before any image
+    seconds_per_iteration: float  # at the final scale
+
+    @property
+    def working_mib(self) -> float:
+        return self.peak_mib - self.baseline_mib
+
+
+def _memory_child(queue: Any, model: str, cache_dir: str, long_side: int, min_size: int, iterations: int) -> None:
+    """`iterations` at the coarser scales; the final scale runs until the L-BFGS history is full, as in a real run."""
+    # A fresh process per configuration, so ru_maxrss is this configuration's peak alone.
+    import resource
+
+    from batchstyle.engine import graph_spec
+    from batchstyle.optimize import lbfgs_history, scale_sizes, upsample
+    from batchstyle.targets import Targets, TorchBackend
+    from batchstyle.weights import resolve
+
+    source, _ = resolve(model, Path(cache_dir))
+    weights = source.load(Path(cache_dir))
+    settings = make_settings({**default_values(), "size": long_side, "min_size": min_size, "iterations": iterations})
+    taps = (*settings.content_layers, *settings.style_layers)
+    model_ = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps)
+    backend = TorchBackend(weights, graph_spec(source, settings), torch.device("cpu"))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gen = torch.Generator().manual_seed(0)
+    image = None
+    sizes = scale_sizes(min_size, long_side)
+    per_iteration = 0.0
+    for size in sizes:
+        content = torch.rand(1, 3, size * 3 // 4, size, generator=gen)
+        style = torch.rand(1, 3, size, size, generator=gen)
+        out = backend(content), backend(style)
+        targets = Targets(
+            {n: out[0][f"content_{n}"] for n in settings.content_layers},
+            {n: out[1][f"gram_{n}"] for n in settings.style_layers},
+        )
+        stamps: list[float] = []
+        last = size == sizes[-1]
+        steps = lbfgs_history(content.numel()) + 2 if last else iterations
+        result = stylize(
+            model_,
+            content,
+            targets,
+            make_settings({**settings.as_dict(), "size": size, "iterations": steps}),
+            start=None if image is None else upsample(image, content),
+            on_iteration=lambda i, losses, stamps=stamps: stamps.append(time.perf_counter()),
+        )
+        image = result.image
+        del out, targets, result
+        per_iteration = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(MemoryFigures(long_side, tuple(sizes), peak, baseline, per_iteration))
+
+
+def memory_figures(model: str, cache_dir: Path, long_side: int, min_size: int, iterations: int = 3) -> MemoryFigures:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(queue, model, str(cache_dir), long_side, min_size, iterations))
+    proc.start()
+    try:
+        return queue.get(timeout=3600)
+    finally:
+        proc.join()

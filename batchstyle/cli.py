@@ -128,6 +128,7 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Compute content/style targets with ONNX Runtime (TensorRT -> CUDA -> CPU) or PyTorch.",
 )
 @click.option("--trt-fp16", is_flag=True, help="Let TensorRT build fp16 engines for targets.")
+@click.option("--report", "make_report", is_flag=True, help="Write contact-sheet.png and report.html at the end.")
 @click.option(
     "--save-every",
     type=click.IntRange(min=0),
@@ -147,6 +148,7 @@ def run(
     log_json: Path | None,
     targets: str,
     trt_fp16: bool,
+    make_report: bool,
     save_every: int,
     cache_dir: Path | None,
     **options: Any,
@@ -177,6 +179,11 @@ def run(
     for number, error in sorted(summary.failed.items()):
         click.echo(f"  row {number}: {error}")
     click.echo(f"outputs: {summary.out_dir}  (model {summary.model})")
+    if make_report:
+        from batchstyle.report import write_report
+
+        files = write_report(summary.out_dir)
+        click.echo(f"report: {files.html}  contact sheet: {files.contact_sheet}")
     sys.exit(summary.exit_code)
 
 
@@ -406,3 +413,91 @@ def cache_clear(cache_dir: Path | None) -> None:
     removed = store.clear()
     store.close()
     click.echo(f"removed {removed} cached targets")
+
+
+@bench.command("memory")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option("--sizes", default="512,1024,2048", show_default=True, help="Output long sides, comma-separated.")
+@click.option("--min-size", default=256, show_default=True, help="First scale of the multi-scale runs.")
+@click.option(
+    "--iterations",
+    default=3,
+    show_default=True,
+    help="Iterations at coarser scales; the final scale runs until the L-BFGS history is full.",
+)
+@CACHE_DIR
+def bench_memory(model: str, sizes: str, min_size: int, iterations: int, cache_dir: Path | None) -> None:
+    """Peak memory (CPU) per output size, single-scale and coarse-to-fine, each in a fresh process."""
+    from batchstyle.bench import memory_figures
+
+    cache = cache_dir or weights.default_cache_dir()
+    click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run until its L-BFGS history is full")
+    click.echo(f"{'size':>6} {'scales':<28} {'peak MiB':>9} {'working MiB':>11} {'MiB/Mpx':>8} {'s/it (last)':>11}")
+    for long_side in (int(s) for s in sizes.split(",")):
+        for min_ in (0, min_size):
+            fig = memory_figures(model, cache, long_side, min_, iterations)
+            mpx = long_side * (long_side * 3 // 4) / 1e6
+            scales = ",".join(map(str, fig.scales))
+            click.echo(
+                f"{long_side:>6} {scales:<28} {fig.peak_mib:>9.0f} {fig.working_mib:>11.0f} "
+                f"{fig.working_mib / mpx:>8.0f} {fig.seconds_per_iteration:>11.2f}"
+            )
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"
+
+
+@bench.command("quality")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option(
+    "--content",
+    "content_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="[default: manifests/samples/chelsea.jpg in a checkout]",
+)
+@click.option(
+    "--style",
+    "style_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="[default: manifests/samples/strokes.png in a checkout]",
+)
+@click.option("--size", default=256, show_default=True)
+@click.option("--iterations", default=100, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@CACHE_DIR
+def bench_quality(
+    model: str,
+    content_path: Path | None,
+    style_path: Path | None,
+    size: int,
+    iterations: int,
+    device: str,
+    cache_dir: Path | None,
+) -> None:
+    """batchstyle's loop against a plain reference loop from the paper: final losses and time per iteration."""
+    from batchstyle.reference import format_quality, quality_figures
+
+    content_path = content_path or SAMPLES / "chelsea.jpg"
+    style_path = style_path or SAMPLES / "strokes.png"
+    if not (content_path.is_file() and style_path.is_file()):
+        raise click.UsageError("no sample images here: pass --content and --style")
+    source, _ = weights.resolve(model, cache_dir)
+    figures = quality_figures(source.load(cache_dir), content_path, style_path, size, iterations, device)
+    click.echo(f"model {source.name}, {size} px, {iterations} L-BFGS iterations, device {device}")
+    click.echo(format_quality(figures))
+
+
+@main.command()
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")
+def report(out_dir: Path, all_rows: bool) -> None:
+    """Write contact-sheet.png and report.html (self-contained) into an output folder, from its ledger."""
+    from batchstyle.report import write_report
+
+    target = default_out_dir(out_dir) if out_dir.suffix.lower() == ".csv" else out_dir
+    try:
+        files = write_report(target, all_rows)
+    except FileNotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {files.contact_sheet} and {files.html}")

@@ -81,6 +81,18 @@ def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch
     return torch.nn.functional.interpolate(init_image, size=content.shape[-2:], mode="bicubic").clamp(0, 1)
 
 
+LBFGS_HISTORY_BYTES = 1 << 30
+
+
+def lbfgs_history(numel: int) -> int:
+    """L-BFGS correction pairs: 100 (neural-style's choice) while they fit in 1 GiB, fewer for big images.
+
+    Each pair holds two image-sized float32 vectors, so at 2048x1536 a history of 100 alone takes 7.5 GB, more than
+    the network's activations; 14 pairs there keep the curvature estimate and bound the memory.
+    """
+    return max(5, min(100, LBFGS_HISTORY_BYTES // (2 * 4 * numel)))
+
+
 def scale_sizes(min_size: int, size: int) -> list[int]:
     """Long sides for coarse-to-fine: from min_size up to size in steps of about sqrt(2) (each scale doubles the
     pixel count), so every scale starts from an upsampled image that is already close to its own optimum."""
@@ -119,7 +131,9 @@ def stylize(
     pixels = first.detach().clone().contiguous().requires_grad_(True)
     lr = settings.step_size()
     if settings.optimizer == "lbfgs":
-        optimizer: torch.optim.Optimizer = torch.optim.LBFGS([pixels], lr=lr, max_iter=1, history_size=100)
+        optimizer: torch.optim.Optimizer = torch.optim.LBFGS(
+            [pixels], lr=lr, max_iter=1, history_size=lbfgs_history(pixels.numel())
+        )
     else:
         optimizer = torch.optim.Adam([pixels], lr=lr)
 
