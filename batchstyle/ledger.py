@@ -257,6 +257,16 @@ class Ledger:
                 "model": model,
                 "weights": weights,
                 "error": None,
+                # A redo starts clean: a failure must not leave the previous success's results beside it.
+                "iterations": None,
+                "content_loss": None,
+                "style_loss": None,
+                "tv_loss": None,
+                "total_loss": None,
+                "params": None,
+                "targets": None,
+                "provider": None,
+                "history": None,
             },
         )
 

@@ -138,3 +138,38 @@ def test_save_every_writes_iterates_a_rerun_never_takes_for_outputs(tmp_path: Pa
     again = run("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--save-every", "2")
     assert again.exit_code == 0 and "done         1" in again.stdout, again.stdout
     assert [r.output for r in read_records(tmp_path / "m")[0]] == ["out.png"]
+
+
+def test_an_out_of_memory_row_fails_alone_saying_what_to_lower(tmp_path: Path) -> None:
+    """A real allocation failure: the run gets a 6 GiB address-space limit and one row far too large for it."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import make_painting, make_photo
+
+    make_photo(tmp_path / "in" / "photo.png", 400, 300)
+    make_painting(tmp_path / "in" / "painting.png")
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        "content,style,output,size",
+        "in/photo.png,in/painting.png,big.png,3000",
+        "in/photo.png,in/painting.png,small.png,32",
+    )
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchstyle", "run", str(manifest), *FAST, "--iterations", "2", "--targets", "torch"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "row 1: out of memory at size 3000" in proc.stdout and "lower size" in proc.stdout
+    assert (tmp_path / "m" / "small.png").is_file() and not (tmp_path / "m" / "big.png").exists()
+    records = {r.output: r for r in read_records(tmp_path / "m")[0]}
+    assert records["big.png"].status == "failed" and records["small.png"].status == "done"
