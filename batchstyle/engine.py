@@ -40,7 +40,7 @@ from batchstyle.optimize import Losses, scale_sizes, stylize, upsample
 from batchstyle.options import Settings, make_settings
 from batchstyle.progress import Events, Silent
 from batchstyle.targets import OrtBackend, TargetCache, Targets, TargetStore, TorchBackend, blend_grams, style_long_side
-from batchstyle.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
+from batchstyle.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve, sha256_file
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,7 @@ class RunSummary:
 
 def _file_digest(path: Path, memo: dict[Path, str]) -> str:
     if path not in memo:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        memo[path] = digest.hexdigest()
+        memo[path] = sha256_file(path)
     return memo[path]
 
 

@@ -14,8 +14,9 @@ import os
 import re
 import secrets
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -302,11 +303,17 @@ def save_image_atomic(img: Image.Image, path: Path, metadata: dict[str, str]) ->
     path = Path(path)
     fmt = _format_for(path)
     options = {**_SAVE_OPTIONS[fmt], **_metadata_options(fmt, metadata)}
+    write_file_atomic(path, lambda handle: img.save(handle, format=fmt, **options))
+
+
+def write_file_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`path` is afterwards absent, old or complete, never half-written: a hidden temp file in the same folder,
+    fsynced, renamed into place, then the folder fsynced. Any failure removes the temp file."""
     temp = path.with_name(f".{path.name}{TEMP_MARKER}{secrets.token_hex(8)}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
-            img.save(handle, format=fmt, **options)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)

