@@ -52,6 +52,9 @@ def _defaults(given: dict[str, Any]) -> dict[str, Any]:
             values[name] = OPTIONS[name].from_text(raw)
         except OptionError as exc:
             raise click.BadParameter(str(exc), param_hint="--" + name.replace("_", "-")) from None
+    if values["init"] not in ("content", "noise"):
+        # On the command line a path means what the shell means: relative to here, not to the manifest.
+        values["init"] = str(Path(values["init"]).expanduser().resolve())
     return values
 
 
@@ -156,14 +159,18 @@ def run(
     """Stylize every row of MANIFEST, skipping rows already done."""
     manifest = _read(manifest_path, out_dir, fmt, options)
     sinks: list[Any] = [] if quiet else [Terminal()]
-    log_handle = open(log_json, "a", encoding="utf-8") if log_json else None  # noqa: SIM115
+    try:
+        log_handle = open(log_json, "a", encoding="utf-8") if log_json else None  # noqa: SIM115
+    except OSError as exc:
+        click.echo(f"error: cannot write the --log-json file {log_json}: {exc.strerror}", err=True)
+        sys.exit(2)
     if log_handle:
         sinks.append(JsonLog(log_handle))
     events = Fanout(*sinks) if sinks else Silent()
     try:
         config = engine.RunConfig(model, device, force, cache_dir, targets, trt_fp16, save_every, tuple(sys.argv))
         summary = engine.run(manifest, config, events)
-    except (weights.WeightsError, ledger.LedgerBusy, ExportError, ValueError) as exc:
+    except (weights.WeightsError, ledger.LedgerError, engine.RunError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

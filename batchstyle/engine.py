@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import sqlite3
 import time
 import traceback
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from batchstyle.images import (
     image_to_tensor,
     load_image,
     luminance_image,
+    read_metadata,
     recombine_color,
     remove_stale_temp_files,
     resize_long_side,
@@ -144,15 +146,34 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
 
 
 def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
-    return GraphSpec(source.name, source.sha256, settings.content_layers, settings.style_layers, settings.pooling)
+    return GraphSpec(
+        source.name,
+        source.sha256,
+        settings.content_layers,
+        settings.style_layers,
+        settings.pooling,
+        source.preprocess.name,
+    )
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (exit code 2): the message says what to change."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise RunError(f"device {name} is not supported: use auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -252,7 +273,7 @@ class Worker:
             outcome.losses,
             history=history,
             targets=" | ".join(hits) if len(hits) > 1 else hits[0],
-            provider=self.targets.backend(spec).provider,
+            provider=self.targets.provider(spec),
             scales=scales,
         )
 
@@ -372,7 +393,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 summary.failed[row.number] = _without_row(row.number, unplannable[row.number])
         to_do = []
         for job in jobs:
-            if not config.force and ledger.is_done(job.output, job.key):
+            if not config.force and (ledger.is_done(job.output, job.key) or _finished_before(job, ledger, run_id)):
                 summary.skipped.append(job.row.number)
                 ledger.mark_seen(job.output, run_id)
             else:
@@ -389,16 +410,23 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
         events.run_started(manifest.total_rows, len(to_do), source.name, reason, str(torch_device))
         for number, message in summary.failed.items():
             events.row_finished(number, "", "failed", {"error": message})
-        cache = TargetCache(config.cache)
+        cache: TargetCache | None = None
         try:
             if to_do:
+                try:
+                    cache = TargetCache(config.cache)
+                except (OSError, sqlite3.Error) as exc:
+                    events.message(f"no target cache ({exc}): every target is computed")
                 weights = _load_weights(source, config.model, config.cache, events)
-                store = TargetStore(_backend_factory(weights, to_do, torch_device, config, events), cache)
+                precision = "trt-fp16" if config.trt_fp16 and config.targets == "ort" else "fp32"
+                factory = _backend_factory(weights, to_do, torch_device, config, events)
+                store = TargetStore(factory, cache, precision, events.message)
                 worker = Worker(weights, torch_device, store, config.save_every)
                 for job in to_do:
                     _run_one(job, worker, ledger, run_id, events, summary)
         finally:
-            cache.close()
+            if cache is not None:
+                cache.close()
             ledger.finish_run(run_id, summary.counts())
             events.run_finished(summary.counts())
     return summary
@@ -428,13 +456,14 @@ def _backend_factory(
             events.message(f"exporting the target graph {path.name} (once; reused by later runs)")
             try:
                 export_graph(weights, spec, export_dir, log=events.message)
-            except ExportError as exc:  # only the rows needing this graph fail, each with this error
+            except (ExportError, OSError, ImportError) as exc:
                 failures[spec] = str(exc)
+                events.message(f"ONNX export failed ({exc}); rows needing {path.name} compute targets with torch")
     seen: set[str] = set()
 
-    def make(spec: GraphSpec) -> OrtBackend:
+    def make(spec: GraphSpec) -> TorchBackend | OrtBackend:
         if spec in failures:
-            raise ExportError(failures[spec])
+            return TorchBackend(weights, spec, device)
         backend = OrtBackend(
             export_dir / spec.filename(), spec, weights.arch, device, config.cache, config.trt_fp16, warn=events.message
         )
@@ -444,6 +473,29 @@ def _backend_factory(
         return backend
 
     return make
+
+
+def _finished_before(job: Job, ledger: Ledger, run_id: int) -> bool:
+    """An output carrying this job's key in its metadata is finished work whose `done` never reached the ledger (a
+    kill between the rename and the ledger write, or a lost ledger): record it rather than redo it."""
+    if not job.output.is_file():
+        return False
+    try:
+        if read_metadata(job.output).get("batchstyle:key") != job.key:
+            return False
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
+        return False
+    row = job.row
+    ledger.mark_pending(
+        job.output,
+        row=row.number,
+        content=str(row.content),
+        styles=";".join(map(str, row.styles)),
+        key=job.key,
+        run_id=run_id,
+    )
+    ledger.mark_finished(job.output, status="done", error=None)
+    return True
 
 
 def _load_weights(source: WeightSource, model: str, cache_dir: Path | None, events: Events) -> Weights:

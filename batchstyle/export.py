@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batchstyle import __version__
+from batchstyle import ALGORITHM_VERSION, __version__
 from batchstyle.features import VGGFeatures
 from batchstyle.losses import gram_matrix
 from batchstyle.weights import Weights
@@ -42,6 +42,7 @@ class GraphSpec:
     content_layers: tuple[str, ...]
     style_layers: tuple[str, ...]
     pooling: str = "max"
+    preprocess: str = ""  # the weights' preprocessing name: baked into the graph
 
     @property
     def output_names(self) -> list[str]:
@@ -51,13 +52,14 @@ class GraphSpec:
         """Model and layer set in the name, so several exports live side by side in one folder."""
         short = lambda layers: "-".join(name.removeprefix("relu") for name in layers)  # noqa: E731
         model = Path(self.model).stem if os.sep in self.model else self.model
-        digest = hashlib.sha256(self.weights_sha256.encode()).hexdigest()[:8]
+        digest = hashlib.sha256(f"{self.weights_sha256}:{self.preprocess}".encode()).hexdigest()[:8]
         return f"{model}.{digest}.{self.pooling}.c{short(self.content_layers)}.s{short(self.style_layers)}.onnx"
 
     def metadata(self, weights: Weights, exporter: str) -> dict[str, str]:
         pre = weights.preprocess
         return {
             "batchstyle.version": __version__,
+            "batchstyle.algorithm": ALGORITHM_VERSION,
             "batchstyle.model": self.model,
             "batchstyle.weights_sha256": self.weights_sha256,
             "batchstyle.arch": weights.arch,
@@ -188,7 +190,9 @@ def graph_matches(path: Path, spec: GraphSpec) -> bool:
         return False
     meta = {p.key: p.value for p in model.metadata_props}
     return (
-        meta.get("batchstyle.weights_sha256") == spec.weights_sha256
+        meta.get("batchstyle.algorithm") == ALGORITHM_VERSION
+        and json.loads(meta.get("batchstyle.preprocessing", "{}")).get("name") == spec.preprocess
+        and meta.get("batchstyle.weights_sha256") == spec.weights_sha256
         and meta.get("batchstyle.content_layers") == ",".join(spec.content_layers)
         and meta.get("batchstyle.style_layers") == ",".join(spec.style_layers)
         and meta.get("batchstyle.pooling") == spec.pooling

@@ -84,7 +84,11 @@ def unpack_history(blob: bytes | None) -> np.ndarray:
     return np.frombuffer(zlib.decompress(blob), dtype="<f4").reshape(-1, len(HISTORY_COLUMNS))
 
 
-class LedgerBusy(RuntimeError):
+class LedgerError(RuntimeError):
+    """The output folder's ledger cannot be used; the message says why and what to do."""
+
+
+class LedgerBusy(LedgerError):
     """Another run holds the output folder."""
 
 
@@ -156,9 +160,14 @@ class Ledger:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        # The OS drops an flock when its process dies, however it dies: a killed run never leaves the folder locked.
-        self._lock_file = open(self.out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until close()
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # The OS drops an flock when its process dies, however it dies: a killed run never leaves it locked.
+            self._lock_file = open(self.out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot write to the output folder {self.out_dir}: {exc.strerror}; choose another --out"
+            ) from exc
         if not _lock(self._lock_file):
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip() or "unknown"
@@ -173,7 +182,7 @@ class Ledger:
         self.conn = _connect(self.out_dir / LEDGER_NAME)
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise LedgerError(
                 f"{self.out_dir / LEDGER_NAME} was written by a newer batchstyle (schema {version}); upgrade batchstyle"
             )
         fresh = self.conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'rows'").fetchone()[0] == 0

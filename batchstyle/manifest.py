@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchstyle.images import SUPPORTED_SUFFIXES, ImageError, check_image
-from batchstyle.options import OPTIONS, OptionError, make_settings, parse_weight_list, settings_problem
+from batchstyle.images import SUPPORTED_SUFFIXES, ImageError, check_image, output_size
+from batchstyle.optimize import scale_sizes
+from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
+from batchstyle.targets import style_long_side
 
 REQUIRED = ("content", "style")
 ROW_ONLY = ("output", "style_blend_weights")
@@ -156,12 +158,13 @@ def read_manifest(
     manifest = Manifest(path=path, out_dir=out, total_rows=len(table))
     suffix = "." + fmt.lower().lstrip(".")
     image_ok: dict[Path, str | None] = {}
+    image_size: dict[Path, tuple[int, int]] = {}
 
     def image_problem(file: Path) -> str | None:
         if file not in image_ok:
             try:
                 if check_images:
-                    check_image(file)
+                    image_size[file] = check_image(file)
                 elif not file.is_file():
                     raise ImageError(f"{file}: no such file")
                 image_ok[file] = None
@@ -225,9 +228,11 @@ def read_manifest(
         # Cross-option checks run unless an option cell itself failed (its default would stand in and mislead), so
         # one `check` reports them next to a row's other problems. The only one is about style_layer_weights.
         if not any(column in OPTIONS for column, _ in problems):
-            cross = settings_problem(make_settings(values))
+            settings = make_settings(values)
+            cross = settings_problem(settings)
             if cross:
                 problems.append(("style_layer_weights", cross))
+            problems += _too_thin(settings, content if content_cell else None, styles, image_size)
 
         output_cell = cells.get("output", "").strip()
         if output_cell:
@@ -259,6 +264,31 @@ def read_manifest(
 
     _resolve_output_clashes(manifest, planned)
     return manifest
+
+
+def _too_thin(
+    settings: Settings, content: Path | None, styles: tuple[Path, ...], sizes: dict[Path, tuple[int, int]]
+) -> list[tuple[str | None, str]]:
+    """Every pooling halves the image: at its smallest scale an image must keep at least one pixel at the deepest
+    tapped layer, or the network fails mid-run with a cryptic error. Found here, it names the row and the fix."""
+    deepest_block = max(int(name[4]) for name in (*settings.content_layers, *settings.style_layers))
+    need = 2 ** (deepest_block - 1)
+    smallest = scale_sizes(settings.min_size, settings.size)[0]
+    found = []
+    checks = [("content", content, smallest)] if content is not None else []
+    checks += [("style", style, style_long_side(smallest, settings.style_scale)) for style in styles]
+    for column, file, long_side in checks:
+        if file in sizes:
+            w, h = output_size(*sizes[file], long_side)
+            if min(w, h) < need:
+                found.append(
+                    (
+                        column,
+                        f"{file.name} is {w}x{h} px at its smallest scale, too thin for {need} px at "
+                        f"relu{deepest_block}; raise size or min_size (or style_scale), or crop the image",
+                    )
+                )
+    return found
 
 
 def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:

@@ -126,10 +126,17 @@ OPTIONS: dict[str, Option] = {
     opt.name: opt
     for opt in [
         Option("size", 512, _parse_number(int), "Long side of the output in pixels.", _range(16, 16384), "PX"),
-        Option("iterations", 500, _parse_number(int), "Optimiser iterations (per scale).", _range(1, 100000), "N"),
+        Option(
+            "iterations",
+            200,
+            _parse_number(int),
+            "Optimiser iterations per scale (the only scale when size <= min_size).",
+            _range(1, 100000),
+            "N",
+        ),
         Option(
             "min_size",
-            0,
+            256,
             _parse_number(int),
             "Coarse-to-fine: start at this long side and grow by ~sqrt(2) up to size (0: one scale).",
             lambda value: None if value == 0 else _range(16, 16384)(value),
@@ -139,7 +146,7 @@ OPTIONS: dict[str, Option] = {
             "scale_iterations",
             None,
             _parse_number(int),
-            "Iterations at the first (smallest) scale; later scales use iterations (default: iterations).",
+            "Iterations at the first (smallest) scale when there are several (default: iterations).",
             lambda value: None if value is None else _range(1, 100000)(value),
             "N",
         ),
@@ -205,7 +212,7 @@ OPTIONS: dict[str, Option] = {
         ),
         Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
         Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
-        Option("seed", 0, _parse_number(int), "Random seed (noise init, random weights).", _range(0, 2**63 - 1)),
+        Option("seed", 0, _parse_number(int), "Random seed (noise init).", _range(0, 2**63 - 1)),
     ]
 }
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +18,10 @@ from typing import Any, Protocol
 
 import torch
 
+from batchstyle import ALGORITHM_VERSION
 from batchstyle.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
 from batchstyle.features import VGGFeatures, layer_shape
+from batchstyle.images import write_file_atomic
 from batchstyle.losses import gram_matrix
 from batchstyle.weights import Weights
 
@@ -172,12 +173,23 @@ class OrtBackend:
                 "(pip install 'batchstyle[gpu]') or use --targets torch"
             )
 
+    @property
+    def io_device(self) -> torch.device:
+        """Where inputs and outputs are bound: the GPU when a GPU provider runs, else host memory (a CPU session
+        cannot read CUDA pointers, so a CPU fallback on a GPU host copies through the host)."""
+        return self.device if self.provider != "CPUExecutionProvider" else torch.device("cpu")
+
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         import numpy as np
 
-        pixels = pixels.to(self.device, torch.float32).contiguous()
+        io = self.io_device
+        pixels = pixels.to(io, torch.float32).contiguous()
         b, _, h, w = pixels.shape
-        kind, index = self.device.type, self.device.index or 0
+        kind, index = io.type, io.index or 0
+        if io.type == "cuda":
+            # ORT runs on its own stream: torch's pending writes to the input (and to the memory the outputs reuse)
+            # must be finished first. ORT's Run synchronises its own stream before returning.
+            torch.cuda.current_stream(io).synchronize()
         binding = self.session.io_binding()
         binding.bind_input(INPUT_NAME, kind, index, np.float32, tuple(pixels.shape), pixels.data_ptr())
         outputs: dict[str, torch.Tensor] = {}
@@ -185,10 +197,10 @@ class OrtBackend:
             role, layer = name.split("_", 1)
             c, fh, fw = layer_shape(self.arch, layer, h, w)
             shape = (b, c, fh, fw) if role == "content" else (b, c, c)
-            outputs[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            outputs[name] = torch.empty(shape, dtype=torch.float32, device=io)
             binding.bind_output(name, kind, index, np.float32, shape, outputs[name].data_ptr())
         self.session.run_with_iobinding(binding)
-        return outputs
+        return {name: t.to(self.device) for name, t in outputs.items()}
 
 
 # --- the content-addressed cache ------------------------------------------------------------------------------
@@ -245,14 +257,13 @@ class TargetCache:
         return tensors
 
     def put(self, key: str, role: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         cpu = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(cpu, str(tmp), metadata={"sha256": _tensor_digest(cpu), "role": role})
-        os.replace(tmp, path)
+        data = save(cpu, metadata={"sha256": _tensor_digest(cpu), "role": role})
+        write_file_atomic(path, lambda handle: handle.write(data))
         now = time.time()
         self.index.execute(
             "INSERT OR REPLACE INTO entries (key, role, bytes, created, last_used, hits) VALUES (?, ?, ?, ?, ?, 0)",
@@ -282,14 +293,16 @@ class TargetCache:
 
 
 def target_key(spec: GraphSpec, role: str, image_digest: str, size: tuple[int, int], variant: str) -> str:
-    """Everything a target depends on: image bytes, the resize applied, the network, the layers, the maths."""
+    """Everything a target depends on: image bytes, the resize applied, the network (by its weights' hash, not its
+    name or path), the preprocessing, the layers, the maths and batchstyle's algorithm version."""
     layers = spec.content_layers if role == "content" else spec.style_layers
     material = {
+        "algorithm": ALGORITHM_VERSION,
         "role": role,
         "image": image_digest,
         "size": list(size),
         "variant": variant,
-        "model": spec.model,
+        "preprocess": spec.preprocess,
         "weights": spec.weights_sha256,
         "pooling": spec.pooling,
         "layers": list(layers),
@@ -305,9 +318,13 @@ class TargetStore:
         self,
         make_backend: Callable[[GraphSpec], Backend],
         cache: TargetCache | None,
+        precision: str = "fp32",
+        warn: Callable[[str], None] = lambda text: None,
     ) -> None:
         self.make_backend = make_backend
         self.cache = cache
+        self.precision = precision  # part of every key: fp16 TensorRT targets never stand in for fp32 ones
+        self.warn = warn
         self.backends: dict[GraphSpec, Backend] = {}
         self.computed = 0
 
@@ -321,7 +338,7 @@ class TargetStore:
     ) -> tuple[dict[str, torch.Tensor], bool]:
         """Targets of one image for one role ('content' or 'style'), and whether they came from the cache."""
         h, w = pixels.shape[-2:]
-        key = target_key(spec, role, image_digest, (w, h), variant)
+        key = target_key(spec, role, image_digest, (w, h), f"{variant}:{self.precision}")
         prefix = "content_" if role == "content" else "gram_"
         if self.cache is not None:
             cached = self.cache.get(key)
@@ -331,5 +348,13 @@ class TargetStore:
         self.computed += 1
         found = {name.removeprefix(prefix): t for name, t in outputs.items() if name.startswith(prefix)}
         if self.cache is not None:
-            self.cache.put(key, role, found)
+            try:
+                self.cache.put(key, role, found)
+            except (OSError, sqlite3.Error) as exc:  # a full or read-only cache costs reuse, never the row
+                self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
         return found, False
+
+    def provider(self, spec: GraphSpec) -> str:
+        """What computed this spec's targets in this worker; 'cache' when every one was a hit."""
+        backend = self.backends.get(spec)
+        return backend.provider if backend is not None else "cache"

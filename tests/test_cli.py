@@ -652,3 +652,32 @@ def test_sigkill_then_resume(tmp_path: Path, images: dict[str, Path]) -> None:
     assert sorted(records) == [1, 2, 3, 4]
     assert all(r.status == "done" for r in records.values())
     assert records[2].iterations == 15 and records[1].iterations == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--device", "gpu"), "unknown device"),
+        (("--log-json", "/nonexistent-dir/log.jsonl"), "cannot write the --log-json file"),
+    ],
+)
+def test_unusable_run_settings_exit_2_before_any_work(
+    tmp_path: Path, three_rows: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = cli("run", three_rows, *FAST, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "night").exists() or not visible_files(tmp_path / "night")
+
+
+def test_an_output_whose_done_never_reached_the_ledger_is_not_redone(three_rows: Path) -> None:
+    """A kill between the rename and the ledger write leaves a finished file and a `running` row."""
+    assert cli("run", three_rows, *FAST).exit_code == 0
+    out = three_rows.parent / "night"
+    before = {name: identity(out / name) for name in visible_files(out)}
+    with sqlite3.connect(out / LEDGER_NAME) as conn:
+        conn.execute("UPDATE rows SET status = 'running' WHERE row = 2")
+    again = cli("run", three_rows, *FAST)
+    assert again.exit_code == 0 and count(again, "skipped") == 3, again.output
+    assert {name: identity(out / name) for name in visible_files(out)} == before
+    assert ledger_by_row(out)[2].status == "done"

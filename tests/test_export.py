@@ -17,7 +17,7 @@ from batchstyle.export import ExportError, GraphSpec, export_graph, graph_matche
 from batchstyle.weights import SOURCES
 
 # A short layer set keeps the export small and quick; the full default set is exercised by test_targets.
-SPEC = GraphSpec("random", SOURCES["random"].sha256, ("relu2_2",), ("relu1_1", "relu2_1"))
+SPEC = GraphSpec("random", SOURCES["random"].sha256, ("relu2_2",), ("relu1_1", "relu2_1"), "max", "imagenet-rgb")
 
 
 @pytest.fixture(scope="module")

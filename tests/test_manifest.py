@@ -440,3 +440,19 @@ def test_duplicated_column(tmp_path: Path) -> None:
 def test_header_but_no_rows(tmp_path: Path, rows: tuple[str, ...]) -> None:
     path = write_manifest(tmp_path / "m.csv", "content,style", *rows)
     assert "has a header but no rows" in manifest_error(path)
+
+
+def test_an_image_too_thin_for_the_network_is_a_row_problem(tmp_path: Path) -> None:
+    """1000x50 at 256 px would be 256x13: four poolings leave nothing at relu5_1. Found by `check`, not mid-run."""
+    from PIL import Image
+
+    Image.new("RGB", (1000, 50), "gray").save(tmp_path / "strip.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "style.png")
+    manifest = write_manifest(
+        tmp_path / "m.csv", "content,style,size,min_size", "strip.png,style.png,256,0", "strip.png,style.png,400,0"
+    )
+    result = read_manifest(manifest, default_values())
+    [problem] = result.problems
+    assert problem.row == 1 and problem.column == "content"
+    assert "256x13" in problem.message and "raise size or min_size" in problem.message
+    assert [row.number for row in result.rows] == [2]

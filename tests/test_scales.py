@@ -161,7 +161,20 @@ def test_an_out_of_memory_row_fails_alone_saying_what_to_lower(tmp_path: Path) -
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "batchstyle", "run", str(manifest), *FAST, "--iterations", "2", "--targets", "torch"],
+        [
+            sys.executable,
+            "-m",
+            "batchstyle",
+            "run",
+            str(manifest),
+            *FAST,
+            "--iterations",
+            "2",
+            "--min-size",
+            "0",
+            "--targets",
+            "torch",
+        ],
         capture_output=True,
         text=True,
         preexec_fn=limit,

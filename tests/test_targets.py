@@ -220,3 +220,23 @@ def test_cache_clear_empties_it(tmp_path: Path, images: dict[str, Path]) -> None
     assert "removed 2 cached targets" in run("cache", "clear", "--cache-dir", cache).stdout
     assert json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)["entries"] == 0
     assert not list((cache / "targets").glob("*/*.safetensors"))
+
+
+def test_a_cpu_session_on_a_gpu_device_binds_host_memory(random_weights, spec, graph: Path, tmp_path: Path) -> None:
+    """A CPU-only onnxruntime on a CUDA host must not be handed CUDA pointers."""
+    backend = OrtBackend(graph, spec, random_weights.arch, torch.device("cuda:0"), tmp_path)
+    assert backend.io_device == torch.device("cpu")
+
+
+def test_a_failed_export_falls_back_to_torch_targets(tmp_path: Path, images: dict[str, Path], monkeypatch) -> None:
+    from batchstyle import export
+
+    def broken(graph, spec, path):  # noqa: ANN001, ANN202 - an exporter that cannot export this graph
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setitem(export.EXPORTERS, "dynamo", broken)
+    monkeypatch.setitem(export.EXPORTERS, "legacy", broken)
+    manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,a.png")
+    result = run("run", manifest, *FAST, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert read_records(tmp_path / "m")[0][0].provider == "torch:cpu"
