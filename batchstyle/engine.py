@@ -29,6 +29,7 @@ from batchstyle.images import (
     image_to_tensor,
     load_image,
     luminance_image,
+    output_size,
     read_metadata,
     recombine_color,
     remove_stale_temp_files,
@@ -419,7 +420,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                     events.message(f"no target cache ({exc}): every target is computed")
                 weights = _load_weights(source, config.model, config.cache, events)
                 precision = "trt-fp16" if config.trt_fp16 and config.targets == "ort" else "fp32"
-                factory = _backend_factory(weights, to_do, torch_device, config, events)
+                factory = _backend_factory(weights, to_do, manifest.image_sizes, torch_device, config, events)
                 store = TargetStore(factory, cache, precision, events.message)
                 worker = Worker(weights, torch_device, store, config.save_every)
                 for job in to_do:
@@ -432,8 +433,35 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
     return summary
 
 
+def shape_profile(
+    jobs: list[Job], sizes: dict[Path, tuple[int, int]]
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
+    """One TensorRT shape profile spanning every image the jobs will feed the target graph, at every scale:
+    (min, most common, max) as (height, width), so TensorRT builds its engine once rather than per image size."""
+    shapes: list[tuple[int, int]] = []
+    for job in jobs:
+        for size, _ in job.scales():
+            files = [(job.row.content, size)]
+            files += [(style, style_long_side(size, job.settings.style_scale)) for style in job.row.styles]
+            for file, long_side in files:
+                if file in sizes:
+                    w, h = output_size(*sizes[file], long_side)
+                    shapes.append((h, w))
+    if not shapes:
+        return None
+    low = (min(h for h, _ in shapes), min(w for _, w in shapes))
+    high = (max(h for h, _ in shapes), max(w for _, w in shapes))
+    common = max(sorted(set(shapes)), key=shapes.count)
+    return low, common, high
+
+
 def _backend_factory(
-    weights: Weights, jobs: list[Job], device: torch.device, config: RunConfig, events: Events
+    weights: Weights,
+    jobs: list[Job],
+    sizes: dict[Path, tuple[int, int]],
+    device: torch.device,
+    config: RunConfig,
+    events: Events,
 ) -> Callable[[GraphSpec], TorchBackend | OrtBackend]:
     """Exports (once, in the parent) the ONNX graphs the jobs need, and says how a worker opens each one."""
     use_ort = config.targets == "ort"
@@ -449,6 +477,7 @@ def _backend_factory(
     if not use_ort:
         return lambda spec: TorchBackend(weights, spec, device)
     export_dir = config.cache / "onnx"
+    profile = shape_profile(jobs, sizes)
     failures: dict[GraphSpec, str] = {}
     for spec in dict.fromkeys(graph_spec(weights.source, job.settings) for job in jobs):
         path = export_dir / spec.filename()
@@ -465,7 +494,14 @@ def _backend_factory(
         if spec in failures:
             return TorchBackend(weights, spec, device)
         backend = OrtBackend(
-            export_dir / spec.filename(), spec, weights.arch, device, config.cache, config.trt_fp16, warn=events.message
+            export_dir / spec.filename(),
+            spec,
+            weights.arch,
+            device,
+            config.cache,
+            config.trt_fp16,
+            profile,
+            warn=events.message,
         )
         if backend.provider not in seen:
             seen.add(backend.provider)

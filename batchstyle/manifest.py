@@ -62,6 +62,7 @@ class Manifest:
     rows: list[Row] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     total_rows: int = 0
+    image_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # (w, h) of every image checked
 
     def problem_rows(self) -> dict[int, list[Problem]]:
         found: dict[int, list[Problem]] = {}
@@ -158,7 +159,7 @@ def read_manifest(
     manifest = Manifest(path=path, out_dir=out, total_rows=len(table))
     suffix = "." + fmt.lower().lstrip(".")
     image_ok: dict[Path, str | None] = {}
-    image_size: dict[Path, tuple[int, int]] = {}
+    image_size = manifest.image_sizes
 
     def image_problem(file: Path) -> str | None:
         if file not in image_ok:

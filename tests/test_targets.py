@@ -240,3 +240,24 @@ def test_a_failed_export_falls_back_to_torch_targets(tmp_path: Path, images: dic
     result = run("run", manifest, *FAST, "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
     assert read_records(tmp_path / "m")[0][0].provider == "torch:cpu"
+
+
+def test_the_tensorrt_profile_spans_every_image_of_the_run_at_every_scale(tmp_path: Path) -> None:
+    from batchstyle.engine import plan, shape_profile
+    from batchstyle.manifest import read_manifest
+
+    Image.new("RGB", (400, 300), "gray").save(tmp_path / "wide.png")
+    Image.new("RGB", (300, 600), "gray").save(tmp_path / "tall.png")
+    Image.new("RGB", (500, 500), "red").save(tmp_path / "style.png")
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        "content,style,size,min_size,style_scale",
+        "wide.png,style.png,512,256,1",
+        "tall.png,style.png,300,0,0.5",
+    )
+    read = read_manifest(manifest, default_values())
+    jobs, _ = plan(read, SOURCES["random"])
+    low, common, high = shape_profile(jobs, read.image_sizes)
+    # wide at 256/362/512 -> heights 192/272/384; tall at 300 -> 150x300; styles square at each long side and at 150.
+    assert low == (150, 150) and high == (512, 512)
+    assert low <= common <= high
