@@ -441,7 +441,7 @@ def bench_memory(model: str, sizes: str, min_size: int, iterations: int, cache_d
     click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run until its L-BFGS history is full")
     click.echo(f"{'size':>6} {'scales':<28} {'peak MiB':>9} {'working MiB':>11} {'MiB/Mpx':>8} {'s/it (last)':>11}")
     for long_side in (int(s) for s in sizes.split(",")):
-        for min_ in (0, min_size):
+        for min_ in dict.fromkeys((0, min_size)):  # --min-size 0 measures single-scale only
             fig = memory_figures(model, cache, long_side, min_, iterations)
             mpx = long_side * (long_side * 3 // 4) / 1e6
             scales = ",".join(map(str, fig.scales))
