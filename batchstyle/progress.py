@@ -53,7 +53,8 @@ class Terminal(Silent):
 
     def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None:
         self.message(f"model: {model} ({reason}); device: {device}; {to_do} of {total} rows to do")
-        self.rows = tqdm(total=to_do, desc="rows", unit="row", file=self.stream, position=0, dynamic_ncols=True)
+        if to_do:
+            self.rows = tqdm(total=to_do, desc="rows", unit="row", file=self.stream, position=0, dynamic_ncols=True)
 
     def row_started(self, row: int, output: str, iterations: int) -> None:
         self.image = tqdm(
