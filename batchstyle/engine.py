@@ -399,15 +399,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 ledger.mark_seen(job.output, run_id)
             else:
                 to_do.append(job)
-                row = job.row
-                ledger.mark_pending(
-                    job.output,
-                    row=row.number,
-                    content=str(row.content),
-                    styles=";".join(map(str, row.styles)),
-                    key=job.key,
-                    run_id=run_id,
-                )
+                _mark_pending(ledger, job, run_id)
         events.run_started(manifest.total_rows, len(to_do), source.name, reason, str(torch_device))
         for number, message in summary.failed.items():
             events.row_finished(number, "", "failed", {"error": message})
@@ -521,6 +513,12 @@ def _finished_before(job: Job, ledger: Ledger, run_id: int) -> bool:
             return False
     except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
         return False
+    _mark_pending(ledger, job, run_id)
+    ledger.mark_finished(job.output, status="done", error=None)
+    return True
+
+
+def _mark_pending(ledger: Ledger, job: Job, run_id: int) -> None:
     row = job.row
     ledger.mark_pending(
         job.output,
@@ -530,8 +528,6 @@ def _finished_before(job: Job, ledger: Ledger, run_id: int) -> bool:
         key=job.key,
         run_id=run_id,
     )
-    ledger.mark_finished(job.output, status="done", error=None)
-    return True
 
 
 def _load_weights(source: WeightSource, model: str, cache_dir: Path | None, events: Events) -> Weights:
