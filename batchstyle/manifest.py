@@ -295,6 +295,10 @@ def _too_thin(
 def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:
     """Explicit outputs must be unique (an error names both rows); generated names that collide with any other
     output get the row number appended, so a manifest of repeated pairs with different options just works."""
+
+    def output_problem(row: Row, message: str) -> None:
+        manifest.problems.append(Problem(manifest.path, row.number, row.line, "output", message))
+
     explicit: dict[Path, Row] = {}
     generated_count: dict[Path, int] = {}
     for row, cell in planned:
@@ -302,15 +306,7 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
         if not cell:
             generated_count[key] = generated_count.get(key, 0) + 1
         elif key in explicit:
-            manifest.problems.append(
-                Problem(
-                    manifest.path,
-                    row.number,
-                    row.line,
-                    "output",
-                    f"same output {cell!r} as row {explicit[key].number}; give each row its own output",
-                )
-            )
+            output_problem(row, f"same output {cell!r} as row {explicit[key].number}; give each row its own output")
         else:
             explicit[key] = row
             manifest.rows.append(row)
@@ -328,15 +324,10 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
             )
             key = row.output.resolve()
         if key in taken:  # a renamed name that another row's output already has: never let two rows share a file
-            manifest.problems.append(
-                Problem(
-                    manifest.path,
-                    row.number,
-                    row.line,
-                    "output",
-                    f"the generated output name {row.output.name!r} is row {taken[key].number}'s output too; "
-                    "give this row its own output",
-                )
+            output_problem(
+                row,
+                f"the generated output name {row.output.name!r} is row {taken[key].number}'s output too; "
+                "give this row its own output",
             )
             continue
         taken[key] = row

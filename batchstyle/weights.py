@@ -328,31 +328,26 @@ def file_source(path: Path) -> WeightSource:
     )
 
 
+def _torchvision_source(arch: str, hash_prefix: str, description: str) -> WeightSource:
+    """torchvision's ImageNet weights for `arch`; the hash prefix is the one in torchvision's file name, which
+    torch.hub checks on download (kept literal so importing batchstyle does not import torchvision)."""
+    return WeightSource(
+        name=arch,
+        arch=arch,
+        preprocess=IMAGENET,
+        origin=f"torchvision {arch.upper()}_Weights.IMAGENET1K_V1 (download.pytorch.org)",
+        licence="BSD-3-Clause (torchvision); ImageNet weights for non-commercial research per ImageNet terms",
+        description=description,
+        sha256=f"sha256-prefix:{hash_prefix}",
+        _is_cached=lambda cache: _torchvision_file(arch).is_file(),
+        _fetch=_torchvision_fetch(arch),
+        _load=_torchvision_load(arch),
+    )
+
+
 SOURCES: dict[str, WeightSource] = {
-    "vgg19": WeightSource(
-        name="vgg19",
-        arch="vgg19",
-        preprocess=IMAGENET,
-        origin="torchvision VGG19_Weights.IMAGENET1K_V1 (download.pytorch.org)",
-        licence="BSD-3-Clause (torchvision); ImageNet weights for non-commercial research per ImageNet terms",
-        description="ImageNet VGG-19, the network of Gatys et al.",
-        sha256="sha256-prefix:dcbb9e9d",
-        _is_cached=lambda cache: _torchvision_file("vgg19").is_file(),
-        _fetch=_torchvision_fetch("vgg19"),
-        _load=_torchvision_load("vgg19"),
-    ),
-    "vgg16": WeightSource(
-        name="vgg16",
-        arch="vgg16",
-        preprocess=IMAGENET,
-        origin="torchvision VGG16_Weights.IMAGENET1K_V1 (download.pytorch.org)",
-        licence="BSD-3-Clause (torchvision); ImageNet weights for non-commercial research per ImageNet terms",
-        description="ImageNet VGG-16",
-        sha256="sha256-prefix:397923af",
-        _is_cached=lambda cache: _torchvision_file("vgg16").is_file(),
-        _fetch=_torchvision_fetch("vgg16"),
-        _load=_torchvision_load("vgg16"),
-    ),
+    "vgg19": _torchvision_source("vgg19", "dcbb9e9d", "ImageNet VGG-19, the network of Gatys et al."),
+    "vgg16": _torchvision_source("vgg16", "397923af", "ImageNet VGG-16"),
     "vgg16-hed": WeightSource(
         name="vgg16-hed",
         arch="vgg16",
