@@ -91,6 +91,10 @@ class VGGFeatures(nn.Module):
 
     Preprocessing lives inside the module so that callers (and exported ONNX graphs) feed plain pixels, and the
     weights never require grad: only the pixels are optimised.
+
+    `channels_last` runs the trunk in NHWC, the layout cuDNN's tensor-core convolutions work in (NCHW would be
+    transposed around every convolution). Only the normalised copy is converted, inside `forward`: the caller's pixel
+    tensor stays contiguous NCHW, which L-BFGS's flat per-image views rely on.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class VGGFeatures(nn.Module):
         preprocess: Preprocess,
         taps: Iterable[str],
         pooling: str = "max",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -127,6 +132,10 @@ class VGGFeatures(nn.Module):
                 self.layers[name] = nn.ReLU(inplace=name.replace("relu", "conv") not in self.taps)
             else:
                 self.layers[name] = nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2)
+        self.channels_last = channels_last
+        if channels_last:
+            # The weights too, or the convolution would pick an NCHW kernel and convert the activations back.
+            self.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
         order = [2, 1, 0] if preprocess.bgr else [0, 1, 2]
@@ -140,6 +149,8 @@ class VGGFeatures(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalise(pixels)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             x = layer(x)
@@ -148,6 +159,6 @@ class VGGFeatures(nn.Module):
         return out
 
 
-def build(weights: Weights, taps: Sequence[str], pooling: str = "max") -> VGGFeatures:
+def build(weights: Weights, taps: Sequence[str], pooling: str = "max", channels_last: bool = False) -> VGGFeatures:
     """A trunk for `weights` tapping `taps`."""
-    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, pooling)
+    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, pooling, channels_last)

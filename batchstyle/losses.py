@@ -12,6 +12,8 @@ Losses return one value per image in the batch, (B,), so batched optimisation ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -23,15 +25,51 @@ def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+class _Gram(torch.autograd.Function):
+    """The Gram matrix with a one-matmul backward.
+
+    Autograd sees F used twice in F F^T and runs two matmuls (and adds them); since dL/dF = (dG + dG^T) F / HW, one
+    matmul does. Style Grams are taken at every style layer on every iteration, so this is the largest piece of the
+    loop's cost beyond the network's own forward+backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, features: torch.Tensor) -> torch.Tensor:
+        # The input, not its fp32 copy, is saved: under autocast that keeps the bf16 activations alone in memory.
+        ctx.save_for_backward(features)
+        return _gram(features)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (features,) = ctx.saved_tensors
+        b, c, h, w = features.shape
+        flat = features.reshape(b, c, h * w).to(_at_least_fp32(features.dtype))
+        sym = (grad + grad.transpose(1, 2)) / (h * w)
+        if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+            # (F^T sym)^T = sym F, since sym is symmetric: the gradient comes out channels_last, like the features,
+            # so the convolution's backward gets the layout it runs in and nothing is copied to convert it.
+            grad_flat = torch.bmm(flat.transpose(1, 2), sym).transpose(1, 2)
+        else:
+            grad_flat = torch.bmm(sym, flat)
+        return grad_flat.reshape(b, c, h, w).to(features.dtype)
+
+
+def _gram(features: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w).to(_at_least_fp32(features.dtype))
+    return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
+
+
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C) channel correlations averaged over positions, in fp32.
 
     Dividing by H*W makes a style's Gram independent of the image size it was measured at, so a style image may be
-    resized (style_scale) or measured at another resolution than the output.
+    resized (style_scale) or measured at another resolution than the output. Only a differentiated Gram goes
+    through the custom backward: targets and exported graphs keep plain operations an exporter can trace.
     """
-    b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w).to(_at_least_fp32(features.dtype))
-    return torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
+    if torch.is_grad_enabled() and features.requires_grad:
+        return _Gram.apply(features)
+    return _gram(features)
 
 
 def _relative_mse(value: torch.Tensor, target: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

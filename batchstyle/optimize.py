@@ -2,12 +2,14 @@
 
 L-BFGS is stepped one iteration per call (its history lives in the optimiser state across calls), so every
 iteration costs exactly one forward+backward, and progress, interruption and per-iteration losses come for free.
+Images of one size are optimised as a batch, one forward+backward for all, each image still getting the result it
+would get alone: the losses are per image, Adam is elementwise and L-BFGS is kept per image (`BatchLBFGS`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,12 +39,15 @@ class Outcome:
 
 
 OnIteration = Callable[[int, Losses], None]
+OnBatchIteration = Callable[[int, list[Losses]], None]  # one Losses per image of the batch
 
 
 class Objective(nn.Module):
     """alpha * content + beta * style + tv_weight * TV, with per-layer weights; one value per image."""
 
-    def __init__(self, model: VGGFeatures, targets: Targets, settings: Settings) -> None:
+    def __init__(
+        self, model: VGGFeatures, targets: Targets, settings: Settings, autocast: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.content = nn.ModuleDict({name: ContentLoss(t) for name, t in targets.content.items()})
@@ -51,9 +56,15 @@ class Objective(nn.Module):
         self.content_layer_weight = 1.0 / max(1, len(self.content))
         self.style_layer_weights = dict(zip(settings.style_layers, settings.normalised_style_layer_weights()))
         self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
+        self.autocast = autocast
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        feats = self.model(pixels)
+        if self.autocast is None:
+            feats = self.model(pixels)
+        else:
+            # The network alone in low precision: Gram sums and loss means over ~1e5 terms stay in fp32.
+            with torch.autocast(pixels.device.type, dtype=self.autocast):
+                feats = self.model(pixels)
         content = sum(self.content_layer_weight * loss(feats[name]) for name, loss in self.content.items())
         style = sum(self.style_layer_weights[name] * loss(feats[name]) for name, loss in self.style.items())
         zero = pixels.new_zeros(pixels.shape[0])
@@ -64,18 +75,12 @@ class Objective(nn.Module):
         return a * content + b * style + c * tv, content, style, tv
 
 
-def _losses(total: torch.Tensor, content: torch.Tensor, style: torch.Tensor, tv: torch.Tensor) -> Losses:
-    # One host transfer for all four numbers: each .item() would be its own device synchronisation.
-    values = torch.stack([content.sum(), style.sum(), tv.sum(), total.sum()]).detach().cpu().tolist()
-    return Losses(*values)
-
-
 def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch.Tensor | None) -> torch.Tensor:
     if init == "content":
         return content.clone()
     if init == "noise":
         gen = torch.Generator().manual_seed(seed)
-        return torch.rand(content.shape, generator=gen).to(content.device)
+        return torch.rand(content.shape, generator=gen).to(content.device, content.dtype)
     if init_image is None:
         raise ValueError(f"init {init!r} needs its image")
     return torch.nn.functional.interpolate(init_image, size=content.shape[-2:], mode="bicubic").clamp(0, 1)
@@ -85,12 +90,168 @@ LBFGS_HISTORY_BYTES = 1 << 30
 
 
 def lbfgs_history(numel: int) -> int:
-    """L-BFGS correction pairs: 100 (neural-style's choice) while they fit in 1 GiB, fewer for big images.
+    """L-BFGS correction pairs per image: 100 (neural-style's choice) while they fit in 1 GiB, fewer for big images.
 
     Each pair holds two image-sized float32 vectors, so at 2048x1536 a history of 100 alone takes 7.5 GB, more than
-    the network's activations; 14 pairs there keep the curvature estimate and bound the memory.
+    the network's activations; 14 pairs there keep the curvature estimate and bound the memory. The budget is per
+    image, not per batch, so that a row comes out of a batch as it would alone; `--batch-size auto` counts the
+    history in what each image of a batch needs.
     """
     return max(5, min(100, LBFGS_HISTORY_BYTES // (2 * 4 * numel)))
+
+
+class BatchLBFGS(torch.optim.Optimizer):
+    """L-BFGS over a (B, ...) tensor as B independent L-BFGS runs, one iteration per `step`.
+
+    Per image it is `torch.optim.LBFGS(lr=lr, max_iter=1, history_size=history_size)` stepped once per iteration:
+    the first step is scaled by min(1, 1/|g|_1); a pair (s, y) joins the image's history only if y.s > 1e-10,
+    dropping its oldest when full; H0 = y.s / y.y from its latest pair; no line search; no step while the direction
+    is not a descent (g.d > -tolerance_change); and an image whose gradient is within tolerance_grad of zero is left
+    exactly as it is, its state included. One L-BFGS over the concatenation would instead mix the images'
+    curvature, so a batch would give each image another result than running it alone.
+
+    Everything stays on the device: per-image branches are masks, so `step` never waits for the device (no `.item()`)
+    and the loop around it can run ahead of the GPU. The two-loop recursion is done on coefficients, not vectors:
+    the inner products among stored pairs are kept in small (B, h, h) matrices, updated as pairs arrive, and the
+    recursion becomes two triangular solves. That reads the history twice per step in two batched matmuls, as many
+    bytes as torch's two loops, but in a few kernels rather than 4h small ones, whatever each image's own history
+    order, so the images' ring buffers need not line up.
+
+    The state is B * (2h + 5) image-sized vectors: the (s, y) pairs, the last direction and gradient, and the
+    step's g, y and s.
+    """
+
+    def __init__(
+        self,
+        pixels: torch.Tensor,
+        lr: float = 1.0,
+        history_size: int = 100,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+    ) -> None:
+        if pixels.dim() < 1 or pixels.shape[0] < 1:
+            raise ValueError("BatchLBFGS needs a (B, ...) tensor with B >= 1")
+        if not pixels.is_contiguous():
+            raise ValueError("BatchLBFGS needs a contiguous tensor: it steps each image through a flat view")
+        defaults = {
+            "lr": lr,
+            "history_size": history_size,
+            "tolerance_grad": tolerance_grad,
+            "tolerance_change": tolerance_change,
+        }
+        super().__init__([pixels], defaults)
+        b, n, h = pixels.shape[0], pixels[0].numel(), history_size
+        like = {"device": pixels.device, "dtype": pixels.dtype}
+        self.batch, self.numel, self.history_size = b, n, h
+        # Image b's pair in slot k is rows b*2h + 2k (s) and b*2h + 2k + 1 (y); a pair not taken in is written to the
+        # extra last row instead, so storing or not is a choice of index, not a branch.
+        self._rows = torch.zeros(b * 2 * h + 1, n, **like)
+        self._pairs = self._rows[:-1].view(b, h, 2, n)
+        self._scratch = b * 2 * h
+        self._base = torch.arange(b, device=pixels.device) * (2 * h)
+        self._slots = torch.arange(h, device=pixels.device)
+        self._stamp = torch.full((b, h), -1, dtype=torch.long, device=pixels.device)  # step a slot was written; -1
+        self._sy = torch.zeros(b, h, h, **like)  # s_i . y_j between stored pairs, by slot
+        self._yy = torch.zeros(b, h, h, **like)  # y_i . y_j
+        self._rho = torch.zeros(b, h, **like)  # 1 / (s_i . y_i); 0 for an empty slot, which then contributes nothing
+        self._h_diag = torch.ones(b, **like)
+        self._d = torch.zeros(b, n, **like)
+        self._t = torch.zeros(b, **like)
+        self._prev_grad = torch.zeros(b, n, **like)
+        self._vectors = torch.empty(b, 3, n, **like)  # g, y, s of the current step
+        self._started = torch.zeros(b, dtype=torch.bool, device=pixels.device)
+        self._steps = 0
+
+    def stored_pairs(self) -> torch.Tensor:
+        """(B,) how many (s, y) pairs each image holds: steps whose pair failed y.s > 1e-10 add none."""
+        return (self._stamp >= 0).sum(dim=1)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """One L-BFGS iteration per image from the gradient already in `.grad` (or the one `closure` computes)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        (pixels,) = group["params"]
+        lr, tolerance_grad, tolerance_change = group["lr"], group["tolerance_grad"], group["tolerance_change"]
+        b, n, h = self.batch, self.numel, self.history_size
+        grad = pixels.grad.reshape(b, n) if pixels.grad is not None else pixels.new_zeros(b, n)
+
+        active = grad.abs().amax(dim=1) > tolerance_grad  # the others are at an optimum: torch returns untouched
+        first = ~self._started
+        vectors = self._vectors
+        g, y, s = vectors.unbind(1)
+        g.copy_(grad)
+        torch.sub(grad, self._prev_grad, out=y)
+        torch.mul(self._d, self._t[:, None], out=s)
+
+        # Slots fill from 0 up (an empty slot is taken before an old one is dropped) and every step stores at most
+        # one pair, so only the first min(h, steps) slots can hold one: known here without asking the device, it
+        # keeps the work proportional to the pairs held, as in torch's loops, while the history fills up.
+        m = max(1, min(h, self._steps))
+        pairs = self._pairs[:, :m].reshape(b, 2 * m, n)  # s_0, y_0, s_1, y_1, ...: a view, nothing copied
+        # Every stored vector against g, y and s in one pass over the history, before the new pair replaces a slot.
+        old = torch.bmm(pairs, vectors.transpose(1, 2)).view(b, m, 2, 3)
+        own = torch.bmm(vectors, vectors.transpose(1, 2))  # (b, 3, 3)
+        ys, yy, sg, yg = own[:, 1, 2], own[:, 1, 1], own[:, 2, 0], own[:, 1, 0]
+
+        store = active & self._started & (ys > 1e-10)
+        slot = self._stamp.argmin(dim=1)  # an empty slot if there is one, else the oldest pair (dropped)
+        row_s = torch.where(store, self._base + 2 * slot, self._scratch)
+        self._rows.index_copy_(0, row_s, s)
+        self._rows.index_copy_(0, torch.where(store, row_s + 1, self._scratch), y)
+        new = (self._slots[:m] == slot[:, None]) & store[:, None]  # (b, m): the slot each storing image writes
+        row, col = new[:, :, None], new[:, None, :]
+        both = row & col
+        sy = self._sy[:, :m, :m]
+        sy = torch.where(col, old[:, :, 0, 1, None], sy)  # s_i . y_new
+        sy = torch.where(row, old[:, None, :, 1, 2], sy)  # s_new . y_j
+        self._sy[:, :m, :m] = torch.where(both, ys[:, None, None], sy)
+        yy_new = old[:, :, 1, 1]  # y_i . y_new
+        yy_m = torch.where(col, yy_new[:, :, None], self._yy[:, :m, :m])
+        yy_m = torch.where(row, yy_new[:, None, :], yy_m)
+        self._yy[:, :m, :m] = torch.where(both, yy[:, None, None], yy_m)
+        self._rho[:, :m] = torch.where(new, 1.0 / ys[:, None], self._rho[:, :m])
+        self._stamp[:, :m] = torch.where(new, self._steps, self._stamp[:, :m])
+        self._h_diag = torch.where(store, ys / yy, self._h_diag)
+        s_dot_g = torch.where(new, sg[:, None], old[:, :, 0, 0])
+        y_dot_g = torch.where(new, yg[:, None], old[:, :, 1, 0])
+
+        # The two-loop recursion in chronological order (empty slots first, with rho 0). With q = -g - sum a_j y_j,
+        # loop one, a_i = rho_i s_i.q from the newest down, is the upper triangular system (I + rho U) a = -rho S g,
+        # U_ij = s_i.y_j for j newer than i; loop two, c_i = a_i - rho_i y_i.r from the oldest up, is lower
+        # triangular in U^T. The direction is then H q + sum c_i s_i.
+        order = self._stamp[:, :m].argsort(dim=1)
+        rows_c, cols_c = order[:, :, None].expand(b, m, m), order[:, None, :].expand(b, m, m)
+        rho = self._rho[:, :m].gather(1, order)
+        upper = self._sy[:, :m, :m].gather(1, rows_c).gather(2, cols_c).triu(1)
+        yy_c = self._yy[:, :m, :m].gather(1, rows_c).gather(2, cols_c)
+        h_diag = self._h_diag
+        solve = torch.linalg.solve_triangular
+        alpha = solve(
+            rho[:, :, None] * upper, (-rho * s_dot_g.gather(1, order))[:, :, None], upper=True, unitriangular=True
+        )
+        y_dot_q = -y_dot_g.gather(1, order)[:, :, None] - torch.bmm(yy_c, alpha)
+        rhs = alpha - (rho * h_diag[:, None])[:, :, None] * y_dot_q
+        coef = solve(rho[:, :, None] * upper.transpose(1, 2), rhs, upper=False, unitriangular=True)
+        by_slot = torch.zeros(b, m, 2, device=grad.device, dtype=grad.dtype)
+        by_slot[:, :, 0].scatter_(1, order, coef[:, :, 0])
+        by_slot[:, :, 1].scatter_(1, order, -h_diag[:, None] * alpha[:, :, 0])
+        # For an image's first step (empty history, H0 = 1) this is exactly -g.
+        d = torch.baddbmm((-h_diag[:, None] * grad)[:, None, :], by_slot.view(b, 1, 2 * m), pairs).view(b, n)
+
+        t = torch.where(first, (1.0 / grad.abs().sum(dim=1)).clamp(max=1.0) * lr, torch.full_like(self._t, lr))
+        descent = torch.bmm(grad[:, None, :], d[:, :, None]).view(b) <= -tolerance_change
+        pixels.view(b, n).addcmul_(d, torch.where(active & descent, t, 0.0)[:, None])
+
+        self._d = torch.where(active[:, None], d, self._d)
+        self._t = torch.where(active, t, self._t)
+        self._prev_grad.copy_(torch.where(active[:, None], grad, self._prev_grad))
+        self._started |= active
+        self._steps += 1
+        return loss
 
 
 def scale_sizes(min_size: int, size: int) -> list[int]:
@@ -107,6 +268,123 @@ def upsample(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(image, size=like.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+LOSS_CHUNK = 20  # iterations between host copies of the losses on an asynchronous device
+
+
+def stylize_batch(
+    model: VGGFeatures,
+    contents: torch.Tensor,
+    targets: Targets,
+    settings: Settings,
+    init_images: Sequence[torch.Tensor | None] | None = None,
+    on_iteration: OnBatchIteration | None = None,
+    starts: torch.Tensor | None = None,
+    on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
+    snapshot_every: int = 0,
+    precision: str = "fp32",
+) -> list[Outcome]:
+    """Optimises B images of one size in one forward/backward per iteration; one Outcome per image.
+
+    Each image's result is the one it would get alone (up to float rounding): the losses are per image and summed
+    only for backward, so no image's gradient involves another's, Adam is elementwise, and L-BFGS is per image
+    (`BatchLBFGS`). Each image keeps its own lowest-loss iterate, not simply the last: L-BFGS without a line search
+    and Adam can both end on a step that went uphill, and the lowest-loss image is by definition the best fit to the
+    targets (averaging late iterates would blur exactly the texture the style loss asks for).
+
+    `starts` (B, 3, H, W) overrides `settings.init` (a warm start from a coarser scale); `init_images` gives each
+    image its init image when `settings.init` names one. `on_iteration(k, losses)` gets iterate k-1's losses, one
+    per image, and `on_snapshot` every `snapshot_every`-th iterate as a (B, 3, H, W) tensor.
+
+    Nothing inside an iteration waits for the device: losses and the best iterates are kept on it, and the losses
+    reach the host (and `on_iteration`) after every iteration on the CPU but in chunks of LOSS_CHUNK on a GPU, where
+    a copy per iteration would stall the queue of kernels each time. `precision` "tf32" is the caller's cuDNN flag
+    and changes nothing here; "bf16" runs the network under bf16 autocast, the Grams and losses staying fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    batch, device = contents.shape[0], contents.device
+    torch.manual_seed(settings.seed)
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    objective = Objective(model, targets, settings, autocast).to(device)
+    if starts is not None:
+        if starts.shape != contents.shape:
+            raise ValueError(f"starts {tuple(starts.shape)} do not match contents {tuple(contents.shape)}")
+        first = starts
+    else:
+        inits = list(init_images) if init_images is not None else [None] * batch
+        if len(inits) != batch:
+            raise ValueError(f"{len(inits)} init images for a batch of {batch}")
+        # Image by image, so that image b's noise is exactly the noise a lone run with the same seed starts from.
+        first = torch.cat(
+            [initial_image(settings.init, contents[b : b + 1], settings.seed, inits[b]) for b in range(batch)]
+        )
+    pixels = first.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
+    lr = settings.step_size()
+    if settings.optimizer == "lbfgs":
+        optimizer: torch.optim.Optimizer = BatchLBFGS(pixels, lr=lr, history_size=lbfgs_history(pixels[0].numel()))
+    else:
+        optimizer = torch.optim.Adam([pixels], lr=lr)
+
+    iterations = settings.iterations
+    chunk = 1 if device.type == "cpu" else LOSS_CHUNK
+    recorded: torch.Tensor | None = None  # (iterations, 4, B): content, style, tv, total of iterate k
+    best_total = torch.full((batch,), math.inf, device=device)
+    best_iteration = torch.zeros(batch, dtype=torch.long, device=device)
+    best_image = pixels.detach().clone()
+    history: list[list[Losses]] = [[] for _ in range(batch)]
+
+    def flush(upto: int) -> None:
+        done = len(history[0])
+        if recorded is None or upto <= done:
+            return
+        for k, row in enumerate(recorded[done:upto].cpu().tolist(), start=done):
+            losses = [Losses(*(row[j][b] for j in range(4))) for b in range(batch)]
+            for b in range(batch):
+                history[b].append(losses[b])
+            if on_iteration is not None:
+                on_iteration(k + 1, losses)
+
+    for i in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        total, content, style, tv = objective(pixels)
+        total.sum().backward()
+        with torch.no_grad():
+            values = torch.stack([content, style, tv, total])
+            if recorded is None:
+                recorded = values.new_empty(iterations, 4, batch)
+            recorded[i] = values
+            # The losses are of the iterate before this step: recorded[k] is the loss of iterate k.
+            improved = total < best_total
+            best_total = torch.where(improved, total, best_total)
+            best_iteration = torch.where(improved, i, best_iteration)
+            best_image = torch.where(improved[:, None, None, None], pixels, best_image)
+        optimizer.step()
+        with torch.no_grad():
+            pixels.clamp_(0, 1)
+        if on_iteration is not None and (i + 1) % chunk == 0:
+            flush(i + 1)
+        if on_snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0:
+            if on_iteration is not None:
+                flush(i + 1)  # progress is never behind the snapshots it reports
+            on_snapshot(i + 1, pixels.detach())
+    flush(iterations)
+
+    with torch.no_grad():
+        total, content, style, tv = objective(pixels)
+        keep_last = total <= best_total
+        images = torch.where(keep_last[:, None, None, None], pixels, best_image)
+        final = torch.stack([content, style, tv, total]).cpu().tolist()
+    outcomes = []
+    for b, (last, kept) in enumerate(zip(keep_last.tolist(), best_iteration.tolist())):
+        image = images[b : b + 1]
+        if last or not history[b]:
+            outcomes.append(Outcome(image, iterations, Losses(*(v[b] for v in final)), history[b], iterations))
+        else:
+            outcomes.append(Outcome(image, iterations, history[b][kept], history[b], kept))
+    return outcomes
+
+
 def stylize(
     model: VGGFeatures,
     content: torch.Tensor,
@@ -118,53 +396,6 @@ def stylize(
     on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
     snapshot_every: int = 0,
 ) -> Outcome:
-    """Optimises the pixels for `settings.iterations` iterations.
-
-    Returns the iterate with the lowest total loss, not simply the last: L-BFGS without a line search and Adam can
-    both end on a step that went uphill, and the lowest-loss image is by definition the best fit to the targets
-    (averaging late iterates would blur exactly the texture the style loss asks for). `start` overrides
-    `settings.init` (a warm start from a coarser scale); `on_snapshot` gets every `snapshot_every`-th iterate.
-    """
-    torch.manual_seed(settings.seed)
-    objective = Objective(model, targets, settings).to(content.device)
-    first = start if start is not None else initial_image(settings.init, content, settings.seed, init_image)
-    pixels = first.detach().clone().contiguous().requires_grad_(True)
-    lr = settings.step_size()
-    if settings.optimizer == "lbfgs":
-        optimizer: torch.optim.Optimizer = torch.optim.LBFGS(
-            [pixels], lr=lr, max_iter=1, history_size=lbfgs_history(pixels.numel())
-        )
-    else:
-        optimizer = torch.optim.Adam([pixels], lr=lr)
-
-    history: list[Losses] = []
-    best: tuple[float, int, torch.Tensor] = (math.inf, 0, pixels.detach())
-
-    def closure() -> torch.Tensor:
-        nonlocal best
-        optimizer.zero_grad(set_to_none=True)
-        total, c, s, t = objective(pixels)
-        loss = total.sum()
-        loss.backward()
-        losses = _losses(total, c, s, t)
-        history.append(losses)
-        # The closure sees the iterate before this step: history[k] is the loss of iterate k.
-        if losses.total < best[0]:
-            best = (losses.total, len(history) - 1, pixels.detach().clone())
-        return loss
-
-    for i in range(settings.iterations):
-        optimizer.step(closure)
-        with torch.no_grad():
-            pixels.clamp_(0, 1)
-        if on_iteration is not None:
-            on_iteration(i + 1, history[-1])
-        if on_snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0:
-            on_snapshot(i + 1, pixels.detach())
-
-    with torch.no_grad():
-        total, c, s, t = objective(pixels)
-    final = _losses(total, c, s, t)
-    if final.total <= best[0]:
-        return Outcome(pixels.detach(), settings.iterations, final, history, settings.iterations)
-    return Outcome(best[2], settings.iterations, history[best[1]], history, best[1])
+    """`stylize_batch` for one image: one optimisation path for lone and batched rows alike."""
+    report = None if on_iteration is None else (lambda k, losses: on_iteration(k, losses[0]))
+    return stylize_batch(model, content, targets, settings, [init_image], report, start, on_snapshot, snapshot_every)[0]

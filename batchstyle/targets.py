@@ -28,8 +28,25 @@ from batchstyle.weights import Weights
 
 @dataclass(frozen=True)
 class Targets:
-    content: dict[str, torch.Tensor]  # layer -> (1, C, H, W) feature map of the content image
-    style: dict[str, torch.Tensor]  # layer -> (1, C, C) Gram matrix, blended over the row's style images
+    # Image b's targets at index b of a batch of B (a batch of 1 is shared by every image it is optimised with).
+    content: dict[str, torch.Tensor]  # layer -> (B, C, H, W) feature maps of the content images
+    style: dict[str, torch.Tensor]  # layer -> (B, C, C) Gram matrices, each blended over its row's style images
+
+
+def stack_targets(targets: Sequence[Targets]) -> Targets:
+    """One row's targets each (batch 1) -> the targets of a batch, image b's along dim 0 at index b.
+
+    Rows are optimised together only when their outputs share a size, so their content feature maps stack.
+    """
+    if not targets:
+        raise ValueError("no targets to stack")
+    content_layers, style_layers = set(targets[0].content), set(targets[0].style)
+    if any(set(t.content) != content_layers or set(t.style) != style_layers for t in targets):
+        raise ValueError("targets of a batch must tap the same layers")
+    return Targets(
+        content={name: torch.cat([t.content[name] for t in targets]) for name in targets[0].content},
+        style={name: torch.cat([t.style[name] for t in targets]) for name in targets[0].style},
+    )
 
 
 def style_long_side(output_long_side: int, style_scale: float) -> int:

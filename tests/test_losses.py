@@ -86,6 +86,44 @@ def test_gram_matrix_of_half_precision_input_is_fp32(dtype: torch.dtype) -> None
     torch.testing.assert_close(gram.double(), _gram_loops(feats.float()), rtol=1e-5, atol=1e-5)
 
 
+def _gram_backward_both_ways(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d/dF of sum(W * Gram(F)) through gram_matrix's own backward and through autograd of plain operations."""
+    ours = features.detach().clone().requires_grad_(True)
+    (gram_matrix(ours) * weights).sum().backward()
+    plain = features.detach().clone().requires_grad_(True)
+    b, c, h, w = plain.shape
+    flat = plain.reshape(b, c, h * w)
+    (torch.bmm(flat, flat.transpose(1, 2)) / (h * w) * weights).sum().backward()
+    return ours.grad, plain.grad
+
+
+def test_gram_backward_equals_autograds() -> None:
+    feats = _rand(2, 3, 4, 5, seed=30, dtype=torch.float64)
+    weights = _rand(2, 3, 3, seed=31, dtype=torch.float64)  # not symmetric: both halves of dG + dG^T matter
+    ours, plain = _gram_backward_both_ways(feats, weights)
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(gram_matrix, (feats.clone().requires_grad_(True),))
+
+
+def test_gram_backward_keeps_channels_last() -> None:
+    feats = _rand(2, 6, 4, 5, seed=32).contiguous(memory_format=torch.channels_last)
+    weights = _rand(2, 6, 6, seed=33)
+    ours, plain = _gram_backward_both_ways(feats, weights)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    # The convolution before it runs channels_last, so its incoming gradient is channels_last too: no conversion.
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+
+
+def test_gram_backward_of_bf16_features_is_bf16() -> None:
+    feats = _rand(1, 4, 3, 3, seed=34).to(torch.bfloat16).requires_grad_(True)
+    gram = gram_matrix(feats)
+    assert gram.dtype == torch.float32
+    gram.sum().backward()
+    assert feats.grad.dtype == torch.bfloat16
+    expected = 2 * feats.detach().float().reshape(4, 9).sum(0, keepdim=True).expand(4, 9) / 9
+    torch.testing.assert_close(feats.grad.float().reshape(4, 9), expected, rtol=1e-2, atol=1e-2)
+
+
 # --- values -----------------------------------------------------------------------------------------------------
 
 

@@ -11,9 +11,9 @@ from conftest import make_painting, make_photo
 
 from batchstyle.features import VGGFeatures, build
 from batchstyle.images import image_to_tensor, load_image
-from batchstyle.optimize import Losses, Objective, Outcome, stylize
+from batchstyle.optimize import BatchLBFGS, Losses, Objective, Outcome, lbfgs_history, stylize, stylize_batch
 from batchstyle.options import Settings, default_values, make_settings
-from batchstyle.targets import compute_targets
+from batchstyle.targets import Targets, compute_targets, stack_targets
 from batchstyle.weights import Weights
 
 GRAM_LAYERS = ("relu1_1", "relu2_1", "relu3_1")
@@ -147,3 +147,269 @@ def test_init_image_is_resized_to_the_content(
     assert outcome.image.shape == content.shape
     with pytest.raises(ValueError, match="needs its image"):
         stylize(model, content, targets, settings)
+
+
+# --- batches and the per-image L-BFGS ---------------------------------------------------------------------------
+
+
+def _shallow_problem(weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> Any:
+    content, style = pictures
+    settings = _settings(**SHALLOW)
+    model = build(weights, ("relu1_1", "relu2_1", "relu2_2")).to(dtype)
+    targets = compute_targets(model, content.to(dtype), [style.to(dtype)], [1.0], ("relu2_2",), SHALLOW["style_layers"])
+    start = torch.rand(content.shape, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    return Objective(model, targets, settings), start
+
+
+def _lbfgs_side_by_side(objective: Objective, start: torch.Tensor, history_size: int, iterations: int) -> Any:
+    """torch's L-BFGS (one iteration per step, as the loop used to call it) and BatchLBFGS from the same start."""
+    ours, theirs = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    batch_lbfgs = BatchLBFGS(ours, lr=1.0, history_size=history_size)
+    torch_lbfgs = torch.optim.LBFGS([theirs], lr=1.0, max_iter=1, history_size=history_size)
+
+    def closure() -> torch.Tensor:
+        torch_lbfgs.zero_grad()
+        loss = objective(theirs)[0].sum()
+        loss.backward()
+        return loss
+
+    gaps, stored = [], []  # stored: torch's newest pair after each step, to count the pairs it took in
+    for _ in range(iterations):
+        torch_lbfgs.step(closure)
+        ro = torch_lbfgs.state[theirs]["ro"]
+        if ro and (not stored or ro[-1] is not stored[-1]):
+            stored.append(ro[-1])
+        batch_lbfgs.zero_grad()
+        objective(ours)[0].sum().backward()
+        batch_lbfgs.step()
+        with torch.no_grad():
+            ours.clamp_(0, 1)
+            theirs.clamp_(0, 1)
+        gaps.append(float((ours - theirs).detach().abs().max()))
+    moved = float((ours.detach() - start).abs().max())
+    held = len(torch_lbfgs.state[theirs]["old_dirs"])
+    assert batch_lbfgs.stored_pairs().tolist() == [held] == [min(history_size, len(stored))]
+    return gaps, moved, len(stored)
+
+
+@pytest.mark.parametrize("history_size", [3, 100])
+def test_batch_lbfgs_matches_torch_lbfgs_step_for_step(
+    hed_weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor], history_size: int
+) -> None:
+    objective, start = _shallow_problem(hed_weights, pictures, torch.float32)
+    gaps, moved, pairs = _lbfgs_side_by_side(objective, start, history_size, iterations=8)
+    # The 7 steps after the first offer 7 pairs (here one fails y.s > 1e-10): more than 3, so 3 slots wrap around.
+    assert 5 <= pairs <= 7
+    assert moved > 0.1
+    assert max(gaps) < 1e-5, gaps
+
+
+def test_batch_lbfgs_is_torch_lbfgs_to_float64_rounding(
+    hed_weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # In fp32 two L-BFGS runs without a line search drift apart over tens of iterations from rounding alone (the
+    # pixels are chaotic in the float noise); in float64 the same comparison shows the algorithms are the same.
+    objective, start = _shallow_problem(hed_weights, pictures, torch.float64)
+    gaps, moved, pairs = _lbfgs_side_by_side(objective, start, history_size=4, iterations=25)
+    assert pairs > 8
+    assert moved > 0.1
+    assert max(gaps) < 1e-10, gaps
+
+
+def test_batch_lbfgs_never_reads_a_value_on_the_host() -> None:
+    # On the meta device tensors have no values: any .item(), bool(tensor) or data-dependent shape would raise.
+    pixels = torch.zeros(3, 3, 4, 5, device="meta", requires_grad=True)
+    optimizer = BatchLBFGS(pixels, history_size=2)
+    for _ in range(4):
+        pixels.grad = torch.empty_like(pixels)
+        optimizer.step()
+
+
+def test_lbfgs_history_is_bounded_per_image() -> None:
+    numel = 3 * 1536 * 2048
+    assert lbfgs_history(3 * 32 * 24) == 100
+    assert lbfgs_history(numel) == 14
+    assert lbfgs_history(numel * 4) == 5  # never fewer than 5 pairs
+
+
+def test_stack_targets_puts_image_b_at_index_b() -> None:
+    one = Targets({"relu2_2": torch.full((1, 2, 3, 4), 1.0)}, {"relu1_1": torch.full((1, 2, 2), 1.0)})
+    two = Targets({"relu2_2": torch.full((1, 2, 3, 4), 2.0)}, {"relu1_1": torch.full((1, 2, 2), 2.0)})
+    stacked = stack_targets([one, two, one])
+    assert stacked.content["relu2_2"].shape == (3, 2, 3, 4)
+    assert stacked.style["relu1_1"].shape == (3, 2, 2)
+    assert stacked.style["relu1_1"][:, 0, 0].tolist() == [1.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="same layers"):
+        stack_targets([one, Targets({}, one.style)])
+
+
+@pytest.fixture(scope="module")
+def three_rows(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Three content/style pairs of one output size, each different from the others."""
+    folder = tmp_path_factory.mktemp("rows")
+    rows = []
+    for i in range(3):
+        content = image_to_tensor(load_image(make_photo(folder / f"photo{i}.png", 24, 20, seed=10 + i)))
+        style = image_to_tensor(load_image(make_painting(folder / f"painting{i}.png", 24 + 4 * i, 24, seed=20 + i)))
+        rows.append((content, style))
+    return rows
+
+
+def _alone_and_together(
+    weights: Weights, rows: list[tuple[torch.Tensor, torch.Tensor]], settings: Settings, dtype: torch.dtype
+) -> tuple[list[Outcome], list[Outcome], list[tuple[int, list[Losses]]]]:
+    model = build(weights, ("relu1_1", "relu2_1", "relu2_2")).to(dtype)
+    contents = torch.cat([c for c, _ in rows]).to(dtype)
+    per_row = [
+        compute_targets(model, c.to(dtype), [s.to(dtype)], [1.0], settings.content_layers, settings.style_layers)
+        for c, s in rows
+    ]
+    alone = [stylize(model, contents[b : b + 1], t, settings) for b, t in enumerate(per_row)]
+    calls: list[tuple[int, list[Losses]]] = []
+    together = stylize_batch(
+        model, contents, stack_targets(per_row), settings, on_iteration=lambda i, ls: calls.append((i, ls))
+    )
+    return alone, together, calls
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_batch_gives_each_image_its_lone_result(
+    hed_weights: Weights, three_rows: list[tuple[torch.Tensor, torch.Tensor]], optimizer: str
+) -> None:
+    settings = _settings(optimizer=optimizer, init="noise", **{**SHALLOW, "iterations": 6})
+    alone, together, calls = _alone_and_together(hed_weights, three_rows, settings, torch.float32)
+
+    assert [i for i, _ in calls] == list(range(1, 7))
+    assert all(len(losses) == 3 for _, losses in calls)
+    for b, (lone, batched) in enumerate(zip(alone, together)):
+        assert batched.image.shape == lone.image.shape == (1, 3, 20, 24)
+        # A batched convolution rounds differently from a lone one, so fp32 results agree to rounding, not bits.
+        torch.testing.assert_close(batched.image, lone.image, rtol=0, atol=1e-5)
+        assert batched.kept_iteration == lone.kept_iteration
+        assert [losses[b] for _, losses in calls] == batched.history
+        assert len(batched.history) == len(lone.history) == 6
+        for got, expected in zip(batched.history, lone.history):
+            assert got.total == pytest.approx(expected.total, rel=1e-5)
+            assert got.style == pytest.approx(expected.style, rel=1e-5)
+            assert got.content == pytest.approx(expected.content, rel=1e-5)
+        assert batched.losses.total == pytest.approx(lone.losses.total, rel=1e-5)
+        assert batched.losses.total < batched.history[0].total
+    # The rows' results differ by far more than the tolerance, so a batch that mixed them up would fail above.
+    assert min(float((alone[a].image - alone[b].image).abs().max()) for a, b in ((0, 1), (0, 2), (1, 2))) > 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_a_float64_batch_gives_each_image_its_lone_result(
+    hed_weights: Weights, three_rows: list[tuple[torch.Tensor, torch.Tensor]], optimizer: str
+) -> None:
+    # From the content image, fp32 rounding alone moves a lone and a batched run apart: the smooth colour fields tie
+    # in max pooling, where one ulp moves the gradient to another pixel, and Adam turns a gradient of rounding noise
+    # into a full step. In float64 nothing is left to round differently, so any coupling between images would show.
+    settings = _settings(optimizer=optimizer, init="content", **{**SHALLOW, "iterations": 8})
+    alone, together, _ = _alone_and_together(hed_weights, three_rows, settings, torch.float64)
+    for lone, batched in zip(alone, together):
+        assert batched.image.dtype == torch.float64
+        torch.testing.assert_close(batched.image, lone.image, rtol=0, atol=1e-12)
+        assert batched.kept_iteration == lone.kept_iteration
+        assert [h.total for h in batched.history] == pytest.approx([h.total for h in lone.history], rel=1e-12)
+        assert batched.losses.total < batched.history[0].total
+
+
+def test_an_image_at_its_optimum_stays_put_while_the_others_move(
+    hed_weights: Weights, three_rows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    # Content loss alone: image 0 starts on its own content target, where its gradient is exactly zero, so
+    # L-BFGS must leave it where it is (torch.optim.LBFGS returns before touching it); the others start elsewhere.
+    settings = _settings(style_weight=0.0, tv_weight=0.0, **{**SHALLOW, "iterations": 5})
+    model = build(hed_weights, ("relu1_1", "relu2_1", "relu2_2"))
+    contents = torch.cat([c for c, _ in three_rows])
+    starts = torch.cat([contents[:1], contents[2:], contents[1:2]])  # 1 and 2 start on each other's content
+    with torch.no_grad():
+        # Image 0's target from the very batch it is optimised in, so its features match it to the last bit.
+        content_targets = {"relu2_2": model(starts)["relu2_2"].clone()}
+        content_targets["relu2_2"][1:] = model(contents)["relu2_2"][1:]
+    targets = Targets(content_targets, {"relu1_1": torch.zeros(3, 64, 64), "relu2_1": torch.zeros(3, 128, 128)})
+    outcomes = stylize_batch(model, contents, targets, settings, starts=starts)
+
+    assert torch.equal(outcomes[0].image, starts[:1])
+    assert all(losses.total == 0.0 for losses in outcomes[0].history)
+    for b in (1, 2):
+        assert (outcomes[b].image - starts[b : b + 1]).abs().max() > 0.05
+        assert outcomes[b].losses.total < 0.5 * outcomes[b].history[0].total
+
+
+def test_convergence_and_history_are_per_image() -> None:
+    # Image 0's gradient is small but not zero: below tolerance_grad, so torch's L-BFGS alone leaves it untouched,
+    # and so must the batch, although the batch's gradient as a whole is far above the tolerance (a larger
+    # tolerance than the default 1e-7, so that the step a batch-wide test would take is not also stopped by the
+    # descent test g.d < -1e-9). Image 2's loss is linear: y = 0, so none of its pairs passes y.s > 1e-10, while
+    # image 1 stores each of its. Each image against torch.optim.LBFGS on that image alone.
+    gen = torch.Generator().manual_seed(7)
+    centre = torch.rand(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    start = torch.rand(3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    slope = torch.randn(3, 2, 3, 3, generator=gen, dtype=torch.float64) * 0.1
+    curved = torch.tensor([1e-4, 1.0, 0.0], dtype=torch.float64).view(3, 1, 1, 1)
+    linear = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).view(3, 1, 1, 1)
+    tolerance = 1e-3
+
+    def loss(x: torch.Tensor, rows: slice) -> torch.Tensor:
+        diff = x - centre[rows]
+        return (curved[rows] * (0.5 * diff.square() + diff.pow(4)) + linear[rows] * slope[rows] * x).sum()
+
+    batch = start.clone().requires_grad_(True)
+    optimizer = BatchLBFGS(batch, history_size=3, tolerance_grad=tolerance)
+    for _ in range(6):
+        optimizer.zero_grad()
+        loss(batch, slice(None)).backward()
+        optimizer.step()
+    assert torch.equal(batch[0].detach(), start[0])
+    assert optimizer.stored_pairs().tolist() == [0, 3, 0]
+    for b in (1, 2):
+        alone = start[b : b + 1].clone().requires_grad_(True)
+        reference = torch.optim.LBFGS([alone], lr=1.0, max_iter=1, history_size=3, tolerance_grad=tolerance)
+
+        def closure(alone: torch.Tensor = alone, b: int = b, reference: torch.optim.LBFGS = reference) -> torch.Tensor:
+            reference.zero_grad()
+            value = loss(alone, slice(b, b + 1))
+            value.backward()
+            return value
+
+        for _ in range(6):
+            reference.step(closure)
+        assert (alone - start[b]).abs().max() > 0.1
+        torch.testing.assert_close(batch[b : b + 1].detach(), alone.detach(), rtol=0, atol=1e-12)
+
+
+def test_a_channels_last_trunk_gives_the_same_objective_and_gradient(
+    hed_weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    content, style = pictures
+    settings = _settings(**SHALLOW)
+    gradients, totals = [], []
+    for channels_last in (False, True):
+        model = build(hed_weights, ("relu1_1", "relu2_1", "relu2_2"), channels_last=channels_last)
+        targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
+        pixels = torch.rand(content.shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        total = Objective(model, targets, settings)(pixels)[0]
+        total.sum().backward()
+        totals.append(total.detach())
+        gradients.append(pixels.grad)
+    torch.testing.assert_close(totals[1], totals[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-4, atol=1e-7)
+    assert gradients[1].is_contiguous()  # the pixels stay NCHW for L-BFGS's flat views
+
+
+def test_bf16_autocast_runs_the_network_only(hed_weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor]) -> None:
+    content, style = pictures
+    settings = _settings(**{**SHALLOW, "iterations": 4})
+    model = build(hed_weights, ("relu1_1", "relu2_1", "relu2_2"))
+    targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
+    fp32 = stylize_batch(model, content, targets, settings)[0]
+    bf16 = stylize_batch(model, content, targets, settings, precision="bf16")[0]
+    assert bf16.image.dtype == torch.float32
+    assert bf16.losses.total < bf16.history[0].total
+    # bf16 convolutions give another, close result: losses within bf16's ~3 significant digits, not bit-equal.
+    assert bf16.history[0].total == pytest.approx(fp32.history[0].total, rel=2e-2)
+    assert bf16.history[0].total != fp32.history[0].total
+    with pytest.raises(ValueError, match="precision"):
+        stylize_batch(model, content, targets, settings, precision="fp8")
