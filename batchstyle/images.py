@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -366,17 +366,32 @@ def is_temp_file(path: Path) -> bool:
     return name.startswith(".") and TEMP_MARKER in name
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
+def temp_file_target(path: Path) -> Path:
+    """The file a temp file would have become: `.name.tmp-abc123` -> `name`, in the same folder."""
+    name = Path(path).name
+    return Path(path).with_name(name[1 : name.rindex(TEMP_MARKER)])
+
+
+def remove_stale_temp_files(folder: Path, outputs: Collection[Path] | None = None) -> list[Path]:
     """Delete temp files that runs killed mid-save left anywhere under ``folder``; return what was removed.
 
     Call it before a run starts writing: a temp file of a run that is still saving into the same folder
-    would be deleted too. Symlinked directories are not followed, so nothing outside ``folder`` is touched.
+    would be deleted too. Shards share a folder while each runs its own rows, so with ``outputs`` only temp files
+    of those outputs (and of their `.iterates/` folders) are removed. Symlinked directories are not followed, so
+    nothing outside ``folder`` is touched.
     """
+    owned = None if outputs is None else {Path(p).resolve() for p in outputs}
+    folders = set() if owned is None else {o.parent / f"{o.stem}.iterates" for o in owned}
     removed: list[Path] = []
     for root, _dirs, files in os.walk(folder):
         for name in files:
             candidate = Path(root, name)
-            if is_temp_file(candidate) and not candidate.is_symlink():
-                candidate.unlink(missing_ok=True)
-                removed.append(candidate)
+            if not is_temp_file(candidate) or candidate.is_symlink():
+                continue
+            if owned is not None:
+                target = temp_file_target(candidate).resolve()
+                if target not in owned and target.parent not in folders:
+                    continue
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
     return sorted(removed)

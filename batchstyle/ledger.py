@@ -117,11 +117,13 @@ class Record:
     targets: str | None = None
     provider: str | None = None
     history: bytes | None = None
+    ledger: str = LEDGER_NAME  # the file it was read from: shards of one run each keep their own
 
     def as_dict(self, history: bool = False) -> dict[str, Any]:
         """JSON-ready; the per-iteration losses (lists, not bytes) only when asked for, as they dwarf the rest."""
         data = dict(self.__dict__)
         data.pop("history")
+        data.pop("ledger")
         if history:
             losses = unpack_history(self.history)
             data["history"] = {name: losses[:, i].tolist() for i, name in enumerate(HISTORY_COLUMNS)}
@@ -155,15 +157,33 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class Ledger:
-    """The writable ledger of one output folder, held under an exclusive lock for the life of a run."""
+def ledger_name(shard: str | None = None) -> str:
+    """`batchstyle-ledger.sqlite`, or `batchstyle-ledger.shard-0-of-4.sqlite` for one shard of a run."""
+    return LEDGER_NAME if not shard else LEDGER_NAME.replace(".sqlite", f".{shard}.sqlite")
 
-    def __init__(self, out_dir: Path) -> None:
+
+def ledger_files(out_dir: Path) -> list[Path]:
+    """Every ledger in an output folder: the unsharded one first, then the shards' in name order."""
+    found = sorted(Path(out_dir).glob(LEDGER_NAME.replace(".sqlite", ".*.sqlite")))
+    plain = Path(out_dir) / LEDGER_NAME
+    return ([plain] if plain.is_file() else []) + found
+
+
+class Ledger:
+    """The writable ledger of one output folder, held under an exclusive lock for the life of a run.
+
+    Shards (`run --shard I/N`) run at the same time into the same folder, so each has a ledger and a lock of its
+    own: they never wait on each other, and `read_records` merges them.
+    """
+
+    def __init__(self, out_dir: Path, shard: str | None = None) -> None:
         self.out_dir = Path(out_dir)
+        self.name = ledger_name(shard)
+        lock_name = LOCK_NAME if not shard else LOCK_NAME.replace(".lock", f".{shard}.lock")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # The OS drops an flock when its process dies, however it dies: a killed run never leaves it locked.
-            self._lock_file = open(self.out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until close()
+            self._lock_file = open(self.out_dir / lock_name, "a+")  # noqa: SIM115 - held until close()
         except OSError as exc:
             raise LedgerError(
                 f"cannot write to the output folder {self.out_dir}: {exc.strerror}; choose another --out"
@@ -172,18 +192,19 @@ class Ledger:
             self._lock_file.seek(0)
             holder = self._lock_file.read().strip() or "unknown"
             self._lock_file.close()
+            what = f"shard {shard.removeprefix('shard-').replace('-of-', ' of ')} of " if shard else ""
             raise LedgerBusy(
-                f"another batchstyle run (pid {holder}) is writing to {self.out_dir}; wait for it to finish, "
+                f"another batchstyle run (pid {holder}) is writing {what}{self.out_dir}; wait for it to finish, "
                 "or give this run another --out folder"
             )
         self._lock_file.truncate(0)
         self._lock_file.write(str(os.getpid()))
         self._lock_file.flush()
-        self.conn = _connect(self.out_dir / LEDGER_NAME)
+        self.conn = _connect(self.out_dir / self.name)
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise LedgerError(
-                f"{self.out_dir / LEDGER_NAME} was written by a newer batchstyle (schema {version}); upgrade batchstyle"
+                f"{self.out_dir / self.name} was written by a newer batchstyle (schema {version}); upgrade batchstyle"
             )
         fresh = self.conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'rows'").fetchone()[0] == 0
         if fresh:
@@ -316,24 +337,57 @@ class Ledger:
 
 
 def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], dict[str, Any] | None]:
-    """Read-only view for `batchstyle status`: works while a run holds the folder (WAL readers never block).
+    """Read-only view for `batchstyle status` and reports: works while runs hold the folder (WAL readers never block).
 
-    By default only the rows of the latest run's manifest: rows since dropped from the manifest keep their history
-    in the ledger but no longer count as its state.
+    Merges every ledger in the folder (one per shard); where two hold the same output, the one touched last wins.
+    By default only the rows of each ledger's latest run: rows since dropped from the manifest keep their history
+    in the ledger but no longer count as its state. The run returned is the latest to start.
     """
-    path = Path(out_dir) / LEDGER_NAME
-    if not path.is_file():
+    files = ledger_files(out_dir)
+    if not files:
         raise FileNotFoundError(f"{out_dir} has no {LEDGER_NAME}: no batchstyle run has written there")
+    merged: dict[str, Record] = {}
+    latest: dict[str, Any] | None = None
+    for path in files:
+        records, last = _read_one(path, all_rows)
+        for record in records:
+            seen = merged.get(record.output)
+            if seen is None or _touched(record) >= _touched(seen):
+                merged[record.output] = record
+        if last is not None and (latest is None or last["started"] >= latest["started"]):
+            latest = last
+    records = sorted(merged.values(), key=lambda r: (r.row is None, r.row or 0, r.output))
+    return records, latest
+
+
+def _touched(record: Record) -> float:
+    return max(record.finished or 0.0, record.started or 0.0)
+
+
+def _read_one(path: Path, all_rows: bool) -> tuple[list[Record], dict[str, Any] | None]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
-        records = [Record(**dict(r)) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
+        records = [Record(**dict(r), ledger=path.name) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
         last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if last is not None and not all_rows:
             records = [r for r in records if r.run_id == last["id"]]
-        return records, dict(last) if last else None
+        return records, {**dict(last), "ledger": path.name} if last else None
     finally:
         conn.close()
+
+
+def read_runs(out_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every run of every ledger in the folder, by (ledger file name, run id)."""
+    runs = {}
+    for path in ledger_files(out_dir):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            runs.update({(path.name, int(r["id"])): dict(r) for r in conn.execute("SELECT * FROM runs")})
+        finally:
+            conn.close()
+    return runs
 
 
 def summarise(records: list[Record]) -> dict[str, int]:

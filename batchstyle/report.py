@@ -16,7 +16,6 @@ import html
 import io
 import json
 import math
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -28,7 +27,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
-from batchstyle.ledger import HISTORY_COLUMNS, LEDGER_NAME, STATUSES, Record, read_records, unpack_history
+from batchstyle.ledger import (
+    HISTORY_COLUMNS,
+    LEDGER_NAME,
+    STATUSES,
+    Record,
+    ledger_files,
+    read_records,
+    read_runs,
+    unpack_history,
+)
 
 CONTACT_SHEET_NAME = "contact-sheet.png"
 HTML_NAME = "report.html"
@@ -115,16 +123,6 @@ def _locate(text: str, out_dir: Path) -> Path:
     return path
 
 
-def _runs(out_dir: Path) -> dict[int, dict[str, Any]]:
-    path = out_dir / LEDGER_NAME
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {int(r["id"]): dict(r) for r in conn.execute("SELECT * FROM runs")}
-    finally:
-        conn.close()
-
-
 def _manifest_cells(run: dict[str, Any] | None, out_dir: Path, memo: dict[Path, list | None]) -> tuple[Path, list]:
     """The data rows of the manifest a run read, or an empty list when they cannot be trusted to be the same.
 
@@ -156,7 +154,7 @@ def _params(record: Record) -> dict[str, Any]:
 
 def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
     thumbs = _Thumbs(thumb)
-    runs = _runs(out_dir)
+    runs = read_runs(out_dir)
     manifests: dict[Path, list | None] = {}
     anchors: Counter[str] = Counter()
     rows = []
@@ -170,7 +168,7 @@ def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
         styles = [s for s in (record.styles or "").split(";") if s]
         row = _Row(record, anchor, output_name, params=_params(record))
         if invalid and not content and not styles and record.row is not None:
-            manifest, cells = _manifest_cells(runs.get(record.run_id or -1), out_dir, manifests)
+            manifest, cells = _manifest_cells(runs.get((record.ledger, record.run_id or -1)), out_dir, manifests)
             if 0 < record.row <= len(cells):
                 found = cells[record.row - 1][1]
                 content = str(manifest.parent / found["content"].strip()) if found.get("content", "").strip() else ""
@@ -728,7 +726,7 @@ def write_report(out_dir: Path, all_rows: bool = False, thumb: int = 160) -> Rep
     out_dir = Path(out_dir)
     if thumb < 16:
         raise ValueError(f"thumb must be at least 16 pixels, got {thumb}")
-    if not (out_dir / LEDGER_NAME).is_file():
+    if not ledger_files(out_dir):
         raise FileNotFoundError(
             f"{out_dir} has no {LEDGER_NAME}, so there is nothing to report: name the output folder of a "
             "`batchstyle run` (by default the manifest's name without .csv, beside it)"
