@@ -18,6 +18,7 @@ from batchstyle.export import ExportError
 from batchstyle.features import layer_names
 from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
 from batchstyle.options import OPTIONS, OptionError, default_values, make_settings
+from batchstyle.plan import ShardError, parse_shard
 from batchstyle.progress import Fanout, JsonLog, Silent, Terminal
 
 CACHE_DIR = click.option(
@@ -115,7 +116,56 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     show_default=True,
     help="auto, vgg19, vgg16, vgg16-hed, random, or a .safetensors/.pth file.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--devices",
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (every GPU, else the CPU), all (every GPU), cpu, or a list: cuda:0,cuda:1 or cpu,cpu.",
+)
+@click.option(
+    "--workers-per-device",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes per device: more than one keeps a big GPU busy while another worker loads or saves.",
+)
+@click.option(
+    "--batch-size",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Rows of the same size and settings optimised together; auto fills the GPU's free memory (1 on CPU).",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Times a row is handed out again after its worker died (out of memory, crash, killed).",
+)
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "tf32", "bf16"]),
+    help="Convolution precision on CUDA: auto is TF32; bf16 autocast is opt-in. Gram matrices and losses stay fp32.",
+)
+@click.option(
+    "--backend",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "ray"]),
+    help="local: a process per device slot on this machine; ray: Ray actors, one per GPU, across a cluster.",
+)
+@click.option("--address", default=None, help="Ray cluster address (auto: the cluster this node belongs to).")
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Run slice I of N (0-based) of the manifest; auto/N takes I from SLURM or Kubernetes "
+    "[default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set].",
+)
 @click.option("--force", is_flag=True, help="Redo every row, even those already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the summary and errors.")
 @click.option(
@@ -145,7 +195,14 @@ def run(
     out_dir: Path | None,
     fmt: str,
     model: str,
-    device: str,
+    devices: str,
+    workers_per_device: int,
+    batch_size: str,
+    retries: int,
+    precision: str,
+    backend: str,
+    address: str | None,
+    shard: str | None,
     force: bool,
     quiet: bool,
     log_json: Path | None,
@@ -157,6 +214,18 @@ def run(
     **options: Any,
 ) -> None:
     """Stylize every row of MANIFEST, skipping rows already done."""
+    try:
+        size = 0 if batch_size.strip().lower() == "auto" else int(batch_size)
+        if size < 0:
+            raise ValueError
+    except ValueError:
+        click.echo(f"error: --batch-size {batch_size!r}: give a whole number of rows, or auto", err=True)
+        sys.exit(2)
+    try:
+        parsed_shard = parse_shard(shard)
+    except ShardError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     manifest = _read(manifest_path, out_dir, fmt, options)
     sinks: list[Any] = [] if quiet else [Terminal()]
     try:
@@ -168,21 +237,37 @@ def run(
         sinks.append(JsonLog(log_handle))
     events = Fanout(*sinks) if sinks else Silent()
     try:
-        config = engine.RunConfig(model, device, force, cache_dir, targets, trt_fp16, save_every, tuple(sys.argv))
+        config = engine.RunConfig(
+            model=model,
+            devices=devices,
+            force=force,
+            cache_dir=cache_dir,
+            targets=targets,
+            trt_fp16=trt_fp16,
+            save_every=save_every,
+            argv=tuple(sys.argv),
+            workers_per_device=workers_per_device,
+            batch_size=size,
+            retries=retries,
+            precision=precision,
+            backend=backend,
+            address=address,
+            shard=parsed_shard,
+        )
         summary = engine.run(manifest, config, events)
     except (weights.WeightsError, ledger.LedgerError, engine.RunError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo("\ninterrupted: finished rows are kept; run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(128 + getattr(exc, "signum", 2))
     finally:
         if log_handle:
             log_handle.close()
     counts = summary.counts()
-    click.echo(
-        f"\n{'done':<8}{counts['done']:>6}\n{'skipped':<8}{counts['skipped']:>6}\n{'failed':<8}{counts['failed']:>6}"
-    )
+    click.echo("\n" + "\n".join(f"{name:<8}{count:>6}" for name, count in counts.items()))
+    if summary.stopped:
+        click.echo("stopped before the end: run the same command again to do the rest", err=True)
     for number, error in sorted(summary.failed.items()):
         click.echo(f"  row {number}: {error}")
     click.echo(f"outputs: {summary.out_dir}  (model {summary.model})")
@@ -268,25 +353,67 @@ def bench() -> None:
 @bench.command("iteration")
 @click.option("--model", default="vgg16-hed", show_default=True)
 @click.option("--sizes", default="256,512", show_default=True, help="Long sides to measure, comma-separated.")
+@click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes to measure, comma-separated.")
 @click.option("--optimizer", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "adam"]))
 @click.option("--iterations", default=10, show_default=True, help="Timed iterations per size (median).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "tf32", "bf16"]))
 @CACHE_DIR
 def bench_iteration(
-    model: str, sizes: str, optimizer: str, iterations: int, device: str, cache_dir: Path | None
+    model: str,
+    sizes: str,
+    batches: str,
+    optimizer: str,
+    iterations: int,
+    device: str,
+    precision: str,
+    cache_dir: Path | None,
 ) -> None:
-    """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk)."""
+    """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk, same size,
+    same batch), and per image."""
     from batchstyle.bench import iteration_figures
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
     dev = str(engine.pick_device(device))
     click.echo(f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}")
-    click.echo(f"{'size':>10} {'s/iteration':>12} {'floor s':>10} {'ratio':>7}")
+    click.echo(f"{'size':>10} {'batch':>5} {'s/iteration':>12} {'floor s':>10} {'ratio':>7} {'s/it/image':>11}")
     for long_side in (int(s) for s in sizes.split(",")):
-        fig = iteration_figures(loaded, long_side, optimizer, iterations, dev)
-        w, h = fig.size
-        click.echo(f"{f'{w}x{h}':>10} {fig.seconds_per_iteration:>12.4f} {fig.floor_seconds:>10.4f} {fig.ratio:>7.3f}")
+        for batch in (int(b) for b in batches.split(",")):
+            fig = iteration_figures(loaded, long_side, optimizer, iterations, dev, batch, precision)
+            w, h = fig.size
+            click.echo(
+                f"{f'{w}x{h}':>10} {batch:>5} {fig.seconds_per_iteration:>12.4f} {fig.floor_seconds:>10.4f} "
+                f"{fig.ratio:>7.3f} {fig.seconds_per_iteration / batch:>11.4f}"
+            )
+
+
+@bench.command("throughput")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option("--rows", default=8, show_default=True, help="Rows of the generated manifest.")
+@click.option("--size", default=256, show_default=True, help="Long side of every row.")
+@click.option("--iterations", default=50, show_default=True, help="Iterations per row.")
+@click.option("--workers", default="1,2", show_default=True, help="Worker counts to compare, comma-separated.")
+@click.option("--device", default="cpu", show_default=True, help="Device each worker runs on (cpu or cuda:N).")
+@CACHE_DIR
+def bench_throughput(
+    model: str, rows: int, size: int, iterations: int, workers: str, device: str, cache_dir: Path | None
+) -> None:
+    """Images per hour of a whole run (start-up included) with 1, 2, ... worker processes on one device."""
+    from batchstyle.bench import throughput_figures
+    from batchstyle.export import export_graph, graph_matches
+    from batchstyle.plan import graph_spec
+
+    cache = cache_dir or weights.default_cache_dir()
+    source, _ = weights.resolve(model, cache)
+    spec = graph_spec(source, make_settings(default_values()))
+    if not graph_matches(cache / "onnx" / spec.filename(), spec):  # exported once, outside the timed runs
+        export_graph(source.load(cache), spec, cache / "onnx")
+    click.echo(f"model {source.name}, {rows} rows at {size} px, {iterations} iterations each, device {device}")
+    click.echo(f"{'workers':>7} {'seconds':>9} {'images/hour':>12}")
+    for count in (int(w) for w in workers.split(",")):
+        fig = throughput_figures(source.name, cache, count, rows, size, iterations, device)
+        click.echo(f"{count:>7} {fig.seconds:>9.1f} {fig.images_per_hour:>12.1f}")
 
 
 def torch_threads() -> int:

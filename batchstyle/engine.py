@@ -1,86 +1,41 @@
-"""Plan and execute a run: manifest rows -> jobs (with keys) -> worker -> output files + ledger.
+"""Execute a run: manifest rows -> planned jobs -> batches handed to workers -> output files + ledger.
 
-The parent is the ledger's only writer. A job is marked `running` before the worker starts it and `done` only after
-the worker reports its file renamed into place, so a crash anywhere leaves the ledger saying what is still to do.
-One failing row is recorded with its error and never costs other rows their work.
+The parent is the ledger's only writer. A row is marked `running` when its batch is handed out and `done` only after
+its worker reports the file renamed into place, so a crash anywhere leaves the ledger saying what is still to do.
+One failing row is recorded with its error and never costs other rows their work; a worker that dies has its rows
+handed out again, up to `retries` times, on a fresh worker.
+
+Signals: the first Ctrl-C stops handing out rows and lets running ones finish; a second Ctrl-C, or SIGTERM (what
+schedulers send before they kill), stops at once, marking running rows interrupted. Either way the next run resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
+import contextlib
 import json
-import sqlite3
-import time
-import traceback
-from collections.abc import Callable
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from batchstyle import ALGORITHM_VERSION, __version__
 from batchstyle.export import ExportError, GraphSpec, export_graph, graph_matches
-from batchstyle.features import VGGFeatures, layer_names
-from batchstyle.images import (
-    ImageError,
-    image_to_tensor,
-    load_image,
-    luminance_image,
-    output_size,
-    read_metadata,
-    recombine_color,
-    remove_stale_temp_files,
-    resize_long_side,
-    save_image_atomic,
-    tensor_to_image,
-)
+from batchstyle.images import output_size, read_metadata, remove_stale_temp_files
 from batchstyle.ledger import Ledger, pack_history
-from batchstyle.manifest import Manifest, Row
-from batchstyle.optimize import Losses, scale_sizes, stylize, upsample
-from batchstyle.options import Settings, make_settings
+from batchstyle.manifest import Manifest
+from batchstyle.optimize import lbfgs_history
+from batchstyle.plan import Job, Shard, auto_batch_size, graph_spec, image_bytes, make_batches, plan
+from batchstyle.pools import InlinePool, Pool, ProcessPool
 from batchstyle.progress import Events, Silent
-from batchstyle.targets import OrtBackend, TargetCache, Targets, TargetStore, TorchBackend, blend_grams, style_long_side
-from batchstyle.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve, sha256_file
+from batchstyle.targets import style_long_side
+from batchstyle.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
+from batchstyle.worker import Result, WorkerSpec, precision_for
 
-
-@dataclass(frozen=True)
-class Job:
-    row: Row
-    settings: Settings
-    key: str
-    content_digest: str
-    style_digests: tuple[str, ...]
-
-    @property
-    def output(self) -> Path:
-        return self.row.output
-
-    def scales(self) -> list[tuple[int, int]]:
-        """(long side, iterations) per scale, coarse to fine."""
-        s = self.settings
-        sizes = scale_sizes(s.min_size, s.size)
-        first = s.scale_iterations if s.scale_iterations and len(sizes) > 1 else s.iterations
-        return [(size, first if k == 0 else s.iterations) for k, size in enumerate(sizes)]
-
-    @property
-    def total_iterations(self) -> int:
-        return sum(iterations for _, iterations in self.scales())
-
-
-@dataclass
-class Result:
-    status: str  # done | failed
-    seconds: float
-    iterations: int = 0
-    losses: Losses | None = None
-    error: str | None = None
-    history: list[Losses] = field(default_factory=list)
-    targets: str | None = None  # where the targets came from, e.g. "content=hit style=miss,hit"
-    provider: str | None = None
-    scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
+__all__ = ["Job", "RunConfig", "RunError", "RunSummary", "graph_spec", "plan", "run"]
 
 
 @dataclass
@@ -90,71 +45,20 @@ class RunSummary:
     done: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    interrupted: list[int] = field(default_factory=list)  # rows left to do because the run was stopped
+    stopped: bool = False
 
     @property
     def exit_code(self) -> int:
+        if self.stopped:
+            return 130
         return 1 if self.failed else 0
 
     def counts(self) -> dict[str, int]:
-        return {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)}
-
-
-def _file_digest(path: Path, memo: dict[Path, str]) -> str:
-    if path not in memo:
-        memo[path] = sha256_file(path)
-    return memo[path]
-
-
-def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path, str] | None = None) -> str:
-    """Hash of everything that determines the output: input bytes, options, weights and algorithm version.
-
-    Paths are left out on purpose (moving a folder must not redo a night's work), file contents are in.
-    """
-    memo = {} if memo is None else memo
-    params = settings.as_dict()
-    if row.init_image is not None:
-        params["init"] = "file:" + _file_digest(row.init_image, memo)
-    material = {
-        "algorithm": ALGORITHM_VERSION,
-        "content": _file_digest(row.content, memo),
-        "styles": [_file_digest(s, memo) for s in row.styles],
-        "blend": list(row.blend),
-        "params": params,
-        "model": {"arch": source.arch, "weights": source.sha256, "preprocess": source.preprocess.name},
-        "format": row.output.suffix.lower(),
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-
-
-def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int, str]]:
-    """Keyed jobs for the manifest's valid rows; rows that cannot work with this model fail here, alone."""
-    memo: dict[Path, str] = {}
-    jobs, failed = [], {}
-    known = layer_names(source.arch)
-    for row in manifest.rows:
-        settings = make_settings(row.values)
-        missing = [name for name in (*settings.content_layers, *settings.style_layers) if name not in known]
-        if missing:
-            failed[row.number] = (
-                f"row {row.number} ({row.content.name}): model {source.name} ({source.arch}) has no layer "
-                f"{', '.join(missing)}; "
-                "use layers it has (VGG-16 stops at relu5_3) or --model vgg19"
-            )
-            continue
-        key = job_key(row, settings, source, memo)
-        jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles)))
-    return jobs, failed
-
-
-def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
-    return GraphSpec(
-        source.name,
-        source.sha256,
-        settings.content_layers,
-        settings.style_layers,
-        settings.pooling,
-        source.preprocess.name,
-    )
+        counts = {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed)}
+        if self.stopped:
+            counts["interrupted"] = len(self.interrupted)
+        return counts
 
 
 class RunError(RuntimeError):
@@ -170,7 +74,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise RunError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+            raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RunError(f"device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":
@@ -178,202 +82,362 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+def parse_devices(text: str, gpus: int | None = None) -> list[str]:
+    """`auto` (every GPU, else the CPU), `all` (every GPU), `cpu`, or a list such as `cuda:0,cuda:1` or `cpu,cpu`.
 
-
-class Worker:
-    """Holds the weights, one trunk per tap set and a target store, and turns a job into an output file."""
-
-    def __init__(self, weights: Weights, device: torch.device, targets: TargetStore, save_every: int = 0) -> None:
-        self.weights = weights
-        self.device = device
-        self.targets = targets
-        self.save_every = save_every
-        self._models: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
-
-    def model(self, settings: Settings) -> VGGFeatures:
-        taps = tuple(dict.fromkeys((*settings.content_layers, *settings.style_layers)))
-        key = (taps, settings.pooling)
-        if key not in self._models:
-            w = self.weights
-            self._models[key] = VGGFeatures(w.arch, w.state_dict, w.preprocess, taps, settings.pooling).to(self.device)
-        return self._models[key]
-
-    def run(self, job: Job, on_iteration: Callable[[int, Losses], None] | None = None) -> Result:
-        start = time.perf_counter()
+    A device named twice gets two worker slots, like --workers-per-device does for every device.
+    """
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    text = text.strip().lower()
+    if text in ("auto", "all"):
+        if gpus:
+            return [f"cuda:{i}" for i in range(gpus)]
+        if text == "all":
+            raise RunError("--devices all asks for every GPU, but torch sees none; use --devices cpu")
+        return ["cpu"]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise RunError("--devices is empty: use auto, all, cpu, or a list such as cuda:0,cuda:1")
+    out = []
+    for name in names:
         try:
-            return self._stylize(job, on_iteration, start)
-        except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
-            return Result("failed", time.perf_counter() - start, error=describe_failure(job, exc))
-
-    def _stylize(self, job: Job, on_iteration: Callable[[int, Losses], None] | None, start: float) -> Result:
-        s = job.settings
-        dev = self.device
-        content_full = load_image(job.row.content)
-        styles_full = [load_image(p) for p in job.row.styles]
-        init_full = image_to_tensor(load_image(job.row.init_image)).to(dev) if job.row.init_image else None
-        spec = graph_spec(self.weights.source, s)
-        model = self.model(s)
-        image: torch.Tensor | None = None
-        history: list[Losses] = []
-        scales: list[tuple[int, int, int]] = []
-        hits: list[str] = []
-        done_before = 0
-        for k, (size, iterations) in enumerate(job.scales()):
-            content = image_to_tensor(resize_long_side(content_full, size)).to(dev)
-            style_size = style_long_side(size, s.style_scale)
-            styles = [image_to_tensor(resize_long_side(st, style_size)).to(dev) for st in styles_full]
-            original, init = content, init_full
-            content_variant, style_variant = "rgb", "rgb"
-            if s.preserve_color:
-                # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
-                styles = [luminance_image(st, match=content) for st in styles]
-                content = luminance_image(content)
-                init = luminance_image(init) if init is not None else None
-                h, w = content.shape[-2:]
-                content_variant, style_variant = "luma", f"luma-matched:{job.content_digest}:{w}x{h}"
-            content_targets, content_hit = self.targets.get(
-                spec, "content", job.content_digest, content_variant, content
-            )
-            grams, style_hits = [], []
-            for digest, pixels in zip(job.style_digests, styles):
-                found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
-                grams.append(found)
-                style_hits.append(hit)
-            hits.append(f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}")
-            targets = Targets(content_targets, blend_grams(grams, job.row.blend))
-            scale_settings = dataclasses.replace(s, size=size, iterations=iterations)
-            offset = done_before
-            outcome = stylize(
-                model,
-                content,
-                targets,
-                scale_settings,
-                init,
-                None if on_iteration is None else functools.partial(_offset_progress, on_iteration, offset),
-                start=None if image is None else upsample(image, content),
-                on_snapshot=self._snapshot(job, k, original),
-                snapshot_every=self.save_every,
-            )
-            image = outcome.image
-            history += outcome.history
-            done_before += iterations
-            scales.append((content.shape[-1], content.shape[-2], iterations))
-        assert image is not None
-        result_image = recombine_color(image, original) if s.preserve_color else image
-        job.output.parent.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(tensor_to_image(result_image), job.output, self.metadata(job, outcome.losses, scales))
-        return Result(
-            "done",
-            time.perf_counter() - start,
-            done_before,
-            outcome.losses,
-            history=history,
-            targets=" | ".join(hits) if len(hits) > 1 else hits[0],
-            provider=self.targets.provider(spec),
-            scales=scales,
-        )
-
-    def _snapshot(self, job: Job, scale: int, original: torch.Tensor) -> Callable[[int, torch.Tensor], None] | None:
-        """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output."""
-        if not self.save_every:
-            return None
-        folder = job.output.parent / f"{job.output.stem}.iterates"
-
-        def save(iteration: int, pixels: torch.Tensor) -> None:
-            image = recombine_color(pixels, original) if job.settings.preserve_color else pixels
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"scale{scale}-iter{iteration:05d}{job.output.suffix}"
-            save_image_atomic(
-                tensor_to_image(image), path, {"batchstyle:iterate": f"scale {scale}, iteration {iteration}"}
-            )
-
-        return save
-
-    def metadata(self, job: Job, losses: Losses, scales: list[tuple[int, int, int]]) -> dict[str, str]:
-        """Enough to know, from the file alone, how it was made and to make it again."""
-        params = {k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.as_dict().items()}
-        params["scales"] = [list(scale) for scale in scales]
-        return {
-            "Software": f"batchstyle {__version__}",
-            "batchstyle:content": job.row.content.name,
-            "batchstyle:styles": ";".join(p.name for p in job.row.styles),
-            "batchstyle:style_blend_weights": ";".join(f"{w:g}" for w in job.row.blend),
-            "batchstyle:params": json.dumps(params, sort_keys=True),
-            "batchstyle:model": self.weights.source.name,
-            "batchstyle:weights": self.weights.sha256,
-            "batchstyle:seed": str(job.settings.seed),
-            "batchstyle:losses": json.dumps(losses.__dict__),
-            "batchstyle:key": job.key,
-            "batchstyle:device": str(self.device),
-        }
-
-
-def _offset_progress(callback: Callable[[int, Losses], None], offset: int, iteration: int, losses: Losses) -> None:
-    """Iterations count across scales, so one progress bar covers the whole row."""
-    callback(offset + iteration, losses)
-
-
-def _hit(flag: bool) -> str:
-    return "hit" if flag else "miss"
-
-
-def _without_row(number: int, error: str) -> str:
-    """The summary prints `row N: ...` itself; the ledger keeps the full text."""
-    prefix = f"row {number}"
-    return error[len(prefix) :].lstrip(": ") if error.startswith(prefix) else error
-
-
-def describe_failure(job: Job, exc: BaseException) -> str:
-    where = f"row {job.row.number}"
-    if isinstance(exc, ImageError):
-        return f"{where}: {exc}"
-    if _is_out_of_memory(exc):
-        return (
-            f"{where}: out of memory at size {job.settings.size} ({exc.__class__.__name__}); lower size for this row "
-            "or use a device with more memory"
-        )
-    tail = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    at = f" at {Path(tail[0].filename).name}:{tail[0].lineno}" if tail else ""
-    return f"{where} ({job.row.content.name}): {exc.__class__.__name__}: {exc}{at}"
+            device = torch.device(name)
+        except RuntimeError:
+            raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda or cuda:N") from None
+        if device.type == "cuda":
+            index = 0 if device.index is None else device.index
+            if not gpus:
+                raise RunError(f"--devices names {name}, but torch sees no CUDA GPU; use --devices cpu")
+            if index >= gpus:
+                raise RunError(f"--devices names {name}, but torch sees {gpus} GPU(s)")
+            out.append(f"cuda:{index}")
+        elif device.type == "cpu":
+            out.append("cpu")
+        else:
+            raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda or cuda:N")
+    return out
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Run-level choices: which weights, where to compute, and how targets are made and kept."""
+    """Run-level choices: which weights, where and how wide to compute, and how targets are made and kept."""
 
     model: str = "auto"
-    device: str = "auto"
+    devices: str = "auto"  # see parse_devices
     force: bool = False
     cache_dir: Path | None = None  # weights, targets and exported graphs; default: weights.default_cache_dir()
     targets: str = "ort"  # ort | torch
     trt_fp16: bool = False
     save_every: int = 0  # write every N-th iterate beside the output, in <output stem>.iterates/
     argv: tuple[str, ...] = ()
+    workers_per_device: int = 1
+    batch_size: int = 1  # 0: as many as fit the device's memory
+    retries: int = 2  # times a row is handed out again after its worker died
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16
+    backend: str = "local"  # local | ray
+    address: str | None = None  # Ray cluster address; None starts a local Ray
+    shard: Shard | None = None
 
     @property
     def cache(self) -> Path:
         return self.cache_dir or default_cache_dir()
 
 
+# -- which rows go where ---------------------------------------------------------------------------------------------
+
+
+class Scheduler:
+    """Hands batches out one at a time to whichever slot is idle (no static split: a slow row never holds up rows
+    queued behind it on another device), preferring the style the slot worked on last, then a style no other slot
+    is working on, so each style's targets are computed on as few workers as possible."""
+
+    def __init__(self, batches: Sequence[list[Job]]) -> None:
+        self.queue: list[list[Job]] = list(batches)
+        self.last: dict[int, frozenset[str]] = {}
+        self.active: dict[int, frozenset[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    @staticmethod
+    def styles(batch: Sequence[Job]) -> frozenset[str]:
+        return frozenset(d for job in batch for d in job.style_digests)
+
+    def next_for(self, slot: int) -> list[Job] | None:
+        if not self.queue:
+            return None
+        mine = self.last.get(slot, frozenset())
+        others = frozenset().union(*(s for k, s in self.active.items() if k != slot))
+        pick = next((b for b in self.queue if self.styles(b) & mine), None)
+        if pick is None:
+            pick = next((b for b in self.queue if not self.styles(b) & others), self.queue[0])
+        self.queue.remove(pick)
+        self.last[slot] = self.active[slot] = self.styles(pick)
+        return pick
+
+    def finished(self, slot: int) -> None:
+        self.active.pop(slot, None)
+
+    def again(self, jobs: Sequence[Job]) -> None:
+        """Rows back from a dead worker go first, one per batch: a row that killed its worker once should not take
+        batch-mates down with it again."""
+        self.queue[:0] = [[job] for job in jobs]
+
+
+# -- signals --------------------------------------------------------------------------------------------------------
+
+
+class Stop:
+    """What the signals asked for: `requested` after a first Ctrl-C (finish running rows, start no more).
+
+    An immediate stop waits for the end of a `shielded` section (recording a batch in the ledger), so the ledger
+    never says `running` for a row that no worker has.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: int | None = None
+        self.shields = 0
+        self.deferred: int | None = None
+
+    def now(self, signum: int) -> None:
+        self.requested, self.signal = True, signum
+        if self.shields:
+            self.deferred = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        self.shields += 1
+        try:
+            yield
+        finally:
+            self.shields -= 1
+        if not self.shields and self.deferred is not None:
+            signum, self.deferred = self.deferred, None
+            raise Interrupted(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stop at once: a second Ctrl-C, or SIGTERM. Carries the signal for the exit code (128 + signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals(stop: Stop, events: Events) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread; a library caller keeps its own
+        return
+
+    def on_int(signum: int, frame: Any) -> None:
+        if stop.requested:
+            stop.now(signum)
+            return
+        stop.requested, stop.signal = True, signum
+        events.message("stopping: running rows finish, no new ones start; Ctrl-C again to stop at once")
+
+    def on_term(signum: int, frame: Any) -> None:
+        stop.now(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+
+class _Execution:
+    """The parent's side of a run: owns the ledger and the summary, reacts to what the pool reports."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        run_id: int,
+        source: WeightSource,
+        config: RunConfig,
+        events: Events,
+        summary: RunSummary,
+        stop: Stop,
+    ) -> None:
+        self.stop = stop
+        self.ledger = ledger
+        self.run_id = run_id
+        self.source = source
+        self.config = config
+        self.events = events
+        self.summary = summary
+        self.pool: Pool | None = None
+        self.scheduler = Scheduler([])
+        self.in_flight: dict[int, list[Job]] = {}
+        self.attempts: dict[Path, int] = {}
+        self.messages: set[str] = set()
+
+    # PoolEvents
+    def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
+        self.events.iteration(row, iteration, losses)
+
+    def results(self, slot: int, results: list[Result]) -> None:
+        with self.stop.shielded():
+            jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
+            self.scheduler.finished(slot)
+            for result in results:
+                self._record(jobs[result.row], result)
+
+    def lost(self, slot: int, reason: str, counts: bool) -> None:
+        with self.stop.shielded():
+            self._lost(slot, reason, counts)
+
+    def _lost(self, slot: int, reason: str, counts: bool) -> None:
+        jobs = self.in_flight.pop(slot, [])
+        self.scheduler.finished(slot)
+        again = []
+        for job in jobs:
+            tries = self.attempts.get(job.output, 0) + (1 if counts else 0)
+            self.attempts[job.output] = tries
+            if tries > self.config.retries:
+                error = (
+                    f"row {job.row.number}: its worker died {tries} times ({reason}); lower size for this row "
+                    "or --batch-size, or give it a device with more memory"
+                )
+                self._record(job, Result(job.row.number, "failed", 0.0, error=error))
+            else:
+                if counts:
+                    self.events.message(
+                        f"row {job.row.number}: worker on {self._device(slot)} {reason}; retrying "
+                        f"({tries} of {self.config.retries})"
+                    )
+                self.ledger.mark_finished(job.output, status="pending", error=f"worker {reason}; retried")
+                self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
+                again.append(job)
+        self.scheduler.again(again)
+
+    def message(self, text: str) -> None:
+        if text not in self.messages:  # every worker says what its ONNX Runtime runs on; once is enough
+            self.messages.add(text)
+            self.events.message(text)
+
+    def _device(self, slot: int) -> str:
+        return self.pool.slots[slot] if self.pool is not None else "?"
+
+    def execute(self, pool: Pool, batches: list[list[Job]]) -> None:
+        stop = self.stop
+        self.pool = pool
+        self.scheduler = Scheduler(batches)
+        while True:
+            if not stop.requested:
+                for slot in pool.idle():
+                    with stop.shielded():
+                        batch = self.scheduler.next_for(slot)
+                        if batch is None:
+                            break
+                        self._hand_out(slot, batch)
+            if not pool.busy():
+                if stop.requested or not len(self.scheduler):
+                    break
+                if not pool.usable():
+                    self._fail_rest("no worker could start: see the messages above")
+                    break
+            pool.wait(0.5)
+        self._leave_rest()
+
+    def _hand_out(self, slot: int, batch: list[Job]) -> None:
+        device = self._device(slot)
+        self.in_flight[slot] = batch
+        for job in batch:
+            self.ledger.mark_running(
+                job.output, run_id=self.run_id, device=device, model=self.source.name, weights=self.source.sha256
+            )
+            self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
+        assert self.pool is not None
+        self.pool.submit(slot, batch)
+
+    def _record(self, job: Job, result: Result) -> None:
+        fields: dict[str, Any] = {
+            "seconds": result.seconds,
+            "iterations": result.iterations,
+            "error": result.error,
+            "targets": result.targets,
+            "provider": result.provider,
+            "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
+        }
+        if result.losses is not None:
+            fields.update(
+                content_loss=result.losses.content,
+                style_loss=result.losses.style,
+                tv_loss=result.losses.tv,
+                total_loss=result.losses.total,
+                params=json.dumps(
+                    {**job.settings.as_dict(), "scales": [list(x) for x in result.scales], "batch": result.batch}
+                ),
+            )
+        self.ledger.mark_finished(job.output, status=result.status, **fields)
+        info = {"seconds": round(result.seconds, 3), "error": result.error}
+        if result.losses is not None:
+            info.update(result.losses.__dict__)
+        self.events.row_finished(job.row.number, self.ledger.relative(job.output), result.status, info)
+        if result.status == "done":
+            self.summary.done.append(job.row.number)
+        else:
+            self.summary.failed[job.row.number] = _without_row(job.row.number, result.error or "failed")
+
+    def _fail_rest(self, reason: str) -> None:
+        for batch in self.scheduler.queue:
+            for job in batch:
+                self._record(job, Result(job.row.number, "failed", 0.0, error=f"row {job.row.number}: {reason}"))
+        self.scheduler.queue.clear()
+
+    def _leave_rest(self) -> None:
+        """Rows still queued (a stop was asked for) stay pending; the next run does them."""
+        if self.stop.requested:
+            self.summary.stopped = True
+            self.summary.interrupted += [job.row.number for batch in self.scheduler.queue for job in batch]
+
+    def interrupt_running(self) -> None:
+        for jobs in self.in_flight.values():
+            for job in jobs:
+                self.ledger.mark_finished(job.output, status="pending", error="interrupted")
+                self.summary.interrupted.append(job.row.number)
+        self.in_flight.clear()
+        self.summary.stopped = True
+        self.summary.interrupted += [job.row.number for batch in self.scheduler.queue for job in batch]
+        self.scheduler.queue.clear()
+
+
 def run(manifest: Manifest, config: RunConfig | None = None, events: Events | None = None) -> RunSummary:
-    """Runs every valid row not already done; invalid rows are recorded as failed with their problems."""
+    """Runs every valid row not already done; invalid rows are recorded as failed with their problems.
+
+    Raises `Interrupted` (a KeyboardInterrupt) after a second Ctrl-C or a SIGTERM, with the ledger consistent.
+    """
     config = config or RunConfig()
     events = events or Silent()
     source, reason = resolve(config.model, config.cache)
-    torch_device = pick_device(config.device)
+    slots = _slots(config)
     jobs, unplannable = plan(manifest, source)
+    shard = config.shard
+    rows = [row for row in manifest.rows if shard is None or shard.holds(row.number)]
+    if shard is not None:
+        jobs = [job for job in jobs if shard.holds(job.row.number)]
     summary = RunSummary(manifest.out_dir, source.name)
-    with Ledger(manifest.out_dir) as ledger:
-        # A run killed mid-save leaves hidden temp files; nothing else writes here while we hold the lock.
-        remove_stale_temp_files(manifest.out_dir)
+    stop = Stop()
+    with Ledger(manifest.out_dir, shard.ledger_suffix if shard else None) as ledger, _signals(stop, events):
+        # A run killed mid-save leaves hidden temp files; nothing else writes them while we hold the lock (shards
+        # share the folder, so a shard removes only its own rows' temp files).
+        remove_stale_temp_files(manifest.out_dir, [row.output for row in rows] if shard else None)
         run_id = ledger.start_run(manifest.path, list(config.argv), source.name, source.sha256)
         ledger.forget_invalid_rows()
         for number, problems in manifest.problem_rows().items():
+            if shard is not None and not shard.holds(number):
+                continue
             output = manifest.out_dir / f".invalid-row{number}"
             ledger.mark_failed_unstarted(
                 output, row=number, content="", styles="", run_id=run_id, error="; ".join(str(p) for p in problems)
@@ -381,7 +445,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             summary.failed[number] = "; ".join(
                 f"column {p.column}: {p.message}" if p.column else p.message for p in problems
             )
-        for row in manifest.rows:
+        for row in rows:
             if row.number in unplannable:
                 ledger.mark_failed_unstarted(
                     row.output,
@@ -400,33 +464,116 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             else:
                 to_do.append(job)
                 _mark_pending(ledger, job, run_id)
-        events.run_started(manifest.total_rows, len(to_do), source.name, reason, str(torch_device))
+        total = sum(1 for n in range(1, manifest.total_rows + 1) if shard is None or shard.holds(n))
+        where = ", ".join(slots) + (f" (shard {shard} of the manifest)" if shard else "")
+        events.run_started(total, len(to_do), source.name, reason, where)
         for number, message in summary.failed.items():
             events.row_finished(number, "", "failed", {"error": message})
-        cache: TargetCache | None = None
+        execution = _Execution(ledger, run_id, source, config, events, summary, stop)
+        pool: Pool | None = None
         try:
             if to_do:
-                try:
-                    cache = TargetCache(config.cache)
-                except (OSError, sqlite3.Error) as exc:
-                    events.message(f"no target cache ({exc}): every target is computed")
                 weights = _load_weights(source, config.model, config.cache, events)
-                precision = "trt-fp16" if config.trt_fp16 and config.targets == "ort" else "fp32"
-                factory = _backend_factory(weights, to_do, manifest.image_sizes, torch_device, config, events)
-                store = TargetStore(factory, cache, precision, events.message)
-                worker = Worker(weights, torch_device, store, config.save_every)
-                for job in to_do:
-                    _run_one(job, worker, ledger, run_id, events, summary)
+                torch_targets = _export_graphs(weights, config, to_do, events)
+                specs = _worker_specs(source, config, slots, to_do, manifest.image_sizes, torch_targets)
+                batch_size = config.batch_size or _auto_batch_size(slots, to_do, manifest.image_sizes, source.arch)
+                if batch_size > 1:
+                    events.message(f"batches of up to {batch_size} same-size rows")
+                batches = make_batches(to_do, batch_size, manifest.image_sizes)
+                pool = _make_pool(config, specs, execution, weights)
+                execution.execute(pool, batches)
+        except KeyboardInterrupt:
+            stop.shields += 1  # cleaning up: a further signal must not cut the ledger's last writes short
+            if pool is not None:
+                pool.close(now=True)
+                pool = None
+            execution.interrupt_running()
+            raise
         finally:
-            if cache is not None:
-                cache.close()
+            if pool is not None:
+                pool.close()
             ledger.finish_run(run_id, summary.counts())
             events.run_finished(summary.counts())
     return summary
 
 
+def _slots(config: RunConfig) -> list[str]:
+    if config.workers_per_device < 1:
+        raise RunError("--workers-per-device must be at least 1")
+    if config.backend == "ray":
+        return ["ray"]
+    return [device for device in parse_devices(config.devices) for _ in range(config.workers_per_device)]
+
+
+def _threads(slots: Sequence[str]) -> int | None:
+    """Worker processes on one machine share its cores: each gets its share, so they do not fight over them (two
+    processes with a thread per core each run slower together than one alone)."""
+    if len(slots) == 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // len(slots))
+
+
+def _worker_specs(
+    source: WeightSource,
+    config: RunConfig,
+    slots: Sequence[str],
+    jobs: Sequence[Job],
+    sizes: dict[Path, tuple[int, int]],
+    torch_targets: frozenset[GraphSpec],
+) -> list[WorkerSpec]:
+    profile = shape_profile(jobs, sizes)
+    threads = _threads(slots)
+    specs = []
+    for device in slots:
+        precision = config.precision if device == "ray" else precision_for(torch.device(device), config.precision)
+        specs.append(
+            WorkerSpec(
+                model=source.name,
+                cache_dir=config.cache,
+                device=device,
+                targets=config.targets,
+                trt_fp16=config.trt_fp16,
+                profile=profile,
+                torch_targets=torch_targets,
+                save_every=config.save_every,
+                precision=precision,
+                threads=threads,
+            )
+        )
+    return specs
+
+
+def _make_pool(config: RunConfig, specs: list[WorkerSpec], execution: _Execution, weights: Weights) -> Pool:
+    if config.backend == "ray":
+        from batchstyle.pools import RayPool
+
+        return RayPool(specs[0], execution, config.address, config.retries)
+    if len(specs) == 1 and specs[0].device == "cpu":
+        # One CPU slot (a laptop, a CI box) runs in this process: no start-up cost, nothing to isolate it from. A GPU
+        # always gets a worker process, so a crashed CUDA context costs a retry, not the run.
+        return InlinePool(specs[0], execution, weights)
+    return ProcessPool(specs, execution)
+
+
+def _auto_batch_size(slots: Sequence[str], jobs: Sequence[Job], sizes: dict[Path, tuple[int, int]], arch: str) -> int:
+    """On CUDA, as many images as the smallest GPU's free memory holds; on CPU 1, because a CPU is busy with one
+    image already and a batch there only delays every output in it (see `batchstyle bench iteration --batch`)."""
+    gpus = [torch.device(s) for s in slots if s.startswith("cuda")]
+    if not gpus or len(gpus) != len(slots):
+        return 1
+    free = min(torch.cuda.mem_get_info(d)[0] for d in gpus) // max(1, len(slots) // len(set(slots)))
+    need = 0
+    for job in jobs:
+        if job.row.content in sizes:
+            w, h = output_size(*sizes[job.row.content], job.settings.size)
+            taps = (*job.settings.content_layers, *job.settings.style_layers)
+            pairs = lbfgs_history(3 * w * h) if job.settings.optimizer == "lbfgs" else 0
+            need = max(need, image_bytes(arch, taps, w, h, pairs))
+    return auto_batch_size(free, need)
+
+
 def shape_profile(
-    jobs: list[Job], sizes: dict[Path, tuple[int, int]]
+    jobs: Sequence[Job], sizes: dict[Path, tuple[int, int]]
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None:
     """One TensorRT shape profile spanning every image the jobs will feed the target graph, at every scale:
     (min, most common, max) as (height, width), so TensorRT builds its engine once rather than per image size."""
@@ -447,30 +594,17 @@ def shape_profile(
     return low, common, high
 
 
-def _backend_factory(
-    weights: Weights,
-    jobs: list[Job],
-    sizes: dict[Path, tuple[int, int]],
-    device: torch.device,
-    config: RunConfig,
-    events: Events,
-) -> Callable[[GraphSpec], TorchBackend | OrtBackend]:
-    """Exports (once, in the parent) the ONNX graphs the jobs need, and says how a worker opens each one."""
-    use_ort = config.targets == "ort"
-    if use_ort:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            events.message(
-                "onnxruntime is not installed: targets are computed with torch "
-                "(pip install 'batchstyle[cpu]', or 'batchstyle[gpu]' on a GPU host, to use ONNX Runtime)"
-            )
-            use_ort = False
-    if not use_ort:
-        return lambda spec: TorchBackend(weights, spec, device)
+def _export_graphs(weights: Weights, config: RunConfig, jobs: Sequence[Job], events: Events) -> frozenset[GraphSpec]:
+    """Exports (once, in the parent, before any worker starts) the ONNX graphs the jobs need; returns the graphs
+    that could not be exported, whose targets workers then compute with torch."""
+    if config.targets != "ort":
+        return frozenset()
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return frozenset()  # each worker says so and uses torch
     export_dir = config.cache / "onnx"
-    profile = shape_profile(jobs, sizes)
-    failures: dict[GraphSpec, str] = {}
+    failures: set[GraphSpec] = set()
     for spec in dict.fromkeys(graph_spec(weights.source, job.settings) for job in jobs):
         path = export_dir / spec.filename()
         if not graph_matches(path, spec):
@@ -478,29 +612,9 @@ def _backend_factory(
             try:
                 export_graph(weights, spec, export_dir, log=events.message)
             except (ExportError, OSError, ImportError) as exc:
-                failures[spec] = str(exc)
+                failures.add(spec)
                 events.message(f"ONNX export failed ({exc}); rows needing {path.name} compute targets with torch")
-    seen: set[str] = set()
-
-    def make(spec: GraphSpec) -> TorchBackend | OrtBackend:
-        if spec in failures:
-            return TorchBackend(weights, spec, device)
-        backend = OrtBackend(
-            export_dir / spec.filename(),
-            spec,
-            weights.arch,
-            device,
-            config.cache,
-            config.trt_fp16,
-            profile,
-            warn=events.message,
-        )
-        if backend.provider not in seen:
-            seen.add(backend.provider)
-            events.message(f"targets: ONNX Runtime on {backend.provider}")
-        return backend
-
-    return make
+    return frozenset(failures)
 
 
 def _finished_before(job: Job, ledger: Ledger, run_id: int) -> bool:
@@ -531,6 +645,7 @@ def _mark_pending(ledger: Ledger, job: Job, run_id: int) -> None:
 
 
 def _load_weights(source: WeightSource, model: str, cache_dir: Path | None, events: Events) -> Weights:
+    """Fetched and checked once here, in the parent, so workers only ever read a cache known to be good."""
     if not source.is_cached(cache_dir):
         events.message(f"fetching {source.name} weights from {source.origin} (once; cached in {cache_dir})")
     try:
@@ -545,43 +660,7 @@ def _load_weights(source: WeightSource, model: str, cache_dir: Path | None, even
         ) from exc
 
 
-def _run_one(job: Job, worker: Worker, ledger: Ledger, run_id: int, events: Events, summary: RunSummary) -> None:
-    row = job.row
-    rel = ledger.relative(job.output)
-    source = worker.weights.source
-    ledger.mark_running(job.output, run_id=run_id, device=str(worker.device), model=source.name, weights=source.sha256)
-    events.row_started(row.number, rel, job.total_iterations)
-
-    def on_iteration(i: int, losses: Losses) -> None:
-        events.iteration(row.number, i, losses.__dict__)
-
-    try:
-        result = worker.run(job, on_iteration)
-    except KeyboardInterrupt:
-        ledger.mark_finished(job.output, status="pending", error="interrupted")
-        raise
-    fields: dict[str, Any] = {
-        "seconds": result.seconds,
-        "iterations": result.iterations,
-        "error": result.error,
-        "targets": result.targets,
-        "provider": result.provider,
-        "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
-    }
-    if result.losses is not None:
-        fields.update(
-            content_loss=result.losses.content,
-            style_loss=result.losses.style,
-            tv_loss=result.losses.tv,
-            total_loss=result.losses.total,
-            params=json.dumps({**job.settings.as_dict(), "scales": [list(x) for x in result.scales]}),
-        )
-    ledger.mark_finished(job.output, status=result.status, **fields)
-    info = {"seconds": round(result.seconds, 3), "error": result.error}
-    if result.losses is not None:
-        info.update(result.losses.__dict__)
-    events.row_finished(row.number, rel, result.status, info)
-    if result.status == "done":
-        summary.done.append(row.number)
-    else:
-        summary.failed[row.number] = _without_row(row.number, result.error or "failed")
+def _without_row(number: int, error: str) -> str:
+    """The summary prints `row N: ...` itself; the ledger keeps the full text."""
+    prefix = f"row {number}"
+    return error[len(prefix) :].lstrip(": ") if error.startswith(prefix) else error

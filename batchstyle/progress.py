@@ -44,46 +44,54 @@ class Silent:
 
 
 class Terminal(Silent):
-    """Two bars: the whole run (rows) and the current image (iterations, loss, ETA)."""
+    """A bar for the whole run (rows) and one per running row (iterations, loss, ETA): several workers, several
+    rows at once."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
         self.rows: tqdm | None = None
-        self.image: tqdm | None = None
+        self.images: dict[int, tqdm] = {}
+        self.positions: dict[int, int] = {}  # screen line of each running row's bar
 
     def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None:
-        self.message(f"model: {model} ({reason}); device: {device}; {to_do} of {total} rows to do")
+        self.message(f"model: {model} ({reason}); devices: {device}; {to_do} of {total} rows to do")
         if to_do:
             self.rows = tqdm(total=to_do, desc="rows", unit="row", file=self.stream, position=0, dynamic_ncols=True)
 
     def row_started(self, row: int, output: str, iterations: int) -> None:
-        self.image = tqdm(
+        taken = set(self.positions.values())
+        position = self.positions[row] = next(p for p in range(1, len(taken) + 2) if p not in taken)
+        self.images[row] = tqdm(
             total=iterations,
             desc=f"row {row}",
             unit="it",
             file=self.stream,
-            position=1,
+            position=position,
             leave=False,
             dynamic_ncols=True,
         )
 
     def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None:
-        if self.image is not None:
-            self.image.update(iteration - self.image.n)
-            if iteration % 5 == 0 or iteration == self.image.total:
-                self.image.set_postfix(loss=f"{losses['total']:.4g}", refresh=False)
+        bar = self.images.get(row)
+        if bar is not None:
+            bar.update(iteration - bar.n)
+            bar.set_postfix(loss=f"{losses['total']:.4g}", refresh=False)
 
     def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:
         if status == "failed":
             self.message(f"failed: {info.get('error')}")
-        if self.image is None:  # a row that failed validation was never started: not counted in the bar
+        bar = self.images.pop(row, None)
+        self.positions.pop(row, None)
+        if bar is None:  # a row that failed validation was never started: not counted in the bar
             return
-        self.image.close()
-        self.image = None
-        if self.rows is not None:
+        bar.close()
+        if self.rows is not None and status != "retry":
             self.rows.update(1)
 
     def run_finished(self, counts: dict[str, int]) -> None:
+        for bar in self.images.values():
+            bar.close()
+        self.images.clear()
         if self.rows is not None:
             self.rows.close()
 

@@ -1,0 +1,233 @@
+"""From validated manifest rows to work: keyed jobs, the batches they can share, and a shard's slice of them.
+
+Everything here is decided before any network is loaded, so it is cheap, deterministic and the same in every
+process: the parent plans, workers only execute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchstyle import ALGORITHM_VERSION
+from batchstyle.export import GraphSpec
+from batchstyle.features import layer_names
+from batchstyle.images import output_size
+from batchstyle.manifest import Manifest, Row
+from batchstyle.optimize import scale_sizes
+from batchstyle.options import Settings, make_settings
+from batchstyle.weights import WeightSource, sha256_file
+
+
+@dataclass(frozen=True)
+class Job:
+    row: Row
+    settings: Settings
+    key: str
+    content_digest: str
+    style_digests: tuple[str, ...]
+
+    @property
+    def output(self) -> Path:
+        return self.row.output
+
+    def scales(self) -> list[tuple[int, int]]:
+        """(long side, iterations) per scale, coarse to fine."""
+        s = self.settings
+        sizes = scale_sizes(s.min_size, s.size)
+        first = s.scale_iterations if s.scale_iterations and len(sizes) > 1 else s.iterations
+        return [(size, first if k == 0 else s.iterations) for k, size in enumerate(sizes)]
+
+    @property
+    def total_iterations(self) -> int:
+        return sum(iterations for _, iterations in self.scales())
+
+
+def _file_digest(path: Path, memo: dict[Path, str]) -> str:
+    if path not in memo:
+        memo[path] = sha256_file(path)
+    return memo[path]
+
+
+def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path, str] | None = None) -> str:
+    """Hash of everything that determines the output: input bytes, options, weights and algorithm version.
+
+    Paths are left out on purpose (moving a folder must not redo a night's work), file contents are in.
+    """
+    memo = {} if memo is None else memo
+    params = settings.as_dict()
+    if row.init_image is not None:
+        params["init"] = "file:" + _file_digest(row.init_image, memo)
+    material = {
+        "algorithm": ALGORITHM_VERSION,
+        "content": _file_digest(row.content, memo),
+        "styles": [_file_digest(s, memo) for s in row.styles],
+        "blend": list(row.blend),
+        "params": params,
+        "model": {"arch": source.arch, "weights": source.sha256, "preprocess": source.preprocess.name},
+        "format": row.output.suffix.lower(),
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int, str]]:
+    """Keyed jobs for the manifest's valid rows; rows that cannot work with this model fail here, alone."""
+    memo: dict[Path, str] = {}
+    jobs, failed = [], {}
+    known = layer_names(source.arch)
+    for row in manifest.rows:
+        settings = make_settings(row.values)
+        missing = [name for name in (*settings.content_layers, *settings.style_layers) if name not in known]
+        if missing:
+            failed[row.number] = (
+                f"row {row.number} ({row.content.name}): model {source.name} ({source.arch}) has no layer "
+                f"{', '.join(missing)}; "
+                "use layers it has (VGG-16 stops at relu5_3) or --model vgg19"
+            )
+            continue
+        key = job_key(row, settings, source, memo)
+        jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles)))
+    return jobs, failed
+
+
+def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
+    return GraphSpec(
+        source.name,
+        source.sha256,
+        settings.content_layers,
+        settings.style_layers,
+        settings.pooling,
+        source.preprocess.name,
+    )
+
+
+# -- batches -------------------------------------------------------------------------------------------------------
+
+
+def batch_key(job: Job, sizes: Mapping[Path, tuple[int, int]]) -> tuple[object, ...] | None:
+    """Jobs with equal keys can share one forward/backward: same settings and the same pixel grid at every scale.
+
+    None when the content's size is unknown (it was not checked), which keeps such a job in a batch of its own.
+    """
+    if job.row.content not in sizes:
+        return None
+    w, h = sizes[job.row.content]
+    settings = tuple(sorted((k, repr(v)) for k, v in job.settings.as_dict().items()))
+    return (settings, output_size(w, h, job.settings.size))
+
+
+def make_batches(jobs: Sequence[Job], batch_size: int, sizes: Mapping[Path, tuple[int, int]]) -> list[list[Job]]:
+    """Groups jobs into batches of at most `batch_size`, rows sharing a style next to each other.
+
+    Batches come in manifest order of their first row, so a run's first outputs are the manifest's first rows;
+    within a batch key, rows with the same style fill the same batch, so its targets are computed once and stay
+    warm (the scheduler also hands a worker the batches sharing its last style).
+    """
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i].style_digests, i))
+    groups: dict[object, list[Job]] = {}
+    for i in order:
+        key = batch_key(jobs[i], sizes) if batch_size > 1 else None
+        groups.setdefault(key if key is not None else ("alone", i), []).append(jobs[i])
+    batches = [group[k : k + batch_size] for group in groups.values() for k in range(0, len(group), batch_size)]
+    return sorted(batches, key=lambda b: min(j.row.number for j in b))
+
+
+def auto_batch_size(free_bytes: int, per_image_bytes: int, limit: int = 8) -> int:
+    """As many images as fit in 60% of the free memory (the rest is the allocator's and the targets'), at most
+    `limit`: beyond ~8 a GPU is already saturated and a batch only delays every output in it."""
+    if per_image_bytes <= 0:
+        return 1
+    return max(1, min(limit, int(free_bytes * 0.6) // per_image_bytes))
+
+
+# -- shards --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 0-based
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def holds(self, row_number: int) -> bool:
+        """Round-robin by row number: every shard gets an even share, and appending rows to a manifest never moves
+        an existing row to another shard (its ledger would lose sight of it)."""
+        return (row_number - 1) % self.count == self.index
+
+    @property
+    def ledger_suffix(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+
+class ShardError(ValueError):
+    """A --shard value (or scheduler variable) that names no slice; the message says the accepted forms."""
+
+
+def parse_shard(text: str | None, environ: Mapping[str, str] | None = None) -> Shard | None:
+    """`I/N` (0-based I), `auto/N`, or nothing; `auto` and nothing read the scheduler's own variables.
+
+    SLURM job arrays give SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (IDs may start at SLURM_ARRAY_TASK_MIN);
+    Kubernetes indexed Jobs give JOB_COMPLETION_INDEX but not the count, so there `--shard auto/N` is needed.
+    """
+    env = os.environ if environ is None else environ
+    forms = "use --shard I/N with 0 <= I < N (e.g. --shard 0/4), or --shard auto/N under SLURM or Kubernetes"
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            return _slurm_shard(env, None, forms)
+        return None
+    index_text, sep, count_text = text.partition("/")
+    if not sep:
+        raise ShardError(f"--shard {text!r} has no '/': {forms}")
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise ShardError(f"--shard {text!r}: N must be a whole number; {forms}") from None
+    if count < 1:
+        raise ShardError(f"--shard {text!r}: N must be at least 1; {forms}")
+    if index_text.strip().lower() == "auto":
+        if "SLURM_ARRAY_TASK_ID" in env:
+            return _slurm_shard(env, count, forms)
+        if "JOB_COMPLETION_INDEX" in env:
+            return _checked(env["JOB_COMPLETION_INDEX"], count, "JOB_COMPLETION_INDEX", forms)
+        raise ShardError(f"--shard {text!r}: neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set; {forms}")
+    return _checked(index_text, count, "--shard", forms)
+
+
+def _slurm_shard(env: Mapping[str, str], count: int | None, forms: str) -> Shard:
+    try:
+        task, low = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        total = count if count is not None else int(env["SLURM_ARRAY_TASK_COUNT"])
+    except ValueError:
+        raise ShardError(f"the SLURM_ARRAY_TASK_* variables are not whole numbers; {forms}") from None
+    return _checked(str(task - low), total, "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN", forms)
+
+
+def _checked(index_text: str, count: int, origin: str, forms: str) -> Shard:
+    try:
+        index = int(index_text)
+    except ValueError:
+        raise ShardError(f"{origin} {index_text!r} is not a whole number; {forms}") from None
+    if not 0 <= index < count:
+        raise ShardError(f"{origin} gives shard {index} of {count}, outside 0..{count - 1}; {forms}")
+    return Shard(index, count)
+
+
+def image_bytes(arch: str, taps: Sequence[str], width: int, height: int, lbfgs_pairs: int = 0) -> int:
+    """Rough device memory one image needs while optimised: every activation up to the deepest tap is kept for the
+    backward pass and about as much again is live during it, plus the L-BFGS history (two image-sized vectors per
+    pair). What `--batch-size auto` divides the free memory by."""
+    from batchstyle.features import layer_shape
+
+    names = layer_names(arch)
+    deepest = max(names.index(t) for t in taps)
+    floats = 0
+    for name in names[: deepest + 1]:
+        c, h, w = layer_shape(arch, name, height, width)
+        floats += c * h * w
+    return 4 * (2 * floats + (2 * lbfgs_pairs + 8) * 3 * width * height)

@@ -1,0 +1,417 @@
+"""Where workers live: in the parent itself, in spawned processes (one per device slot), or in Ray actors.
+
+The engine sees one small interface whatever the host: which slots are idle, hand a slot a batch, wait for
+something to happen. Things that happen are reported through `PoolEvents`: progress of a row, a batch's results,
+a worker lost with its batch in flight (the engine decides about retries), and messages for the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from batchstyle.plan import Job
+from batchstyle.weights import Weights
+from batchstyle.worker import Result, Worker, WorkerSpec, serve
+
+
+class PoolEvents(Protocol):
+    def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None: ...
+    def results(self, slot: int, results: list[Result]) -> None: ...
+    def lost(self, slot: int, reason: str, counts: bool) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class Pool(Protocol):
+    slots: list[str]  # the device of each slot
+
+    def idle(self) -> list[int]: ...
+    def busy(self) -> bool: ...
+    def usable(self) -> bool: ...
+    def submit(self, slot: int, batch: Sequence[Job]) -> None: ...
+    def wait(self, timeout: float) -> None: ...
+    def close(self, now: bool = False) -> None: ...
+
+
+class InlinePool:
+    """One slot, in the parent process: no start-up cost, and Ctrl-C reaches the row directly."""
+
+    def __init__(self, spec: WorkerSpec, events: PoolEvents, weights: Weights | None = None) -> None:
+        self.slots = [spec.device]
+        self.spec = spec
+        self.weights = weights
+        self.events = events
+        self.worker: Worker | None = None
+        self.batch: list[Job] | None = None
+        self.broken: str | None = None
+
+    def idle(self) -> list[int]:
+        return [0] if self.batch is None and self.broken is None else []
+
+    def busy(self) -> bool:
+        return self.batch is not None
+
+    def usable(self) -> bool:
+        return self.broken is None
+
+    def submit(self, slot: int, batch: Sequence[Job]) -> None:
+        self.batch = list(batch)
+
+    def wait(self, timeout: float) -> None:
+        if self.batch is None:
+            return
+        batch = self.batch
+        if self.worker is None:
+            try:
+                self.worker = Worker.build(self.spec, self.events.message, self.weights)
+            except Exception as exc:  # noqa: BLE001 - reported like a worker that could not start
+                self.broken = f"worker on {self.spec.device} could not start: {exc.__class__.__name__}: {exc}"
+                self.batch = None
+                self.events.lost(0, self.broken, counts=False)
+                return
+        results = self.worker.run_batch(batch, lambda row, i, losses: self.events.progress(0, row, i, losses.__dict__))
+        self.batch = None
+        self.events.results(0, results)
+
+    def close(self, now: bool = False) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+
+def death_reason(exitcode: int | None) -> str:
+    """A worker's exit, in words a person running the batch can act on."""
+    if exitcode is None:
+        return "lost contact"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the kernel's out-of-memory killer sends this)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {exitcode}"
+
+
+@dataclass
+class _Slot:
+    device: str
+    spec: WorkerSpec
+    process: Any = None
+    conn: Any = None
+    batch: list[Job] | None = None
+    ready: bool = False
+    failed_starts: int = 0  # deaths before "ready", in a row: a slot that cannot start is given up
+    broken: str | None = None
+
+
+class ProcessPool:
+    """A spawned process per slot, each owning its model, ONNX Runtime session and CUDA context.
+
+    Spawned, not forked: CUDA cannot be re-initialised in a forked child, and a fresh interpreter holds nothing of
+    the parent's. A dead worker is replaced by a fresh one; the engine is told, and re-queues or fails its rows.
+    """
+
+    MAX_FAILED_STARTS = 3
+
+    def __init__(self, specs: Sequence[WorkerSpec], events: PoolEvents) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.events = events
+        self._slots = [_Slot(spec.device, spec) for spec in specs]
+        self.slots = [slot.device for slot in self._slots]
+        self.closing = False
+        for index in range(len(self._slots)):
+            self._start(index)
+
+    def _start(self, index: int) -> None:
+        slot = self._slots[index]
+        parent, child = self.context.Pipe()
+        process = self.context.Process(
+            target=serve, args=(child, slot.spec), name=f"batchstyle-worker-{index}", daemon=True
+        )
+        process.start()
+        child.close()
+        slot.process, slot.conn, slot.ready = process, parent, False
+
+    def idle(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s.batch is None and s.broken is None]
+
+    def busy(self) -> bool:
+        return any(s.batch is not None for s in self._slots)
+
+    def usable(self) -> bool:
+        return any(s.broken is None for s in self._slots)
+
+    def submit(self, slot: int, batch: Sequence[Job]) -> None:
+        s = self._slots[slot]
+        s.batch = list(batch)
+        # If the process is dying, its sentinel reports it and the batch is handed out again.
+        with contextlib.suppress(BrokenPipeError, OSError):
+            s.conn.send(("batch", 0, s.batch))
+
+    def wait(self, timeout: float) -> None:
+        live = [s for s in self._slots if s.process is not None]
+        waitables = [s.conn for s in live] + [s.process.sentinel for s in live]
+        for ready in multiprocessing.connection.wait(waitables, timeout):
+            for index, s in enumerate(self._slots):
+                if s.process is None:
+                    continue
+                if ready is s.conn:
+                    self._drain(index)
+                elif ready == s.process.sentinel:
+                    self._drain(index)
+                    self._died(index)
+
+    def _drain(self, index: int) -> None:
+        s = self._slots[index]
+        try:
+            while s.conn is not None and s.conn.poll():
+                self._handle(index, s.conn.recv())
+        except (EOFError, OSError):
+            pass  # the sentinel says what happened
+
+    def _handle(self, index: int, message: tuple[Any, ...]) -> None:
+        s = self._slots[index]
+        kind = message[0]
+        if kind == "ready":
+            s.ready, s.failed_starts = True, 0
+        elif kind == "message":
+            self.events.message(message[1])
+        elif kind == "progress":
+            for row, (iteration, losses) in message[2].items():
+                self.events.progress(index, row, iteration, losses)
+        elif kind == "results":
+            s.batch = None
+            self.events.results(index, message[2])
+        elif kind == "fatal":
+            s.broken = message[1]
+            self.events.message(message[1])
+
+    def _died(self, index: int) -> None:
+        s = self._slots[index]
+        s.process.join(timeout=5)
+        reason = s.broken or death_reason(s.process.exitcode)
+        s.conn.close()
+        was_ready = s.ready
+        s.process, s.conn = None, None
+        if not was_ready:
+            s.failed_starts += 1
+            if s.failed_starts >= self.MAX_FAILED_STARTS and s.broken is None:
+                s.broken = f"worker on {s.device} died {s.failed_starts} times while starting ({reason})"
+                self.events.message(s.broken)
+        if s.batch is not None:
+            s.batch = None
+            # A worker that never started did not fail the rows: they go back without using up a retry.
+            self.events.lost(index, reason, counts=was_ready)
+        if not self.closing and s.broken is None:
+            self._start(index)
+
+    def close(self, now: bool = False) -> None:
+        self.closing = True
+        for s in self._slots:
+            if s.process is None:
+                continue
+            if now:
+                s.process.terminate()
+            else:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    s.conn.send(("stop",))
+        deadline = time.monotonic() + 10
+        for s in self._slots:
+            if s.process is None:
+                continue
+            s.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if s.process.is_alive():
+                s.process.kill()
+                s.process.join()
+            if s.conn is not None:
+                s.conn.close()
+            s.process, s.conn = None, None
+
+
+class RayWorker:
+    """The Ray actor: a `Worker` built inside the actor's process, the same code a local worker process runs.
+    Messages are returned with the results rather than printed, so they reach the driver's log on any node."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.messages: list[str] = []
+        self.worker = Worker.build(spec, self.messages.append)
+
+    def ready(self) -> str:
+        import socket
+
+        return f"{socket.gethostname()}/{self.worker.device}"
+
+    def run_batch(self, jobs: list[Job]) -> tuple[list[Result], list[str]]:
+        results = self.worker.run_batch(jobs)
+        messages, self.messages = self.messages, []
+        return results, messages
+
+
+@dataclass
+class _Actor:
+    spec: WorkerSpec
+    options: dict[str, Any]
+    handle: Any = None
+    ready: Any = None  # ObjectRef of ready(), until it answers
+    call: Any = None  # ObjectRef of the batch in flight
+    batch: list[Job] | None = None
+    started: bool = False
+    failed_starts: int = 0
+    broken: str | None = None
+
+
+class RayPool:
+    """Workers as Ray actors: one per GPU of the cluster (`num_gpus=1`), or one per node on a cluster without GPUs,
+    with all of that node's CPUs. The driver (this process) keeps the ledger; outputs, inputs and the cache must be
+    on paths every node sees. A dead actor is replaced and its rows handed out again, as with local processes.
+    Progress is per row: an actor reports when its batch is done.
+    """
+
+    MAX_FAILED_STARTS = 3
+
+    def __init__(self, spec: WorkerSpec, events: PoolEvents, address: str | None, retries: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            from batchstyle.engine import RunError
+
+            raise RunError("--backend ray needs Ray: pip install 'batchstyle[ray]'") from None
+        import logging
+
+        self.ray = ray
+        self.events = events
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            # address="local" starts a private Ray even where a stale cluster file would make init() connect.
+            ray.init(address=address or "local", logging_level=logging.WARNING, include_dashboard=False)
+        self._actors = [_Actor(s, o) for s, o in self._placement(spec)]
+        if not self._actors:
+            self.close()
+            from batchstyle.engine import RunError
+
+            raise RunError("the Ray cluster has no GPU and no CPU to run workers on")
+        self.slots = [f"ray:{a.spec.device}" for a in self._actors]
+        self.closing = False
+        self.remote_class = ray.remote(RayWorker)
+        for index in range(len(self._actors)):
+            self._start(index)
+
+    def _placement(self, spec: WorkerSpec) -> list[tuple[WorkerSpec, dict[str, Any]]]:
+        from dataclasses import replace
+
+        import torch
+
+        from batchstyle.worker import precision_for
+
+        ray = self.ray
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        precision = precision_for(torch.device("cuda" if gpus else "cpu"), spec.precision)
+        if gpus:
+            # Ray sets CUDA_VISIBLE_DEVICES for each actor: its GPU is cuda:0 inside it.
+            gpu = replace(spec, device="cuda:0", precision=precision, threads=1)
+            return [(gpu, {"num_gpus": 1, "num_cpus": 1}) for _ in range(gpus)]
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        placed = []
+        for node in ray.nodes():
+            cpus = int(node.get("Resources", {}).get("CPU", 0))
+            if node.get("Alive") and cpus:
+                strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                cpu = replace(spec, device="cpu", precision=precision, threads=cpus)
+                placed.append((cpu, {"num_cpus": cpus, "scheduling_strategy": strategy}))
+        return placed
+
+    def _start(self, index: int) -> None:
+        actor = self._actors[index]
+        actor.handle = self.remote_class.options(max_restarts=0, max_task_retries=0, **actor.options).remote(actor.spec)
+        actor.ready, actor.started = actor.handle.ready.remote(), False
+
+    def idle(self) -> list[int]:
+        return [i for i, a in enumerate(self._actors) if a.batch is None and a.broken is None]
+
+    def busy(self) -> bool:
+        return any(a.batch is not None for a in self._actors)
+
+    def usable(self) -> bool:
+        return any(a.broken is None for a in self._actors)
+
+    def submit(self, slot: int, batch: Sequence[Job]) -> None:
+        actor = self._actors[slot]
+        actor.batch = list(batch)
+        actor.call = actor.handle.run_batch.remote(actor.batch)
+
+    def wait(self, timeout: float) -> None:
+        refs = {}
+        for index, a in enumerate(self._actors):
+            if a.ready is not None:
+                refs[a.ready] = (index, "ready")
+            if a.call is not None:
+                refs[a.call] = (index, "call")
+        if not refs:
+            time.sleep(timeout)
+            return
+        done, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout)
+        for ref in done:
+            index, kind = refs[ref]
+            self._finished(index, kind, ref)
+
+    def _finished(self, index: int, kind: str, ref: Any) -> None:
+        ray = self.ray
+        actor = self._actors[index]
+        if ref is not actor.ready and ref is not actor.call:
+            return  # a call of an actor already replaced: its death was handled once
+        try:
+            value = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._died(index, f"Ray actor died: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")
+            return
+        except ray.exceptions.RayTaskError as exc:
+            # Worker.run_batch turns a row's errors into results; anything else is a bug: fail the batch's rows.
+            actor.call = None
+            batch, actor.batch = actor.batch or [], None
+            error = f"worker error: {str(exc).splitlines()[-1][:300]}"
+            self.events.results(index, [Result(job.row.number, "failed", 0.0, error=error) for job in batch])
+            return
+        if kind == "ready":
+            actor.ready, actor.started, actor.failed_starts = None, True, 0
+            self.slots[index] = f"ray:{value}"
+            return
+        results, messages = value
+        for text in messages:
+            self.events.message(text)
+        actor.call, actor.batch = None, None
+        self.events.results(index, results)
+
+    def _died(self, index: int, reason: str) -> None:
+        actor = self._actors[index]
+        was_started = actor.started
+        self.ray.kill(actor.handle, no_restart=True)
+        actor.handle = actor.ready = actor.call = None
+        if not was_started:
+            actor.failed_starts += 1
+            if actor.failed_starts >= self.MAX_FAILED_STARTS:
+                actor.broken = (
+                    f"Ray worker on {actor.spec.device} failed {actor.failed_starts} times to start ({reason})"
+                )
+                self.events.message(actor.broken)
+        if actor.batch is not None:
+            actor.batch = None
+            self.events.lost(index, reason, counts=was_started)
+        if not self.closing and actor.broken is None:
+            self._start(index)
+
+    def close(self, now: bool = False) -> None:
+        self.closing = True
+        for actor in getattr(self, "_actors", []):
+            if actor.handle is not None:
+                self.ray.kill(actor.handle, no_restart=True)
+                actor.handle = None
+        if self.started_ray:
+            self.ray.shutdown()

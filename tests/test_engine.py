@@ -1,0 +1,302 @@
+"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, SIGTERM and Ctrl-C, batches,
+shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16) so only the plumbing costs time.
+
+Kills and signals go to real processes started with `python -m batchstyle run`, watched through `--log-json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from conftest import make_painting, make_photo, write_manifest
+from PIL import Image
+
+from batchstyle.cli import main
+from batchstyle.engine import RunConfig, run
+from batchstyle.images import is_temp_file, read_metadata
+from batchstyle.ledger import ledger_files, read_records
+from batchstyle.manifest import read_manifest
+from batchstyle.options import default_values
+
+TINY = ("--model", "random", "--size", "32", "-q")
+
+
+def cli(*args: object, env: dict[str, str] | None = None) -> Result:
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture
+def rows6(tmp_path: Path) -> Path:
+    """Six rows, three contents of one size and two styles, so batches and style affinity both have work."""
+    folder = tmp_path / "in"
+    for k in range(3):
+        make_photo(folder / f"c{k}.png", 48, 36, seed=k)
+    make_painting(folder / "s0.png", seed=1)
+    make_painting(folder / "s1.png", seed=7)
+    cells = [f"in/c{k}.png,in/s{s}.png" for s in range(2) for k in range(3)]
+    return write_manifest(tmp_path / "m.csv", "content,style", *cells)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def outputs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: pixels(p) for p in sorted(folder.glob("*.png")) if not is_temp_file(p)}
+
+
+def assert_same_outputs(a: Path, b: Path, tolerance: int) -> None:
+    first, second = outputs(a), outputs(b)
+    assert first.keys() == second.keys() and len(first) > 0
+    worst = {name: int(np.abs(first[name] - second[name]).max()) for name in first}
+    assert max(worst.values()) <= tolerance, worst
+
+
+# --- workers ---------------------------------------------------------------------------------------------------
+
+
+def test_two_worker_processes_make_the_same_outputs_as_one(rows6: Path, tmp_path: Path) -> None:
+    one = cli("run", rows6, *TINY, "--iterations", "4", "--devices", "cpu", "--out", tmp_path / "one")
+    two = cli("run", rows6, *TINY, "--iterations", "4", "--devices", "cpu,cpu", "--out", tmp_path / "two")
+    assert one.exit_code == 0 and two.exit_code == 0, two.output
+    assert_same_outputs(tmp_path / "one", tmp_path / "two", tolerance=0)
+    records = read_records(tmp_path / "two")[0]
+    assert [r.status for r in records] == ["done"] * 6
+    # Both workers did rows: the device column says which slot ran each (both "cpu"), the pids differ.
+    assert {read_metadata(tmp_path / "two" / r.output)["batchstyle:device"] for r in records} == {"cpu"}
+
+
+def test_batched_rows_match_rows_run_alone(rows6: Path, tmp_path: Path) -> None:
+    for optimizer in ("lbfgs", "adam"):
+        common = (*TINY, "--iterations", "6", "--optimizer", optimizer, "--devices", "cpu")
+        alone = cli("run", rows6, *common, "--out", tmp_path / f"{optimizer}-alone")
+        batched = cli("run", rows6, *common, "--batch-size", "3", "--out", tmp_path / f"{optimizer}-batched")
+        assert alone.exit_code == 0 and batched.exit_code == 0, batched.output
+        assert_same_outputs(tmp_path / f"{optimizer}-alone", tmp_path / f"{optimizer}-batched", tolerance=2)
+        batches = {json.loads(r.params or "{}")["batch"] for r in read_records(tmp_path / f"{optimizer}-batched")[0]}
+        assert batches == {3}
+
+
+def test_bad_batch_size_and_devices_are_refused_before_any_work(rows6: Path, tmp_path: Path) -> None:
+    bad = cli("run", rows6, *TINY, "--batch-size", "many")
+    assert bad.exit_code == 2 and "--batch-size" in bad.output
+    gpu = cli("run", rows6, *TINY, "--devices", "cuda:7")
+    assert gpu.exit_code == 2 and "GPU" in gpu.output
+    assert not (tmp_path / "m").exists()
+
+
+# --- killed workers, signals -----------------------------------------------------------------------------------
+
+
+def _start(manifest: Path, log: Path, *options: str) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "batchstyle", "run", str(manifest), *TINY, "--log-json", str(log), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def _events(log: Path) -> list[dict]:
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _wait_for(
+    proc: subprocess.Popen[bytes], log: Path, ready: Callable[[list[dict]], bool], limit: float = 120
+) -> None:
+    deadline = time.monotonic() + limit
+    while not ready(_events(log)):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; events: {_events(log)[-5:]}")
+        time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == pid and b"spawn_main" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout: float = 180) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _count(events: list[dict], name: str, **match: object) -> int:
+    return sum(1 for e in events if e["event"] == name and all(e.get(k) == v for k, v in match.items()))
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_a_worker_killed_mid_row_has_its_row_retried(rows6: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    proc = _start(rows6, log, "--iterations", "150", "--devices", "cpu,cpu")
+    try:
+        # Both workers hold a row and at least one is iterating.
+        _wait_for(proc, log, lambda ev: _count(ev, "row_started") >= 2 and _count(ev, "iteration") >= 1)
+        assert _count(_events(log), "row_finished") == 0
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+    finally:
+        code = _finish(proc)
+    events = _events(log)
+    assert code == 0, proc.stderr.read().decode()[-2000:]
+    retried = [e for e in events if e["event"] == "message" and "SIGKILL" in e["text"] and "retrying" in e["text"]]
+    assert len(retried) == 1, [e for e in events if e["event"] == "message"]
+    records = read_records(rows6.parent / "m")[0]
+    assert [r.status for r in records] == ["done"] * 6
+    assert all(r.error is None for r in records)
+    assert events[-1]["event"] == "run_finished" and events[-1]["done"] == 6
+
+
+def _consistent_after_stop(out: Path) -> set[int]:
+    """No row left `running`, every `done` row's file complete, no temp files: what a stop must leave."""
+    records = read_records(out)[0]
+    assert all(r.status in ("done", "pending") for r in records), [(r.row, r.status) for r in records]
+    done = {r.row for r in records if r.status == "done"}
+    for r in records:
+        if r.status == "done":
+            assert pixels(out / r.output).shape[2] == 3
+    assert not [p for p in out.rglob("*") if is_temp_file(p)]
+    return done
+
+
+def test_sigterm_stops_at_once_and_a_rerun_loses_nothing(rows6: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    options = ("--iterations", "120", "--devices", "cpu,cpu")
+    proc = _start(rows6, log, *options)
+    try:
+        _wait_for(proc, log, lambda ev: _count(ev, "row_finished", status="done") >= 1)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code = _finish(proc)
+    assert code == 128 + signal.SIGTERM
+    out = rows6.parent / "m"
+    done = _consistent_after_stop(out)
+    assert 1 <= len(done) < 6
+    assert not _children(proc.pid)
+    names = {r.row: r.output for r in read_records(out)[0]}
+    before = {row: (out / names[row]).stat().st_ino for row in done}
+    again = cli("run", rows6, *TINY, *options)
+    assert again.exit_code == 0, again.output
+    assert [r.status for r in read_records(out)[0]] == ["done"] * 6
+    # Finished rows were not redone: the same files (an atomic save makes a new inode).
+    assert {row: (out / names[row]).stat().st_ino for row in done} == before
+    skipped = int(next(line.split()[-1] for line in again.output.splitlines() if line.startswith("skipped")))
+    assert skipped == len(done)
+
+
+def test_first_ctrl_c_lets_running_rows_finish(rows6: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    proc = _start(rows6, log, "--iterations", "60", "--devices", "cpu")
+    try:
+        _wait_for(proc, log, lambda ev: _count(ev, "iteration") >= 1)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        code = _finish(proc)
+    assert code == 130, proc.stderr.read().decode()[-2000:]
+    events = _events(log)
+    started = {e["row"] for e in events if e["event"] == "row_started"}
+    finished = {e["row"] for e in events if e["event"] == "row_finished" and e["status"] == "done"}
+    # The row that was running when Ctrl-C came finished; no row started after it.
+    assert started == finished and len(started) == 1
+    assert events[-1]["event"] == "run_finished" and events[-1]["interrupted"] == 5
+    assert _consistent_after_stop(rows6.parent / "m") == finished
+
+
+# --- shards ----------------------------------------------------------------------------------------------------
+
+
+def test_shards_together_do_every_row_once_and_status_merges_them(rows6: Path, tmp_path: Path) -> None:
+    a = cli("run", rows6, *TINY, "--iterations", "2", "--shard", "0/2")
+    # The second shard takes its index from SLURM's variables, as a job array would give them.
+    b = cli("run", rows6, *TINY, "--iterations", "2", env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"})
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    out = rows6.parent / "m"
+    assert [p.name for p in ledger_files(out)] == [
+        "batchstyle-ledger.shard-0-of-2.sqlite",
+        "batchstyle-ledger.shard-1-of-2.sqlite",
+    ]
+    by_ledger: dict[str, set[int]] = {}
+    records = read_records(out)[0]
+    for r in records:
+        by_ledger.setdefault(r.ledger, set()).add(r.row or 0)
+    assert by_ledger == {
+        "batchstyle-ledger.shard-0-of-2.sqlite": {1, 3, 5},
+        "batchstyle-ledger.shard-1-of-2.sqlite": {2, 4, 6},
+    }
+    assert len(outputs(out)) == 6
+    status = cli("status", out)
+    assert status.output.startswith(f"{out}: 0 pending, 0 running, 6 done, 0 failed")
+    again = cli("run", rows6, *TINY, "--iterations", "2", "--shard", "1/2")
+    assert re.search(r"^skipped\s+3$", again.output, re.MULTILINE), again.output
+    report = cli("report", out)
+    assert report.exit_code == 0 and (out / "report.html").is_file()
+
+
+# --- Ray -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[object]:
+    ray = pytest.importorskip("ray")
+    import logging
+    import tempfile
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A short temp dir: Ray's sockets live there and AF_UNIX paths stop at 107 bytes.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        object_store_memory=80 * 1024**2,
+        _temp_dir=temp,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_backend_completes_a_manifest_like_a_local_run(
+    local_ray: object, rows6: Path, tmp_path: Path, isolated_cache: Path
+) -> None:
+    values = default_values() | {"size": 32, "iterations": 3}
+    manifest = read_manifest(rows6, values, tmp_path / "ray")
+    summary = run(manifest, RunConfig(model="random", backend="ray", cache_dir=isolated_cache))
+    assert summary.exit_code == 0 and sorted(summary.done) == [1, 2, 3, 4, 5, 6]
+    records = read_records(tmp_path / "ray")[0]
+    assert all((r.device or "").startswith("ray:") for r in records), [r.device for r in records]
+    local = run(read_manifest(rows6, values, tmp_path / "local"), RunConfig(model="random", devices="cpu"))
+    assert local.exit_code == 0
+    assert_same_outputs(tmp_path / "ray", tmp_path / "local", tolerance=2)

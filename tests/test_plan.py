@@ -1,0 +1,178 @@
+"""Planning without a network: shards partition a manifest exactly, batches group only rows that can share a
+forward pass, the scheduler keeps a style on one worker, and --devices names the slots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_painting, make_photo, write_manifest
+
+from batchstyle.engine import RunError, Scheduler, parse_devices
+from batchstyle.manifest import read_manifest
+from batchstyle.options import default_values
+from batchstyle.plan import (
+    Job,
+    Shard,
+    ShardError,
+    auto_batch_size,
+    image_bytes,
+    make_batches,
+    parse_shard,
+    plan,
+)
+from batchstyle.weights import SOURCES
+
+
+def _jobs(tmp_path: Path, *rows: str, header: str = "content,style,output") -> tuple[list[Job], dict]:
+    folder = tmp_path / "in"
+    make_photo(folder / "a.png", 48, 36)
+    make_photo(folder / "b.png", 48, 36, seed=2)
+    make_photo(folder / "tall.png", 36, 48, seed=3)
+    make_painting(folder / "s1.png")
+    make_painting(folder / "s2.png", seed=4)
+    manifest = read_manifest(write_manifest(tmp_path / "m.csv", header, *rows), default_values() | {"size": 32})
+    jobs, failed = plan(manifest, SOURCES["random"])
+    assert not failed and not manifest.problems
+    return jobs, manifest.image_sizes
+
+
+# --- shards ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_shards_partition_the_rows_exactly(count: int) -> None:
+    rows = range(1, 23)
+    owners = {n: [i for i in range(count) if Shard(i, count).holds(n)] for n in rows}
+    assert all(len(found) == 1 for found in owners.values())
+    sizes = [sum(1 for n in rows if Shard(i, count).holds(n)) for i in range(count)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_appending_rows_never_moves_a_row_to_another_shard() -> None:
+    before = {n: next(i for i in range(4) if Shard(i, 4).holds(n)) for n in range(1, 11)}
+    after = {n: next(i for i in range(4) if Shard(i, 4).holds(n)) for n in range(1, 31)}
+    assert all(after[n] == shard for n, shard in before.items())
+
+
+def test_parse_shard_forms() -> None:
+    assert parse_shard("1/4", {}) == Shard(1, 4)
+    assert parse_shard(None, {}) is None
+    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == Shard(3, 4)
+    # Arrays numbered from 1 (--array=1-4): the minimum is subtracted.
+    env = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert parse_shard(None, env) == Shard(3, 4)
+    assert parse_shard("auto/5", {"JOB_COMPLETION_INDEX": "2"}) == Shard(2, 5)
+    assert parse_shard("auto/4", env) == Shard(3, 4)
+    # JOB_COMPLETION_INDEX alone does not say how many shards there are: not sharded unless asked.
+    assert parse_shard(None, {"JOB_COMPLETION_INDEX": "2"}) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "says"),
+    [
+        ("4/4", {}, "outside 0..3"),
+        ("-1/4", {}, "outside 0..3"),
+        ("1", {}, "no '/'"),
+        ("a/4", {}, "not a whole number"),
+        ("1/0", {}, "at least 1"),
+        ("1/x", {}, "whole number"),
+        ("auto/4", {}, "neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX"),
+        ("auto/2", {"JOB_COMPLETION_INDEX": "2"}, "outside 0..1"),
+    ],
+)
+def test_bad_shards_say_the_accepted_forms(text: str, env: dict[str, str], says: str) -> None:
+    with pytest.raises(ShardError, match=says) as error:
+        parse_shard(text, env)
+    assert "--shard I/N" in str(error.value)
+
+
+# --- batches ---------------------------------------------------------------------------------------------------
+
+
+def test_batches_hold_only_rows_of_the_same_size_and_settings(tmp_path: Path) -> None:
+    jobs, sizes = _jobs(
+        tmp_path,
+        "in/a.png,in/s1.png,1.png,",
+        "in/b.png,in/s2.png,2.png,",
+        "in/tall.png,in/s1.png,3.png,",  # another shape
+        "in/a.png,in/s1.png,4.png,0.5",  # another style scale
+        "in/b.png,in/s1.png,5.png,",
+        header="content,style,output,style_scale",
+    )
+    batches = make_batches(jobs, 4, sizes)
+    rows = [sorted(j.row.number for j in b) for b in batches]
+    assert sorted(rows) == [[1, 2, 5], [3], [4]]
+    # Manifest order of first rows, so the first outputs appear first.
+    assert [min(b) for b in rows] == sorted(min(b) for b in rows)
+    assert make_batches(jobs, 1, sizes) == [[j] for j in jobs]
+    # At most batch_size per batch, and the rows sharing style s1 fill a batch together.
+    two = [sorted(j.row.number for j in b) for b in make_batches(jobs, 2, sizes)]
+    assert [1, 5] in two and [2] in two
+
+
+def test_auto_batch_size_fills_free_memory_up_to_a_limit() -> None:
+    one = image_bytes("vgg19", ("relu1_1", "relu4_2", "relu5_1"), 512, 384, lbfgs_pairs=100)
+    # 512x384 on VGG-19: activations dominate, a few hundred MB per image.
+    assert 200e6 < one < 2e9
+    assert auto_batch_size(80 << 30, one) == 8
+    assert auto_batch_size(int(one * 3 / 0.6), one) == 3
+    assert auto_batch_size(one // 2, one) == 1
+    # Memory grows with the pixel count, not faster.
+    four = image_bytes("vgg19", ("relu1_1", "relu4_2", "relu5_1"), 1024, 768, lbfgs_pairs=100)
+    assert 3.9 < four / one < 4.1
+
+
+# --- scheduling ------------------------------------------------------------------------------------------------
+
+
+def test_scheduler_keeps_a_style_on_the_worker_that_has_it(tmp_path: Path) -> None:
+    jobs, sizes = _jobs(
+        tmp_path,
+        "in/a.png,in/s1.png,1.png",
+        "in/b.png,in/s2.png,2.png",
+        "in/tall.png,in/s1.png,3.png",
+        "in/a.png,in/s2.png,4.png",
+        "in/b.png,in/s1.png,5.png",
+    )
+    scheduler = Scheduler(make_batches(jobs, 1, sizes))
+    first = scheduler.next_for(0)
+    second = scheduler.next_for(1)
+    assert first is not None and second is not None
+    assert first[0].row.number == 1
+    # Slot 1 takes the other style rather than row 3, which shares slot 0's.
+    assert second[0].row.number == 2
+    scheduler.finished(0)
+    assert [j.row.number for j in scheduler.next_for(0) or []] == [3]
+    scheduler.finished(1)
+    assert [j.row.number for j in scheduler.next_for(1) or []] == [4]
+    scheduler.finished(0)
+    assert [j.row.number for j in scheduler.next_for(0) or []] == [5]
+    assert scheduler.next_for(1) is None
+
+
+def test_rows_back_from_a_dead_worker_go_first_and_alone(tmp_path: Path) -> None:
+    jobs, sizes = _jobs(tmp_path, "in/a.png,in/s1.png,1.png", "in/b.png,in/s1.png,2.png", "in/a.png,in/s2.png,3.png")
+    scheduler = Scheduler(make_batches(jobs, 2, sizes))
+    batch = scheduler.next_for(0)
+    assert batch is not None and len(batch) == 2
+    scheduler.again(batch)
+    assert [len(b) for b in scheduler.queue] == [1, 1, 1]
+    assert [b[0].row.number for b in scheduler.queue[:2]] == [1, 2]
+
+
+# --- devices ---------------------------------------------------------------------------------------------------
+
+
+def test_devices_name_the_worker_slots() -> None:
+    assert parse_devices("auto", gpus=0) == ["cpu"]
+    assert parse_devices("auto", gpus=2) == ["cuda:0", "cuda:1"]
+    assert parse_devices("all", gpus=3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert parse_devices("cpu,cpu", gpus=0) == ["cpu", "cpu"]
+    assert parse_devices("cuda:1, cuda", gpus=2) == ["cuda:1", "cuda:0"]
+    with pytest.raises(RunError, match="sees none"):
+        parse_devices("all", gpus=0)
+    with pytest.raises(RunError, match="sees 2 GPU"):
+        parse_devices("cuda:2", gpus=2)
+    with pytest.raises(RunError, match="not supported"):
+        parse_devices("mps", gpus=0)
