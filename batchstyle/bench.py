@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from batchstyle.features import VGGFeatures
-from batchstyle.optimize import stylize
+from batchstyle.optimize import stylize, stylize_batch
 from batchstyle.options import Settings, default_values, make_settings
 from batchstyle.targets import compute_targets
 from batchstyle.weights import Weights
@@ -28,6 +28,7 @@ class IterationFigures:
     optimizer: str
     seconds_per_iteration: float
     floor_seconds: float
+    batch: int = 1
 
     @property
     def ratio(self) -> float:
@@ -52,24 +53,45 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
 
 
 def iteration_figures(
-    weights: Weights, long_side: int, optimizer: str = "lbfgs", iterations: int = 10, device: str = "cpu"
+    weights: Weights,
+    long_side: int,
+    optimizer: str = "lbfgs",
+    iterations: int = 10,
+    device: str = "cpu",
+    batch: int = 1,
+    precision: str = "auto",
 ) -> IterationFigures:
-    """Median seconds of one optimisation iteration and of the bare forward+backward floor, 4:3 image."""
+    """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
+    forward+backward floor at the same batch, with the same model set-up a worker uses."""
+    from batchstyle.targets import stack_targets
+    from batchstyle.worker import configure_device, precision_for
+
     dev = torch.device(device)
+    precision = precision_for(dev, precision)
+    configure_device(dev, precision)
     settings: Settings = make_settings({**default_values(), "size": long_side, "optimizer": optimizer})
     taps = (*settings.content_layers, *settings.style_layers)
-    model = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps).to(dev)
+    model = VGGFeatures(
+        weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=dev.type == "cuda"
+    ).to(dev)
     h, w = long_side * 3 // 4, long_side
     gen = torch.Generator().manual_seed(0)
-    content = torch.rand(1, 3, h, w, generator=gen).to(dev)
-    style = torch.rand(1, 3, h, w, generator=gen).to(dev)
-    targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
+    content = torch.rand(batch, 3, h, w, generator=gen).to(dev)
+    styles = torch.rand(batch, 3, h, w, generator=gen).to(dev)
+    targets = stack_targets(
+        [
+            compute_targets(model, c, [st], [1.0], settings.content_layers, settings.style_layers)
+            for c, st in zip(content.split(1), styles.split(1))
+        ]
+    )
     pixels = content.clone().requires_grad_(True)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def bare() -> None:
-        feats = model(pixels)
+        with autocast:
+            feats = model(pixels)
         deepest = feats[max(feats, key=lambda name: list(model.layers).index(name))]
-        deepest.sum().backward()
+        deepest.float().sum().backward()
         pixels.grad = None
 
     floor = _median_seconds(bare, iterations, dev)
@@ -79,10 +101,22 @@ def iteration_figures(
         _sync(dev)
         stamps.append(time.perf_counter())
 
-    # Timed between iteration callbacks: set-up and the final loss evaluation stay out of the figure.
-    stylize(model, content, targets, make_settings({**settings.as_dict(), "iterations": iterations + 1}), None, stamp)
-    per_iteration = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    return IterationFigures((w, h), optimizer, per_iteration, floor)
+    # Timed between iteration callbacks: set-up and the final loss evaluation stay out of the figure. On CUDA the
+    # loop reports in chunks, so the figure there is the chunk's time divided by its iterations.
+    stylize_batch(
+        model,
+        content,
+        targets,
+        make_settings({**settings.as_dict(), "iterations": iterations + 1}),
+        on_iteration=stamp,
+        precision=precision,
+    )
+    per_iteration = (
+        (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        if dev.type == "cuda"
+        else statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    )
+    return IterationFigures((w, h), optimizer, per_iteration, floor, batch)
 
 
 @dataclass(frozen=True)
@@ -97,8 +131,8 @@ def target_figures(
     weights: Weights, long_side: int, cache_dir: Path, repeats: int = 5, device: str = "cpu"
 ) -> TargetFigures:
     """Median seconds to compute one row's targets (content features of one image, Grams of one style)."""
-    from batchstyle.engine import graph_spec
     from batchstyle.export import export_graph, graph_matches
+    from batchstyle.plan import graph_spec
     from batchstyle.targets import OrtBackend, TorchBackend
 
     dev = torch.device(device)
@@ -138,8 +172,8 @@ def cache_figures(
     fills the cache, and a rerun that finds everything there."""
     import tempfile
 
-    from batchstyle.engine import graph_spec
     from batchstyle.export import export_graph
+    from batchstyle.plan import graph_spec
     from batchstyle.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
 
     dev = torch.device(device)
@@ -195,8 +229,8 @@ def _memory_child(queue: Any, model: str, cache_dir: str, long_side: int, min_si
     # A fresh process per configuration, so ru_maxrss is this configuration's peak alone.
     import resource
 
-    from batchstyle.engine import graph_spec
     from batchstyle.optimize import lbfgs_history, scale_sizes, upsample
+    from batchstyle.plan import graph_spec
     from batchstyle.targets import Targets, TorchBackend
     from batchstyle.weights import resolve
 
@@ -248,3 +282,70 @@ def memory_figures(model: str, cache_dir: Path, long_side: int, min_size: int, i
         return queue.get(timeout=3600)
     finally:
         proc.join()
+
+
+@dataclass(frozen=True)
+class ThroughputFigures:
+    workers: int
+    rows: int
+    seconds: float  # wall time of the whole run, worker start-up included
+
+    @property
+    def images_per_hour(self) -> float:
+        return self.rows * 3600 / self.seconds
+
+
+def throughput_manifest(folder: Path, rows: int, long_side: int) -> Path:
+    """`rows` generated photo-like contents (4:3) and two generated styles: a nightly batch in miniature."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    h = long_side * 3 // 4
+    y, x = np.mgrid[0:h, 0:long_side].astype(np.float32)
+    lines = ["content,style"]
+    for i in range(rows):
+        img = np.stack([x / long_side, y / h, np.full_like(x, rng.random())], axis=-1)
+        img += 0.25 * np.sin((x * rng.random() + y * rng.random()) / 9.0)[..., None]
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(folder / f"content{i}.png")
+        lines.append(f"content{i}.png,style{i % 2}.png")
+    for k in range(2):
+        bands = np.sin((x + y * (k + 1)) * 0.3) * 0.5 + 0.5
+        img = np.stack([bands, 1 - bands, np.cos(x * 0.2) * 0.5 + 0.5], axis=-1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"style{k}.png")
+    path = folder / "bench.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def throughput_figures(
+    model: str, cache_dir: Path, workers: int, rows: int, long_side: int, iterations: int, device: str = "cpu"
+) -> ThroughputFigures:
+    """Images per hour for a whole run of `rows` rows on `workers` worker slots of `device`, through the same
+    engine `batchstyle run` uses. Each measurement gets a fresh target cache (weights and exported graphs are
+    shared), so no run profits from another's targets."""
+    import tempfile
+
+    from batchstyle.engine import RunConfig, run
+    from batchstyle.manifest import read_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cache = root / "cache"
+        cache.mkdir()
+        for shared in ("weights", "onnx", "downloads"):
+            if (cache_dir / shared).exists():
+                (cache / shared).symlink_to((cache_dir / shared).resolve())
+        manifest = read_manifest(
+            throughput_manifest(root / "in", rows, long_side),
+            {**default_values(), "size": long_side, "iterations": iterations},
+            root / "out",
+        )
+        devices = ",".join([device] * workers)
+        start = time.perf_counter()
+        summary = run(manifest, RunConfig(model=model, devices=devices, cache_dir=cache))
+        seconds = time.perf_counter() - start
+    if summary.failed:
+        raise RuntimeError(f"benchmark rows failed: {summary.failed}")
+    return ThroughputFigures(workers, rows, seconds)
