@@ -71,9 +71,7 @@ def iteration_figures(
     configure_device(dev, precision)
     settings: Settings = make_settings({**default_values(), "size": long_side, "optimizer": optimizer})
     taps = (*settings.content_layers, *settings.style_layers)
-    model = VGGFeatures(
-        weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=dev.type == "cuda"
-    ).to(dev)
+    model = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=True).to(dev)
     h, w = long_side * 3 // 4, long_side
     gen = torch.Generator().manual_seed(0)
     content = torch.rand(batch, 3, h, w, generator=gen).to(dev)

@@ -12,10 +12,12 @@ schedulers send before they kill), stops at once, marking running rows interrupt
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,31 +151,62 @@ class RunConfig:
 class Scheduler:
     """Hands batches out one at a time to whichever slot is idle (no static split: a slow row never holds up rows
     queued behind it on another device), preferring the style the slot worked on last, then a style no other slot
-    is working on, so each style's targets are computed on as few workers as possible."""
+    is working on, so each style's targets are computed on as few workers as possible.
+
+    Indexed by style, so a call costs the same for a manifest of ten rows or a hundred thousand.
+    """
+
+    LOOKAHEAD = 256  # queued batches looked at for a style no other slot has; beyond them, manifest order wins
 
     def __init__(self, batches: Sequence[list[Job]]) -> None:
-        self.queue: list[list[Job]] = list(batches)
+        self.pending: dict[int, tuple[list[Job], frozenset[str]]] = {}
+        self.order: deque[int] = deque()
+        self.by_style: dict[str, deque[int]] = {}
+        self.next_id = 0
         self.last: dict[int, frozenset[str]] = {}
         self.active: dict[int, frozenset[str]] = {}
+        for batch in batches:
+            self.order.append(self._add(batch))
+
+    def _add(self, batch: list[Job]) -> int:
+        key, self.next_id = self.next_id, self.next_id + 1
+        styles = frozenset(d for job in batch for d in job.style_digests)
+        self.pending[key] = (batch, styles)
+        for style in styles:
+            self.by_style.setdefault(style, deque()).append(key)
+        return key
 
     def __len__(self) -> int:
-        return len(self.queue)
+        return len(self.pending)
 
-    @staticmethod
-    def styles(batch: Sequence[Job]) -> frozenset[str]:
-        return frozenset(d for job in batch for d in job.style_digests)
+    @property
+    def queue(self) -> list[list[Job]]:
+        """What is still to hand out, in the order it would go without style preferences."""
+        return [self.pending[key][0] for key in self.order if key in self.pending]
+
+    def _first(self, keys: deque[int]) -> int | None:
+        while keys and keys[0] not in self.pending:
+            keys.popleft()
+        return keys[0] if keys else None
 
     def next_for(self, slot: int) -> list[Job] | None:
-        if not self.queue:
+        if self._first(self.order) is None:
             return None
-        mine = self.last.get(slot, frozenset())
-        others = frozenset().union(*(s for k, s in self.active.items() if k != slot))
-        pick = next((b for b in self.queue if self.styles(b) & mine), None)
-        if pick is None:
-            pick = next((b for b in self.queue if not self.styles(b) & others), self.queue[0])
-        self.queue.remove(pick)
-        self.last[slot] = self.active[slot] = self.styles(pick)
-        return pick
+        mine = [k for style in self.last.get(slot, ()) if (k := self._first(self.by_style[style])) is not None]
+        if mine:
+            key = min(mine)  # the earliest queued (rows sent back after a death aside)
+        else:
+            others = frozenset().union(*(s for k, s in self.active.items() if k != slot))
+            key = next(
+                (k for k in itertools.islice(self._live(), self.LOOKAHEAD) if not self.pending[k][1] & others),
+                self._first(self.order),
+            )
+        batch, styles = self.pending.pop(key)
+        self.last[slot] = self.active[slot] = styles
+        return batch
+
+    def _live(self) -> Iterator[int]:
+        return (key for key in self.order if key in self.pending)
 
     def finished(self, slot: int) -> None:
         self.active.pop(slot, None)
@@ -181,7 +214,11 @@ class Scheduler:
     def again(self, jobs: Sequence[Job]) -> None:
         """Rows back from a dead worker go first, one per batch: a row that killed its worker once should not take
         batch-mates down with it again."""
-        self.queue[:0] = [[job] for job in jobs]
+        for job in reversed(jobs):
+            self.order.appendleft(self._add([job]))
+
+    def clear(self) -> None:
+        self.pending.clear()
 
 
 # -- signals --------------------------------------------------------------------------------------------------------
@@ -238,7 +275,6 @@ def _signals(stop: Stop, events: Events) -> Iterator[None]:
             stop.now(signum)
             return
         stop.requested, stop.signal = True, signum
-        events.message("stopping: running rows finish, no new ones start; Ctrl-C again to stop at once")
 
     def on_term(signum: int, frame: Any) -> None:
         stop.now(signum)
@@ -300,14 +336,18 @@ class _Execution:
     def _lost(self, slot: int, reason: str, counts: bool) -> None:
         jobs = self.in_flight.pop(slot, [])
         self.scheduler.finished(slot)
+        # Which row of a batch killed the worker is unknown: its rows go back alone and free, and only a row that
+        # kills a worker on its own is charged a retry.
+        counts = counts and len(jobs) == 1
         again = []
         for job in jobs:
             tries = self.attempts.get(job.output, 0) + (1 if counts else 0)
             self.attempts[job.output] = tries
             if tries > self.config.retries:
+                times = "once" if tries == 1 else f"{tries} times"
                 error = (
-                    f"row {job.row.number}: its worker died {tries} times ({reason}); lower size for this row "
-                    "or --batch-size, or give it a device with more memory"
+                    f"row {job.row.number}: its worker died {times} ({reason}); lower size for this row, "
+                    "or give it a device with more memory"
                 )
                 self._record(job, Result(job.row.number, "failed", 0.0, error=error))
             else:
@@ -315,6 +355,10 @@ class _Execution:
                     self.events.message(
                         f"row {job.row.number}: worker on {self._device(slot)} {reason}; retrying "
                         f"({tries} of {self.config.retries})"
+                    )
+                else:
+                    self.events.message(
+                        f"row {job.row.number}: worker on {self._device(slot)} {reason}; handing the row out again"
                     )
                 self.ledger.mark_finished(job.output, status="pending", error=f"worker {reason}; retried")
                 self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
@@ -333,20 +377,29 @@ class _Execution:
         stop = self.stop
         self.pool = pool
         self.scheduler = Scheduler(batches)
+        announced = False
         while True:
-            if not stop.requested:
-                for slot in pool.idle():
-                    with stop.shielded():
-                        batch = self.scheduler.next_for(slot)
-                        if batch is None:
-                            break
-                        self._hand_out(slot, batch)
+            for slot in pool.idle():
+                if stop.requested:
+                    break
+                with stop.shielded():
+                    batch = self.scheduler.next_for(slot)
+                    if batch is None:
+                        break
+                    self._hand_out(slot, batch)
+            if stop.requested and not announced:
+                # Said here, not in the signal handler: writing to a stream from a handler can re-enter the write
+                # it interrupted.
+                announced = True
+                pool.drain()
+                self.events.message("stopping: running rows finish, no new ones start; Ctrl-C again to stop at once")
             if not pool.busy():
                 if stop.requested or not len(self.scheduler):
                     break
                 if not pool.usable():
-                    self._fail_rest("no worker could start: see the messages above")
-                    break
+                    raise RunError(
+                        "no worker could start (see the messages above); the rows stay pending for the next run"
+                    )
             pool.wait(0.5)
         self._leave_rest()
 
@@ -390,17 +443,13 @@ class _Execution:
         else:
             self.summary.failed[job.row.number] = _without_row(job.row.number, result.error or "failed")
 
-    def _fail_rest(self, reason: str) -> None:
-        for batch in self.scheduler.queue:
-            for job in batch:
-                self._record(job, Result(job.row.number, "failed", 0.0, error=f"row {job.row.number}: {reason}"))
-        self.scheduler.queue.clear()
-
     def _leave_rest(self) -> None:
-        """Rows still queued (a stop was asked for) stay pending; the next run does them."""
-        if self.stop.requested:
+        """Rows still queued (a stop was asked for) stay pending; the next run does them. A stop that came when
+        nothing was left to start is no stop at all."""
+        left = [job.row.number for batch in self.scheduler.queue for job in batch]
+        if self.stop.requested and left:
             self.summary.stopped = True
-            self.summary.interrupted += [job.row.number for batch in self.scheduler.queue for job in batch]
+            self.summary.interrupted += left
 
     def interrupt_running(self) -> None:
         for jobs in self.in_flight.values():
@@ -410,7 +459,7 @@ class _Execution:
         self.in_flight.clear()
         self.summary.stopped = True
         self.summary.interrupted += [job.row.number for batch in self.scheduler.queue for job in batch]
-        self.scheduler.queue.clear()
+        self.scheduler.clear()
 
 
 def run(manifest: Manifest, config: RunConfig | None = None, events: Events | None = None) -> RunSummary:
@@ -482,7 +531,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 batches = make_batches(to_do, batch_size, manifest.image_sizes)
                 pool = _make_pool(config, specs, execution, weights)
                 execution.execute(pool, batches)
-        except KeyboardInterrupt:
+        except BaseException:
+            # Interrupted, or anything unexpected: stop the workers and leave no row `running` in the ledger.
             stop.shields += 1  # cleaning up: a further signal must not cut the ledger's last writes short
             if pool is not None:
                 pool.close(now=True)
@@ -507,10 +557,12 @@ def _slots(config: RunConfig) -> list[str]:
 
 def _threads(slots: Sequence[str]) -> int | None:
     """Worker processes on one machine share its cores: each gets its share, so they do not fight over them (two
-    processes with a thread per core each run slower together than one alone)."""
+    processes with a thread per core each run slower together than one alone). The cores are those this process
+    may use (a SLURM or container limit), not the machine's."""
     if len(slots) == 1:
         return None
-    return max(1, (os.cpu_count() or 1) // len(slots))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // len(slots))
 
 
 def _worker_specs(
@@ -561,7 +613,7 @@ def _auto_batch_size(slots: Sequence[str], jobs: Sequence[Job], sizes: dict[Path
     gpus = [torch.device(s) for s in slots if s.startswith("cuda")]
     if not gpus or len(gpus) != len(slots):
         return 1
-    free = min(torch.cuda.mem_get_info(d)[0] for d in gpus) // max(1, len(slots) // len(set(slots)))
+    free = min(torch.cuda.mem_get_info(d)[0] // slots.count(str(d)) for d in gpus)
     need = 0
     for job in jobs:
         if job.row.content in sizes:

@@ -130,16 +130,17 @@ class Record:
         return data
 
 
-def _lock(handle: IO[str]) -> bool:
+def _lock(handle: IO[str], shared: bool = False) -> bool:
     try:
         import fcntl
 
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
-    except ImportError:  # pragma: no cover - Windows
+    except ImportError:  # pragma: no cover - Windows: no shared locks, so shards there exclude each other
         import msvcrt
 
         try:
+            handle.seek(0)  # "a+" starts at the end: every process must lock the same byte
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
             return True
         except OSError:
@@ -193,13 +194,27 @@ class Ledger:
             holder = self._lock_file.read().strip() or "unknown"
             self._lock_file.close()
             what = f"shard {shard.removeprefix('shard-').replace('-of-', ' of ')} of " if shard else ""
+            who = f"another batchstyle run (pid {holder}{'' if shard else ', or shards of one'})"
             raise LedgerBusy(
-                f"another batchstyle run (pid {holder}) is writing {what}{self.out_dir}; wait for it to finish, "
-                "or give this run another --out folder"
+                f"{who} is writing {what}{self.out_dir}; wait for it to finish, or give this run another --out folder"
             )
         self._lock_file.truncate(0)
         self._lock_file.write(str(os.getpid()))
         self._lock_file.flush()
+        # Shards share the folder with each other, never with an unsharded run (which would redo their rows and
+        # remove their temp files): they hold the folder's lock shared, an unsharded run holds it exclusively.
+        self._folder_lock: IO[str] | None = None
+        if shard:
+            self._folder_lock = open(self.out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until close()
+            if not _lock(self._folder_lock, shared=True):
+                self._folder_lock.seek(0)
+                holder = self._folder_lock.read().strip() or "unknown"
+                self._folder_lock.close()
+                self._lock_file.close()
+                raise LedgerBusy(
+                    f"an unsharded batchstyle run (pid {holder}) is writing to {self.out_dir}; wait for it to "
+                    "finish before running shards there"
+                )
         self.conn = _connect(self.out_dir / self.name)
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -218,6 +233,8 @@ class Ledger:
     def close(self) -> None:
         self.conn.close()
         self._lock_file.close()
+        if self._folder_lock is not None:
+            self._folder_lock.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -348,8 +365,13 @@ def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], d
         raise FileNotFoundError(f"{out_dir} has no {LEDGER_NAME}: no batchstyle run has written there")
     merged: dict[str, Record] = {}
     latest: dict[str, Any] | None = None
-    for path in files:
-        records, last = _read_one(path, all_rows)
+    read = [(path, *_read_one(path, all_rows)) for path in files]
+    # Only the ledgers of the latest way of running the folder: after moving from 4 shards to 8, or from shards to
+    # one run, the old ledgers keep their history (--all) but no longer count as the folder's state.
+    if not all_rows:
+        newest = max(read, key=lambda item: item[2]["started"] if item[2] else -1.0)[0]
+        read = [item for item in read if _shard_count(item[0]) == _shard_count(newest)]
+    for _path, records, last in read:
         for record in records:
             seen = merged.get(record.output)
             if seen is None or _touched(record) >= _touched(seen):
@@ -358,6 +380,12 @@ def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], d
             latest = last
     records = sorted(merged.values(), key=lambda r: (r.row is None, r.row or 0, r.output))
     return records, latest
+
+
+def _shard_count(path: Path) -> int:
+    """N of a `...shard-I-of-N.sqlite` ledger; 1 for the unsharded one."""
+    stem = path.name.removeprefix(LEDGER_NAME.removesuffix(".sqlite")).removesuffix(".sqlite")
+    return int(stem.rsplit("-of-", 1)[1]) if "-of-" in stem else 1
 
 
 def _touched(record: Record) -> float:

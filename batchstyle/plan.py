@@ -117,7 +117,8 @@ def batch_key(job: Job, sizes: Mapping[Path, tuple[int, int]]) -> tuple[object, 
         return None
     w, h = sizes[job.row.content]
     settings = tuple(sorted((k, repr(v)) for k, v in job.settings.as_dict().items()))
-    return (settings, output_size(w, h, job.settings.size))
+    # Every scale's grid, not just the last: 1000x302 and 1001x303 agree at 512 px but not at 362.
+    return (settings, tuple(output_size(w, h, size) for size, _ in job.scales()))
 
 
 def make_batches(jobs: Sequence[Job], batch_size: int, sizes: Mapping[Path, tuple[int, int]]) -> list[list[Job]]:

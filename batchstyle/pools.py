@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from batchstyle.plan import Job
 from batchstyle.weights import Weights
-from batchstyle.worker import Result, Worker, WorkerSpec, serve
+from batchstyle.worker import DEVICE_FAULT_EXIT, DeviceFault, Result, Worker, WorkerSpec, serve
 
 
 class PoolEvents(Protocol):
@@ -36,6 +37,7 @@ class Pool(Protocol):
     def usable(self) -> bool: ...
     def submit(self, slot: int, batch: Sequence[Job]) -> None: ...
     def wait(self, timeout: float) -> None: ...
+    def drain(self) -> None: ...  # a stop was asked for: replace no worker that dies from now on
     def close(self, now: bool = False) -> None: ...
 
 
@@ -73,16 +75,32 @@ class InlinePool:
             except Exception as exc:  # noqa: BLE001 - reported like a worker that could not start
                 self.broken = f"worker on {self.spec.device} could not start: {exc.__class__.__name__}: {exc}"
                 self.batch = None
+                self.events.message(self.broken)
                 self.events.lost(0, self.broken, counts=False)
                 return
         results = self.worker.run_batch(batch, lambda row, i, losses: self.events.progress(0, row, i, losses.__dict__))
         self.batch = None
         self.events.results(0, results)
 
+    def drain(self) -> None:
+        pass
+
     def close(self, now: bool = False) -> None:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def death_reason(exitcode: int | None) -> str:
@@ -96,6 +114,8 @@ def death_reason(exitcode: int | None) -> str:
             name = f"signal {-exitcode}"
         hint = " (the kernel's out-of-memory killer sends this)" if name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
+    if exitcode == DEVICE_FAULT_EXIT:
+        return "stopped after a device fault (its CUDA context cannot be trusted)"
     return f"exited with code {exitcode}"
 
 
@@ -135,7 +155,10 @@ class ProcessPool:
         process = self.context.Process(
             target=serve, args=(child, slot.spec), name=f"batchstyle-worker-{index}", daemon=True
         )
-        process.start()
+        # The child starts with Ctrl-C blocked and unblocks it only once it ignores it: a Ctrl-C meant for the
+        # parent (a drain) must not kill a worker that is still importing torch.
+        with _sigint_blocked():
+            process.start()
         child.close()
         slot.process, slot.conn, slot.ready = process, parent, False
 
@@ -212,6 +235,9 @@ class ProcessPool:
         if not self.closing and s.broken is None:
             self._start(index)
 
+    def drain(self) -> None:
+        self.closing = True
+
     def close(self, now: bool = False) -> None:
         self.closing = True
         for s in self._slots:
@@ -249,7 +275,10 @@ class RayWorker:
         return f"{socket.gethostname()}/{self.worker.device}"
 
     def run_batch(self, jobs: list[Job]) -> tuple[list[Result], list[str]]:
-        results = self.worker.run_batch(jobs)
+        try:
+            results = self.worker.run_batch(jobs)
+        except DeviceFault:
+            os._exit(DEVICE_FAULT_EXIT)  # the actor dies; the driver replaces it and hands the rows out again
         messages, self.messages = self.messages, []
         return results, messages
 
@@ -290,7 +319,15 @@ class RayPool:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # address="local" starts a private Ray even where a stale cluster file would make init() connect.
-            ray.init(address=address or "local", logging_level=logging.WARNING, include_dashboard=False)
+            try:
+                ray.init(address=address or "local", logging_level=logging.WARNING, include_dashboard=False)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                from batchstyle.engine import RunError
+
+                raise RunError(
+                    f"cannot reach the Ray cluster at {address!r}: {exc}; start one with `ray start --head`, give "
+                    "its address (--address HOST:6379), or leave --address out to run Ray on this machine"
+                ) from None
         self._actors = [_Actor(s, o) for s, o in self._placement(spec)]
         if not self._actors:
             self.close()
@@ -369,15 +406,16 @@ class RayPool:
             return  # a call of an actor already replaced: its death was handled once
         try:
             value = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            self._died(index, f"Ray actor died: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")
-            return
         except ray.exceptions.RayTaskError as exc:
             # Worker.run_batch turns a row's errors into results; anything else is a bug: fail the batch's rows.
             actor.call = None
             batch, actor.batch = actor.batch or [], None
             error = f"worker error: {str(exc).splitlines()[-1][:300]}"
             self.events.results(index, [Result(job.row.number, "failed", 0.0, error=error) for job in batch])
+            return
+        except ray.exceptions.RayError as exc:
+            # The actor died, its node went away, or it cannot be placed any more: replace it.
+            self._died(index, f"Ray actor lost: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")
             return
         if kind == "ready":
             actor.ready, actor.started, actor.failed_starts = None, True, 0
@@ -406,6 +444,9 @@ class RayPool:
             self.events.lost(index, reason, counts=was_started)
         if not self.closing and actor.broken is None:
             self._start(index)
+
+    def drain(self) -> None:
+        self.closing = True
 
     def close(self, now: bool = False) -> None:
         self.closing = True

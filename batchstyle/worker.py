@@ -103,6 +103,24 @@ def configure_device(device: torch.device, precision: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+DEVICE_FAULT_EXIT = 75  # a worker process exits with this after a device fault, so its parent replaces it
+
+
+class DeviceFault(RuntimeError):
+    """A CUDA error other than out-of-memory (illegal address, device-side assert, ECC): the context is poisoned
+    and every later row on it would fail too. The worker process dies so that a fresh one takes its rows."""
+
+
+def _is_device_fault(exc: BaseException, device: torch.device) -> bool:
+    if device.type != "cuda" or _is_out_of_memory(exc):
+        return False
+    accelerator = getattr(torch, "AcceleratorError", ())
+    text = str(exc)
+    return isinstance(exc, accelerator) or (
+        isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
+    )
+
+
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
@@ -228,8 +246,9 @@ class Worker:
         key = (taps, settings.pooling)
         if key not in self._models:
             w = self.weights
+            # Channels-last is cuDNN's tensor-core layout, and oneDNN's too: ~8% off every iteration on CPU as well.
             self._models[key] = VGGFeatures(
-                w.arch, w.state_dict, w.preprocess, taps, settings.pooling, channels_last=self.device.type == "cuda"
+                w.arch, w.state_dict, w.preprocess, taps, settings.pooling, channels_last=True
             ).to(self.device)
         return self._models[key]
 
@@ -254,6 +273,8 @@ class Worker:
                 for result in self._stylize(prepared, on_iteration, start):
                     results[result.row] = result
             except Exception as exc:  # noqa: BLE001
+                if _is_device_fault(exc, self.device):
+                    raise DeviceFault(f"{exc.__class__.__name__}: {exc}") from exc
                 if len(prepared) > 1 and _is_out_of_memory(exc):
                     del exc  # its traceback holds the batch's tensors
                     if self.device.type == "cuda":
@@ -438,6 +459,8 @@ def serve(conn: Any, spec: WorkerSpec) -> None:
     stop it). Anything that kills this process mid-row is seen by the parent, which hands the row out again.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until ignored here
 
     def warn(text: str) -> None:
         conn.send(("message", text))
@@ -454,7 +477,12 @@ def serve(conn: Any, spec: WorkerSpec) -> None:
             if message[0] == "stop":
                 break
             _, batch_id, jobs = message
-            results = worker.run_batch(jobs, _Throttled(conn, batch_id))
+            try:
+                results = worker.run_batch(jobs, _Throttled(conn, batch_id))
+            except DeviceFault as exc:
+                conn.send(("message", f"worker on {spec.device}: {exc}; replacing it"))
+                worker.close()
+                os._exit(DEVICE_FAULT_EXIT)
             conn.send(("results", batch_id, results))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away or is stopping: nothing left to report to

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from conftest import make_painting, make_photo, write_manifest
+from conftest import USER_CACHE, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
@@ -81,15 +81,40 @@ def test_two_worker_processes_make_the_same_outputs_as_one(rows6: Path, tmp_path
     assert {read_metadata(tmp_path / "two" / r.output)["batchstyle:device"] for r in records} == {"cpu"}
 
 
-def test_batched_rows_match_rows_run_alone(rows6: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def hed_cache(tmp_path: Path, hed_weights: object) -> Path:
+    """A cache holding the real vgg16-hed weights (fetched once into the user cache) and nothing else."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "weights").symlink_to(USER_CACHE / "weights")
+    return cache
+
+
+def mean_difference(a: Path, b: Path) -> dict[str, float]:
+    first, second = outputs(a), outputs(b)
+    assert first.keys() == second.keys() and len(first) > 0
+    return {name: float(np.abs(first[name] - second[name]).mean()) for name in first}
+
+
+def test_batched_rows_match_rows_run_alone(rows6: Path, tmp_path: Path, hed_cache: Path) -> None:
+    # The real weights: a tiny random network turns the rounding differences of a batched convolution into visible
+    # ones. Targets with torch, so no ONNX export is needed in this fresh cache.
+    common = (*TINY, "--model", "vgg16-hed", "--iterations", "8", "--devices", "cpu", "--targets", "torch")
     for optimizer in ("lbfgs", "adam"):
-        common = (*TINY, "--iterations", "6", "--optimizer", optimizer, "--devices", "cpu")
-        alone = cli("run", rows6, *common, "--out", tmp_path / f"{optimizer}-alone")
-        batched = cli("run", rows6, *common, "--batch-size", "3", "--out", tmp_path / f"{optimizer}-batched")
-        assert alone.exit_code == 0 and batched.exit_code == 0, batched.output
-        assert_same_outputs(tmp_path / f"{optimizer}-alone", tmp_path / f"{optimizer}-batched", tolerance=2)
-        batches = {json.loads(r.params or "{}")["batch"] for r in read_records(tmp_path / f"{optimizer}-batched")[0]}
-        assert batches == {3}
+        alone, batched = tmp_path / f"{optimizer}-alone", tmp_path / f"{optimizer}-batched"
+        args = (*common, "--optimizer", optimizer, "--cache-dir", hed_cache)
+        assert cli("run", rows6, *args, "--out", alone).exit_code == 0
+        result = cli("run", rows6, *args, "--batch-size", "3", "--out", batched)
+        assert result.exit_code == 0, result.output
+        assert {json.loads(r.params or "{}")["batch"] for r in read_records(batched)[0]} == {3}
+        if optimizer == "lbfgs":
+            assert_same_outputs(alone, batched, tolerance=2)
+        else:
+            # Adam's first steps are +-lr whatever the gradient's size, so where a gradient is at rounding level its
+            # sign, and a pixel's path, can differ: equal on average (a row given another row's targets would be
+            # off by ~20 levels). Exact per-image equality is checked in float64 in tests/test_optimize.py.
+            differences = mean_difference(alone, batched)
+            assert max(differences.values()) < 2.0, differences
 
 
 def test_bad_batch_size_and_devices_are_refused_before_any_work(rows6: Path, tmp_path: Path) -> None:
