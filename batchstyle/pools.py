@@ -119,6 +119,45 @@ def death_reason(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
+class _ReplacingPool:
+    """What local processes and Ray actors share: members that each hold at most one batch, and the rule for a
+    member that dies. A death before the member said it was ready does not charge its rows a retry, and a member
+    that cannot start MAX_FAILED_STARTS times in a row is given up; otherwise a fresh one takes its place."""
+
+    MAX_FAILED_STARTS = 3
+    events: PoolEvents
+    closing: bool
+    _members: list[Any]
+
+    def idle(self) -> list[int]:
+        return [i for i, m in enumerate(self._members) if m.batch is None and m.broken is None]
+
+    def busy(self) -> bool:
+        return any(m.batch is not None for m in self._members)
+
+    def usable(self) -> bool:
+        return any(m.broken is None for m in self._members)
+
+    def drain(self) -> None:
+        self.closing = True
+
+    def _start(self, index: int) -> None:
+        raise NotImplementedError
+
+    def _replace(self, index: int, reason: str, started: bool) -> None:
+        member = self._members[index]
+        if not started:
+            member.failed_starts += 1
+            if member.failed_starts >= self.MAX_FAILED_STARTS and member.broken is None:
+                member.broken = f"worker on {member.device} failed {member.failed_starts} times to start ({reason})"
+                self.events.message(member.broken)
+        if member.batch is not None:
+            member.batch = None
+            self.events.lost(index, reason, counts=started)
+        if not self.closing and member.broken is None:
+            self._start(index)
+
+
 @dataclass
 class _Slot:
     device: str
@@ -131,19 +170,17 @@ class _Slot:
     broken: str | None = None
 
 
-class ProcessPool:
+class ProcessPool(_ReplacingPool):
     """A spawned process per slot, each owning its model, ONNX Runtime session and CUDA context.
 
     Spawned, not forked: CUDA cannot be re-initialised in a forked child, and a fresh interpreter holds nothing of
     the parent's. A dead worker is replaced by a fresh one; the engine is told, and re-queues or fails its rows.
     """
 
-    MAX_FAILED_STARTS = 3
-
     def __init__(self, specs: Sequence[WorkerSpec], events: PoolEvents) -> None:
         self.context = multiprocessing.get_context("spawn")
         self.events = events
-        self._slots = [_Slot(spec.device, spec) for spec in specs]
+        self._slots = self._members = [_Slot(spec.device, spec) for spec in specs]
         self.slots = [slot.device for slot in self._slots]
         self.closing = False
         for index in range(len(self._slots)):
@@ -161,15 +198,6 @@ class ProcessPool:
             process.start()
         child.close()
         slot.process, slot.conn, slot.ready = process, parent, False
-
-    def idle(self) -> list[int]:
-        return [i for i, s in enumerate(self._slots) if s.batch is None and s.broken is None]
-
-    def busy(self) -> bool:
-        return any(s.batch is not None for s in self._slots)
-
-    def usable(self) -> bool:
-        return any(s.broken is None for s in self._slots)
 
     def submit(self, slot: int, batch: Sequence[Job]) -> None:
         s = self._slots[slot]
@@ -223,20 +251,7 @@ class ProcessPool:
         s.conn.close()
         was_ready = s.ready
         s.process, s.conn = None, None
-        if not was_ready:
-            s.failed_starts += 1
-            if s.failed_starts >= self.MAX_FAILED_STARTS and s.broken is None:
-                s.broken = f"worker on {s.device} died {s.failed_starts} times while starting ({reason})"
-                self.events.message(s.broken)
-        if s.batch is not None:
-            s.batch = None
-            # A worker that never started did not fail the rows: they go back without using up a retry.
-            self.events.lost(index, reason, counts=was_ready)
-        if not self.closing and s.broken is None:
-            self._start(index)
-
-    def drain(self) -> None:
-        self.closing = True
+        self._replace(index, reason, started=was_ready)
 
     def close(self, now: bool = False) -> None:
         self.closing = True
@@ -295,15 +310,17 @@ class _Actor:
     failed_starts: int = 0
     broken: str | None = None
 
+    @property
+    def device(self) -> str:
+        return f"Ray {self.spec.device}"
 
-class RayPool:
+
+class RayPool(_ReplacingPool):
     """Workers as Ray actors: one per GPU of the cluster (`num_gpus=1`), or one per node on a cluster without GPUs,
     with all of that node's CPUs. The driver (this process) keeps the ledger; outputs, inputs and the cache must be
     on paths every node sees. A dead actor is replaced and its rows handed out again, as with local processes.
     Progress is per row: an actor reports when its batch is done.
     """
-
-    MAX_FAILED_STARTS = 3
 
     def __init__(self, spec: WorkerSpec, events: PoolEvents, address: str | None, retries: int) -> None:
         try:
@@ -328,7 +345,7 @@ class RayPool:
                     f"cannot reach the Ray cluster at {address!r}: {exc}; start one with `ray start --head`, give "
                     "its address (--address HOST:6379), or leave --address out to run Ray on this machine"
                 ) from None
-        self._actors = [_Actor(s, o) for s, o in self._placement(spec)]
+        self._actors = self._members = [_Actor(s, o) for s, o in self._placement(spec)]
         if not self._actors:
             self.close()
             from batchstyle.engine import RunError
@@ -369,15 +386,6 @@ class RayPool:
         actor = self._actors[index]
         actor.handle = self.remote_class.options(max_restarts=0, max_task_retries=0, **actor.options).remote(actor.spec)
         actor.ready, actor.started = actor.handle.ready.remote(), False
-
-    def idle(self) -> list[int]:
-        return [i for i, a in enumerate(self._actors) if a.batch is None and a.broken is None]
-
-    def busy(self) -> bool:
-        return any(a.batch is not None for a in self._actors)
-
-    def usable(self) -> bool:
-        return any(a.broken is None for a in self._actors)
 
     def submit(self, slot: int, batch: Sequence[Job]) -> None:
         actor = self._actors[slot]
@@ -429,24 +437,9 @@ class RayPool:
 
     def _died(self, index: int, reason: str) -> None:
         actor = self._actors[index]
-        was_started = actor.started
         self.ray.kill(actor.handle, no_restart=True)
         actor.handle = actor.ready = actor.call = None
-        if not was_started:
-            actor.failed_starts += 1
-            if actor.failed_starts >= self.MAX_FAILED_STARTS:
-                actor.broken = (
-                    f"Ray worker on {actor.spec.device} failed {actor.failed_starts} times to start ({reason})"
-                )
-                self.events.message(actor.broken)
-        if actor.batch is not None:
-            actor.batch = None
-            self.events.lost(index, reason, counts=was_started)
-        if not self.closing and actor.broken is None:
-            self._start(index)
-
-    def drain(self) -> None:
-        self.closing = True
+        self._replace(index, reason, started=actor.started)
 
     def close(self, now: bool = False) -> None:
         self.closing = True
