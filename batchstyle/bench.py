@@ -18,6 +18,7 @@ import torch
 from batchstyle.features import VGGFeatures
 from batchstyle.optimize import stylize, stylize_batch
 from batchstyle.options import Settings, default_values, make_settings
+from batchstyle.plan import graph_spec
 from batchstyle.targets import compute_targets
 from batchstyle.weights import Weights
 
@@ -130,7 +131,6 @@ def target_figures(
 ) -> TargetFigures:
     """Median seconds to compute one row's targets (content features of one image, Grams of one style)."""
     from batchstyle.export import export_graph, graph_matches
-    from batchstyle.plan import graph_spec
     from batchstyle.targets import OrtBackend, TorchBackend
 
     dev = torch.device(device)
@@ -171,7 +171,6 @@ def cache_figures(
     import tempfile
 
     from batchstyle.export import export_graph
-    from batchstyle.plan import graph_spec
     from batchstyle.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
 
     dev = torch.device(device)
@@ -228,7 +227,6 @@ def _memory_child(queue: Any, model: str, cache_dir: str, long_side: int, min_si
     import resource
 
     from batchstyle.optimize import lbfgs_history, scale_sizes, upsample
-    from batchstyle.plan import graph_spec
     from batchstyle.targets import Targets, TorchBackend
     from batchstyle.weights import resolve
 
@@ -326,8 +324,14 @@ def throughput_figures(
     import tempfile
 
     from batchstyle.engine import RunConfig, run
+    from batchstyle.export import export_graph, graph_matches
     from batchstyle.manifest import read_manifest
+    from batchstyle.weights import resolve
 
+    source, _ = resolve(model, cache_dir)
+    spec = graph_spec(source, make_settings(default_values()))
+    if not graph_matches(cache_dir / "onnx" / spec.filename(), spec):  # exported here, outside the timed run
+        export_graph(source.load(cache_dir), spec, cache_dir / "onnx")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cache = root / "cache"

@@ -401,14 +401,9 @@ def bench_throughput(
 ) -> None:
     """Images per hour of a whole run (start-up included) with 1, 2, ... worker processes on one device."""
     from batchstyle.bench import throughput_figures
-    from batchstyle.export import export_graph, graph_matches
-    from batchstyle.plan import graph_spec
 
     cache = cache_dir or weights.default_cache_dir()
     source, _ = weights.resolve(model, cache)
-    spec = graph_spec(source, make_settings(default_values()))
-    if not graph_matches(cache / "onnx" / spec.filename(), spec):  # exported once, outside the timed runs
-        export_graph(source.load(cache), spec, cache / "onnx")
     click.echo(f"model {source.name}, {rows} rows at {size} px, {iterations} iterations each, device {device}")
     click.echo(f"{'workers':>7} {'seconds':>9} {'images/hour':>12}")
     for count in (int(w) for w in workers.split(",")):

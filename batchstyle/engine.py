@@ -68,20 +68,28 @@ class RunError(RuntimeError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """One device, for the benchmarks: `auto` is the current GPU, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(_one_device(name, torch.cuda.device_count()))
+
+
+def _one_device(name: str, gpus: int) -> str:
+    """`cpu` or `cuda:N` for one device name, checked against the GPUs torch sees."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RunError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RunError(f"device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise RunError(f"device {name} is not supported: use auto, cpu, cuda or cuda:N")
-    return device
+        raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda or cuda:N")
+    if not gpus:
+        raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
+    index = 0 if device.index is None else device.index
+    if index >= gpus:
+        raise RunError(f"device {name} asked for, but torch sees {gpus} GPU(s)")
+    return f"cuda:{index}"
 
 
 def parse_devices(text: str, gpus: int | None = None) -> list[str]:
@@ -100,24 +108,7 @@ def parse_devices(text: str, gpus: int | None = None) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise RunError("--devices is empty: use auto, all, cpu, or a list such as cuda:0,cuda:1")
-    out = []
-    for name in names:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda or cuda:N") from None
-        if device.type == "cuda":
-            index = 0 if device.index is None else device.index
-            if not gpus:
-                raise RunError(f"--devices names {name}, but torch sees no CUDA GPU; use --devices cpu")
-            if index >= gpus:
-                raise RunError(f"--devices names {name}, but torch sees {gpus} GPU(s)")
-            out.append(f"cuda:{index}")
-        elif device.type == "cpu":
-            out.append("cpu")
-        else:
-            raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda or cuda:N")
-    return out
+    return [_one_device(name, gpus) for name in names]
 
 
 @dataclass(frozen=True)
@@ -182,7 +173,10 @@ class Scheduler:
     @property
     def queue(self) -> list[list[Job]]:
         """What is still to hand out, in the order it would go without style preferences."""
-        return [self.pending[key][0] for key in self.order if key in self.pending]
+        return [self.pending[key][0] for key in self._live()]
+
+    def rows(self) -> list[int]:
+        return [job.row.number for batch in self.queue for job in batch]
 
     def _first(self, keys: deque[int]) -> int | None:
         while keys and keys[0] not in self.pending:
@@ -233,12 +227,11 @@ class Stop:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal: int | None = None
         self.shields = 0
         self.deferred: int | None = None
 
     def now(self, signum: int) -> None:
-        self.requested, self.signal = True, signum
+        self.requested = True
         if self.shields:
             self.deferred = signum
         else:
@@ -265,7 +258,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals(stop: Stop, events: Events) -> Iterator[None]:
+def _signals(stop: Stop) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread; a library caller keeps its own
         return
@@ -274,7 +267,7 @@ def _signals(stop: Stop, events: Events) -> Iterator[None]:
         if stop.requested:
             stop.now(signum)
             return
-        stop.requested, stop.signal = True, signum
+        stop.requested = True
 
     def on_term(signum: int, frame: Any) -> None:
         stop.now(signum)
@@ -446,7 +439,7 @@ class _Execution:
     def _leave_rest(self) -> None:
         """Rows still queued (a stop was asked for) stay pending; the next run does them. A stop that came when
         nothing was left to start is no stop at all."""
-        left = [job.row.number for batch in self.scheduler.queue for job in batch]
+        left = self.scheduler.rows()
         if self.stop.requested and left:
             self.summary.stopped = True
             self.summary.interrupted += left
@@ -458,7 +451,7 @@ class _Execution:
                 self.summary.interrupted.append(job.row.number)
         self.in_flight.clear()
         self.summary.stopped = True
-        self.summary.interrupted += [job.row.number for batch in self.scheduler.queue for job in batch]
+        self.summary.interrupted += self.scheduler.rows()
         self.scheduler.clear()
 
 
@@ -478,7 +471,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
         jobs = [job for job in jobs if shard.holds(job.row.number)]
     summary = RunSummary(manifest.out_dir, source.name)
     stop = Stop()
-    with Ledger(manifest.out_dir, shard.ledger_suffix if shard else None) as ledger, _signals(stop, events):
+    with Ledger(manifest.out_dir, shard.ledger_suffix if shard else None) as ledger, _signals(stop):
         # A run killed mid-save leaves hidden temp files; nothing else writes them while we hold the lock (shards
         # share the folder, so a shard removes only its own rows' temp files).
         remove_stale_temp_files(manifest.out_dir, [row.output for row in rows] if shard else None)

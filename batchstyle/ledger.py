@@ -149,6 +149,16 @@ def _lock(handle: IO[str], shared: bool = False) -> bool:
         return False
 
 
+def _busy(handle: IO[str], shared: bool = False) -> str | None:
+    """None once the lock is held; else the pid the holder wrote in the file, and the handle is closed."""
+    if _lock(handle, shared):
+        return None
+    handle.seek(0)
+    holder = handle.read().strip() or "unknown"
+    handle.close()
+    return holder
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     conn.row_factory = sqlite3.Row
@@ -189,10 +199,8 @@ class Ledger:
             raise LedgerError(
                 f"cannot write to the output folder {self.out_dir}: {exc.strerror}; choose another --out"
             ) from exc
-        if not _lock(self._lock_file):
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "unknown"
-            self._lock_file.close()
+        holder = _busy(self._lock_file)
+        if holder is not None:
             what = f"shard {shard.removeprefix('shard-').replace('-of-', ' of ')} of " if shard else ""
             who = f"another batchstyle run (pid {holder}{'' if shard else ', or shards of one'})"
             raise LedgerBusy(
@@ -206,10 +214,8 @@ class Ledger:
         self._folder_lock: IO[str] | None = None
         if shard:
             self._folder_lock = open(self.out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until close()
-            if not _lock(self._folder_lock, shared=True):
-                self._folder_lock.seek(0)
-                holder = self._folder_lock.read().strip() or "unknown"
-                self._folder_lock.close()
+            holder = _busy(self._folder_lock, shared=True)
+            if holder is not None:
                 self._lock_file.close()
                 raise LedgerBusy(
                     f"an unsharded batchstyle run (pid {holder}) is writing to {self.out_dir}; wait for it to "
@@ -392,9 +398,14 @@ def _touched(record: Record) -> float:
     return max(record.finished or 0.0, record.started or 0.0)
 
 
-def _read_one(path: Path, all_rows: bool) -> tuple[list[Record], dict[str, Any] | None]:
+def _connect_read_only(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _read_one(path: Path, all_rows: bool) -> tuple[list[Record], dict[str, Any] | None]:
+    conn = _connect_read_only(path)
     try:
         records = [Record(**dict(r), ledger=path.name) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
         last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
@@ -409,8 +420,7 @@ def read_runs(out_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
     """Every run of every ledger in the folder, by (ledger file name, run id)."""
     runs = {}
     for path in ledger_files(out_dir):
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        conn.row_factory = sqlite3.Row
+        conn = _connect_read_only(path)
         try:
             runs.update({(path.name, int(r["id"])): dict(r) for r in conn.execute("SELECT * FROM runs")})
         finally:
