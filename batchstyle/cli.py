@@ -32,8 +32,9 @@ def _option_decorators(func: Any) -> Any:
     """Every option of the table as a flag; unset flags stay None so the table's defaults apply."""
     for name, option in reversed(OPTIONS.items()):
         flag = "--" + name.replace("_", "-")
-        default = option.to_text(option.default) or "per optimizer"
-        help_text = f"{option.help} [default: {default}]"
+        default = option.to_text(option.default)
+        # Options without a printable default (learning rate, scale iterations, layer weights) say it in their help.
+        help_text = f"{option.help} [default: {default}]" if default else option.help
         if isinstance(option.default, bool):
             func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
         else:

@@ -681,3 +681,11 @@ def test_an_output_whose_done_never_reached_the_ledger_is_not_redone(three_rows:
     assert again.exit_code == 0 and count(again, "skipped") == 3, again.output
     assert {name: identity(out / name) for name in visible_files(out)} == before
     assert ledger_by_row(out)[2].status == "done"
+
+
+def test_help_states_each_options_default() -> None:
+    """Options whose default depends on another say so in their own words, never a made-up one."""
+    text = " ".join(cli("run", "--help").stdout.split())
+    assert "[default: 512]" in text and "[default: relu4_2]" in text
+    assert "(default: iterations)" in text and "(default: equal)" in text and "0.02 for Adam" in text
+    assert "per optimizer" not in text and "[default: ]" not in text
