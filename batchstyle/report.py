@@ -457,13 +457,15 @@ def _loss_curve(history: np.ndarray, params: dict[str, Any]) -> str | None:
         ax.set_ylim(top * 1e-6, high)
     scales = params.get("scales") or []
     if len(scales) > 1 and sum(int(s[2]) for s in scales) == len(history):
+        # Labelled by long side ("px" on the first only), alternately high and low: at 2048 px a scale may get
+        # 20 of 320 iterations, and full "WxH" labels side by side ran into each other.
         edge = 0
-        for scale in scales:
+        for index, scale in enumerate(scales):
             ax.axvline(edge + 0.5, color="#999999", lw=0.8, ls=":")
             ax.text(
                 edge + 0.7,
-                0.97,
-                f"{scale[0]}\N{MULTIPLICATION SIGN}{scale[1]}",
+                0.97 if index % 2 == 0 else 0.89,
+                f"{max(int(scale[0]), int(scale[1]))}" + (" px" if index == 0 else ""),
                 transform=ax.get_xaxis_transform(),
                 fontsize=6,
                 va="top",
