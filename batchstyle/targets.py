@@ -176,6 +176,9 @@ class OrtBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.intra_op_num_threads = torch.get_num_threads()
+        # The CPU arena would keep the largest run's buffers for the worker's life, beside the optimisation that
+        # follows: 2 GiB at 2048 px (peak of a 2048 px run 10.6 GiB with it, 8.6 without, at no cost in time).
+        opts.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(
             str(graph_path), opts, providers=[name for name, _ in chain], provider_options=[o for _, o in chain]
         )

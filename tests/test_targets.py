@@ -61,6 +61,13 @@ def test_ort_targets_match_torch_through_io_binding(random_weights, spec, graph:
         assert rel <= 1e-4, (name, rel)
 
 
+def test_ort_session_returns_its_memory_after_each_run(random_weights, spec, graph: Path, tmp_path: Path) -> None:
+    """ORT's CPU arena keeps the largest run's buffers for the session's life: at 2048 px that held 2 GiB beside
+    the optimisation (measured peak of a one-iteration 2048 px run: 10.6 GiB with the arena, 8.6 without)."""
+    backend = OrtBackend(graph, spec, random_weights.arch, torch.device("cpu"), tmp_path)
+    assert backend.session.get_session_options().enable_cpu_mem_arena is False
+
+
 def test_ort_and_torch_runs_give_the_same_output(tmp_path: Path, images: dict[str, Path]) -> None:
     """Separate caches, so each run really computes its targets with its own backend."""
     manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,out.png")
