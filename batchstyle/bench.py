@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from batchstyle.features import VGGFeatures
-from batchstyle.optimize import stylize, stylize_batch
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.optimize import stylize, stylize_batch
+from batchstyle.model.targets import compute_targets
+from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
-from batchstyle.plan import graph_spec
-from batchstyle.targets import compute_targets
-from batchstyle.weights import Weights
+from batchstyle.run.plan import graph_spec
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ def iteration_figures(
 ) -> IterationFigures:
     """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
     forward+backward floor at the same batch, with the same model set-up a worker uses."""
-    from batchstyle.targets import stack_targets
-    from batchstyle.worker import configure_device, precision_for
+    from batchstyle.model.targets import stack_targets
+    from batchstyle.run.worker import configure_device, precision_for
 
     dev = torch.device(device)
     precision = precision_for(dev, precision)
@@ -130,8 +130,8 @@ def target_figures(
     weights: Weights, long_side: int, cache_dir: Path, repeats: int = 5, device: str = "cpu"
 ) -> TargetFigures:
     """Median seconds to compute one row's targets (content features of one image, Grams of one style)."""
-    from batchstyle.export import export_graph, graph_matches
-    from batchstyle.targets import OrtBackend, TorchBackend
+    from batchstyle.model.export import export_graph, graph_matches
+    from batchstyle.model.targets import OrtBackend, TorchBackend
 
     dev = torch.device(device)
     spec = graph_spec(weights.source, make_settings(default_values()))
@@ -170,8 +170,8 @@ def cache_figures(
     fills the cache, and a rerun that finds everything there."""
     import tempfile
 
-    from batchstyle.export import export_graph
-    from batchstyle.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
+    from batchstyle.model.export import export_graph
+    from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
 
     dev = torch.device(device)
     spec = graph_spec(weights.source, make_settings(default_values()))
@@ -226,9 +226,10 @@ def _memory_child(queue: Any, model: str, cache_dir: str, long_side: int, min_si
     # A fresh process per configuration, so ru_maxrss is this configuration's peak alone.
     import resource
 
-    from batchstyle.optimize import lbfgs_history, scale_sizes, upsample
-    from batchstyle.targets import Targets, TorchBackend
-    from batchstyle.weights import resolve
+    from batchstyle.model.optimize import lbfgs_history, upsample
+    from batchstyle.model.scales import scale_sizes
+    from batchstyle.model.targets import Targets, TorchBackend
+    from batchstyle.model.weights import resolve
 
     source, _ = resolve(model, Path(cache_dir))
     weights = source.load(Path(cache_dir))
@@ -323,10 +324,10 @@ def throughput_figures(
     shared), so no run profits from another's targets."""
     import tempfile
 
-    from batchstyle.engine import RunConfig, run
-    from batchstyle.export import export_graph, graph_matches
     from batchstyle.manifest import read_manifest
-    from batchstyle.weights import resolve
+    from batchstyle.model.export import export_graph, graph_matches
+    from batchstyle.model.weights import resolve
+    from batchstyle.run.engine import RunConfig, run
 
     source, _ = resolve(model, cache_dir)
     spec = graph_spec(source, make_settings(default_values()))

@@ -13,13 +13,15 @@ from typing import Any
 
 import click
 
-from batchstyle import __version__, engine, ledger, weights
-from batchstyle.export import ExportError
-from batchstyle.features import layer_names
+from batchstyle import __version__
 from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
+from batchstyle.model import weights
+from batchstyle.model.export import ExportError
+from batchstyle.model.layout import layer_names
 from batchstyle.options import OPTIONS, OptionError, default_values, make_settings
-from batchstyle.plan import ShardError, parse_shard
-from batchstyle.progress import Fanout, JsonLog, Silent, Terminal
+from batchstyle.run import engine, ledger
+from batchstyle.run.plan import ShardError, parse_shard
+from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
 
 CACHE_DIR = click.option(
     "--cache-dir",
@@ -480,7 +482,7 @@ def export_command(
     cache_dir: Path | None,
 ) -> None:
     """Export the target graph (features + Gram matrices, pixels in) to ONNX and validate it against PyTorch."""
-    from batchstyle.export import export_graph
+    from batchstyle.model.export import export_graph
 
     values = _defaults({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})
     try:
@@ -520,7 +522,7 @@ def cache() -> None:
 @CACHE_DIR
 def cache_info(as_json: bool, cache_dir: Path | None) -> None:
     """Entries, size and hit counts."""
-    from batchstyle.targets import TargetCache
+    from batchstyle.model.targets import TargetCache
 
     store = TargetCache(cache_dir or weights.default_cache_dir())
     info = store.info()
@@ -537,7 +539,7 @@ def cache_info(as_json: bool, cache_dir: Path | None) -> None:
 @CACHE_DIR
 def cache_clear(cache_dir: Path | None) -> None:
     """Delete every cached target (weights and exported graphs stay)."""
-    from batchstyle.targets import TargetCache
+    from batchstyle.model.targets import TargetCache
 
     store = TargetCache(cache_dir or weights.default_cache_dir())
     removed = store.clear()

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from batchstyle.images import SUPPORTED_SUFFIXES, ImageError, check_image, output_size
-from batchstyle.optimize import scale_sizes
+from batchstyle.model.layout import stride
+from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
-from batchstyle.targets import style_long_side
 
 REQUIRED = ("content", "style")
 ROW_ONLY = ("output", "style_blend_weights")
@@ -272,8 +272,8 @@ def _too_thin(
 ) -> list[tuple[str | None, str]]:
     """Every pooling halves the image: at its smallest scale an image must keep at least one pixel at the deepest
     tapped layer, or the network fails mid-run with a cryptic error. Found here, it names the row and the fix."""
-    deepest_block = max(int(name[4]) for name in (*settings.content_layers, *settings.style_layers))
-    need = 2 ** (deepest_block - 1)
+    deepest = max((*settings.content_layers, *settings.style_layers), key=stride)
+    need = stride(deepest)
     smallest = scale_sizes(settings.min_size, settings.size)[0]
     found = []
     checks = [("content", content, smallest)] if content is not None else []
@@ -286,7 +286,7 @@ def _too_thin(
                     (
                         column,
                         f"{file.name} is {w}x{h} px at its smallest scale, too thin for {need} px at "
-                        f"relu{deepest_block}; raise size or min_size (or style_scale), or crop the image",
+                        f"{deepest}; raise size or min_size (or style_scale), or crop the image",
                     )
                 )
     return found

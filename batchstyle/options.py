@@ -11,11 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# Every ReLU of VGG-19 (a superset of VGG-16's): layer names are checked against this without loading a network,
-# and the network itself rejects the few (relu3_4, relu4_4, relu5_4) that VGG-16 lacks.
-VGG19_RELUS = tuple(
-    f"relu{block}_{i}" for block, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for i in range(1, n + 1)
-)
+from batchstyle.model.layout import ALL_RELUS
 
 
 class OptionError(ValueError):
@@ -46,7 +42,7 @@ def _parse_layers(raw: str) -> tuple[str, ...]:
     layers = tuple(part.strip() for part in raw.replace(";", ",").split(",") if part.strip())
     if not layers:
         raise OptionError("no layer given")
-    unknown = [name for name in layers if name not in VGG19_RELUS]
+    unknown = [name for name in layers if name not in ALL_RELUS]
     if unknown:
         raise OptionError(f"unknown layer {', '.join(unknown)} (layers are ReLU outputs: relu1_1 .. relu5_4)")
     if len(set(layers)) != len(layers):

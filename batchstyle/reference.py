@@ -26,14 +26,15 @@ from typing import Any
 
 import torch
 
-from batchstyle.features import VGGFeatures
 from batchstyle.images import image_to_tensor, load_image, resize_long_side
-from batchstyle.optimize import Objective, stylize
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.optimize import Objective, stylize
+from batchstyle.model.scales import style_long_side
+from batchstyle.model.targets import compute_targets
+from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
-from batchstyle.targets import compute_targets, style_long_side
-from batchstyle.weights import Weights
 
-EPS = 1e-8  # the same guard as batchstyle.losses, so a zero target gives the same (finite) loss
+EPS = 1e-8  # the same guard as batchstyle.model.losses, so a zero target gives the same (finite) loss
 
 
 # --- the reference's own loss arithmetic -------------------------------------------------------------------------

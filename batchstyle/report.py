@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
-from batchstyle.ledger import (
+from batchstyle.run.ledger import (
     HISTORY_COLUMNS,
     LEDGER_NAME,
     STATUSES,

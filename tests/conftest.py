@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchstyle.weights import SOURCES, Weights, default_cache_dir
+from batchstyle.model.weights import SOURCES, Weights, default_cache_dir
 
 
 def make_photo(path: Path, width: int = 48, height: int = 36, seed: int = 0) -> Path:

@@ -24,7 +24,6 @@ from click.testing import CliRunner, Result
 from conftest import make_photo, write_manifest
 from PIL import Image
 
-from batchstyle import engine, weights
 from batchstyle.cli import main
 from batchstyle.images import (
     TEMP_MARKER,
@@ -35,7 +34,9 @@ from batchstyle.images import (
     resize_long_side,
     rgb_to_yiq,
 )
-from batchstyle.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
+from batchstyle.model import weights
+from batchstyle.run import engine
+from batchstyle.run.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
 
 # --device cpu keeps ledger and metadata the same on a GPU host; -q keeps progress bars out of the output.
 FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "2", "-q")
@@ -543,7 +544,7 @@ def test_blended_styles_differ_from_one_style(tmp_path: Path, images: dict[str, 
 
 HOLD_LOCK = """
 import sys, time
-from batchstyle.ledger import Ledger
+from batchstyle.run.ledger import Ledger
 ledger = Ledger(sys.argv[1])
 print("ready", flush=True)
 time.sleep(120)

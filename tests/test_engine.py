@@ -23,11 +23,11 @@ from conftest import USER_CACHE, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
-from batchstyle.engine import RunConfig, run
 from batchstyle.images import is_temp_file, read_metadata
-from batchstyle.ledger import ledger_files, read_records
 from batchstyle.manifest import read_manifest
 from batchstyle.options import default_values
+from batchstyle.run.engine import RunConfig, run
+from batchstyle.run.ledger import ledger_files, read_records
 
 TINY = ("--model", "random", "--size", "32", "-q")
 

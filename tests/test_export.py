@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from batchstyle import export
 from batchstyle.cli import main
-from batchstyle.export import ExportError, GraphSpec, export_graph, graph_matches, target_graph, validate
-from batchstyle.weights import SOURCES
+from batchstyle.model import export
+from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, target_graph, validate
+from batchstyle.model.weights import SOURCES
 
 # A short layer set keeps the export small and quick; the full default set is exercised by test_targets.
 SPEC = GraphSpec("random", SOURCES["random"].sha256, ("relu2_2",), ("relu1_1", "relu2_1"), "max", "imagenet-rgb")

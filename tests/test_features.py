@@ -8,8 +8,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from batchstyle.features import VGGFeatures, conv_names, layer_names
-from batchstyle.weights import CAFFE, IMAGENET, _torchvision_indices, random_state_dict
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.layout import conv_names, layer_names, torchvision_indices
+from batchstyle.model.weights import CAFFE, IMAGENET, random_state_dict
 
 # Convs per block, from Simonyan & Zisserman's configurations D (VGG-16) and E (VGG-19).
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
@@ -181,7 +182,7 @@ def _torchvision_conv_positions(arch: str) -> list[int]:
 
 @pytest.mark.parametrize("arch", ["vgg16", "vgg19"])
 def test_torchvision_indices_match_torchvision_convs(arch: str) -> None:
-    indices = _torchvision_indices(arch)
+    indices = torchvision_indices(arch)
     assert list(indices) == conv_names(arch)
     assert list(indices.values()) == _torchvision_conv_positions(arch)
 
@@ -198,7 +199,7 @@ def test_converted_torchvision_vgg19_matches_torchvision_features() -> None:
     raw = {f"features.{k}": v for k, v in features.state_dict().items()}
     state = {
         f"{name}.{kind}": raw[f"features.{index}.{kind}"]
-        for name, index in _torchvision_indices("vgg19").items()
+        for name, index in torchvision_indices("vgg19").items()
         for kind in ("weight", "bias")
     }
     model = VGGFeatures("vgg19", state, IMAGENET, ["relu4_2"])

@@ -1,4 +1,4 @@
-"""Tests for batchstyle.ledger: the SQLite record of an output folder, its row states and its folder lock.
+"""Tests for batchstyle.run.ledger: the SQLite record of an output folder, its row states and its folder lock.
 
 The lock tests use real second processes: an flock is only worth something if it holds against another process
 and vanishes when that process is killed.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from batchstyle.ledger import (
+from batchstyle.run.ledger import (
     LEDGER_NAME,
     LOCK_NAME,
     SCHEMA_VERSION,
@@ -31,7 +31,7 @@ from batchstyle.ledger import (
 HOLDER = """
 import sys, time
 from pathlib import Path
-from batchstyle.ledger import Ledger
+from batchstyle.run.ledger import Ledger
 out = Path(sys.argv[1])
 ledger = Ledger(out)
 run = ledger.start_run(out / "m.csv", [], "random", "w")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from batchstyle import losses
-from batchstyle.features import VGGFeatures
-from batchstyle.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
-from batchstyle.optimize import Objective
+from batchstyle.model import losses
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
+from batchstyle.model.optimize import Objective
+from batchstyle.model.targets import compute_targets
+from batchstyle.model.weights import IMAGENET, random_state_dict
 from batchstyle.options import default_values, make_settings
-from batchstyle.targets import compute_targets
-from batchstyle.weights import IMAGENET, random_state_dict
 
 
 def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import make_painting, make_photo
 
-from batchstyle.features import VGGFeatures, build
 from batchstyle.images import image_to_tensor, load_image
-from batchstyle.optimize import BatchLBFGS, Losses, Objective, Outcome, lbfgs_history, stylize, stylize_batch
+from batchstyle.model.features import VGGFeatures, build
+from batchstyle.model.optimize import BatchLBFGS, Losses, Objective, Outcome, lbfgs_history, stylize, stylize_batch
+from batchstyle.model.targets import Targets, compute_targets, stack_targets
+from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
-from batchstyle.targets import Targets, compute_targets, stack_targets
-from batchstyle.weights import Weights
 
 GRAM_LAYERS = ("relu1_1", "relu2_1", "relu3_1")
 

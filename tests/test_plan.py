@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import make_painting, make_photo, write_manifest
 
-from batchstyle.engine import RunError, Scheduler, parse_devices
 from batchstyle.manifest import read_manifest
+from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
-from batchstyle.plan import (
+from batchstyle.run.engine import RunError, Scheduler, parse_devices
+from batchstyle.run.plan import (
     Job,
     Shard,
     ShardError,
@@ -21,7 +22,6 @@ from batchstyle.plan import (
     parse_shard,
     plan,
 )
-from batchstyle.weights import SOURCES
 
 
 def _jobs(tmp_path: Path, *rows: str, header: str = "content,style,output") -> tuple[list[Job], dict]:

@@ -11,10 +11,12 @@ import pytest
 import torch
 from conftest import make_painting, make_photo
 
-from batchstyle.features import VGGFeatures
 from batchstyle.images import image_to_tensor, load_image
-from batchstyle.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
-from batchstyle.optimize import Objective, initial_image
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
+from batchstyle.model.optimize import Objective, initial_image
+from batchstyle.model.targets import compute_targets
+from batchstyle.model.weights import IMAGENET, Weights, random_state_dict
 from batchstyle.options import Settings, default_values, make_settings
 from batchstyle.reference import (
     QualityFigures,
@@ -29,8 +31,6 @@ from batchstyle.reference import (
     reference_tv,
     relative_mse,
 )
-from batchstyle.targets import compute_targets
-from batchstyle.weights import IMAGENET, Weights, random_state_dict
 
 
 def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -24,8 +24,8 @@ from PIL import Image
 from batchstyle import images
 from batchstyle.cli import main
 from batchstyle.images import is_temp_file
-from batchstyle.ledger import Record, read_records
 from batchstyle.report import ReportFiles, write_report
+from batchstyle.run.ledger import Record, read_records
 
 FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "-q")
 THUMB = 40  # below the test images' long sides, so thumbnails really are reduced

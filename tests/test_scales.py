@@ -13,11 +13,12 @@ from conftest import write_manifest
 
 from batchstyle.cli import main
 from batchstyle.images import image_to_tensor, is_temp_file, load_image, read_metadata
-from batchstyle.ledger import read_records, unpack_history
-from batchstyle.optimize import scale_sizes, stylize, upsample
+from batchstyle.model.optimize import stylize, upsample
+from batchstyle.model.scales import scale_sizes
+from batchstyle.model.targets import compute_targets
+from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
-from batchstyle.targets import compute_targets
-from batchstyle.weights import SOURCES
+from batchstyle.run.ledger import read_records, unpack_history
 
 FAST = ("--model", "random", "--device", "cpu", "-q")
 
@@ -60,7 +61,7 @@ def test_warm_start_keeps_the_image_upsampled() -> None:
 def test_a_warm_start_is_where_the_optimisation_begins() -> None:
     weights = SOURCES["random"].load()
     settings = make_settings({**default_values(), "iterations": 1, "style_layers": ("relu1_1",)})
-    from batchstyle.features import VGGFeatures
+    from batchstyle.model.features import VGGFeatures
 
     model = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, ("relu1_1", "relu4_2"))
     gen = torch.Generator().manual_seed(1)
@@ -73,7 +74,7 @@ def test_a_warm_start_is_where_the_optimisation_begins() -> None:
 
 def test_the_lowest_loss_iterate_is_kept() -> None:
     weights = SOURCES["random"].load()
-    from batchstyle.features import VGGFeatures
+    from batchstyle.model.features import VGGFeatures
 
     model = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, ("relu1_1", "relu2_1", "relu4_2"))
     gen = torch.Generator().manual_seed(2)

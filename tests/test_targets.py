@@ -13,12 +13,12 @@ from conftest import write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
-from batchstyle.engine import graph_spec
-from batchstyle.export import export_graph
-from batchstyle.ledger import read_records
+from batchstyle.model.export import export_graph
+from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend, ort_providers
+from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
-from batchstyle.targets import OrtBackend, TargetCache, TargetStore, TorchBackend, ort_providers
-from batchstyle.weights import SOURCES
+from batchstyle.run.engine import graph_spec
+from batchstyle.run.ledger import read_records
 
 FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "-q")
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -236,7 +236,7 @@ def test_a_cpu_session_on_a_gpu_device_binds_host_memory(random_weights, spec, g
 
 
 def test_a_failed_export_falls_back_to_torch_targets(tmp_path: Path, images: dict[str, Path], monkeypatch) -> None:
-    from batchstyle import export
+    from batchstyle.model import export
 
     def broken(graph, spec, path):  # noqa: ANN001, ANN202 - an exporter that cannot export this graph
         raise RuntimeError("unsupported operator")
@@ -250,8 +250,8 @@ def test_a_failed_export_falls_back_to_torch_targets(tmp_path: Path, images: dic
 
 
 def test_the_tensorrt_profile_spans_every_image_of_the_run_at_every_scale(tmp_path: Path) -> None:
-    from batchstyle.engine import plan, shape_profile
     from batchstyle.manifest import read_manifest
+    from batchstyle.run.engine import plan, shape_profile
 
     Image.new("RGB", (400, 300), "gray").save(tmp_path / "wide.png")
     Image.new("RGB", (300, 600), "gray").save(tmp_path / "tall.png")

@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from batchstyle import weights
-from batchstyle.features import VGGFeatures, conv_names
-from batchstyle.weights import CAFFE, IMAGENET, SOURCES, Weights, WeightsError, random_state_dict, resolve
+from batchstyle.model import weights
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.layout import conv_names
+from batchstyle.model.weights import CAFFE, IMAGENET, SOURCES, Weights, WeightsError, random_state_dict, resolve
 
 # VGG-16 conv output channels (configuration D), and the Caffe VGG mean in B, G, R order.
 VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 import torch
 
 from batchstyle import ALGORITHM_VERSION
-from batchstyle.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
-from batchstyle.features import VGGFeatures, layer_shape
 from batchstyle.images import write_file_atomic
-from batchstyle.losses import gram_matrix
-from batchstyle.weights import Weights
+from batchstyle.model.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.layout import layer_shape
+from batchstyle.model.losses import gram_matrix
+from batchstyle.model.weights import Weights
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,6 @@ def stack_targets(targets: Sequence[Targets]) -> Targets:
         content={name: torch.cat([t.content[name] for t in targets]) for name in targets[0].content},
         style={name: torch.cat([t.style[name] for t in targets]) for name in targets[0].style},
     )
-
-
-def style_long_side(output_long_side: int, style_scale: float) -> int:
-    """Style images are measured at the output's long side times style_scale, as in Johnson's neural-style."""
-    return max(16, round(output_long_side * style_scale))
 
 
 @torch.no_grad()

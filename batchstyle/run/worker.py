@@ -2,7 +2,7 @@
 turns a batch of jobs into output files. It never touches the ledger; it reports results to the parent.
 
 The same `Worker` serves three hosts: the parent itself (one device slot), a spawned process per device slot
-(`serve`), and a Ray actor (`batchstyle.pools`). `WorkerSpec` is what a host needs to build one: plain, picklable
+(`serve`), and a Ray actor (`batchstyle.run.pools`). `WorkerSpec` is what a host needs to build one: plain, picklable
 values, because weights and sessions are rebuilt inside the process that uses them.
 """
 
@@ -23,8 +23,6 @@ from typing import Any
 import torch
 
 from batchstyle import __version__
-from batchstyle.export import GraphSpec
-from batchstyle.features import VGGFeatures
 from batchstyle.images import (
     ImageError,
     image_to_tensor,
@@ -35,10 +33,11 @@ from batchstyle.images import (
     save_image_atomic,
     tensor_to_image,
 )
-from batchstyle.optimize import Losses, stylize_batch, upsample
-from batchstyle.options import Settings
-from batchstyle.plan import Job, graph_spec
-from batchstyle.targets import (
+from batchstyle.model.export import GraphSpec
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.optimize import Losses, stylize_batch, upsample
+from batchstyle.model.scales import style_long_side
+from batchstyle.model.targets import (
     OrtBackend,
     TargetCache,
     Targets,
@@ -46,9 +45,10 @@ from batchstyle.targets import (
     TorchBackend,
     blend_grams,
     stack_targets,
-    style_long_side,
 )
-from batchstyle.weights import Weights, resolve
+from batchstyle.model.weights import Weights, resolve
+from batchstyle.options import Settings
+from batchstyle.run.plan import Job, graph_spec
 
 # row number, iteration (counted across scales), losses
 OnIteration = Callable[[int, int, Losses], None]

@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 
-from batchstyle.export import ExportError, GraphSpec, export_graph, graph_matches
 from batchstyle.images import output_size, read_metadata, remove_stale_temp_files
-from batchstyle.ledger import Ledger, pack_history
 from batchstyle.manifest import Manifest
-from batchstyle.optimize import lbfgs_history
-from batchstyle.plan import Job, Shard, auto_batch_size, graph_spec, image_bytes, make_batches, plan
-from batchstyle.pools import InlinePool, Pool, ProcessPool
-from batchstyle.progress import Events, Silent
-from batchstyle.targets import style_long_side
-from batchstyle.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
-from batchstyle.worker import Result, WorkerSpec, precision_for
+from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches
+from batchstyle.model.optimize import lbfgs_history
+from batchstyle.model.scales import style_long_side
+from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
+from batchstyle.run.ledger import Ledger, pack_history
+from batchstyle.run.plan import Job, Shard, auto_batch_size, graph_spec, image_bytes, make_batches, plan
+from batchstyle.run.pools import InlinePool, Pool, ProcessPool
+from batchstyle.run.progress import Events, Silent
+from batchstyle.run.worker import Result, WorkerSpec, precision_for
 
 __all__ = ["Job", "RunConfig", "RunError", "RunSummary", "graph_spec", "plan", "run"]
 
@@ -590,7 +590,7 @@ def _worker_specs(
 
 def _make_pool(config: RunConfig, specs: list[WorkerSpec], execution: _Execution, weights: Weights) -> Pool:
     if config.backend == "ray":
-        from batchstyle.pools import RayPool
+        from batchstyle.run.pools import RayPool
 
         return RayPool(specs[0], execution, config.address, config.retries)
     if len(specs) == 1 and specs[0].device == "cpu":

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from batchstyle import ALGORITHM_VERSION, __version__
-from batchstyle.features import VGGFeatures
-from batchstyle.losses import gram_matrix
-from batchstyle.weights import Weights
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.losses import gram_matrix
+from batchstyle.model.weights import Weights
 
 INPUT_NAME = "pixels"
 GRAM_NORMALISATION = "G = F F^T / (H W), fp32"

@@ -17,9 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from batchstyle.plan import Job
-from batchstyle.weights import Weights
-from batchstyle.worker import DEVICE_FAULT_EXIT, DeviceFault, Result, Worker, WorkerSpec, serve
+from batchstyle.model.weights import Weights
+from batchstyle.run.plan import Job
+from batchstyle.run.worker import DEVICE_FAULT_EXIT, DeviceFault, Result, Worker, WorkerSpec, serve
 
 
 class PoolEvents(Protocol):
@@ -326,7 +326,7 @@ class RayPool(_ReplacingPool):
         try:
             import ray
         except ImportError:
-            from batchstyle.engine import RunError
+            from batchstyle.run.engine import RunError
 
             raise RunError("--backend ray needs Ray: pip install 'batchstyle[ray]'") from None
         import logging
@@ -339,7 +339,7 @@ class RayPool(_ReplacingPool):
             try:
                 ray.init(address=address or "local", logging_level=logging.WARNING, include_dashboard=False)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                from batchstyle.engine import RunError
+                from batchstyle.run.engine import RunError
 
                 raise RunError(
                     f"cannot reach the Ray cluster at {address!r}: {exc}; start one with `ray start --head`, give "
@@ -348,7 +348,7 @@ class RayPool(_ReplacingPool):
         self._actors = self._members = [_Actor(s, o) for s, o in self._placement(spec)]
         if not self._actors:
             self.close()
-            from batchstyle.engine import RunError
+            from batchstyle.run.engine import RunError
 
             raise RunError("the Ray cluster has no GPU and no CPU to run workers on")
         self.slots = [f"ray:{a.spec.device}" for a in self._actors]
@@ -362,7 +362,7 @@ class RayPool(_ReplacingPool):
 
         import torch
 
-        from batchstyle.worker import precision_for
+        from batchstyle.run.worker import precision_for
 
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))

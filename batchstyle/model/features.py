@@ -12,78 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from batchstyle.model.layout import ARCHS, layer_names
+
 if TYPE_CHECKING:
-    from batchstyle.weights import Preprocess, Weights
-
-# torchvision's VGG configurations: channel counts of the 3x3 convs, "M" for a 2x2 pooling.
-ARCHS: dict[str, list[int | str]] = {
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-    ],
-}
-
-
-def layer_names(arch: str) -> list[str]:
-    """conv1_1, relu1_1, conv1_2, ..., pool1, conv2_1, ...: the names Gatys et al. use for taps."""
-    names, block, index = [], 1, 1
-    for item in ARCHS[arch]:
-        if item == "M":
-            names.append(f"pool{block}")
-            block, index = block + 1, 1
-        else:
-            names += [f"conv{block}_{index}", f"relu{block}_{index}"]
-            index += 1
-    return names
-
-
-def conv_names(arch: str, params: bool = False) -> list[str]:
-    convs = [name for name in layer_names(arch) if name.startswith("conv")]
-    return [f"{c}.{kind}" for c in convs for kind in ("weight", "bias")] if params else convs
-
-
-def layer_shape(arch: str, layer: str, height: int, width: int) -> tuple[int, int, int]:
-    """(channels, height, width) of a layer's activation for an input of height x width, without running it.
-
-    Lets callers allocate outputs ahead of time (ONNX Runtime IO binding) for any input size.
-    """
-    channels, h, w = 3, height, width
-    for name, item in zip(layer_names(arch), _expanded(arch)):
-        if item == "M":
-            h, w = h // 2, w // 2
-        elif isinstance(item, int):
-            channels = item
-        if name == layer:
-            return channels, h, w
-    raise ValueError(f"{arch} has no layer {layer!r}")
-
-
-def _expanded(arch: str) -> list[int | str | None]:
-    """ARCHS aligned with layer_names: a conv's channel count, None for its ReLU, "M" for a pool."""
-    out: list[int | str | None] = []
-    for item in ARCHS[arch]:
-        out += ["M"] if item == "M" else [item, None]
-    return out
+    from batchstyle.model.weights import Preprocess, Weights
 
 
 class VGGFeatures(nn.Module):

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from batchstyle.features import VGGFeatures
-from batchstyle.losses import ContentLoss, StyleLoss, TVLoss
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss
+from batchstyle.model.targets import Targets
 from batchstyle.options import Settings
-from batchstyle.targets import Targets
 
 
 @dataclass(frozen=True)
@@ -252,15 +252,6 @@ class BatchLBFGS(torch.optim.Optimizer):
         self._started |= active
         self._steps += 1
         return loss
-
-
-def scale_sizes(min_size: int, size: int) -> list[int]:
-    """Long sides for coarse-to-fine: from min_size up to size in steps of about sqrt(2) (each scale doubles the
-    pixel count), so every scale starts from an upsampled image that is already close to its own optimum."""
-    if not min_size or min_size >= size:
-        return [size]
-    steps = max(1, math.ceil(math.log(size / min_size) / math.log(math.sqrt(2)) - 1e-9))
-    return [round(min_size * (size / min_size) ** (i / steps)) for i in range(steps + 1)]
 
 
 def upsample(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchstyle import ALGORITHM_VERSION
-from batchstyle.export import GraphSpec
-from batchstyle.features import layer_names
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
-from batchstyle.optimize import scale_sizes
+from batchstyle.model.export import GraphSpec
+from batchstyle.model.layout import layer_names, layer_shape
+from batchstyle.model.scales import scale_plan
+from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
-from batchstyle.weights import WeightSource, sha256_file
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,7 @@ class Job:
 
     def scales(self) -> list[tuple[int, int]]:
         """(long side, iterations) per scale, coarse to fine."""
-        s = self.settings
-        sizes = scale_sizes(s.min_size, s.size)
-        first = s.scale_iterations if s.scale_iterations and len(sizes) > 1 else s.iterations
-        return [(size, first if k == 0 else s.iterations) for k, size in enumerate(sizes)]
+        return scale_plan(self.settings)
 
     @property
     def total_iterations(self) -> int:
@@ -223,8 +220,6 @@ def image_bytes(arch: str, taps: Sequence[str], width: int, height: int, lbfgs_p
     """Rough device memory one image needs while optimised: every activation up to the deepest tap is kept for the
     backward pass and about as much again is live during it, plus the L-BFGS history (two image-sized vectors per
     pair). What `--batch-size auto` divides the free memory by."""
-    from batchstyle.features import layer_shape
-
     names = layer_names(arch)
     deepest = max(names.index(t) for t in taps)
     floats = 0

