@@ -1,7 +1,5 @@
 """batchstyle: batch neural style transfer (Gatys, Ecker & Bethge) over CSV manifests."""
 
-__version__ = "0.1.0"
+from batchstyle.version import ALGORITHM_VERSION, __version__
 
-# Bumped whenever a change alters what an output looks like for the same inputs and options: it is part of
-# every job's key, so finished rows from an older algorithm are redone rather than silently kept.
-ALGORITHM_VERSION = "1"
+__all__ = ["ALGORITHM_VERSION", "__version__"]

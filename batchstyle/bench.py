@@ -65,7 +65,7 @@ def iteration_figures(
     """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
     forward+backward floor at the same batch, with the same model set-up a worker uses."""
     from batchstyle.model.targets import stack_targets
-    from batchstyle.run.worker import configure_device, precision_for
+    from batchstyle.run.devices import configure_device, precision_for
 
     dev = torch.device(device)
     precision = precision_for(dev, precision)

@@ -13,15 +13,16 @@ from typing import Any
 
 import click
 
-from batchstyle import __version__
+from batchstyle.errors import RunError
 from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
 from batchstyle.model import weights
 from batchstyle.model.export import ExportError
 from batchstyle.model.layout import layer_names
 from batchstyle.options import OPTIONS, OptionError, default_values, make_settings
-from batchstyle.run import engine, ledger
+from batchstyle.run import devices, engine, ledger
 from batchstyle.run.plan import ShardError, parse_shard
 from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
+from batchstyle.version import __version__
 
 CACHE_DIR = click.option(
     "--cache-dir",
@@ -258,7 +259,7 @@ def run(
             shard=parsed_shard,
         )
         summary = engine.run(manifest, config, events)
-    except (weights.WeightsError, ledger.LedgerError, engine.RunError) as exc:
+    except (weights.WeightsError, ledger.LedgerError, RunError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
@@ -378,7 +379,7 @@ def bench_iteration(
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
-    dev = str(engine.pick_device(device))
+    dev = str(devices.pick_device(device))
     click.echo(f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}")
     click.echo(f"{'size':>10} {'batch':>5} {'s/iteration':>12} {'floor s':>10} {'ratio':>7} {'s/it/image':>11}")
     for long_side in (int(s) for s in sizes.split(",")):
@@ -433,7 +434,7 @@ def bench_targets(model: str, sizes: str, rows: int, styles: int, device: str, c
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
-    dev = str(engine.pick_device(device))
+    dev = str(devices.pick_device(device))
     cache = cache_dir or weights.default_cache_dir()
     click.echo(f"model {source.name}, device {dev}, {torch_threads()} threads; one row = content + one style")
     click.echo(f"{'size':>10} {'torch s':>9} {'ort s':>9} {'ort/torch':>9}  provider")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchstyle.errors import UnusableInput
 from batchstyle.images import SUPPORTED_SUFFIXES, ImageError, check_image, output_size
 from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
@@ -22,7 +23,7 @@ ROW_ONLY = ("output", "style_blend_weights")
 COLUMNS = (*REQUIRED, *ROW_ONLY, *OPTIONS)
 
 
-class ManifestError(Exception):
+class ManifestError(UnusableInput):
     """The manifest as a whole is unusable (exit code 2): nothing can be run from it."""
 
 

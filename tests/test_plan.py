@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from conftest import make_painting, make_photo, write_manifest
 
+from batchstyle.errors import RunError
 from batchstyle.manifest import read_manifest
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
-from batchstyle.run.engine import RunError, Scheduler, parse_devices
+from batchstyle.run.devices import parse_devices
+from batchstyle.run.engine import Scheduler
 from batchstyle.run.plan import (
     Job,
     Shard,

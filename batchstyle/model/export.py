@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from batchstyle import ALGORITHM_VERSION, __version__
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import gram_matrix
 from batchstyle.model.weights import Weights
+from batchstyle.version import ALGORITHM_VERSION, __version__
 
 INPUT_NAME = "pixels"
 GRAM_NORMALISATION = "G = F F^T / (H W), fp32"

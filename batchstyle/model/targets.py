@@ -18,13 +18,13 @@ from typing import Any, Protocol
 
 import torch
 
-from batchstyle import ALGORITHM_VERSION
 from batchstyle.images import write_file_atomic
 from batchstyle.model.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.layout import layer_shape
 from batchstyle.model.losses import gram_matrix
 from batchstyle.model.weights import Weights
+from batchstyle.version import ALGORITHM_VERSION
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from batchstyle.errors import UnusableInput
 from batchstyle.model.layout import ARCHS, conv_names, convs_per_block, torchvision_indices
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UnusableInput):
     """Weights that cannot be had or used; the message says which command fixes it."""
 
 

@@ -25,19 +25,21 @@ from typing import Any
 
 import torch
 
+from batchstyle.errors import RunError
 from batchstyle.images import output_size, read_metadata, remove_stale_temp_files
 from batchstyle.manifest import Manifest
 from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
+from batchstyle.run.devices import parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
 from batchstyle.run.plan import Job, Shard, auto_batch_size, graph_spec, image_bytes, make_batches, plan
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
-from batchstyle.run.worker import Result, WorkerSpec, precision_for
+from batchstyle.run.worker import Result, WorkerSpec
 
-__all__ = ["Job", "RunConfig", "RunError", "RunSummary", "graph_spec", "plan", "run"]
+__all__ = ["Job", "RunConfig", "RunSummary", "graph_spec", "plan", "run"]
 
 
 @dataclass
@@ -61,54 +63,6 @@ class RunSummary:
         if self.stopped:
             counts["interrupted"] = len(self.interrupted)
         return counts
-
-
-class RunError(RuntimeError):
-    """A run that cannot start (exit code 2): the message says what to change."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """One device, for the benchmarks: `auto` is the current GPU, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(_one_device(name, torch.cuda.device_count()))
-
-
-def _one_device(name: str, gpus: int) -> str:
-    """`cpu` or `cuda:N` for one device name, checked against the GPUs torch sees."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type != "cuda":
-        raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda or cuda:N")
-    if not gpus:
-        raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
-    index = 0 if device.index is None else device.index
-    if index >= gpus:
-        raise RunError(f"device {name} asked for, but torch sees {gpus} GPU(s)")
-    return f"cuda:{index}"
-
-
-def parse_devices(text: str, gpus: int | None = None) -> list[str]:
-    """`auto` (every GPU, else the CPU), `all` (every GPU), `cpu`, or a list such as `cuda:0,cuda:1` or `cpu,cpu`.
-
-    A device named twice gets two worker slots, like --workers-per-device does for every device.
-    """
-    gpus = torch.cuda.device_count() if gpus is None else gpus
-    text = text.strip().lower()
-    if text in ("auto", "all"):
-        if gpus:
-            return [f"cuda:{i}" for i in range(gpus)]
-        if text == "all":
-            raise RunError("--devices all asks for every GPU, but torch sees none; use --devices cpu")
-        return ["cpu"]
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise RunError("--devices is empty: use auto, all, cpu, or a list such as cuda:0,cuda:1")
-    return [_one_device(name, gpus) for name in names]
 
 
 @dataclass(frozen=True)

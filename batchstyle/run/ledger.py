@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from batchstyle.errors import UnusableInput
+
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
 SCHEMA_VERSION = 3
@@ -84,7 +86,7 @@ def unpack_history(blob: bytes | None) -> np.ndarray:
     return np.frombuffer(zlib.decompress(blob), dtype="<f4").reshape(-1, len(HISTORY_COLUMNS))
 
 
-class LedgerError(RuntimeError):
+class LedgerError(UnusableInput):
     """The output folder's ledger cannot be used; the message says why and what to do."""
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchstyle import ALGORITHM_VERSION
+from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
 from batchstyle.model.export import GraphSpec
@@ -21,6 +21,7 @@ from batchstyle.model.layout import layer_names, layer_shape
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
+from batchstyle.version import ALGORITHM_VERSION
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class Shard:
         return f"shard-{self.index}-of-{self.count}"
 
 
-class ShardError(ValueError):
+class ShardError(UnusableInput):
     """A --shard value (or scheduler variable) that names no slice; the message says the accepted forms."""
 
 

@@ -17,9 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from batchstyle.errors import RunError
 from batchstyle.model.weights import Weights
+from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, precision_for
 from batchstyle.run.plan import Job
-from batchstyle.run.worker import DEVICE_FAULT_EXIT, DeviceFault, Result, Worker, WorkerSpec, serve
+from batchstyle.run.worker import Result, Worker, WorkerSpec, serve
 
 
 class PoolEvents(Protocol):
@@ -326,8 +328,6 @@ class RayPool(_ReplacingPool):
         try:
             import ray
         except ImportError:
-            from batchstyle.run.engine import RunError
-
             raise RunError("--backend ray needs Ray: pip install 'batchstyle[ray]'") from None
         import logging
 
@@ -339,8 +339,6 @@ class RayPool(_ReplacingPool):
             try:
                 ray.init(address=address or "local", logging_level=logging.WARNING, include_dashboard=False)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                from batchstyle.run.engine import RunError
-
                 raise RunError(
                     f"cannot reach the Ray cluster at {address!r}: {exc}; start one with `ray start --head`, give "
                     "its address (--address HOST:6379), or leave --address out to run Ray on this machine"
@@ -348,8 +346,6 @@ class RayPool(_ReplacingPool):
         self._actors = self._members = [_Actor(s, o) for s, o in self._placement(spec)]
         if not self._actors:
             self.close()
-            from batchstyle.run.engine import RunError
-
             raise RunError("the Ray cluster has no GPU and no CPU to run workers on")
         self.slots = [f"ray:{a.spec.device}" for a in self._actors]
         self.closing = False
@@ -361,8 +357,6 @@ class RayPool(_ReplacingPool):
         from dataclasses import replace
 
         import torch
-
-        from batchstyle.run.worker import precision_for
 
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from batchstyle import __version__
 from batchstyle.images import (
     ImageError,
     image_to_tensor,
@@ -48,7 +47,9 @@ from batchstyle.model.targets import (
 )
 from batchstyle.model.weights import Weights, resolve
 from batchstyle.options import Settings
+from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, configure_device, is_device_fault, is_out_of_memory
 from batchstyle.run.plan import Job, graph_spec
+from batchstyle.version import __version__
 
 # row number, iteration (counted across scales), losses
 OnIteration = Callable[[int, int, Losses], None]
@@ -86,53 +87,11 @@ class WorkerSpec:
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
-def precision_for(device: torch.device, asked: str) -> str:
-    """`auto` is TF32 convolutions on CUDA (Ampere and later run them ~8x faster than fp32, within the noise of
-    the optimisation) and fp32 on CPU, where TF32 does not exist and bf16 is slower."""
-    if asked == "auto":
-        return "tf32" if device.type == "cuda" else "fp32"
-    return asked
-
-
-def configure_device(device: torch.device, precision: str) -> None:
-    """Convolutions may use TF32; matrix products stay fp32, because they compute the Gram matrices."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-
-DEVICE_FAULT_EXIT = 75  # a worker process exits with this after a device fault, so its parent replaces it
-
-
-class DeviceFault(RuntimeError):
-    """A CUDA error other than out-of-memory (illegal address, device-side assert, ECC): the context is poisoned
-    and every later row on it would fail too. The worker process dies so that a fresh one takes its rows."""
-
-
-def _is_device_fault(exc: BaseException, device: torch.device) -> bool:
-    if device.type != "cuda" or _is_out_of_memory(exc):
-        return False
-    accelerator = getattr(torch, "AcceleratorError", ())
-    text = str(exc)
-    return isinstance(exc, accelerator) or (
-        isinstance(exc, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
-    )
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def describe_failure(job: Job, exc: BaseException, batch: int = 1) -> str:
     where = f"row {job.row.number}"
     if isinstance(exc, ImageError):
         return f"{where}: {exc}"
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         lower = "lower --batch-size or size" if batch > 1 else "lower size for this row"
         return (
             f"{where}: out of memory at size {job.settings.size} ({exc.__class__.__name__}); {lower} "
@@ -273,9 +232,9 @@ class Worker:
                 for result in self._stylize(prepared, on_iteration, start):
                     results[result.row] = result
             except Exception as exc:  # noqa: BLE001
-                if _is_device_fault(exc, self.device):
+                if is_device_fault(exc, self.device):
                     raise DeviceFault(f"{exc.__class__.__name__}: {exc}") from exc
-                if len(prepared) > 1 and _is_out_of_memory(exc):
+                if len(prepared) > 1 and is_out_of_memory(exc):
                     del exc  # its traceback holds the batch's tensors
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
