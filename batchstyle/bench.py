@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from batchstyle.model.features import VGGFeatures
-from batchstyle.model.optimize import stylize, stylize_batch
-from batchstyle.model.targets import compute_targets
+from batchstyle.model.export import graph_spec
+from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
-from batchstyle.run.plan import graph_spec
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,12 @@ def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device
     return statistics.median(times)
 
 
+def random_image(width: int, height: int, generator: torch.Generator) -> Image.Image:
+    """Uniform noise as an RGB image: timing does not depend on what the pixels show."""
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
 def iteration_figures(
     weights: Weights,
     long_side: int,
@@ -63,27 +68,21 @@ def iteration_figures(
     precision: str = "auto",
 ) -> IterationFigures:
     """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
-    forward+backward floor at the same batch, with the same model set-up a worker uses."""
-    from batchstyle.model.targets import stack_targets
+    forward+backward floor at the same batch, through the `Stylizer` a worker uses."""
     from batchstyle.run.devices import configure_device, precision_for
 
     dev = torch.device(device)
     precision = precision_for(dev, precision)
     configure_device(dev, precision)
-    settings: Settings = make_settings({**default_values(), "size": long_side, "optimizer": optimizer})
-    taps = (*settings.content_layers, *settings.style_layers)
-    model = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=True).to(dev)
+    settings: Settings = make_settings(
+        {**default_values(), "size": long_side, "min_size": 0, "optimizer": optimizer, "iterations": iterations + 1}
+    )
+    stylizer = Stylizer.local(weights, dev, precision)
+    model = stylizer.trunk(settings)
     h, w = long_side * 3 // 4, long_side
     gen = torch.Generator().manual_seed(0)
-    content = torch.rand(batch, 3, h, w, generator=gen).to(dev)
-    styles = torch.rand(batch, 3, h, w, generator=gen).to(dev)
-    targets = stack_targets(
-        [
-            compute_targets(model, c, [st], [1.0], settings.content_layers, settings.style_layers)
-            for c, st in zip(content.split(1), styles.split(1))
-        ]
-    )
-    pixels = content.clone().requires_grad_(True)
+    items = [Inputs(random_image(w, h, gen), [random_image(w, h, gen)]) for _ in range(batch)]
+    pixels = torch.rand(batch, 3, h, w, generator=gen).to(dev).requires_grad_(True)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def bare() -> None:
@@ -100,16 +99,9 @@ def iteration_figures(
         _sync(dev)
         stamps.append(time.perf_counter())
 
-    # Timed between iteration callbacks: set-up and the final loss evaluation stay out of the figure. On CUDA the
-    # loop reports in chunks, so the figure there is the chunk's time divided by its iterations.
-    stylize_batch(
-        model,
-        content,
-        targets,
-        make_settings({**settings.as_dict(), "iterations": iterations + 1}),
-        on_iteration=stamp,
-        precision=precision,
-    )
+    # Timed between iteration callbacks: targets, set-up and the final loss evaluation stay out of the figure. On
+    # CUDA the loop reports in chunks, so the figure there is the chunk's time divided by its iterations.
+    stylizer.stylize(items, settings, Hooks(on_iteration=stamp))
     per_iteration = (
         (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         if dev.type == "cuda"
@@ -226,44 +218,28 @@ def _memory_child(queue: Any, model: str, cache_dir: str, long_side: int, min_si
     # A fresh process per configuration, so ru_maxrss is this configuration's peak alone.
     import resource
 
-    from batchstyle.model.optimize import lbfgs_history, upsample
+    from batchstyle.model.optimize import lbfgs_history
     from batchstyle.model.scales import scale_sizes
-    from batchstyle.model.targets import Targets, TorchBackend
     from batchstyle.model.weights import resolve
 
     source, _ = resolve(model, Path(cache_dir))
     weights = source.load(Path(cache_dir))
     settings = make_settings({**default_values(), "size": long_side, "min_size": min_size, "iterations": iterations})
-    taps = (*settings.content_layers, *settings.style_layers)
-    model_ = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps)
-    backend = TorchBackend(weights, graph_spec(source, settings), torch.device("cpu"))
+    stylizer = Stylizer.local(weights, torch.device("cpu"))
+    stylizer.trunk(settings)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gen = torch.Generator().manual_seed(0)
-    image = None
     sizes = scale_sizes(min_size, long_side)
-    per_iteration = 0.0
-    for size in sizes:
-        content = torch.rand(1, 3, size * 3 // 4, size, generator=gen)
-        style = torch.rand(1, 3, size, size, generator=gen)
-        out = backend(content), backend(style)
-        targets = Targets(
-            {n: out[0][f"content_{n}"] for n in settings.content_layers},
-            {n: out[1][f"gram_{n}"] for n in settings.style_layers},
-        )
-        stamps: list[float] = []
-        last = size == sizes[-1]
-        steps = lbfgs_history(content.numel()) + 2 if last else iterations
-        result = stylize(
-            model_,
-            content,
-            targets,
-            make_settings({**settings.as_dict(), "size": size, "iterations": steps}),
-            start=None if image is None else upsample(image, content),
-            on_iteration=lambda i, losses, stamps=stamps: stamps.append(time.perf_counter()),
-        )
-        image = result.image
-        del out, targets, result
-        per_iteration = statistics.median(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0
+    last_pixels = 3 * long_side * (long_side * 3 // 4)
+    plan = [(size, iterations) for size in sizes[:-1]] + [(long_side, lbfgs_history(last_pixels) + 2)]
+    stamps: list[tuple[int, float]] = []
+    item = Inputs(random_image(long_side, long_side * 3 // 4, gen), [random_image(long_side, long_side, gen)])
+    hooks = Hooks(
+        on_scale=lambda k, size, n: stamps.clear(),
+        on_iteration=lambda i, losses: stamps.append((i, time.perf_counter())),
+    )
+    stylizer.stylize([item], settings, hooks, plan=plan)
+    per_iteration = statistics.median(b - a for (_, a), (_, b) in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(MemoryFigures(long_side, tuple(sizes), peak, baseline, per_iteration))
 

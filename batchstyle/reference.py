@@ -28,9 +28,9 @@ import torch
 
 from batchstyle.images import image_to_tensor, load_image, resize_long_side
 from batchstyle.model.features import VGGFeatures
-from batchstyle.model.optimize import Objective, stylize
+from batchstyle.model.optimize import Objective
 from batchstyle.model.scales import style_long_side
-from batchstyle.model.targets import compute_targets
+from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
 
@@ -229,12 +229,12 @@ def quality_figures(
     device: str = "cpu",
     overrides: Mapping[str, Any] | None = None,
 ) -> QualityFigures:
-    """One row through batchstyle (`compute_targets` + `stylize`) and through `reference_stylize`, same everything
+    """One row through batchstyle (`Stylizer.stylize`, one scale) and through `reference_stylize`, same everything
     (weights, layers, layer weights, loss weights, size, init, iterations), both final images scored by the same
     `Objective` under no_grad on the clamped pixels.
 
     Timing, treated alike for both: target computation is excluded from both; each path's own set-up inside the
-    timed call is included (batchstyle: the whole `stylize` call -- initial image, objective and optimiser
+    timed call is included (batchstyle: its `stylize` call from its targets on -- initial image, objective and optimiser
     construction, the iterations, the lowest-loss bookkeeping and its one final no-grad evaluation; reference: the
     initial image, the optimiser, its `step` call and the final clamp). Seconds per iteration = that wall time /
     iterations (the reference's closure evaluations). The two runs are sequential (batchstyle first), so on a shared
@@ -244,22 +244,29 @@ def quality_figures(
     """
     dev = torch.device(device)
     values = (
-        default_values() | {"size": size, "iterations": iterations} | dict(overrides or {}) | {"optimizer": "lbfgs"}
+        default_values()
+        | {"size": size, "iterations": iterations}
+        | dict(overrides or {})
+        | {"optimizer": "lbfgs", "min_size": 0}
     )
     settings = make_settings(values)
-    content = image_to_tensor(resize_long_side(load_image(Path(content_path)), size)).to(dev)
-    style_img = resize_long_side(load_image(Path(style_path)), style_long_side(size, settings.style_scale))
+    stylizer = Stylizer.local(weights, dev)
+    item = Inputs(load_image(Path(content_path)), [load_image(Path(style_path))])
+    content, targets = stylizer.scale_targets(item, settings, size)
+    style_img = resize_long_side(item.styles[0], style_long_side(size, settings.style_scale))
     style = image_to_tensor(style_img).to(dev)
-    taps = tuple(dict.fromkeys((*settings.content_layers, *settings.style_layers)))
-    model = VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, settings.pooling).to(dev)
+    model = stylizer.trunk(settings)
 
-    targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
     _warm_up(model, content)
+    started: list[float] = []
+
+    def optimisation_starts(*_: object) -> None:
+        _sync(dev)
+        started.append(time.perf_counter())
+
+    (outcome,) = stylizer.stylize([item], settings, Hooks(on_scale=optimisation_starts))
     _sync(dev)
-    start = time.perf_counter()
-    outcome = stylize(model, content, targets, settings)
-    _sync(dev)
-    ours_seconds = (time.perf_counter() - start) / settings.iterations
+    ours_seconds = (time.perf_counter() - started[0]) / settings.iterations
 
     ref = reference_run(model, content, style, settings)
 

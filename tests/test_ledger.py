@@ -23,6 +23,7 @@ from batchstyle.run.ledger import (
     STATUSES,
     Ledger,
     LedgerBusy,
+    LedgerError,
     read_records,
     summarise,
 )
@@ -92,7 +93,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / LEDGER_NAME)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(RuntimeError, match="newer batchstyle"):
+    with pytest.raises(LedgerError, match="newer batchstyle"):
         Ledger(tmp_path)
 
 

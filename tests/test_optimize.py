@@ -11,7 +11,15 @@ from conftest import make_painting, make_photo
 
 from batchstyle.images import image_to_tensor, load_image
 from batchstyle.model.features import VGGFeatures, build
-from batchstyle.model.optimize import BatchLBFGS, Losses, Objective, Outcome, lbfgs_history, stylize, stylize_batch
+from batchstyle.model.optimize import (
+    BatchLBFGS,
+    Losses,
+    Objective,
+    Outcome,
+    lbfgs_history,
+    optimize_batch,
+    optimize_one,
+)
 from batchstyle.model.targets import Targets, compute_targets, stack_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
@@ -39,7 +47,7 @@ def _run(weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor], settings
     model = build(weights, taps, settings.pooling)
     targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
     calls: list[tuple[int, Losses]] = []
-    outcome = stylize(model, content, targets, settings, on_iteration=lambda i, losses: calls.append((i, losses)))
+    outcome = optimize_one(model, content, targets, settings, on_iteration=lambda i, losses: calls.append((i, losses)))
     return outcome, (model, targets, calls)
 
 
@@ -143,10 +151,10 @@ def test_init_image_is_resized_to_the_content(
     settings = _settings(init="style.png", **{**SHALLOW, "iterations": 1})
     model = build(hed_weights, ("relu1_1", "relu2_1", "relu2_2"))
     targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
-    outcome = stylize(model, content, targets, settings, init_image=style)
+    outcome = optimize_one(model, content, targets, settings, init_image=style)
     assert outcome.image.shape == content.shape
     with pytest.raises(ValueError, match="needs its image"):
-        stylize(model, content, targets, settings)
+        optimize_one(model, content, targets, settings)
 
 
 # --- batches and the per-image L-BFGS ---------------------------------------------------------------------------
@@ -264,9 +272,9 @@ def _alone_and_together(
         compute_targets(model, c.to(dtype), [s.to(dtype)], [1.0], settings.content_layers, settings.style_layers)
         for c, s in rows
     ]
-    alone = [stylize(model, contents[b : b + 1], t, settings) for b, t in enumerate(per_row)]
+    alone = [optimize_one(model, contents[b : b + 1], t, settings) for b, t in enumerate(per_row)]
     calls: list[tuple[int, list[Losses]]] = []
-    together = stylize_batch(
+    together = optimize_batch(
         model, contents, stack_targets(per_row), settings, on_iteration=lambda i, ls: calls.append((i, ls))
     )
     return alone, together, calls
@@ -329,7 +337,7 @@ def test_an_image_at_its_optimum_stays_put_while_the_others_move(
         content_targets = {"relu2_2": model(starts)["relu2_2"].clone()}
         content_targets["relu2_2"][1:] = model(contents)["relu2_2"][1:]
     targets = Targets(content_targets, {"relu1_1": torch.zeros(3, 64, 64), "relu2_1": torch.zeros(3, 128, 128)})
-    outcomes = stylize_batch(model, contents, targets, settings, starts=starts)
+    outcomes = optimize_batch(model, contents, targets, settings, starts=starts)
 
     assert torch.equal(outcomes[0].image, starts[:1])
     assert all(losses.total == 0.0 for losses in outcomes[0].history)
@@ -404,12 +412,12 @@ def test_bf16_autocast_runs_the_network_only(hed_weights: Weights, pictures: tup
     settings = _settings(**{**SHALLOW, "iterations": 4})
     model = build(hed_weights, ("relu1_1", "relu2_1", "relu2_2"))
     targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
-    fp32 = stylize_batch(model, content, targets, settings)[0]
-    bf16 = stylize_batch(model, content, targets, settings, precision="bf16")[0]
+    fp32 = optimize_batch(model, content, targets, settings)[0]
+    bf16 = optimize_batch(model, content, targets, settings, precision="bf16")[0]
     assert bf16.image.dtype == torch.float32
     assert bf16.losses.total < bf16.history[0].total
     # bf16 convolutions give another, close result: losses within bf16's ~3 significant digits, not bit-equal.
     assert bf16.history[0].total == pytest.approx(fp32.history[0].total, rel=2e-2)
     assert bf16.history[0].total != fp32.history[0].total
     with pytest.raises(ValueError, match="precision"):
-        stylize_batch(model, content, targets, settings, precision="fp8")
+        optimize_batch(model, content, targets, settings, precision="fp8")

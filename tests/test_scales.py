@@ -13,7 +13,7 @@ from conftest import write_manifest
 
 from batchstyle.cli import main
 from batchstyle.images import image_to_tensor, is_temp_file, load_image, read_metadata
-from batchstyle.model.optimize import stylize, upsample
+from batchstyle.model.optimize import optimize_one, upsample
 from batchstyle.model.scales import scale_sizes
 from batchstyle.model.targets import compute_targets
 from batchstyle.model.weights import SOURCES
@@ -67,7 +67,7 @@ def test_a_warm_start_is_where_the_optimisation_begins() -> None:
     gen = torch.Generator().manual_seed(1)
     content, style, start = (torch.rand(1, 3, 24, 24, generator=gen) for _ in range(3))
     targets = compute_targets(model, content, [style], [1.0], ("relu4_2",), ("relu1_1",))
-    outcome = stylize(model, content, targets, settings, start=start)
+    outcome = optimize_one(model, content, targets, settings, start=start)
     # One L-BFGS step from `start` is tiny: the result is near the warm start, not near the content.
     assert (outcome.image - start).abs().mean() < (outcome.image - content).abs().mean() / 4
 
@@ -83,7 +83,7 @@ def test_the_lowest_loss_iterate_is_kept() -> None:
     # Adam with a huge step overshoots: its last iterate is far from its best.
     settings = make_settings({**values, "optimizer": "adam", "learning_rate": 0.5})
     targets = compute_targets(model, content, [style], [1.0], ("relu4_2",), ("relu1_1", "relu2_1"))
-    outcome = stylize(model, content, targets, settings)
+    outcome = optimize_one(model, content, targets, settings)
     totals = [h.total for h in outcome.history]
     assert outcome.losses.total == pytest.approx(min([*totals, outcome.losses.total]))
     assert outcome.losses.total <= totals[-1]

@@ -13,11 +13,10 @@ from conftest import write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
-from batchstyle.model.export import export_graph
+from batchstyle.model.export import export_graph, graph_spec
 from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend, ort_providers
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
-from batchstyle.run.engine import graph_spec
 from batchstyle.run.ledger import read_records
 
 FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "-q")

@@ -20,7 +20,8 @@ from torch import nn
 
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import gram_matrix
-from batchstyle.model.weights import Weights
+from batchstyle.model.weights import Weights, WeightSource
+from batchstyle.options import Settings
 from batchstyle.version import ALGORITHM_VERSION, __version__
 
 INPUT_NAME = "pixels"
@@ -73,6 +74,18 @@ class GraphSpec:
             "batchstyle.input": f"{INPUT_NAME}: float32 RGB in [0, 1], shape (batch, 3, height, width)",
             "batchstyle.exporter": exporter,
         }
+
+
+def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
+    """The graph a stylization under `settings` takes its targets from."""
+    return GraphSpec(
+        source.name,
+        source.sha256,
+        settings.content_layers,
+        settings.style_layers,
+        settings.pooling,
+        source.preprocess.name,
+    )
 
 
 class TargetGraph(nn.Module):

@@ -43,10 +43,19 @@ OnBatchIteration = Callable[[int, list[Losses]], None]  # one Losses per image o
 
 
 class Objective(nn.Module):
-    """alpha * content + beta * style + tv_weight * TV, with per-layer weights; one value per image."""
+    """alpha * content + beta * style + tv_weight * TV (+ extra terms), with per-layer weights; one value per image.
+
+    `extra` terms are modules mapping the pixels to one already weighted value per image (a video frame's temporal
+    loss); they count in the total, which the optimiser minimises and the kept iterate is chosen by.
+    """
 
     def __init__(
-        self, model: VGGFeatures, targets: Targets, settings: Settings, autocast: torch.dtype | None = None
+        self,
+        model: VGGFeatures,
+        targets: Targets,
+        settings: Settings,
+        autocast: torch.dtype | None = None,
+        extra: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
         self.model = model
@@ -57,6 +66,7 @@ class Objective(nn.Module):
         self.style_layer_weights = dict(zip(settings.style_layers, settings.normalised_style_layer_weights()))
         self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
         self.autocast = autocast
+        self.extra = nn.ModuleList(extra)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.autocast is None:
@@ -72,7 +82,22 @@ class Objective(nn.Module):
         style = style if isinstance(style, torch.Tensor) else zero
         tv = self.tv(pixels)
         a, b, c = self.weights
-        return a * content + b * style + c * tv, content, style, tv
+        total = a * content + b * style + c * tv
+        for term in self.extra:
+            total = total + term(pixels)
+        return total, content, style, tv
+
+    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The losses of `pixels` (detached, one per image), with their gradient left in `pixels.grad`.
+
+        The one place an iteration evaluates the objective: evaluating it another way (tile by tile, with global
+        statistics gathered first) means overriding this, and the optimiser and everything around it stay as
+        they are.
+        """
+        pixels.grad = None
+        total, content, style, tv = self(pixels)
+        total.sum().backward()
+        return total.detach(), content.detach(), style.detach(), tv.detach()
 
 
 def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch.Tensor | None) -> torch.Tensor:
@@ -263,7 +288,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 LOSS_CHUNK = 20  # iterations between host copies of the losses on an asynchronous device
 
 
-def stylize_batch(
+def optimize_batch(
     model: VGGFeatures,
     contents: torch.Tensor,
     targets: Targets,
@@ -274,6 +299,7 @@ def stylize_batch(
     on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
     snapshot_every: int = 0,
     precision: str = "fp32",
+    extra: Sequence[nn.Module] = (),
 ) -> list[Outcome]:
     """Optimises B images of one size in one forward/backward per iteration; one Outcome per image.
 
@@ -297,7 +323,7 @@ def stylize_batch(
     batch, device = contents.shape[0], contents.device
     torch.manual_seed(settings.seed)
     autocast = torch.bfloat16 if precision == "bf16" else None
-    objective = Objective(model, targets, settings, autocast).to(device)
+    objective = Objective(model, targets, settings, autocast, extra).to(device)
     if starts is not None:
         if starts.shape != contents.shape:
             raise ValueError(f"starts {tuple(starts.shape)} do not match contents {tuple(contents.shape)}")
@@ -337,9 +363,7 @@ def stylize_batch(
                 on_iteration(k + 1, losses)
 
     for i in range(iterations):
-        optimizer.zero_grad(set_to_none=True)
-        total, content, style, tv = objective(pixels)
-        total.sum().backward()
+        total, content, style, tv = objective.gradient(pixels)
         with torch.no_grad():
             values = torch.stack([content, style, tv, total])
             if recorded is None:
@@ -376,7 +400,7 @@ def stylize_batch(
     return outcomes
 
 
-def stylize(
+def optimize_one(
     model: VGGFeatures,
     content: torch.Tensor,
     targets: Targets,
@@ -387,6 +411,8 @@ def stylize(
     on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
     snapshot_every: int = 0,
 ) -> Outcome:
-    """`stylize_batch` for one image: one optimisation path for lone and batched rows alike."""
+    """`optimize_batch` for one image: one optimisation path for lone and batched rows alike."""
     report = None if on_iteration is None else (lambda k, losses: on_iteration(k, losses[0]))
-    return stylize_batch(model, content, targets, settings, [init_image], report, start, on_snapshot, snapshot_every)[0]
+    return optimize_batch(model, content, targets, settings, [init_image], report, start, on_snapshot, snapshot_every)[
+        0
+    ]

@@ -344,6 +344,10 @@ class TargetStore:
         self.backends: dict[GraphSpec, Backend] = {}
         self.computed = 0
 
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
     def backend(self, spec: GraphSpec) -> Backend:
         if spec not in self.backends:
             self.backends[spec] = self.make_backend(spec)

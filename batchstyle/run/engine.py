@@ -28,13 +28,13 @@ import torch
 from batchstyle.errors import RunError
 from batchstyle.images import output_size, read_metadata, remove_stale_temp_files
 from batchstyle.manifest import Manifest
-from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches
+from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, graph_spec
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
 from batchstyle.run.devices import parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
-from batchstyle.run.plan import Job, Shard, auto_batch_size, graph_spec, image_bytes, make_batches, plan
+from batchstyle.run.plan import Job, Shard, auto_batch_size, image_bytes, make_batches, plan
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.worker import Result, WorkerSpec

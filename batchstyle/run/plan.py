@@ -16,7 +16,6 @@ from pathlib import Path
 from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
-from batchstyle.model.export import GraphSpec
 from batchstyle.model.layout import layer_names, layer_shape
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
@@ -90,17 +89,6 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
         key = job_key(row, settings, source, memo)
         jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles)))
     return jobs, failed
-
-
-def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
-    return GraphSpec(
-        source.name,
-        source.sha256,
-        settings.content_layers,
-        settings.style_layers,
-        settings.pooling,
-        source.preprocess.name,
-    )
 
 
 # -- batches -------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ values, because weights and sessions are rebuilt inside the process that uses th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -22,33 +21,14 @@ from typing import Any
 
 import torch
 
-from batchstyle.images import (
-    ImageError,
-    image_to_tensor,
-    load_image,
-    luminance_image,
-    recombine_color,
-    resize_long_side,
-    save_image_atomic,
-    tensor_to_image,
-)
+from batchstyle.images import ImageError, load_image, save_image_atomic, tensor_to_image
 from batchstyle.model.export import GraphSpec
-from batchstyle.model.features import VGGFeatures
-from batchstyle.model.optimize import Losses, stylize_batch, upsample
-from batchstyle.model.scales import style_long_side
-from batchstyle.model.targets import (
-    OrtBackend,
-    TargetCache,
-    Targets,
-    TargetStore,
-    TorchBackend,
-    blend_grams,
-    stack_targets,
-)
+from batchstyle.model.optimize import Losses
+from batchstyle.model.stylize import Hooks, Inputs, Stylizer
+from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
 from batchstyle.model.weights import Weights, resolve
-from batchstyle.options import Settings
 from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, configure_device, is_device_fault, is_out_of_memory
-from batchstyle.run.plan import Job, graph_spec
+from batchstyle.run.plan import Job
 from batchstyle.version import __version__
 
 # row number, iteration (counted across scales), losses
@@ -146,35 +126,21 @@ def backend_factory(
     return make
 
 
-@dataclass
-class _Prepared:
-    """One job's inputs, decoded once for all its scales."""
-
-    job: Job
-    content: Any
-    styles: list[Any]
-    init: torch.Tensor | None
-    hits: list[str] = field(default_factory=list)
-    original: torch.Tensor | None = None
-
-
 class Worker:
-    """Holds the weights, one trunk per tap set and a target store, and turns jobs into output files."""
+    """Turns batches of jobs into output files: decodes each row's images, hands the batch to the model layer's
+    `Stylizer` (which owns the whole algorithm), and writes each output with its metadata."""
 
-    def __init__(
-        self,
-        weights: Weights,
-        device: torch.device,
-        targets: TargetStore,
-        save_every: int = 0,
-        precision: str = "fp32",
-    ) -> None:
-        self.weights = weights
-        self.device = device
-        self.targets = targets
+    def __init__(self, stylizer: Stylizer, save_every: int = 0) -> None:
+        self.stylizer = stylizer
         self.save_every = save_every
-        self.precision = precision
-        self._models: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.stylizer.device
+
+    @property
+    def weights(self) -> Weights:
+        return self.stylizer.weights
 
     @classmethod
     def build(cls, spec: WorkerSpec, warn: Warn, weights: Weights | None = None) -> Worker:
@@ -194,22 +160,10 @@ class Worker:
             cache = None
         precision = "trt-fp16" if spec.trt_fp16 and spec.targets == "ort" else "fp32"
         store = TargetStore(backend_factory(weights, spec, device, warn), cache, precision, warn)
-        return cls(weights, device, store, spec.save_every, spec.precision)
+        return cls(Stylizer(weights, device, store, spec.precision), spec.save_every)
 
     def close(self) -> None:
-        if self.targets.cache is not None:
-            self.targets.cache.close()
-
-    def model(self, settings: Settings) -> VGGFeatures:
-        taps = tuple(dict.fromkeys((*settings.content_layers, *settings.style_layers)))
-        key = (taps, settings.pooling)
-        if key not in self._models:
-            w = self.weights
-            # Channels-last is cuDNN's tensor-core layout, and oneDNN's too: ~8% off every iteration on CPU as well.
-            self._models[key] = VGGFeatures(
-                w.arch, w.state_dict, w.preprocess, taps, settings.pooling, channels_last=True
-            ).to(self.device)
-        return self._models[key]
+        self.stylizer.targets.close()
 
     def run(self, job: Job, on_iteration: OnIteration | None = None) -> Result:
         return self.run_batch([job], on_iteration)[0]
@@ -219,10 +173,10 @@ class Worker:
         A batch that runs out of memory is retried one row at a time before any row is called failed."""
         start = time.perf_counter()
         results: dict[int, Result] = {}
-        prepared: list[_Prepared] = []
+        prepared: list[tuple[Job, Inputs]] = []
         for job in jobs:
             try:
-                prepared.append(self._prepare(job))
+                prepared.append((job, inputs_of(job)))
             except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
                 results[job.row.number] = Result(
                     job.row.number, "failed", time.perf_counter() - start, error=describe_failure(job, exc)
@@ -238,112 +192,56 @@ class Worker:
                     del exc  # its traceback holds the batch's tensors
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                    for p in prepared:
-                        results[p.job.row.number] = self.run(p.job, on_iteration)
+                    for job, _ in prepared:
+                        results[job.row.number] = self.run(job, on_iteration)
                 else:
-                    for p in prepared:
-                        results[p.job.row.number] = Result(
-                            p.job.row.number,
+                    for job, _ in prepared:
+                        results[job.row.number] = Result(
+                            job.row.number,
                             "failed",
                             time.perf_counter() - start,
-                            error=describe_failure(p.job, exc, len(prepared)),
+                            error=describe_failure(job, exc, len(prepared)),
                         )
         return [results[job.row.number] for job in jobs]
 
-    def _prepare(self, job: Job) -> _Prepared:
-        init = image_to_tensor(load_image(job.row.init_image)).to(self.device) if job.row.init_image else None
-        return _Prepared(job, load_image(job.row.content), [load_image(p) for p in job.row.styles], init)
-
-    def _targets(self, p: _Prepared, spec: GraphSpec, size: int) -> tuple[torch.Tensor, torch.Tensor | None, Targets]:
-        """Content pixels, init and targets of one job at one scale (luminance-only under preserve_color)."""
-        s, job, dev = p.job.settings, p.job, self.device
-        content = image_to_tensor(resize_long_side(p.content, size)).to(dev)
-        style_size = style_long_side(size, s.style_scale)
-        styles = [image_to_tensor(resize_long_side(st, style_size)).to(dev) for st in p.styles]
-        p.original, init = content, p.init
-        content_variant, style_variant = "rgb", "rgb"
-        if s.preserve_color:
-            # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
-            styles = [luminance_image(st, match=content) for st in styles]
-            content = luminance_image(content)
-            init = luminance_image(init) if init is not None else None
-            h, w = content.shape[-2:]
-            content_variant, style_variant = "luma", f"luma-matched:{job.content_digest}:{w}x{h}"
-        content_targets, content_hit = self.targets.get(spec, "content", job.content_digest, content_variant, content)
-        grams, style_hits = [], []
-        for digest, pixels in zip(job.style_digests, styles):
-            found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
-            grams.append(found)
-            style_hits.append(hit)
-        p.hits.append(f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}")
-        return content, init, Targets(content_targets, blend_grams(grams, job.row.blend))
-
-    def _stylize(self, batch: list[_Prepared], on_iteration: OnIteration | None, start: float) -> list[Result]:
-        first = batch[0].job
-        s = first.settings
-        spec = graph_spec(self.weights.source, s)
-        model = self.model(s)
-        image: torch.Tensor | None = None
-        histories: list[list[Losses]] = [[] for _ in batch]
-        scales: list[tuple[int, int, int]] = []
-        done_before = 0
-        for k, (size, iterations) in enumerate(first.scales()):
-            per_job = [self._targets(p, spec, size) for p in batch]
-            contents = torch.cat([content for content, _, _ in per_job])
-            targets = stack_targets([t for _, _, t in per_job])
-            outcomes = stylize_batch(
-                model,
-                contents,
-                targets,
-                dataclasses.replace(s, size=size, iterations=iterations),
-                [init for _, init, _ in per_job],
-                None if on_iteration is None else _batch_progress(on_iteration, batch, done_before),
-                starts=None if image is None else upsample(image, contents),
-                on_snapshot=self._snapshot(batch, k),
-                snapshot_every=self.save_every,
-                precision=self.precision,
-            )
-            image = torch.cat([o.image for o in outcomes])
-            for history, outcome in zip(histories, outcomes):
-                history += outcome.history
-            done_before += iterations
-            scales.append((contents.shape[-1], contents.shape[-2], iterations))
+    def _stylize(self, batch: list[tuple[Job, Inputs]], on_iteration: OnIteration | None, start: float) -> list[Result]:
+        jobs = [job for job, _ in batch]
+        settings = jobs[0].settings
+        hooks = Hooks(
+            on_iteration=None if on_iteration is None else _batch_progress(on_iteration, jobs),
+            on_snapshot=self._snapshot(jobs) if self.save_every else None,
+            snapshot_every=self.save_every,
+        )
+        stylized = self.stylizer.stylize([inputs for _, inputs in batch], settings, hooks)
+        provider = self.stylizer.provider(settings)
         results = []
-        for p, outcome, history in zip(batch, outcomes, histories):
-            job = p.job
-            assert p.original is not None
-            result_image = recombine_color(outcome.image, p.original) if s.preserve_color else outcome.image
+        for job, out in zip(jobs, stylized):
             job.output.parent.mkdir(parents=True, exist_ok=True)
             save_image_atomic(
-                tensor_to_image(result_image), job.output, self.metadata(job, outcome.losses, scales, len(batch))
+                tensor_to_image(out.image), job.output, self.metadata(job, out.losses, out.scales, len(batch))
             )
             results.append(
                 Result(
                     job.row.number,
                     "done",
                     time.perf_counter() - start,
-                    done_before,
-                    outcome.losses,
-                    history=history,
-                    targets=" | ".join(p.hits),
-                    provider=self.targets.provider(spec),
-                    scales=scales,
+                    out.iterations,
+                    out.losses,
+                    history=out.history,
+                    targets=out.targets,
+                    provider=provider,
+                    scales=out.scales,
                     batch=len(batch),
                 )
             )
         return results
 
-    def _snapshot(self, batch: list[_Prepared], scale: int) -> Callable[[int, torch.Tensor], None] | None:
+    @staticmethod
+    def _snapshot(jobs: list[Job]) -> Callable[[int, int, torch.Tensor], None]:
         """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output."""
-        if not self.save_every:
-            return None
 
-        def save(iteration: int, pixels: torch.Tensor) -> None:
-            for p, image in zip(batch, pixels.split(1)):
-                job = p.job
-                assert p.original is not None
-                if job.settings.preserve_color:
-                    image = recombine_color(image, p.original)
+        def save(scale: int, iteration: int, pixels: torch.Tensor) -> None:
+            for job, image in zip(jobs, pixels.split(1)):
                 folder = job.output.parent / f"{job.output.stem}.iterates"
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"scale{scale}-iter{iteration:05d}{job.output.suffix}"
@@ -369,23 +267,30 @@ class Worker:
             "batchstyle:losses": json.dumps(losses.__dict__),
             "batchstyle:key": job.key,
             "batchstyle:device": str(self.device),
-            "batchstyle:precision": self.precision,
+            "batchstyle:precision": self.stylizer.precision,
             "batchstyle:batch": str(batch),
         }
 
 
-def _batch_progress(callback: OnIteration, batch: list[_Prepared], offset: int) -> Callable[[int, list[Losses]], None]:
-    """Iterations count across scales, so one progress bar covers a whole row."""
+def inputs_of(job: Job) -> Inputs:
+    """A row's images, decoded, addressed in the target cache by their files' sha256 (the job's digests)."""
+    row = job.row
+    return Inputs(
+        content=load_image(row.content),
+        styles=[load_image(path) for path in row.styles],
+        blend=row.blend,
+        init=load_image(row.init_image) if row.init_image else None,
+        content_id=job.content_digest,
+        style_ids=job.style_digests,
+    )
 
+
+def _batch_progress(callback: OnIteration, jobs: list[Job]) -> Callable[[int, list[Losses]], None]:
     def report(iteration: int, losses: list[Losses]) -> None:
-        for p, loss in zip(batch, losses):
-            callback(p.job.row.number, offset + iteration, loss)
+        for job, loss in zip(jobs, losses):
+            callback(job.row.number, iteration, loss)
 
     return report
-
-
-def _hit(flag: bool) -> str:
-    return "hit" if flag else "miss"
 
 
 # -- a worker process ----------------------------------------------------------------------------------------------

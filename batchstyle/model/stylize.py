@@ -1,0 +1,273 @@
+"""One stylization end to end, for every caller: the model layer's single entry point.
+
+    StyleTransfer.stylize (facade)   Worker.run_batch (a row)   bench iteration/memory   bench quality
+                 \\                          |                          |                     /
+                  +------------> Stylizer.stylize(inputs, settings, hooks) <-----------------+
+                                   for each scale of scales.scale_plan(settings), coarse to fine:
+                                       pixels at this size (luminance-only under preserve_color)
+                                       targets: TargetStore (target cache, else ONNX Runtime or torch)
+                                       start: the previous scale upsampled | Inputs.start | settings.init
+                                       optimize.optimize_batch: Objective (+ extra terms), L-BFGS/Adam,
+                                           the lowest-loss iterate kept; hooks.on_iteration, on_snapshot
+                                   colour put back -> Stylized per image
+
+A batch is several images of one size and one `Settings`, optimised in one forward/backward but each with the
+result it would get alone (see `optimize.optimize_batch`), so the same call serves a lone image and a batch of rows.
+
+Where video and tiles plug in, without a second path: a video frame passes `Inputs.start` (the previous output
+warped by the flow) and an extra loss term through `extra_terms` (the temporal loss); tiling changes only how
+`Objective.gradient` evaluates the value and gradient, and the optimiser still sees a whole image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+
+from batchstyle.images import image_to_tensor, luminance_image, recombine_color, resize_long_side
+from batchstyle.model.export import GraphSpec, graph_spec
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.optimize import Losses, optimize_batch, upsample
+from batchstyle.model.scales import scale_plan, style_long_side
+from batchstyle.model.targets import TargetCache, Targets, TargetStore, TorchBackend, blend_grams, stack_targets
+from batchstyle.model.weights import Weights
+from batchstyle.options import Settings
+
+
+def pixels_digest(image: Image.Image) -> str:
+    """A target-cache address for an image that has no file: its decoded pixels (files use their bytes' sha256)."""
+    digest = hashlib.sha256(f"pixels:{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Inputs:
+    """One image's inputs, decoded to RGB. The ids address the target cache; they default to the pixels' digest
+    (a row passes its files' sha256, so every process and run finds the same entries)."""
+
+    content: Image.Image
+    styles: Sequence[Image.Image]
+    blend: Sequence[float] = ()  # one weight per style; empty: equal
+    init: Image.Image | None = None  # the start when settings.init names an image
+    start: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1], any size: overrides settings.init (a video frame)
+    content_id: str = ""
+    style_ids: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.styles:
+            raise ValueError("a stylization needs at least one style image")
+        self.blend = tuple(self.blend) or (1.0,) * len(self.styles)
+        if len(self.blend) != len(self.styles):
+            raise ValueError(f"{len(self.blend)} blend weights for {len(self.styles)} styles")
+        self.content_id = self.content_id or pixels_digest(self.content)
+        self.style_ids = tuple(self.style_ids) or tuple(pixels_digest(s) for s in self.styles)
+
+
+@dataclass
+class Hooks:
+    """What a caller hears while a stylization runs. Iterations count across scales, so one bar covers it all."""
+
+    on_iteration: Callable[[int, list[Losses]], None] | None = None  # iteration, one Losses per image
+    on_scale: Callable[[int, tuple[int, int], int], None] | None = None  # scale index, (w, h), its iterations
+    on_snapshot: Callable[[int, int, torch.Tensor], None] | None = None  # scale, iteration, (B, 3, H, W) images
+    snapshot_every: int = 0
+
+
+ExtraTerms = Callable[[int, torch.Tensor], Sequence[nn.Module]]  # (scale, contents) -> modules: pixels -> (B,)
+
+
+@dataclass
+class Stylized:
+    """One image's result: the kept iterate of the last scale with its colour put back, and how it got there."""
+
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    losses: Losses
+    history: list[Losses] = field(default_factory=list)  # every iteration's losses, across scales
+    scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
+    kept_iteration: int = 0  # at the last scale: which iterate was kept (0 the start, iterations the last)
+    targets: str = ""  # where each scale's targets came from, e.g. "content=hit style=miss | ..."
+
+    @property
+    def iterations(self) -> int:
+        return sum(iterations for _, _, iterations in self.scales)
+
+
+@dataclass
+class _Scale:
+    """One scale's pixels and targets for one image."""
+
+    content: torch.Tensor  # what is optimised towards: the content, or its luminance under preserve_color
+    original: torch.Tensor  # the content in colour, for putting the colour back
+    init: torch.Tensor | None
+    targets: Targets
+    hits: str
+
+
+class Stylizer:
+    """The weights on one device, a trunk per tap set, and where targets come from: everything a stylization
+    needs that outlives one image. Cheap to call many times; the trunks and the target store stay warm."""
+
+    def __init__(self, weights: Weights, device: torch.device, targets: TargetStore, precision: str = "fp32") -> None:
+        self.weights = weights
+        self.device = device
+        self.targets = targets
+        self.precision = precision
+        self._trunks: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
+
+    @classmethod
+    def local(
+        cls, weights: Weights, device: torch.device, precision: str = "fp32", cache: TargetCache | None = None
+    ) -> Stylizer:
+        """Targets computed with torch on the stylization's own device, kept in `cache` when one is given: the
+        set-up of the Python facade and the benchmarks (a run's workers use ONNX Runtime graphs exported first)."""
+        return cls(weights, device, TargetStore(lambda graph: TorchBackend(weights, graph, device), cache), precision)
+
+    def trunk(self, settings: Settings) -> VGGFeatures:
+        taps = tuple(dict.fromkeys((*settings.content_layers, *settings.style_layers)))
+        key = (taps, settings.pooling)
+        if key not in self._trunks:
+            w = self.weights
+            # Channels-last is cuDNN's tensor-core layout, and oneDNN's too: ~8% off every iteration on CPU as well.
+            self._trunks[key] = VGGFeatures(
+                w.arch, w.state_dict, w.preprocess, taps, settings.pooling, channels_last=True
+            ).to(self.device)
+        return self._trunks[key]
+
+    def graph(self, settings: Settings) -> GraphSpec:
+        return graph_spec(self.weights.source, settings)
+
+    def provider(self, settings: Settings) -> str:
+        """What computed this settings' targets here: an ONNX Runtime provider, torch:<device>, or 'cache'."""
+        return self.targets.provider(self.graph(settings))
+
+    def scale_targets(self, item: Inputs, settings: Settings, size: int) -> tuple[torch.Tensor, Targets]:
+        """One image's content pixels and targets at one long side: what the objective at that scale is built of."""
+        scale = self._scale(item, settings, self.graph(settings), size)
+        return scale.content, scale.targets
+
+    def _scale(self, item: Inputs, s: Settings, spec: GraphSpec, size: int) -> _Scale:
+        dev = self.device
+        content = image_to_tensor(resize_long_side(item.content, size)).to(dev)
+        style_size = style_long_side(size, s.style_scale)
+        styles = [image_to_tensor(resize_long_side(style, style_size)).to(dev) for style in item.styles]
+        init = image_to_tensor(item.init).to(dev) if item.init is not None else None
+        original, content_variant, style_variant = content, "rgb", "rgb"
+        if s.preserve_color:
+            # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
+            styles = [luminance_image(style, match=content) for style in styles]
+            content = luminance_image(content)
+            init = luminance_image(init) if init is not None else None
+            h, w = content.shape[-2:]
+            content_variant, style_variant = "luma", f"luma-matched:{item.content_id}:{w}x{h}"
+        content_targets, content_hit = self.targets.get(spec, "content", item.content_id, content_variant, content)
+        grams, style_hits = [], []
+        for digest, pixels in zip(item.style_ids, styles):
+            found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
+            grams.append(found)
+            style_hits.append(hit)
+        hits = f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}"
+        return _Scale(content, original, init, Targets(content_targets, blend_grams(grams, item.blend)), hits)
+
+    def stylize(
+        self,
+        items: Sequence[Inputs],
+        settings: Settings,
+        hooks: Hooks | None = None,
+        plan: Sequence[tuple[int, int]] | None = None,
+        extra_terms: ExtraTerms | None = None,
+    ) -> list[Stylized]:
+        """Stylizes a batch of images of one output size under one `Settings`: one `Stylized` per image, in order.
+
+        `plan` overrides the (long side, iterations) per scale that `settings` implies (a benchmark that runs the
+        last scale longer); `extra_terms` adds loss terms per scale (a video frame's temporal loss).
+        """
+        if not items:
+            return []
+        hooks = hooks or Hooks()
+        spec = self.graph(settings)
+        trunk = self.trunk(settings)
+        scales_plan = list(plan) if plan is not None else scale_plan(settings)
+        image: torch.Tensor | None = None
+        histories: list[list[Losses]] = [[] for _ in items]
+        hits: list[list[str]] = [[] for _ in items]
+        scales: list[tuple[int, int, int]] = []
+        done_before = 0
+        per_image: list[_Scale] = []
+        outcomes = []
+        for k, (size, iterations) in enumerate(scales_plan):
+            per_image = [self._scale(item, settings, spec, size) for item in items]
+            contents = torch.cat([p.content for p in per_image])
+            h, w = contents.shape[-2:]
+            if hooks.on_scale is not None:
+                hooks.on_scale(k, (w, h), iterations)
+            if image is not None:
+                starts: torch.Tensor | None = upsample(image, contents)
+            elif any(item.start is not None for item in items):
+                starts = torch.cat(
+                    [
+                        upsample(item.start.to(self.device), p.content)
+                        if item.start is not None
+                        else p.init
+                        if p.init is not None
+                        else p.content
+                        for item, p in zip(items, per_image)
+                    ]
+                )
+            else:
+                starts = None
+            outcomes = optimize_batch(
+                trunk,
+                contents,
+                stack_targets([p.targets for p in per_image]),
+                dataclasses.replace(settings, size=size, iterations=iterations),
+                [p.init for p in per_image],
+                None if hooks.on_iteration is None else _offset(hooks.on_iteration, done_before),
+                starts=starts,
+                on_snapshot=None
+                if hooks.on_snapshot is None
+                else _recoloured(hooks.on_snapshot, k, per_image, settings),
+                snapshot_every=hooks.snapshot_every,
+                precision=self.precision,
+                extra=list(extra_terms(k, contents)) if extra_terms is not None else (),
+            )
+            image = torch.cat([o.image for o in outcomes])
+            for history, found, outcome, p in zip(histories, hits, outcomes, per_image):
+                history += outcome.history
+                found.append(p.hits)
+            done_before += iterations
+            scales.append((w, h, iterations))
+        results = []
+        for p, outcome, history, found in zip(per_image, outcomes, histories, hits):
+            final = recombine_color(outcome.image, p.original) if settings.preserve_color else outcome.image
+            results.append(
+                Stylized(final, outcome.losses, history, list(scales), outcome.kept_iteration, " | ".join(found))
+            )
+        return results
+
+
+def _offset(callback: Callable[[int, list[Losses]], None], before: int) -> Callable[[int, list[Losses]], None]:
+    return lambda iteration, losses: callback(before + iteration, losses)
+
+
+def _recoloured(
+    callback: Callable[[int, int, torch.Tensor], None], scale: int, per_image: list[_Scale], settings: Settings
+) -> Callable[[int, torch.Tensor], None]:
+    """Snapshots as the output would look: with the content's colour back under preserve_color."""
+
+    def snapshot(iteration: int, pixels: torch.Tensor) -> None:
+        if settings.preserve_color:
+            pixels = torch.cat([recombine_color(x, p.original) for x, p in zip(pixels.split(1), per_image)])
+        callback(scale, iteration, pixels)
+
+    return snapshot
+
+
+def _hit(flag: bool) -> str:
+    return "hit" if flag else "miss"
