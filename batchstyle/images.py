@@ -115,10 +115,10 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
-        return _to_rgb(upright, path)
+        return to_rgb(upright, path)
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+def to_rgb(img: Image.Image, path: Path | str) -> Image.Image:
     """Map any Pillow mode to 8-bit RGB the way a viewer would show it.
 
     Pillow's own ``convert`` clips 16-bit and float data to 0..255 (a mostly white image) and drops alpha

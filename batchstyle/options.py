@@ -7,7 +7,8 @@ redone can never disagree about an option's name, type, range or default.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,11 @@ from batchstyle.model.layout import ALL_RELUS
 
 
 class OptionError(ValueError):
-    """A value that does not fit its option; the message says what would."""
+    """A value that does not fit its option; the message says what would. `option` names it, where known."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 def _parse_bool(raw: str) -> bool:
@@ -107,6 +112,15 @@ class Option:
         if problem:
             raise OptionError(f"{raw.strip()!r} {problem}")
         return value
+
+    def coerce(self, value: Any) -> Any:
+        """A value from Python (`512`, `("relu1_1", "relu2_1")`, `True`) or text, parsed and checked exactly as a
+        manifest cell is: through its text, so no keyword can accept what a manifest column would refuse."""
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, list):
+            value = tuple(value)
+        return self.from_text(self.to_text(value))
 
     def to_text(self, value: Any) -> str:
         if value is None:
@@ -261,6 +275,25 @@ def settings_problem(settings: Settings) -> str | None:
 
 def default_values() -> dict[str, Any]:
     return {name: opt.default for name, opt in OPTIONS.items()}
+
+
+def option_values(given: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every option's value: `base` (default: the table's defaults) overlaid by `given`, each given value parsed
+    and checked as a manifest cell is. None leaves an option unset. Errors name the option."""
+    values = dict(default_values() if base is None else base)
+    for name, raw in given.items():
+        option = OPTIONS.get(name)
+        if option is None:
+            close = difflib.get_close_matches(name, OPTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise OptionError(f"unknown option {name!r}{hint}", name)
+        if raw is None:
+            continue
+        try:
+            values[name] = option.coerce(raw)
+        except OptionError as exc:
+            raise OptionError(str(exc), name) from None
+    return values
 
 
 def make_settings(values: dict[str, Any]) -> Settings:

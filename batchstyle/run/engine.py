@@ -12,13 +12,14 @@ schedulers send before they kill), stops at once, marking running rows interrupt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
 from batchstyle.run.devices import parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
-from batchstyle.run.plan import Job, Shard, auto_batch_size, image_bytes, make_batches, plan
+from batchstyle.run.plan import Job, Shard, auto_batch_size, image_bytes, make_batches, parse_shard, plan
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.worker import Result, WorkerSpec
@@ -88,6 +89,36 @@ class RunConfig:
     @property
     def cache(self) -> Path:
         return self.cache_dir or default_cache_dir()
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunConfig:
+        """A config from the values a person gives (CLI flags, `run_manifest` keywords), in their written forms:
+        `batch_size` a number or "auto", `shard` "I/N" or "auto/N", paths as strings. None leaves the default.
+
+        Raises `RunError` naming the value for a form that does not parse, and TypeError for an unknown name.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"unknown run setting {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        given = {name: value for name, value in values.items() if value is not None}
+        if isinstance(given.get("batch_size"), str):
+            text = given["batch_size"].strip().lower()
+            try:
+                given["batch_size"] = 0 if text == "auto" else int(text)
+            except ValueError:
+                raise RunError(f"--batch-size {text!r}: give a whole number of rows, or auto") from None
+        if given.get("batch_size", 0) < 0:
+            raise RunError(f"--batch-size {given['batch_size']}: give a whole number of rows, or auto")
+        if "shard" in given or "shard" in values:
+            given["shard"] = (
+                given["shard"] if isinstance(given.get("shard"), Shard) else parse_shard(given.get("shard"))
+            )
+        if given.get("cache_dir") is not None:
+            given["cache_dir"] = Path(given["cache_dir"]).expanduser()
+        if "argv" in given:
+            given["argv"] = tuple(given["argv"])
+        return cls(**given)
 
 
 # -- which rows go where ---------------------------------------------------------------------------------------------

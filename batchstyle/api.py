@@ -1,0 +1,146 @@
+"""The Python facade: one image with `StyleTransfer.stylize`, a whole manifest with `run_manifest`.
+
+Both are thin: `stylize` is the model layer's `Stylizer.stylize` (the call a worker makes for a row, so a one-row
+`batchstyle run` with the same options gives the same pixels), and `run_manifest` is the engine `batchstyle run`
+drives. Options are the manifest's own names and values (`size=512`, `style_weight=1e3`, `preserve_color=True`),
+checked by the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from batchstyle.images import load_image, tensor_to_image, to_rgb
+from batchstyle.manifest import read_manifest
+from batchstyle.model.optimize import Losses
+from batchstyle.model.scales import scale_plan
+from batchstyle.model.stylize import Hooks, Inputs, Stylizer
+from batchstyle.model.targets import TargetCache
+from batchstyle.model.weights import default_cache_dir, resolve, sha256_file
+from batchstyle.options import OPTIONS, OptionError, make_settings, option_values, settings_problem
+from batchstyle.run.devices import configure_device, pick_device, precision_for
+from batchstyle.run.engine import RunConfig, RunSummary, run
+from batchstyle.run.progress import Events, Silent, Terminal
+
+ImageInput = str | Path | Image.Image
+Progress = Callable[[int, int, Losses], None]  # iteration (across scales), total iterations, that iterate's losses
+
+
+def _decoded(image: ImageInput, role: str) -> tuple[Image.Image, str]:
+    """RGB pixels and their target-cache address: a file's sha256 (what a manifest run uses), else the pixels'."""
+    if isinstance(image, Image.Image):
+        rgb = to_rgb(image, f"the {role} image")
+        return rgb, ""
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        return load_image(path), sha256_file(path)
+    raise TypeError(f"{role}: give a path or a PIL image, not {type(image).__name__}")
+
+
+class StyleTransfer:
+    """Weights on a device, ready to stylize images one call at a time.
+
+    `model`, `device` and `precision` mean what `batchstyle run --model/--devices/--precision` mean (`device` is
+    one device: auto, cpu, cuda, cuda:N). Targets are computed with torch on that device and kept in the same
+    content-addressed cache a run uses (`cache_dir`, default $BATCHSTYLE_CACHE), so they are shared with runs.
+    """
+
+    def __init__(
+        self, model: str = "auto", device: str = "auto", precision: str = "auto", cache_dir: str | Path | None = None
+    ) -> None:
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        source, self.model_reason = resolve(model, cache)
+        weights = source.load(cache)
+        dev = pick_device(device)
+        precision = precision_for(dev, precision)
+        configure_device(dev, precision)
+        try:
+            target_cache: TargetCache | None = TargetCache(cache)
+        except (OSError, sqlite3.Error):
+            target_cache = None  # a read-only cache costs reuse, never the image
+        self.stylizer = Stylizer.local(weights, dev, precision, target_cache)
+
+    @property
+    def model(self) -> str:
+        return self.stylizer.weights.source.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.stylizer.device
+
+    def stylize(
+        self,
+        content: ImageInput,
+        styles: ImageInput | Sequence[ImageInput],
+        *,
+        style_blend_weights: Sequence[float] = (),
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> Image.Image:
+        """`content` in the style of `styles` (one, or several mixed by `style_blend_weights`), as an RGB image.
+
+        `options` are the manifest's options by name (`size`, `iterations`, `min_size`, `style_weight`, ...), with
+        the same defaults; an unknown name or a bad value raises `OptionError` naming it. `init` may name an image
+        file. `progress(iteration, total, losses)` is called after every iteration.
+        """
+        settings = make_settings(option_values(options))
+        problem = settings_problem(settings)
+        if problem:
+            raise OptionError(problem, "style_layer_weights")
+        style_list = [styles] if isinstance(styles, (str, Path, Image.Image)) else list(styles)
+        pixels, content_id = _decoded(content, "content")
+        decoded = [_decoded(style, "style") for style in style_list]
+        init = None
+        if settings.init not in ("content", "noise"):
+            init = load_image(Path(settings.init).expanduser())
+        item = Inputs(
+            content=pixels,
+            styles=[image for image, _ in decoded],
+            blend=tuple(style_blend_weights),
+            init=init,
+            content_id=content_id,
+            style_ids=tuple(digest for _, digest in decoded) if all(d for _, d in decoded) else (),
+        )
+        hooks = Hooks()
+        if progress is not None:
+            total = sum(iterations for _, iterations in scale_plan(settings))
+            hooks.on_iteration = lambda iteration, losses: progress(iteration, total, losses[0])
+        (result,) = self.stylizer.stylize([item], settings, hooks)
+        return tensor_to_image(result.image)
+
+
+def run_manifest(
+    path: str | Path,
+    out: str | Path | None = None,
+    *,
+    fmt: str = "png",
+    quiet: bool = True,
+    events: Events | None = None,
+    **settings: Any,
+) -> RunSummary:
+    """Runs a manifest as `batchstyle run` does and returns its summary (`.counts()`, `.failed`, `.exit_code`).
+
+    `settings` mixes run-level settings (`model`, `devices`, `batch_size`, `force`, `retries`, ...: the fields of
+    `RunConfig`, in the CLI's forms) and option defaults for every row (`size`, `style_weight`, ...), which a
+    row's own cells override. Progress goes to the terminal only when `quiet=False`, or to your `events` sink.
+    An unusable manifest or setting raises `UnusableInput` (a failing row does not: it is in the summary).
+    """
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(name for name in settings if name not in OPTIONS and name not in run_fields)
+    if unknown:
+        raise TypeError(
+            f"run_manifest got unknown setting {', '.join(unknown)}: use option names ({', '.join(OPTIONS)}) "
+            f"or run settings ({', '.join(sorted(run_fields))})"
+        )
+    options = {name: value for name, value in settings.items() if name in OPTIONS}
+    config = RunConfig.from_values({name: value for name, value in settings.items() if name in run_fields})
+    manifest = read_manifest(Path(path), option_values(options), Path(out) if out is not None else None, fmt)
+    sink = events if events is not None else (Silent() if quiet else Terminal())
+    return run(manifest, config, sink)
