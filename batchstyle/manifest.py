@@ -357,29 +357,44 @@ def _too_thin(
     return found
 
 
+def _clash_key(output: Path) -> str:
+    """Names that differ only in letter case are one file on Windows and macOS, so they clash everywhere: a manifest
+    checked on Linux must not overwrite one row's output with another's when it runs on a laptop."""
+    return str(output.resolve()).casefold()
+
+
 def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:
-    """Explicit outputs must be unique (an error names both rows); generated names that collide with any other
-    output get the row number appended, so a manifest of repeated pairs with different options just works."""
+    """Explicit outputs must be unique, letter case aside (an error names both rows); generated names that collide
+    with any other output get the row number appended, so a manifest of repeated pairs with different options just
+    works."""
 
     def output_problem(row: Row, message: str) -> None:
         manifest.problems.append(Problem(manifest.path, row.number, row.line, "output", message))
 
-    explicit: dict[Path, Row] = {}
-    generated_count: dict[Path, int] = {}
+    explicit: dict[str, tuple[Row, str]] = {}
+    generated_count: dict[str, int] = {}
     for row, cell in planned:
-        key = row.output.resolve()
+        key = _clash_key(row.output)
         if not cell:
             generated_count[key] = generated_count.get(key, 0) + 1
         elif key in explicit:
-            output_problem(row, f"same output {cell!r} as row {explicit[key].number}; give each row its own output")
+            first, first_cell = explicit[key]
+            if row.output.resolve() == first.output.resolve():
+                output_problem(row, f"same output {cell!r} as row {first.number}; give each row its own output")
+            else:
+                output_problem(
+                    row,
+                    f"output {cell!r} differs from row {first.number}'s {first_cell!r} only in letter case, which "
+                    "names one file on Windows and macOS; give each row its own output",
+                )
         else:
-            explicit[key] = row
+            explicit[key] = row, cell
             manifest.rows.append(row)
-    taken: dict[Path, Row] = dict(explicit)
+    taken: dict[str, Row] = {key: row for key, (row, _) in explicit.items()}
     for row, cell in planned:
         if cell:
             continue
-        key = row.output.resolve()
+        key = _clash_key(row.output)
         if key in explicit or generated_count[key] > 1:
             row = Row(
                 **{
@@ -387,7 +402,7 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
                     "output": row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}"),
                 }
             )
-            key = row.output.resolve()
+            key = _clash_key(row.output)
         if key in taken:  # a renamed name that another row's output already has: never let two rows share a file
             output_problem(
                 row,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import MALFORMED, write_manifest
+from conftest import MALFORMED, make_photo, write_manifest
 
 from batchstyle.manifest import ManifestError, Problem, default_out_dir, read_manifest
 from batchstyle.options import STYLE_LAYERS, default_values
@@ -319,6 +319,46 @@ def test_duplicate_explicit_outputs_name_both_rows(tmp_path: Path, images: dict[
     assert [r.number for r in manifest.rows] == [1, 2]
 
 
+@pytest.mark.parametrize(("first", "second"), [("A.png", "a.png"), ("Night/Out.PNG", "night/out.png")])
+def test_outputs_differing_only_in_letter_case_clash_on_every_platform(
+    tmp_path: Path, images: dict[str, Path], first: str, second: str
+) -> None:
+    """One file on Windows and macOS: refused on Linux too, so a manifest checked here runs the same there."""
+    path = write_manifest(
+        tmp_path / "m.csv", HEADER, f"in/photo.png,in/painting.png,{first}", f"in/photo.png,in/painting2.png,{second}"
+    )
+    manifest = read(path)
+    problem = only_problem(manifest)
+    assert (problem.row, problem.line, problem.column) == (2, 3, "output")
+    assert f"output {second!r} differs from row 1's {first!r} only in letter case" in problem.message
+    assert [r.number for r in manifest.rows] == [1]
+
+
+def test_generated_names_differing_only_in_letter_case_get_their_row_number(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    # Photo.png sits in another folder so that the test means the same on a case-insensitive filesystem.
+    make_photo(tmp_path / "in" / "upper" / "Photo.png")
+    path = write_manifest(
+        tmp_path / "m.csv",
+        HEADER,
+        "in/photo.png,in/painting.png,",
+        "in/upper/Photo.png,in/painting.png,",
+        "in/photo.png,in/painting2.png,",
+        "in/photo2.jpg,in/painting.png,PHOTO2-Painting.png",
+        "in/photo2.jpg,in/painting.png,",
+    )
+    manifest = read(path)
+    assert manifest.problems == []
+    assert {r.number: r.output.name for r in manifest.rows} == {
+        1: "photo-painting-row1.png",
+        2: "Photo-painting-row2.png",
+        3: "photo-painting2.png",
+        4: "PHOTO2-Painting.png",
+        5: "photo2-painting-row5.png",
+    }
+
+
 def test_colliding_generated_names_get_their_row_number(tmp_path: Path, images: dict[str, Path]) -> None:
     path = write_manifest(
         tmp_path / "m.csv",
@@ -345,12 +385,15 @@ def test_colliding_generated_names_get_their_row_number(tmp_path: Path, images: 
     assert len({r.output for r in manifest.rows}) == len(manifest.rows)
 
 
-def test_renamed_generated_name_never_lands_on_an_explicit_output(tmp_path: Path, images: dict[str, Path]) -> None:
+@pytest.mark.parametrize("explicit", ["photo-painting-row2.png", "Photo-Painting-ROW2.png"])
+def test_renamed_generated_name_never_lands_on_an_explicit_output(
+    tmp_path: Path, images: dict[str, Path], explicit: str
+) -> None:
     """Two rows must never write the same file, even when an explicit name looks like a renamed generated one."""
     path = write_manifest(
         tmp_path / "m.csv",
         HEADER,
-        "in/photo.png,in/painting.png,photo-painting-row2.png",
+        f"in/photo.png,in/painting.png,{explicit}",
         "in/photo.png,in/painting.png,",
         "in/photo.png,in/painting.png,",
     )
@@ -358,7 +401,7 @@ def test_renamed_generated_name_never_lands_on_an_explicit_output(tmp_path: Path
     outputs = [r.output for r in manifest.rows]
     assert len(set(outputs)) == len(outputs), outputs
     assert {r.number: r.output.name for r in manifest.rows} == {
-        1: "photo-painting-row2.png",
+        1: explicit,
         3: "photo-painting-row3.png",
     }
     problem = only_problem(manifest)
