@@ -6,8 +6,11 @@ manifest in seconds, and a run knows up front which rows cannot succeed.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
+import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +35,14 @@ class Problem:
     manifest: Path
     row: int | None
     line: int | None
-    column: str | None
+    column: str
     message: str
 
     def __str__(self) -> str:
         where = [str(self.manifest)]
         if self.row is not None:
             where.append(f"row {self.row} (line {self.line})")
-        if self.column:
-            where.append(f"column {self.column}")
+        where.append(f"column {self.column}")
         return f"{', '.join(where)}: {self.message}"
 
 
@@ -87,16 +89,82 @@ def _suggest(name: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# A field that starts with a quote runs to the quote that closes it ("" inside is one quote), then on to the next
+# comma or line end; any other field runs to the next comma or line end, its quotes kept as text. This is how the csv
+# module's default dialect reads, so a quoted field whose closing group is empty runs to the end of the file.
+_FIELD = re.compile(r'"(?:[^"]+|"")*("?)[^,\r\n]*|[^,\r\n]*')
+FIX_ENCODING = "save it as CSV UTF-8 (in Excel: Save As, CSV UTF-8)"
+
+
+def _line_and_column(text: str) -> tuple[int, int]:
+    """Where the character just after `text` lies, counting lines as the csv module does (LF, CRLF or CR)."""
+    line = text.count("\n") + text.count("\r") - text.count("\r\n") + 1
+    return line, len(text) - max(text.rfind("\n"), text.rfind("\r"))
+
+
+def _unclosed_quote(text: str) -> int | None:
+    """The index of a quote that opens a field and is never closed, or None."""
+    pos = 0
+    while pos < len(text):
+        field = _FIELD.match(text, pos)
+        assert field is not None  # the second alternative matches anywhere
+        if text[pos] == '"' and not field.group(1):
+            return pos
+        pos = field.end()
+        pos += 2 if text.startswith("\r\n", pos) else 1  # the comma or line end after the field
+    return None
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """The file's text, or a ManifestError naming the line of the first thing that keeps it from being UTF-8 CSV."""
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "UTF-32"),  # before UTF-16's: FF FE 00 00 starts with FF FE
+        (codecs.BOM_UTF32_BE, "UTF-32"),
+        (codecs.BOM_UTF16_LE, "UTF-16"),
+        (codecs.BOM_UTF16_BE, "UTF-16"),
+    ):
+        if data.startswith(bom):
+            raise ManifestError(
+                f"{path}, line 1: the file is {encoding} text (it starts with a {encoding} byte order mark); "
+                + FIX_ENCODING
+            )
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+
+    def where(offset: int) -> str:
+        line, column = _line_and_column(data[start:offset].decode("utf-8", "replace"))
+        return f"{path}, line {line}: byte 0x{data[offset]:02X} at column {column} (file offset {offset})"
+
+    nul = data.find(b"\0", start)
+    if nul >= 0:
+        raise ManifestError(
+            f"{where(nul)} is a NUL byte, which text never has: the file is UTF-16 text or no text at all "
+            f"(an image or a spreadsheet saved as .csv); {FIX_ENCODING}"
+        )
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"{where(start + exc.start)} is not UTF-8: the file was saved in another encoding "
+            f"(Windows-1252, Latin-1, ...); {FIX_ENCODING}"
+        ) from None
+
+
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ManifestError(f"{path}: not a UTF-8 text CSV file; save it as CSV (UTF-8)") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
-    reader = csv.reader(text.splitlines())
+    text = _decode(path, data)
+    quote = _unclosed_quote(text)
+    if quote is not None:
+        line, column = _line_and_column(text[:quote])
+        raise ManifestError(
+            f"{path}, line {line}: a quote opened here (column {column}) is never closed, so the rest of the file "
+            'would be read as one cell; close the quote, or write a quote inside a cell as two ("")'
+        )
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
         while not any(cell.strip() for cell in header) or header[0].lstrip().startswith("#"):
@@ -130,10 +198,11 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
                 continue
             line = reader.line_num
             if len(cells) > len(columns):
-                extra = dict(zip(columns, cells))
-                extra["__extra__"] = ",".join(cells[len(columns) :])
-                rows.append((line, extra))
-                continue
+                raise ManifestError(
+                    f"{path}, line {line}: {len(cells)} cells but the header has {len(columns)} columns "
+                    f"(extra: {','.join(cells[len(columns) :])!r}); quote cells that contain commas, "
+                    'e.g. "relu1_1,relu2_1"'
+                )
             rows.append((line, {name: cell for name, cell in zip(columns, cells) if name}))
     except csv.Error as exc:
         raise ManifestError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from None
@@ -149,7 +218,9 @@ def read_manifest(
     fmt: str = "png",
     check_images: bool = True,
 ) -> Manifest:
-    """Parses and validates every row. Raises ManifestError only when no row could be used at all.
+    """Parses and validates every row. Raises ManifestError when the file as a whole cannot be used: not UTF-8 text,
+    a quote never closed, a row with more cells than the header, a header or rows missing. Problems of single rows
+    are listed in `problems`, by row and column.
 
     `defaults` are the command line's option values; a row's non-empty cells override them.
     """
@@ -176,14 +247,7 @@ def read_manifest(
 
     planned: list[tuple[Row, str]] = []
     for number, (line, cells) in enumerate(table, start=1):
-        problems: list[tuple[str | None, str]] = []
-        if "__extra__" in cells:
-            problems.append(
-                (
-                    None,
-                    f"more cells than header columns (extra: {cells['__extra__']!r}); quote cells that contain commas",
-                )
-            )
+        problems: list[tuple[str, str]] = []
         content_cell = cells.get("content", "").strip()
         style_cells = _split_paths(cells.get("style", ""))
         if not content_cell:
@@ -270,7 +334,7 @@ def read_manifest(
 
 def _too_thin(
     settings: Settings, content: Path | None, styles: tuple[Path, ...], sizes: dict[Path, tuple[int, int]]
-) -> list[tuple[str | None, str]]:
+) -> list[tuple[str, str]]:
     """Every pooling halves the image: at its smallest scale an image must keep at least one pixel at the deepest
     tapped layer, or the network fails mid-run with a cryptic error. Found here, it names the row and the fix."""
     deepest = max((*settings.content_layers, *settings.style_layers), key=stride)
@@ -293,29 +357,44 @@ def _too_thin(
     return found
 
 
+def _clash_key(output: Path) -> str:
+    """Names that differ only in letter case are one file on Windows and macOS, so they clash everywhere: a manifest
+    checked on Linux must not overwrite one row's output with another's when it runs on a laptop."""
+    return str(output.resolve()).casefold()
+
+
 def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:
-    """Explicit outputs must be unique (an error names both rows); generated names that collide with any other
-    output get the row number appended, so a manifest of repeated pairs with different options just works."""
+    """Explicit outputs must be unique, letter case aside (an error names both rows); generated names that collide
+    with any other output get the row number appended, so a manifest of repeated pairs with different options just
+    works."""
 
     def output_problem(row: Row, message: str) -> None:
         manifest.problems.append(Problem(manifest.path, row.number, row.line, "output", message))
 
-    explicit: dict[Path, Row] = {}
-    generated_count: dict[Path, int] = {}
+    explicit: dict[str, tuple[Row, str]] = {}
+    generated_count: dict[str, int] = {}
     for row, cell in planned:
-        key = row.output.resolve()
+        key = _clash_key(row.output)
         if not cell:
             generated_count[key] = generated_count.get(key, 0) + 1
         elif key in explicit:
-            output_problem(row, f"same output {cell!r} as row {explicit[key].number}; give each row its own output")
+            first, first_cell = explicit[key]
+            if row.output.resolve() == first.output.resolve():
+                output_problem(row, f"same output {cell!r} as row {first.number}; give each row its own output")
+            else:
+                output_problem(
+                    row,
+                    f"output {cell!r} differs from row {first.number}'s {first_cell!r} only in letter case, which "
+                    "names one file on Windows and macOS; give each row its own output",
+                )
         else:
-            explicit[key] = row
+            explicit[key] = row, cell
             manifest.rows.append(row)
-    taken: dict[Path, Row] = dict(explicit)
+    taken: dict[str, Row] = {key: row for key, (row, _) in explicit.items()}
     for row, cell in planned:
         if cell:
             continue
-        key = row.output.resolve()
+        key = _clash_key(row.output)
         if key in explicit or generated_count[key] > 1:
             row = Row(
                 **{
@@ -323,7 +402,7 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
                     "output": row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}"),
                 }
             )
-            key = row.output.resolve()
+            key = _clash_key(row.output)
         if key in taken:  # a renamed name that another row's output already has: never let two rows share a file
             output_problem(
                 row,

@@ -63,6 +63,72 @@ def write_manifest(path: Path, header: str, *rows: str) -> Path:
     return path
 
 
+GOOD_ROW = "in/photo.png,in/painting.png"
+LATIN1 = f"content,style\n{GOOD_ROW}\nin/café.png,in/painting.png\n".encode("latin-1")
+# Manifests that must be refused whole, before any work: their bytes, the line the error names, and what it says.
+# Every other row would be usable with the `images` fixture, so nothing but the flaw can be what is refused.
+MALFORMED: dict[str, tuple[bytes, int, list[str]]] = {
+    "unclosed quote": (
+        f'content,style,output\n{GOOD_ROW},a.png\nin/photo.png,"in/painting.png,b.png\n{GOOD_ROW},c.png\n'.encode(),
+        3,
+        ["a quote opened here (column 14) is never closed", 'write a quote inside a cell as two ("")'],
+    ),
+    "unclosed quote after a quoted cell spanning lines": (
+        f'# night run\r\ncontent,style,output\r\n{GOOD_ROW},"two\r\nlines.png"\r\n{GOOD_ROW},"b.png\r\n'.encode(),
+        5,
+        ["a quote opened here (column 30) is never closed"],
+    ),
+    "NUL byte": (
+        f"content,style\r\n{GOOD_ROW}\r\nin/photo.png,in/pain\0ting.png\r\n".encode(),
+        3,
+        ["byte 0x00 at column 21 (file offset 65) is a NUL byte", "UTF-16 text or no text at all", "CSV UTF-8"],
+    ),
+    "UTF-16 without a byte order mark": (
+        f"content,style\n{GOOD_ROW}\n".encode("utf-16-le"),
+        1,
+        ["byte 0x00 at column 2 (file offset 1) is a NUL byte", "UTF-16", "save it as CSV UTF-8"],
+    ),
+    "not UTF-8": (
+        LATIN1,
+        3,
+        ["byte 0xE9 at column 7 (file offset 49) is not UTF-8", "Windows-1252", "save it as CSV UTF-8"],
+    ),
+    "not UTF-8 after a UTF-8 byte order mark": (
+        b"\xef\xbb\xbf" + LATIN1,
+        3,
+        ["byte 0xE9 at column 7 (file offset 52) is not UTF-8", "save it as CSV UTF-8"],
+    ),
+    "not UTF-8 on the first line after a UTF-8 byte order mark": (
+        b"\xef\xbb\xbfcontent,st\xffyle\n" + GOOD_ROW.encode() + b"\n",
+        1,
+        ["byte 0xFF at column 11 (file offset 13) is not UTF-8"],
+    ),
+    "UTF-16 little-endian": (
+        b"\xff\xfe" + f"content,style\n{GOOD_ROW}\n".encode("utf-16-le"),
+        1,
+        ["the file is UTF-16 text (it starts with a UTF-16 byte order mark)", "save it as CSV UTF-8"],
+    ),
+    "UTF-16 big-endian": (
+        b"\xfe\xff" + f"content,style\n{GOOD_ROW}\n".encode("utf-16-be"),
+        1,
+        ["the file is UTF-16 text", "save it as CSV UTF-8"],
+    ),
+    "UTF-32": (
+        f"content,style\n{GOOD_ROW}\n".encode("utf-32"),
+        1,
+        ["the file is UTF-32 text", "save it as CSV UTF-8"],
+    ),
+    "more cells than the header": (
+        f"content,style\n# a comment, with, commas\n{GOOD_ROW}\n{GOOD_ROW},relu1_1,relu2_1\n{GOOD_ROW}\n".encode(),
+        4,
+        [
+            "4 cells but the header has 2 columns (extra: 'relu1_1,relu2_1')",
+            'quote cells that contain commas, e.g. "relu1_1,relu2_1"',
+        ],
+    ),
+}
+
+
 # Read before any fixture points BATCHSTYLE_CACHE elsewhere: the real weights are fetched once into the user's cache.
 USER_CACHE = default_cache_dir()
 

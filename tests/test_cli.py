@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import make_photo, write_manifest
+from conftest import MALFORMED, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
@@ -427,6 +427,23 @@ def test_unusable_manifest_or_command_line_exits_2(
     assert not (tmp_path / "m").exists(), "nothing may be written before the command line and manifest are vetted"
     if not extra:
         assert cli("check", manifest).exit_code == 2
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_malformed_manifest_exits_2_naming_the_line_before_any_work(
+    tmp_path: Path, images: dict[str, Path], command: str, name: str
+) -> None:
+    data, line, parts = MALFORMED[name]
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(data)
+    args = FAST if command == "run" else ()
+    result = cli(command, manifest, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {manifest}, line {line}: "), result.stderr
+    assert parts[0] in result.stderr
+    assert result.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "m.csv"], "no output folder, no ledger"
 
 
 def test_device_without_cuda_exits_2(three_rows: Path, tmp_path: Path) -> None:

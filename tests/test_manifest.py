@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_manifest
+from conftest import MALFORMED, make_photo, write_manifest
 
 from batchstyle.manifest import ManifestError, Problem, default_out_dir, read_manifest
 from batchstyle.options import STYLE_LAYERS, default_values
@@ -301,13 +301,6 @@ def test_a_missing_file_is_checked_once_and_reported_for_every_row(tmp_path: Pat
     assert [(p.row, p.column) for p in manifest.problems] == [(1, "style"), (2, "style")]
 
 
-def test_more_cells_than_columns(tmp_path: Path, images: dict[str, Path]) -> None:
-    path = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png,oops,more")
-    problem = only_problem(read(path))
-    assert problem.row == 1
-    assert "more cells than header columns" in problem.message and "oops,more" in problem.message
-
-
 # --- outputs: duplicates and generated names ---------------------------------------------------------------------
 
 
@@ -324,6 +317,46 @@ def test_duplicate_explicit_outputs_name_both_rows(tmp_path: Path, images: dict[
     assert (problem.row, problem.line, problem.column) == (3, 4, "output")
     assert "row 1" in problem.message and "same.png" in problem.message
     assert [r.number for r in manifest.rows] == [1, 2]
+
+
+@pytest.mark.parametrize(("first", "second"), [("A.png", "a.png"), ("Night/Out.PNG", "night/out.png")])
+def test_outputs_differing_only_in_letter_case_clash_on_every_platform(
+    tmp_path: Path, images: dict[str, Path], first: str, second: str
+) -> None:
+    """One file on Windows and macOS: refused on Linux too, so a manifest checked here runs the same there."""
+    path = write_manifest(
+        tmp_path / "m.csv", HEADER, f"in/photo.png,in/painting.png,{first}", f"in/photo.png,in/painting2.png,{second}"
+    )
+    manifest = read(path)
+    problem = only_problem(manifest)
+    assert (problem.row, problem.line, problem.column) == (2, 3, "output")
+    assert f"output {second!r} differs from row 1's {first!r} only in letter case" in problem.message
+    assert [r.number for r in manifest.rows] == [1]
+
+
+def test_generated_names_differing_only_in_letter_case_get_their_row_number(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    # Photo.png sits in another folder so that the test means the same on a case-insensitive filesystem.
+    make_photo(tmp_path / "in" / "upper" / "Photo.png")
+    path = write_manifest(
+        tmp_path / "m.csv",
+        HEADER,
+        "in/photo.png,in/painting.png,",
+        "in/upper/Photo.png,in/painting.png,",
+        "in/photo.png,in/painting2.png,",
+        "in/photo2.jpg,in/painting.png,PHOTO2-Painting.png",
+        "in/photo2.jpg,in/painting.png,",
+    )
+    manifest = read(path)
+    assert manifest.problems == []
+    assert {r.number: r.output.name for r in manifest.rows} == {
+        1: "photo-painting-row1.png",
+        2: "Photo-painting-row2.png",
+        3: "photo-painting2.png",
+        4: "PHOTO2-Painting.png",
+        5: "photo2-painting-row5.png",
+    }
 
 
 def test_colliding_generated_names_get_their_row_number(tmp_path: Path, images: dict[str, Path]) -> None:
@@ -352,12 +385,15 @@ def test_colliding_generated_names_get_their_row_number(tmp_path: Path, images: 
     assert len({r.output for r in manifest.rows}) == len(manifest.rows)
 
 
-def test_renamed_generated_name_never_lands_on_an_explicit_output(tmp_path: Path, images: dict[str, Path]) -> None:
+@pytest.mark.parametrize("explicit", ["photo-painting-row2.png", "Photo-Painting-ROW2.png"])
+def test_renamed_generated_name_never_lands_on_an_explicit_output(
+    tmp_path: Path, images: dict[str, Path], explicit: str
+) -> None:
     """Two rows must never write the same file, even when an explicit name looks like a renamed generated one."""
     path = write_manifest(
         tmp_path / "m.csv",
         HEADER,
-        "in/photo.png,in/painting.png,photo-painting-row2.png",
+        f"in/photo.png,in/painting.png,{explicit}",
         "in/photo.png,in/painting.png,",
         "in/photo.png,in/painting.png,",
     )
@@ -365,7 +401,7 @@ def test_renamed_generated_name_never_lands_on_an_explicit_output(tmp_path: Path
     outputs = [r.output for r in manifest.rows]
     assert len(set(outputs)) == len(outputs), outputs
     assert {r.number: r.output.name for r in manifest.rows} == {
-        1: "photo-painting-row2.png",
+        1: explicit,
         3: "photo-painting-row3.png",
     }
     problem = only_problem(manifest)
@@ -394,15 +430,40 @@ def test_directory_as_manifest(tmp_path: Path) -> None:
 
 
 def test_binary_manifest(tmp_path: Path, images: dict[str, Path]) -> None:
+    """A PNG saved as .csv: its first NUL byte is on line 3 (after \\x89PNG\\r\\n\\x1a\\n)."""
     path = tmp_path / "image.csv"
     path.write_bytes(images["photo"].read_bytes())
-    assert "not a UTF-8 text CSV file" in manifest_error(path)
+    message = manifest_error(path)
+    assert message.startswith(f"{path}, line 3: byte 0x00 at column 1 (file offset 8) is a NUL byte")
+    assert "no text at all (an image or a spreadsheet saved as .csv)" in message
 
 
-def test_non_utf8_manifest(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.csv"
-    path.write_bytes("content,style\ncafé.png,peinture.png\n".encode("latin-1"))
-    assert "not a UTF-8 text CSV file" in manifest_error(path)
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_manifest_is_refused_naming_the_line(tmp_path: Path, images: dict[str, Path], name: str) -> None:
+    data, line, parts = MALFORMED[name]
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    message = manifest_error(path)
+    assert message.startswith(f"{path}, line {line}: "), message
+    for part in parts:
+        assert part in message
+    assert message.count("; ") >= 1, "what is wrong; how to fix it"
+
+
+def test_a_cell_spanning_lines_in_closed_quotes_is_fine(tmp_path: Path, images: dict[str, Path]) -> None:
+    """Closed quotes may hold commas and line breaks; a later row keeps its own line number."""
+    path = write_manifest(
+        tmp_path / "m.csv",
+        "content,style,output,style_layers",
+        'in/photo.png,in/painting.png,a.png,"relu1_1,',
+        'relu2_1"',
+        'in/photo.png,in/painting.png,"b "".png",',
+    )
+    manifest = read(path)
+    assert manifest.problems == []
+    a, b = manifest.rows
+    assert a.values["style_layers"] == ("relu1_1", "relu2_1")
+    assert (b.line, b.output.name) == (4, 'b ".png')
 
 
 def test_empty_manifest(tmp_path: Path) -> None:

@@ -469,9 +469,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             ledger.mark_failed_unstarted(
                 output, row=number, content="", styles="", run_id=run_id, error="; ".join(str(p) for p in problems)
             )
-            summary.failed[number] = "; ".join(
-                f"column {p.column}: {p.message}" if p.column else p.message for p in problems
-            )
+            summary.failed[number] = "; ".join(f"column {p.column}: {p.message}" for p in problems)
         for row in rows:
             if row.number in unplannable:
                 ledger.mark_failed_unstarted(
