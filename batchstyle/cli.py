@@ -1,7 +1,8 @@
-"""The `batchstyle` command: a thin click layer, one command per library function.
+"""The `batchstyle` command: a thin click layer, each command opening one object and calling one method.
 
 Exit codes: 0 every row done, 1 some row failed, 2 the manifest or the command line is unusable (found before any
-work is done).
+work is done). Errors reach the user as click exceptions: every `UnusableInput` the library raises becomes
+`Unusable` (exit 2) in one place, the group's `invoke`.
 """
 
 from __future__ import annotations
@@ -9,20 +10,43 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
-from batchstyle.errors import RunError
-from batchstyle.manifest import Manifest, ManifestError, default_out_dir, read_manifest
+from batchstyle.errors import UnusableInput
+from batchstyle.manifest import Manifest, default_out_dir, read_manifest
 from batchstyle.model import weights
-from batchstyle.model.export import ExportError
+from batchstyle.model.export import ExportError, graph_spec
 from batchstyle.model.layout import layer_names
-from batchstyle.options import OPTIONS, OptionError, default_values, make_settings
+from batchstyle.options import OPTIONS, OptionError, make_settings, option_values
 from batchstyle.run import devices, engine, ledger
-from batchstyle.run.plan import ShardError, parse_shard
 from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
 from batchstyle.version import __version__
+
+
+class Unusable(click.ClickException):
+    """Nothing was run: the input or the command line must change (exit 2)."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+class Failed(Unusable):
+    """The command ran and did not succeed (exit 1)."""
+
+    exit_code = 1
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UnusableInput as exc:
+            raise Unusable(str(exc)) from exc
+
 
 CACHE_DIR = click.option(
     "--cache-dir",
@@ -45,22 +69,21 @@ def _option_decorators(func: Any) -> Any:
     return func
 
 
-def _defaults(given: dict[str, Any]) -> dict[str, Any]:
-    values = default_values()
-    for name, raw in given.items():
-        if raw is None:
-            continue
-        if isinstance(raw, bool):
-            values[name] = raw
-            continue
-        try:
-            values[name] = OPTIONS[name].from_text(raw)
-        except OptionError as exc:
-            raise click.BadParameter(str(exc), param_hint="--" + name.replace("_", "-")) from None
+def _option_values(given: dict[str, Any]) -> dict[str, Any]:
+    try:
+        values = option_values(given)
+    except OptionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--" + (exc.option or "").replace("_", "-")) from None
     if values["init"] not in ("content", "noise"):
         # On the command line a path means what the shell means: relative to here, not to the manifest.
         values["init"] = str(Path(values["init"]).expanduser().resolve())
     return values
+
+
+def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A command's parameters -> (option values of the table, everything else)."""
+    options = {name: params.pop(name) for name in list(params) if name in OPTIONS}
+    return options, params
 
 
 def _common(func: Any) -> Any:
@@ -83,15 +106,10 @@ def _common(func: Any) -> Any:
 
 
 def _read(manifest_path: Path, out_dir: Path | None, fmt: str, options: dict[str, Any]) -> Manifest:
-    defaults = _defaults(options)
-    try:
-        return read_manifest(manifest_path, defaults, out_dir, fmt)
-    except ManifestError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    return read_manifest(manifest_path, _option_values(options), out_dir, fmt)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="batchstyle")
 def main() -> None:
     """Batch neural style transfer (Gatys, Ecker & Bethge) over CSV manifests."""
@@ -109,7 +127,7 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
         f"{manifest.total_rows} rows: {manifest.total_rows - bad} ok, {bad} with problems; outputs to "
         f"{manifest.out_dir}"
     )
-    sys.exit(1 if manifest.problems else 0)
+    click.get_current_context().exit(1 if manifest.problems else 0)
 
 
 @main.command()
@@ -198,73 +216,27 @@ def run(
     manifest_path: Path,
     out_dir: Path | None,
     fmt: str,
-    model: str,
-    devices: str,
-    workers_per_device: int,
-    batch_size: str,
-    retries: int,
-    precision: str,
-    backend: str,
-    address: str | None,
-    shard: str | None,
-    force: bool,
     quiet: bool,
     log_json: Path | None,
-    targets: str,
-    trt_fp16: bool,
     make_report: bool,
-    save_every: int,
-    cache_dir: Path | None,
-    **options: Any,
+    **params: Any,
 ) -> None:
     """Stylize every row of MANIFEST, skipping rows already done."""
-    try:
-        size = 0 if batch_size.strip().lower() == "auto" else int(batch_size)
-        if size < 0:
-            raise ValueError
-    except ValueError:
-        click.echo(f"error: --batch-size {batch_size!r}: give a whole number of rows, or auto", err=True)
-        sys.exit(2)
-    try:
-        parsed_shard = parse_shard(shard)
-    except ShardError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    options, settings = _split(params)
+    config = engine.RunConfig.from_values({**settings, "argv": sys.argv})
     manifest = _read(manifest_path, out_dir, fmt, options)
     sinks: list[Any] = [] if quiet else [Terminal()]
     try:
         log_handle = open(log_json, "a", encoding="utf-8") if log_json else None  # noqa: SIM115
     except OSError as exc:
-        click.echo(f"error: cannot write the --log-json file {log_json}: {exc.strerror}", err=True)
-        sys.exit(2)
+        raise Unusable(f"cannot write the --log-json file {log_json}: {exc.strerror}") from None
     if log_handle:
         sinks.append(JsonLog(log_handle))
-    events = Fanout(*sinks) if sinks else Silent()
     try:
-        config = engine.RunConfig(
-            model=model,
-            devices=devices,
-            force=force,
-            cache_dir=cache_dir,
-            targets=targets,
-            trt_fp16=trt_fp16,
-            save_every=save_every,
-            argv=tuple(sys.argv),
-            workers_per_device=workers_per_device,
-            batch_size=size,
-            retries=retries,
-            precision=precision,
-            backend=backend,
-            address=address,
-            shard=parsed_shard,
-        )
-        summary = engine.run(manifest, config, events)
-    except (weights.WeightsError, ledger.LedgerError, RunError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        summary = engine.run(manifest, config, Fanout(*sinks) if sinks else Silent())
     except KeyboardInterrupt as exc:
         click.echo("\ninterrupted: finished rows are kept; run the same command again to resume", err=True)
-        sys.exit(128 + getattr(exc, "signum", 2))
+        raise click.exceptions.Exit(128 + getattr(exc, "signum", 2)) from None
     finally:
         if log_handle:
             log_handle.close()
@@ -280,7 +252,12 @@ def run(
 
         files = write_report(summary.out_dir)
         click.echo(f"report: {files.html}  contact sheet: {files.contact_sheet}")
-    sys.exit(summary.exit_code)
+    raise click.exceptions.Exit(summary.exit_code)
+
+
+def _out_dir(target: Path) -> Path:
+    """An output folder, or a manifest standing for its default output folder."""
+    return default_out_dir(target) if target.suffix.lower() == ".csv" else target
 
 
 @main.command()
@@ -289,12 +266,11 @@ def run(
 @click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")
 def status(target: Path, as_json: bool, all_rows: bool) -> None:
     """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
-    out_dir = default_out_dir(target) if target.suffix.lower() == ".csv" else target
+    out_dir = _out_dir(target)
     try:
         records, last_run = ledger.read_records(out_dir, all_rows)
     except FileNotFoundError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        raise Unusable(str(exc)) from None
     counts = ledger.summarise(records)
     if as_json:
         click.echo(
@@ -344,8 +320,7 @@ def weights_fetch(name: str, cache_dir: Path | None) -> None:
     try:
         weights.SOURCES[name].fetch(cache_dir)
     except weights.WeightsError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        raise Failed(str(exc)) from None
     click.echo(f"{name}: cached")
 
 
@@ -485,24 +460,22 @@ def export_command(
     """Export the target graph (features + Gram matrices, pixels in) to ONNX and validate it against PyTorch."""
     from batchstyle.model.export import export_graph
 
-    values = _defaults({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})
+    values = _option_values({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        click.echo("error: validating an export needs onnxruntime: pip install 'batchstyle[cpu]'", err=True)
-        sys.exit(2)
+        raise Unusable("validating an export needs onnxruntime: pip install 'batchstyle[cpu]'") from None
     try:
         source, reason = weights.resolve(model, cache_dir)
         loaded = source.load(cache_dir)
-        spec = engine.graph_spec(source, make_settings(values))
+        spec = graph_spec(source, make_settings(values))
         missing = [n for n in (*spec.content_layers, *spec.style_layers) if n not in layer_names(source.arch)]
         if missing:
             raise click.BadParameter(f"{source.arch} has no layer {', '.join(missing)}", param_hint="layers")
         exporters = ("dynamo", "legacy") if exporter == "auto" else (exporter,)
         result = export_graph(loaded, spec, out_dir, exporters, log=lambda text: click.echo(text, err=True))
     except (weights.WeightsError, ExportError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        raise Failed(str(exc)) from None
     click.echo(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) with the {result.exporter} exporter")
     if result.fallback_reason:
         click.echo(f"  (fell back: {result.fallback_reason[:300]})")
@@ -627,10 +600,8 @@ def report(out_dir: Path, all_rows: bool) -> None:
     """Write contact-sheet.png and report.html (self-contained) into an output folder, from its ledger."""
     from batchstyle.report import write_report
 
-    target = default_out_dir(out_dir) if out_dir.suffix.lower() == ".csv" else out_dir
     try:
-        files = write_report(target, all_rows)
+        files = write_report(_out_dir(out_dir), all_rows)
     except FileNotFoundError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        raise Unusable(str(exc)) from None
     click.echo(f"wrote {files.contact_sheet} and {files.html}")

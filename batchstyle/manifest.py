@@ -197,6 +197,8 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
             if not any(cell.strip() for cell in cells) or cells[0].lstrip().startswith("#"):
                 continue
             line = reader.line_num
+            while len(cells) > len(columns) and not cells[-1].strip():
+                cells = cells[:-1]  # trailing empty cells, as spreadsheets write them, say nothing
             if len(cells) > len(columns):
                 raise ManifestError(
                     f"{path}, line {line}: {len(cells)} cells but the header has {len(columns)} columns "

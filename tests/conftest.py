@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
 
+from batchstyle.cli import main
 from batchstyle.model.weights import SOURCES, Weights, default_cache_dir
 
 
@@ -157,3 +159,12 @@ def one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def cli(*args: object, env: dict[str, str] | None = None) -> Result:
+    """`batchstyle ARGS` in this process, as every CLI test runs it. Exit codes come back in the result; any other
+    exception is raised, so a crash never passes for an exit code."""
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import MALFORMED, make_photo, write_manifest
+from click.testing import Result
+from conftest import MALFORMED, cli, make_photo, write_manifest
 from PIL import Image
 
-from batchstyle.cli import main
 from batchstyle.images import (
     TEMP_MARKER,
     image_to_tensor,
@@ -54,13 +53,6 @@ def one_torch_thread() -> Iterator[None]:
 
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def cli(*args: object) -> Result:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def count(result: Result, name: str) -> int:

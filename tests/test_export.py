@@ -9,9 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import cli
 
-from batchstyle.cli import main
 from batchstyle.model import export
 from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, target_graph, validate
 from batchstyle.model.weights import SOURCES
@@ -119,19 +118,16 @@ def test_graph_matches_only_the_same_weights_and_layers(exported: export.ExportR
 
 
 def test_export_command_prints_errors_per_size(tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        main,
-        [
-            "export",
-            "--model",
-            "random",
-            "--out",
-            str(tmp_path),
-            "--content-layers",
-            "relu2_2",
-            "--style-layers",
-            "relu1_1,relu2_1",
-        ],
+    result = cli(
+        "export",
+        "--model",
+        "random",
+        "--out",
+        tmp_path,
+        "--content-layers",
+        "relu2_2",
+        "--style-layers",
+        "relu1_1,relu2_1",
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / SPEC.filename()).is_file()
@@ -139,8 +135,6 @@ def test_export_command_prints_errors_per_size(tmp_path: Path) -> None:
 
 
 def test_export_command_rejects_a_layer_the_model_lacks(tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        main, ["export", "--model", "random", "--out", str(tmp_path), "--style-layers", "relu5_4"]
-    )
+    result = cli("export", "--model", "random", "--out", tmp_path, "--style-layers", "relu5_4")
     assert result.exit_code == 2
     assert "relu5_4" in result.output

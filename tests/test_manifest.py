@@ -517,3 +517,11 @@ def test_an_image_too_thin_for_the_network_is_a_row_problem(tmp_path: Path) -> N
     assert problem.row == 1 and problem.column == "content"
     assert "256x13" in problem.message and "raise size or min_size" in problem.message
     assert [row.number for row in result.rows] == [2]
+
+
+def test_trailing_empty_cells_are_not_extra_cells(tmp_path: Path, images: dict[str, Path]) -> None:
+    """Spreadsheets write `a,b,` for a row whose last cells are empty; that is no row with too many cells."""
+    path = write_manifest(tmp_path / "m.csv", "content,style", f"{images['photo']},{images['painting']},,")
+    manifest = read_manifest(path, default_values())
+    assert manifest.problems == []
+    assert len(manifest.rows) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_painting, make_photo, write_manifest
+from conftest import cli, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle import images
@@ -115,12 +115,6 @@ def table(node: Node, cls: str) -> dict[str, str]:
         if heads and cells:
             rows[heads[0].text().strip()] = cells[-1].text().strip()
     return rows
-
-
-def cli(*args: object) -> None:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
 
 
 @dataclass

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import write_manifest
+from conftest import cli, write_manifest
 
-from batchstyle.cli import main
 from batchstyle.images import image_to_tensor, is_temp_file, load_image, read_metadata
 from batchstyle.model.optimize import optimize_one, upsample
 from batchstyle.model.scales import scale_sizes
@@ -21,13 +19,6 @@ from batchstyle.options import default_values, make_settings
 from batchstyle.run.ledger import read_records, unpack_history
 
 FAST = ("--model", "random", "--device", "cpu", "-q")
-
-
-def run(*args: object):  # noqa: ANN201
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.mark.parametrize(
@@ -97,7 +88,7 @@ def test_multi_scale_run_records_its_scales_and_one_loss_per_iteration(tmp_path:
         "in/photo.png,in/painting.png,multi.png,24,5",
         "in/photo.png,in/painting.png,single.png,,",
     )
-    result = run("run", manifest, *FAST, "--size", "48", "--iterations", "3")
+    result = cli("run", manifest, *FAST, "--size", "48", "--iterations", "3")
     assert result.exit_code == 0, result.output
     records = {r.output: r for r in read_records(tmp_path / "m")[0]}
     multi, single = records["multi.png"], records["single.png"]
@@ -114,20 +105,20 @@ def test_multi_scale_run_records_its_scales_and_one_loss_per_iteration(tmp_path:
 
 def test_loss_history_is_recorded_and_read_back(tmp_path: Path, images: dict[str, Path]) -> None:
     manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
-    assert run("run", manifest, *FAST, "--size", "32", "--iterations", "6").exit_code == 0
+    assert cli("run", manifest, *FAST, "--size", "32", "--iterations", "6").exit_code == 0
     [record] = read_records(tmp_path / "m")[0]
     history = unpack_history(record.history)
     assert history.shape == (6, 3)
     assert history[0, 0] < 1e-6, "iteration 0 starts from the content: no content loss yet"
     assert (history[:, 1] > 0).all() and (history[:, 2] > 0).all()
-    as_json = json.loads(run("status", tmp_path / "m", "--json").stdout)["rows"][0]
+    as_json = json.loads(cli("status", tmp_path / "m", "--json").stdout)["rows"][0]
     assert "history" not in as_json
     assert record.as_dict(history=True)["history"]["style"] == pytest.approx(history[:, 1].tolist())
 
 
 def test_save_every_writes_iterates_a_rerun_never_takes_for_outputs(tmp_path: Path, images: dict[str, Path]) -> None:
     manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,out.png")
-    assert run("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--save-every", "2").exit_code == 0
+    assert cli("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--save-every", "2").exit_code == 0
     folder = tmp_path / "m" / "out.iterates"
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["scale0-iter00002.png", "scale0-iter00004.png", "scale0-iter00006.png"]
@@ -136,7 +127,7 @@ def test_save_every_writes_iterates_a_rerun_never_takes_for_outputs(tmp_path: Pa
     assert (first - last).abs().max() > 0, "iterates are snapshots along the way, not copies"
     # Remove the finished output: the rerun must redo the row, not take an iterate for it.
     (tmp_path / "m" / "out.png").unlink()
-    again = run("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--save-every", "2")
+    again = cli("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--save-every", "2")
     assert again.exit_code == 0 and "done         1" in again.stdout, again.stdout
     assert [r.output for r in read_records(tmp_path / "m")[0]] == ["out.png"]
 

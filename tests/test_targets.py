@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import write_manifest
+from conftest import cli, write_manifest
 from PIL import Image
 
-from batchstyle.cli import main
 from batchstyle.model.export import export_graph, graph_spec
 from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend, ort_providers
 from batchstyle.model.weights import SOURCES
@@ -36,13 +34,6 @@ def spec(random_weights):
 @pytest.fixture(scope="module")
 def graph(random_weights, spec, tmp_path_factory) -> Path:
     return export_graph(random_weights, spec, tmp_path_factory.mktemp("onnx")).path
-
-
-def run(*args: object):  # noqa: ANN201
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 # --- ONNX Runtime against torch -------------------------------------------------------------------------------
@@ -72,7 +63,7 @@ def test_ort_and_torch_runs_give_the_same_output(tmp_path: Path, images: dict[st
     manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,out.png")
     outputs = {}
     for backend in ("ort", "torch"):
-        result = run(
+        result = cli(
             "run",
             manifest,
             *FAST,
@@ -191,30 +182,30 @@ def test_four_rows_sharing_a_style_compute_it_once_and_a_rerun_computes_nothing(
         "in/photo2.jpg,in/painting.png,d.png",
     )
     cache = tmp_path / "cache"
-    first = run("run", manifest, *FAST, "--cache-dir", cache)
+    first = cli("run", manifest, *FAST, "--cache-dir", cache)
     assert first.exit_code == 0, first.output
     records = read_records(tmp_path / "m")[0]
     style = [r.targets.split("style=")[1] for r in records]
     content = [r.targets.split()[0] for r in records]
     assert style.count("miss") == 1 and style.count("hit") == 3
     assert content.count("content=miss") == 2 and content.count("content=hit") == 2
-    info = json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)
+    info = json.loads(cli("cache", "info", "--json", "--cache-dir", cache).stdout)
     assert info["by_role"]["style"]["entries"] == 1 and info["by_role"]["content"]["entries"] == 2
 
-    again = run("run", manifest, *FAST, "--cache-dir", cache, "--force")
+    again = cli("run", manifest, *FAST, "--cache-dir", cache, "--force")
     assert again.exit_code == 0, again.output
     assert {r.targets for r in read_records(tmp_path / "m")[0]} == {"content=hit style=hit"}
-    info = json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)
+    info = json.loads(cli("cache", "info", "--json", "--cache-dir", cache).stdout)
     assert info["entries"] == 3, "a rerun adds no entry"
 
 
 def test_a_corrupt_cache_file_does_not_fail_the_row(tmp_path: Path, images: dict[str, Path]) -> None:
     manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,a.png")
     cache = tmp_path / "cache"
-    assert run("run", manifest, *FAST, "--cache-dir", cache).exit_code == 0
+    assert cli("run", manifest, *FAST, "--cache-dir", cache).exit_code == 0
     for path in (cache / "targets").glob("*/*.safetensors"):
         path.write_bytes(path.read_bytes()[:100])
-    result = run("run", manifest, *FAST, "--cache-dir", cache, "--force")
+    result = cli("run", manifest, *FAST, "--cache-dir", cache, "--force")
     assert result.exit_code == 0, result.output
     assert read_records(tmp_path / "m")[0][0].targets == "content=miss style=miss"
 
@@ -222,9 +213,9 @@ def test_a_corrupt_cache_file_does_not_fail_the_row(tmp_path: Path, images: dict
 def test_cache_clear_empties_it(tmp_path: Path, images: dict[str, Path]) -> None:
     manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
     cache = tmp_path / "cache"
-    assert run("run", manifest, *FAST, "--cache-dir", cache).exit_code == 0
-    assert "removed 2 cached targets" in run("cache", "clear", "--cache-dir", cache).stdout
-    assert json.loads(run("cache", "info", "--json", "--cache-dir", cache).stdout)["entries"] == 0
+    assert cli("run", manifest, *FAST, "--cache-dir", cache).exit_code == 0
+    assert "removed 2 cached targets" in cli("cache", "clear", "--cache-dir", cache).stdout
+    assert json.loads(cli("cache", "info", "--json", "--cache-dir", cache).stdout)["entries"] == 0
     assert not list((cache / "targets").glob("*/*.safetensors"))
 
 
@@ -243,7 +234,7 @@ def test_a_failed_export_falls_back_to_torch_targets(tmp_path: Path, images: dic
     monkeypatch.setitem(export.EXPORTERS, "dynamo", broken)
     monkeypatch.setitem(export.EXPORTERS, "legacy", broken)
     manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,a.png")
-    result = run("run", manifest, *FAST, "--cache-dir", tmp_path / "cache")
+    result = cli("run", manifest, *FAST, "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
     assert read_records(tmp_path / "m")[0][0].provider == "torch:cpu"
 
