@@ -219,6 +219,62 @@ class OrtBackend:
         return {name: t.to(self.device) for name, t in outputs.items()}
 
 
+def backend_factory(
+    weights: Weights,
+    device: torch.device,
+    cache_dir: Path,
+    targets: str,
+    warn: Callable[[str], None],
+    trt_fp16: bool = False,
+    profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
+    torch_graphs: frozenset[GraphSpec] = frozenset(),
+    export: bool = False,
+) -> Callable[[GraphSpec], Backend]:
+    """How each target graph is opened: ONNX Runtime on its exported graph when `targets` is "ort", torch otherwise.
+
+    A run's workers get `export=False`: their parent exported every graph before they started, and a graph that is
+    missing (a Ray node without the shared cache) or failed to export (`torch_graphs`) is computed with torch. The
+    Python facade exports on first use instead, so its targets, and hence its pixels, are a run's.
+    """
+    use_ort = targets == "ort"
+    if use_ort:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            warn(
+                "onnxruntime is not installed: targets are computed with torch "
+                "(pip install 'batchstyle[cpu]', or 'batchstyle[gpu]' on a GPU host, to use ONNX Runtime)"
+            )
+            use_ort = False
+    if not use_ort:
+        return lambda graph: TorchBackend(weights, graph, device)
+    seen: set[str] = set()
+
+    def make(graph: GraphSpec) -> Backend:
+        from batchstyle.model.export import ExportError, export_graph, graph_matches
+
+        path = cache_dir / "onnx" / graph.filename()
+        if graph in torch_graphs:
+            return TorchBackend(weights, graph, device)
+        if export and not graph_matches(path, graph):
+            try:
+                export_graph(weights, graph, path.parent)
+            except (ExportError, OSError, ImportError) as exc:
+                warn(f"ONNX export failed ({exc}); targets are computed with torch")
+                return TorchBackend(weights, graph, device)
+        if not path.is_file():
+            # A node that does not share the parent's cache folder (Ray): targets are right either way.
+            warn(f"{path} is not on this node: targets are computed with torch; share --cache-dir to use ONNX Runtime")
+            return TorchBackend(weights, graph, device)
+        backend = OrtBackend(path, graph, weights.arch, device, cache_dir, trt_fp16, profile, warn=warn)
+        if backend.provider not in seen:
+            seen.add(backend.provider)
+            warn(f"targets: ONNX Runtime on {backend.provider}")
+        return backend
+
+    return make
+
+
 # --- the content-addressed cache ------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from batchstyle.images import ImageError, load_image, save_image_atomic, tensor_
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
-from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
+from batchstyle.model.targets import TargetCache, TargetStore, backend_factory
 from batchstyle.model.weights import Weights, resolve
 from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, configure_device, is_device_fault, is_out_of_memory
 from batchstyle.run.plan import Job
@@ -82,50 +82,6 @@ def describe_failure(job: Job, exc: BaseException, batch: int = 1) -> str:
     return f"{where} ({job.row.content.name}): {exc.__class__.__name__}: {exc}{at}"
 
 
-def backend_factory(
-    weights: Weights, spec: WorkerSpec, device: torch.device, warn: Warn
-) -> Callable[[GraphSpec], TorchBackend | OrtBackend]:
-    """How this worker opens each target graph: ONNX Runtime on the graphs the parent exported, torch otherwise."""
-    use_ort = spec.targets == "ort"
-    if use_ort:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            warn(
-                "onnxruntime is not installed: targets are computed with torch "
-                "(pip install 'batchstyle[cpu]', or 'batchstyle[gpu]' on a GPU host, to use ONNX Runtime)"
-            )
-            use_ort = False
-    if not use_ort:
-        return lambda graph: TorchBackend(weights, graph, device)
-    seen: set[str] = set()
-
-    def make(graph: GraphSpec) -> TorchBackend | OrtBackend:
-        path = spec.cache_dir / "onnx" / graph.filename()
-        if graph in spec.torch_targets:
-            return TorchBackend(weights, graph, device)
-        if not path.is_file():
-            # A node that does not share the parent's cache folder (Ray): targets are right either way.
-            warn(f"{path} is not on this node: targets are computed with torch; share --cache-dir to use ONNX Runtime")
-            return TorchBackend(weights, graph, device)
-        backend = OrtBackend(
-            path,
-            graph,
-            weights.arch,
-            device,
-            spec.cache_dir,
-            spec.trt_fp16,
-            spec.profile,
-            warn=warn,
-        )
-        if backend.provider not in seen:
-            seen.add(backend.provider)
-            warn(f"targets: ONNX Runtime on {backend.provider}")
-        return backend
-
-    return make
-
-
 class Worker:
     """Turns batches of jobs into output files: decodes each row's images, hands the batch to the model layer's
     `Stylizer` (which owns the whole algorithm), and writes each output with its metadata."""
@@ -159,7 +115,17 @@ class Worker:
             warn(f"no target cache ({exc}): every target is computed")
             cache = None
         precision = "trt-fp16" if spec.trt_fp16 and spec.targets == "ort" else "fp32"
-        store = TargetStore(backend_factory(weights, spec, device, warn), cache, precision, warn)
+        backends = backend_factory(
+            weights,
+            device,
+            spec.cache_dir,
+            spec.targets,
+            warn,
+            trt_fp16=spec.trt_fp16,
+            profile=spec.profile,
+            torch_graphs=spec.torch_targets,
+        )
+        store = TargetStore(backends, cache, precision, warn)
         return cls(Stylizer(weights, device, store, spec.precision), spec.save_every)
 
     def close(self) -> None:

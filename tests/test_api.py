@@ -1,0 +1,83 @@
+"""The Python facade: `StyleTransfer.stylize` gives a one-row `batchstyle run`'s pixels; `run_manifest` runs one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli, write_manifest
+from PIL import Image
+
+from batchstyle import StyleTransfer, run_manifest
+from batchstyle.options import OptionError
+from batchstyle.run.ledger import read_records
+
+# Coarse-to-fine on purpose (scales 24, 34, 48): the facade must run the same scale loop a row does.
+OPTIONS = {"size": 48, "min_size": 24, "iterations": 3, "scale_iterations": 4, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory: pytest.TempPathFactory) -> StyleTransfer:
+    return StyleTransfer(model="random", device="cpu", cache_dir=tmp_path_factory.mktemp("facade-cache"))
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_the_facade_gives_a_one_row_runs_pixels(
+    transfer: StyleTransfer, images: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = write_manifest(
+        tmp_path / "one.csv", "content,style,output", f"{images['photo']},{images['painting']},o.png"
+    )
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in OPTIONS.items()]
+    # Its own target cache: the run computes its targets (with ONNX Runtime) rather than reading the facade's.
+    result = cli("run", manifest, "--model", "random", "--device", "cpu", "-q", "--cache-dir", tmp_path / "c", *flags)
+    assert result.exit_code == 0, result.output
+    from_run = _pixels(Image.open(tmp_path / "one" / "o.png"))
+
+    from_python = _pixels(transfer.stylize(images["photo"], [images["painting"]], **OPTIONS))
+    assert from_python.shape == from_run.shape == (36, 48, 3)
+    assert np.abs(from_python - from_run).max() <= 1
+    # And the style did something: the output is not the content.
+    assert np.abs(from_python - _pixels(Image.open(images["photo"]))).mean() > 1
+
+
+def test_stylize_takes_paths_and_pil_images_alike(transfer: StyleTransfer, images: dict[str, Path]) -> None:
+    by_path = transfer.stylize(str(images["photo"]), images["painting"], **OPTIONS)
+    # A PIL image with alpha is flattened the way a file would be; these have none, so the pixels must match.
+    by_image = transfer.stylize(
+        Image.open(images["photo"]), [Image.open(images["painting"]).convert("RGBA")], **OPTIONS
+    )
+    assert by_path.size == by_image.size == (48, 36)
+    assert np.abs(_pixels(by_path) - _pixels(by_image)).max() <= 1
+
+
+def test_stylize_reports_progress_and_refuses_bad_options(transfer: StyleTransfer, images: dict[str, Path]) -> None:
+    seen: list[tuple[int, int]] = []
+    transfer.stylize(images["photo"], images["painting"], progress=lambda i, n, losses: seen.append((i, n)), **OPTIONS)
+    assert seen[0] == (1, 10) and seen[-1] == (10, 10)  # 4 + 3 + 3 iterations over three scales
+    with pytest.raises(OptionError, match="did you mean style_weight"):
+        transfer.stylize(images["photo"], images["painting"], style_weigth=10)
+    with pytest.raises(OptionError, match="at least 16"):
+        transfer.stylize(images["photo"], images["painting"], size=8)
+
+
+def test_run_manifest_returns_the_summary_and_writes_the_ledger(images: dict[str, Path], tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        "content,style",
+        f"{images['photo']},{images['painting']}",
+        f"{images['photo2']},{tmp_path / 'missing.png'}",
+    )
+    summary = run_manifest(manifest, out=tmp_path / "out", model="random", devices="cpu", size=32, iterations=2)
+    assert summary.counts() == {"done": 1, "skipped": 0, "failed": 1}
+    assert summary.exit_code == 1 and "missing.png" in summary.failed[2]
+    records, _ = read_records(tmp_path / "out")
+    assert {r.row: r.status for r in records} == {1: "done", 2: "failed"}
+    again = run_manifest(manifest, out=tmp_path / "out", model="random", devices="cpu", size=32, iterations=2)
+    assert again.skipped == [1]
+    with pytest.raises(TypeError, match="unknown setting"):
+        run_manifest(manifest, out=tmp_path / "out", modle="random")
