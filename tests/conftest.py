@@ -6,16 +6,22 @@ and stylizations behave as they do on photographs, at tens of pixels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
 from batchstyle.cli import main
+from batchstyle.model.features import VGGFeatures
+from batchstyle.model.losses import gram_matrix
+from batchstyle.model.optimize import Outcome, optimize_batch
+from batchstyle.model.targets import Targets, blend_grams
 from batchstyle.model.weights import SOURCES, Weights, default_cache_dir
+from batchstyle.options import Settings
 
 
 def make_photo(path: Path, width: int = 48, height: int = 36, seed: int = 0) -> Path:
@@ -168,3 +174,40 @@ def cli(*args: object, env: dict[str, str] | None = None) -> Result:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
+
+
+# -- the model layer's pieces, assembled by hand for tests of one piece ------------------------------------------
+
+
+@torch.no_grad()
+def compute_targets(
+    model: VGGFeatures,
+    content: torch.Tensor,
+    styles: Sequence[torch.Tensor],
+    blend: Sequence[float],
+    content_layers: Sequence[str],
+    style_layers: Sequence[str],
+) -> Targets:
+    """Plain PyTorch targets with no cache, straight from a trunk: what tests of the optimiser and losses start from."""
+    content_feats = model(content)
+    grams = [{name: gram_matrix(f) for name, f in model(style).items() if name in style_layers} for style in styles]
+    return Targets(
+        content={name: content_feats[name].float().clone() for name in content_layers},
+        style=blend_grams(grams, blend),
+    )
+
+
+def optimize_one(
+    model: VGGFeatures,
+    content: torch.Tensor,
+    targets: Targets,
+    settings: Settings,
+    init_image=None,
+    **kwargs,  # noqa: ANN001
+) -> Outcome:
+    """`optimize_batch` for one image, with its per-image callback: the optimiser's lone form."""
+    on_iteration = kwargs.pop("on_iteration", None)
+    if "start" in kwargs:
+        kwargs["starts"] = kwargs.pop("start")
+    report = None if on_iteration is None else (lambda k, losses: on_iteration(k, losses[0]))
+    return optimize_batch(model, content, targets, settings, [init_image], report, **kwargs)[0]

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import compute_targets
 
 from batchstyle.model import losses
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
 from batchstyle.model.optimize import Objective
-from batchstyle.model.targets import compute_targets
 from batchstyle.model.weights import IMAGENET, random_state_dict
 from batchstyle.options import default_values, make_settings
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_painting, make_photo
+from conftest import compute_targets, make_painting, make_photo, optimize_one
 
 from batchstyle.images import image_to_tensor, load_image
 from batchstyle.model.features import VGGFeatures, build
@@ -18,9 +18,8 @@ from batchstyle.model.optimize import (
     Outcome,
     lbfgs_history,
     optimize_batch,
-    optimize_one,
 )
-from batchstyle.model.targets import Targets, compute_targets, stack_targets
+from batchstyle.model.targets import Targets, stack_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
 

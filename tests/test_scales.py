@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, write_manifest
+from conftest import cli, compute_targets, optimize_one, write_manifest
 
 from batchstyle.images import image_to_tensor, is_temp_file, load_image, read_metadata
-from batchstyle.model.optimize import optimize_one, upsample
+from batchstyle.model.optimize import upsample
 from batchstyle.model.scales import scale_sizes
-from batchstyle.model.targets import compute_targets
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
 from batchstyle.run.ledger import read_records, unpack_history

@@ -398,21 +398,3 @@ def optimize_batch(
         else:
             outcomes.append(Outcome(image, iterations, history[b][kept], history[b], kept))
     return outcomes
-
-
-def optimize_one(
-    model: VGGFeatures,
-    content: torch.Tensor,
-    targets: Targets,
-    settings: Settings,
-    init_image: torch.Tensor | None = None,
-    on_iteration: OnIteration | None = None,
-    start: torch.Tensor | None = None,
-    on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
-    snapshot_every: int = 0,
-) -> Outcome:
-    """`optimize_batch` for one image: one optimisation path for lone and batched rows alike."""
-    report = None if on_iteration is None else (lambda k, losses: on_iteration(k, losses[0]))
-    return optimize_batch(model, content, targets, settings, [init_image], report, start, on_snapshot, snapshot_every)[
-        0
-    ]

@@ -20,9 +20,7 @@ import torch
 
 from batchstyle.images import write_file_atomic
 from batchstyle.model.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
-from batchstyle.model.features import VGGFeatures
 from batchstyle.model.layout import layer_shape
-from batchstyle.model.losses import gram_matrix
 from batchstyle.model.weights import Weights
 from batchstyle.version import ALGORITHM_VERSION
 
@@ -50,39 +48,12 @@ def stack_targets(targets: Sequence[Targets]) -> Targets:
     )
 
 
-@torch.no_grad()
-def content_features(model: VGGFeatures, content: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    feats = model(content)
-    return {name: feats[name].float().clone() for name in layers}
-
-
-@torch.no_grad()
-def style_grams(model: VGGFeatures, style: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    feats = model(style)
-    return {name: gram_matrix(feats[name]) for name in layers}
-
-
 def blend_grams(grams: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Several styles in one row: their Grams mixed by the row's blend weights (normalised to sum to 1)."""
     if len(grams) != len(weights):
         raise ValueError(f"{len(grams)} styles but {len(weights)} blend weights")
     total = float(sum(weights))
     return {layer: sum(g[layer] * (w / total) for g, w in zip(grams, weights)) for layer in grams[0]}
-
-
-def compute_targets(
-    model: VGGFeatures,
-    content: torch.Tensor,
-    styles: Sequence[torch.Tensor],
-    blend: Sequence[float],
-    content_layers: Sequence[str],
-    style_layers: Sequence[str],
-) -> Targets:
-    """Plain PyTorch targets with no cache: what benchmarks and the reference path use."""
-    return Targets(
-        content=content_features(model, content, content_layers),
-        style=blend_grams([style_grams(model, s, style_layers) for s in styles], blend),
-    )
 
 
 # --- backends: pixels -> named graph outputs (content_<layer>, gram_<layer>) ---------------------------------

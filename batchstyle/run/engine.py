@@ -40,7 +40,7 @@ from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.worker import Result, WorkerSpec
 
-__all__ = ["Job", "RunConfig", "RunSummary", "graph_spec", "plan", "run"]
+__all__ = ["RunConfig", "RunSummary", "run"]
 
 
 @dataclass
