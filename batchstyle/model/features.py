@@ -53,7 +53,11 @@ class VGGFeatures(nn.Module):
         for name in all_names[: deepest + 1]:
             if name.startswith("conv"):
                 out_ch = state_dict[f"{name}.weight"].shape[0]
-                conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+                # The first conv pads by replicating the edge (crowsonkb's style-transfer-pytorch does the same): zero
+                # padding shows it a dark frame, and the optimiser answers with a frame of its own. Deeper convs see
+                # features, where zero is the natural "nothing here", and keep the trained network's zero padding.
+                first = in_ch == 3
+                conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, padding_mode="replicate" if first else "zeros")
                 conv.weight.data.copy_(state_dict[f"{name}.weight"])
                 conv.bias.data.copy_(state_dict[f"{name}.bias"])
                 self.layers[name] = conv
@@ -63,7 +67,11 @@ class VGGFeatures(nn.Module):
                 # conv before it is tapped: its pre-activation output must survive.
                 self.layers[name] = nn.ReLU(inplace=name.replace("relu", "conv") not in self.taps)
             else:
-                self.layers[name] = nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2)
+                # ceil_mode, as Caffe pools: with floor pooling an odd side drops its last row at that pooling, so the
+                # bottom or right edge of most images never reaches the deep layers (11 rows of a 171-px-high image
+                # miss relu5_1's style and relu4_2's content) and fills with shallow-layer noise: a band along the edge.
+                pool = nn.MaxPool2d if pooling == "max" else nn.AvgPool2d
+                self.layers[name] = pool(2, 2, ceil_mode=True)
         self.channels_last = channels_last
         if channels_last:
             # The weights too, or the convolution would pick an NCHW kernel and convert the activations back.

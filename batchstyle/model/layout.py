@@ -92,7 +92,7 @@ def layer_shape(arch: str, layer: str, height: int, width: int) -> tuple[int, in
     channels, h, w = 3, height, width
     for name, item in zip(layer_names(arch), _expanded(arch)):
         if item == "M":
-            h, w = h // 2, w // 2
+            h, w = (h + 1) // 2, (w + 1) // 2  # ceil_mode pooling: see features.VGGFeatures
         elif isinstance(item, int):
             channels = item
         if name == layer:
