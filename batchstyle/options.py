@@ -88,6 +88,11 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_paths(raw: str) -> tuple[str, ...]:
+    """`a.png;b.png`: file paths, resolved and checked by whoever reads them (the manifest reader, the CLI)."""
+    return tuple(part.strip() for part in raw.split(";") if part.strip())
+
+
 def _parse_init(raw: str) -> str:
     """`content`, `noise`, or an image path (checked against the manifest's folder by the manifest reader)."""
     value = raw.strip()
@@ -104,6 +109,7 @@ class Option:
     help: str
     check: Callable[[Any], str | None] = lambda value: None
     metavar: str = "VALUE"
+    separator: str = ","  # between a tuple's items in text
 
     def from_text(self, raw: str) -> Any:
         """Parses and range-checks a manifest cell or command-line string."""
@@ -126,11 +132,14 @@ class Option:
         if value is None:
             return ""
         if isinstance(value, tuple):
-            return ",".join(str(v) for v in value)
+            return self.separator.join(str(v) for v in value)
         return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+COLORS = ("style", "luminance", "transfer")
+STOP_WINDOW = 20  # iterations over which a scale's relative improvement is measured for stop_tolerance
+CONTENT_MASK_GAIN = 10.0  # content loss weight where a content mask is white, relative to where it is black
 
 OPTIONS: dict[str, Option] = {
     opt.name: opt
@@ -214,15 +223,69 @@ OPTIONS: dict[str, Option] = {
             "S",
         ),
         Option(
+            "color",
+            "style",
+            _choice(*COLORS),
+            "Colours: style (the painting's), luminance (style the brightness only, keep the content's colours), "
+            "transfer (recolour the style to the content's palette first, keep its strokes).",
+            metavar="|".join(COLORS),
+        ),
+        Option(
             "preserve_color",
             False,
             _parse_bool,
-            "Luminance-only transfer: keep the content's colours.",
+            "Same as --color luminance (kept for older manifests).",
             metavar="BOOL",
+        ),
+        Option(
+            "style_loss",
+            "gram",
+            _choice("gram", "moments"),
+            "gram (Gatys et al.) or moments: feature means and covariances matched by the Wasserstein-2 distance.",
+            metavar="gram|moments",
+        ),
+        Option(
+            "average",
+            "none",
+            _choice("none", "ema"),
+            "Output the lowest-loss iterate (none) or a bias-corrected exponential moving average of the iterates.",
+            metavar="none|ema",
+        ),
+        Option(
+            "stop_tolerance",
+            0.0,
+            _parse_number(float),
+            "A scale stops when its loss improved by less than this fraction over the last "
+            f"{STOP_WINDOW} iterations (0: run every iteration).",
+            _range(0, 1),
+            "TOL",
+        ),
+        Option(
+            "style_masks",
+            (),
+            _parse_paths,
+            "One greyscale mask per style, ';'-separated in the order of the styles: white is where that style goes.",
+            metavar="MASK;MASK",
+            separator=";",
+        ),
+        Option(
+            "content_mask",
+            "",
+            str.strip,
+            f"A greyscale mask: where it is white the content holds {CONTENT_MASK_GAIN:g}x more (a face, a sign).",
+            metavar="MASK",
         ),
         Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
         Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
         Option("seed", 0, _parse_number(int), "Random seed (noise init).", _range(0, 2**63 - 1)),
+        Option(
+            "bit_depth",
+            8,
+            _parse_number(int),
+            "Bits per channel of PNG and TIFF outputs: 8 or 16.",
+            lambda value: None if value in (8, 16) else "must be 8 or 16",
+            "8|16",
+        ),
     ]
 }
 
@@ -244,10 +307,17 @@ class Settings:
     style_layers: tuple[str, ...]
     style_layer_weights: tuple[float, ...]
     style_scale: float
+    color: str
     preserve_color: bool
+    style_loss: str
+    average: str
+    stop_tolerance: float
+    style_masks: tuple[str, ...]
+    content_mask: str
     init: str
     pooling: str
     seed: int
+    bit_depth: int
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,4 +367,9 @@ def option_values(given: Mapping[str, Any], base: Mapping[str, Any] | None = Non
 
 
 def make_settings(values: dict[str, Any]) -> Settings:
-    return Settings(**{name: values[name] for name in OPTIONS})
+    """Settings with one spelling per meaning: preserve_color=true becomes color=luminance, so an old manifest's row
+    and a new one that asks the same get the same job key."""
+    values = {name: values[name] for name in OPTIONS}
+    if values["preserve_color"]:
+        values["color"], values["preserve_color"] = "luminance", False
+    return Settings(**values)

@@ -19,7 +19,7 @@ from batchstyle.cli import main
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import gram_matrix
 from batchstyle.model.optimize import Outcome, optimize_batch
-from batchstyle.model.targets import Targets, blend_grams
+from batchstyle.model.targets import Targets, style_targets
 from batchstyle.model.weights import SOURCES, Weights, default_cache_dir
 from batchstyle.options import Settings
 
@@ -190,11 +190,15 @@ def compute_targets(
 ) -> Targets:
     """Plain PyTorch targets with no cache, straight from a trunk: what tests of the optimiser and losses start from."""
     content_feats = model(content)
-    grams = [{name: gram_matrix(f) for name, f in model(style).items() if name in style_layers} for style in styles]
-    return Targets(
-        content={name: content_feats[name].float().clone() for name in content_layers},
-        style=blend_grams(grams, blend),
-    )
+    found = []
+    for style in styles:
+        feats = model(style)
+        found.append(
+            {f"gram_{name}": gram_matrix(feats[name]) for name in style_layers}
+            | {f"mean_{name}": feats[name].float().mean(dim=(2, 3)) for name in style_layers}
+        )
+    grams, means, shares, _ = style_targets(found, blend, style_layers)
+    return Targets({name: content_feats[name].float().clone() for name in content_layers}, grams, means, shares)
 
 
 def optimize_one(

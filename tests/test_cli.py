@@ -523,7 +523,7 @@ def test_preserve_color_keeps_the_contents_chroma(tmp_path: Path, images: dict[s
     y_kept = rgb_to_yiq(image_to_tensor(load_image(tmp_path / "m" / "kept.png")))[0, 0]
     y_content = rgb_to_yiq(image_to_tensor(resize_long_side(load_image(images["photo"]), 32)))[0, 0]
     assert (y_kept - y_content).abs().mean().item() > 0.02
-    assert json.loads(read_metadata(tmp_path / "m" / "kept.png")["batchstyle:params"])["preserve_color"] is True
+    assert json.loads(read_metadata(tmp_path / "m" / "kept.png")["batchstyle:params"])["color"] == "luminance"
 
 
 def test_blended_styles_differ_from_one_style(tmp_path: Path, images: dict[str, Path]) -> None:

@@ -240,14 +240,19 @@ def test_lbfgs_history_is_bounded_per_image() -> None:
 
 
 def test_stack_targets_puts_image_b_at_index_b() -> None:
-    one = Targets({"relu2_2": torch.full((1, 2, 3, 4), 1.0)}, {"relu1_1": torch.full((1, 2, 2), 1.0)})
-    two = Targets({"relu2_2": torch.full((1, 2, 3, 4), 2.0)}, {"relu1_1": torch.full((1, 2, 2), 2.0)})
+    def targets(value: float) -> Targets:
+        grams, means = {"relu1_1": torch.full((1, 1, 2, 2), value)}, {"relu1_1": torch.full((1, 1, 2), value)}
+        return Targets({"relu2_2": torch.full((1, 2, 3, 4), value)}, grams, means, torch.ones(1, 1))
+
+    one, two = targets(1.0), targets(2.0)
     stacked = stack_targets([one, two, one])
     assert stacked.content["relu2_2"].shape == (3, 2, 3, 4)
-    assert stacked.style["relu1_1"].shape == (3, 2, 2)
-    assert stacked.style["relu1_1"][:, 0, 0].tolist() == [1.0, 2.0, 1.0]
+    assert stacked.grams["relu1_1"].shape == (3, 1, 2, 2)
+    assert stacked.grams["relu1_1"][:, 0, 0, 0].tolist() == [1.0, 2.0, 1.0]
+    assert stacked.means["relu1_1"][:, 0, 0].tolist() == [1.0, 2.0, 1.0]
+    assert stacked.style_weights.shape == (3, 1) and stacked.style_masks is None
     with pytest.raises(ValueError, match="same layers"):
-        stack_targets([one, Targets({}, one.style)])
+        stack_targets([one, Targets({}, one.grams, one.means, one.style_weights)])
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +340,9 @@ def test_an_image_at_its_optimum_stays_put_while_the_others_move(
         # Image 0's target from the very batch it is optimised in, so its features match it to the last bit.
         content_targets = {"relu2_2": model(starts)["relu2_2"].clone()}
         content_targets["relu2_2"][1:] = model(contents)["relu2_2"][1:]
-    targets = Targets(content_targets, {"relu1_1": torch.zeros(3, 64, 64), "relu2_1": torch.zeros(3, 128, 128)})
+    grams = {"relu1_1": torch.zeros(3, 1, 64, 64), "relu2_1": torch.zeros(3, 1, 128, 128)}
+    means = {"relu1_1": torch.zeros(3, 1, 64), "relu2_1": torch.zeros(3, 1, 128)}
+    targets = Targets(content_targets, grams, means, torch.ones(3, 1))
     outcomes = optimize_batch(model, contents, targets, settings, starts=starts)
 
     assert torch.equal(outcomes[0].image, starts[:1])

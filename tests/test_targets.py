@@ -139,7 +139,8 @@ def test_cache_returns_what_was_computed_and_counts_hits(random_weights, spec, t
     other_size, hit3 = store.get(spec, "style", "digest-a", "rgb", pixels[..., :36, :28])
     assert (hit1, hit2, hit3) == (False, True, False)
     assert store.computed == 2
-    assert set(first) == set(spec.style_layers)
+    # A style's targets: its Gram and its mean features at every style layer.
+    assert set(first) == {f"{kind}_{layer}" for layer in spec.style_layers for kind in ("gram", "mean")}
     for layer in first:
         assert torch.equal(first[layer], again[layer])
     info = cache.info()

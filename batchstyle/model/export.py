@@ -47,7 +47,11 @@ class GraphSpec:
 
     @property
     def output_names(self) -> list[str]:
-        return [f"content_{name}" for name in self.content_layers] + [f"gram_{name}" for name in self.style_layers]
+        return (
+            [f"content_{name}" for name in self.content_layers]
+            + [f"gram_{name}" for name in self.style_layers]
+            + [f"mean_{name}" for name in self.style_layers]
+        )
 
     def filename(self) -> str:
         """Model and layer set in the name, so several exports live side by side in one folder."""
@@ -89,7 +93,8 @@ def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
 
 
 class TargetGraph(nn.Module):
-    """pixels -> (content feature maps..., style Grams...), in GraphSpec.output_names order."""
+    """pixels -> (content feature maps..., style Grams..., style means...), in GraphSpec.output_names order: the
+    Gram (second moment) and the mean give a style's covariance too, so both style losses share these targets."""
 
     def __init__(self, features: VGGFeatures, content_layers: Sequence[str], style_layers: Sequence[str]) -> None:
         super().__init__()
@@ -101,7 +106,8 @@ class TargetGraph(nn.Module):
         feats = self.features(pixels)
         content = [feats[name].float() for name in self.content_layers]
         grams = [gram_matrix(feats[name]) for name in self.style_layers]
-        return (*content, *grams)
+        means = [feats[name].float().mean(dim=(2, 3)) for name in self.style_layers]
+        return (*content, *grams, *means)
 
 
 def target_graph(weights: Weights, spec: GraphSpec) -> TargetGraph:

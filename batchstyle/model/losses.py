@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 EPS = 1e-8
+RIDGE = 1e-3  # of the mean feature variance, added to covariances before their square roots
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -77,28 +78,156 @@ def _relative_mse(value: torch.Tensor, target: torch.Tensor, norm: torch.Tensor)
     return diff.square().mean(dim=1) / norm
 
 
-class ContentLoss(nn.Module):
-    """Squared error of feature maps against the content image's (Gatys et al., eq. 1)."""
+def region_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) masks at the image's size -> (B, K, h, w) at a layer's size: each position's share of its
+    region, carried down by area averaging (a layer position stands for a block of pixels: Gatys et al. 2017 guide
+    each layer by the mask at that layer's resolution)."""
+    h, w = like.shape[-2:]
+    if mask.shape[-2:] == (h, w):
+        return mask
+    return torch.nn.functional.adaptive_avg_pool2d(mask, (h, w))
 
-    def __init__(self, target: torch.Tensor) -> None:
+
+class ContentLoss(nn.Module):
+    """Squared error of feature maps against the content image's (Gatys et al., eq. 1).
+
+    `weights` (B, 1, H, W) at the image's size weight the error per position (a content mask: more content where it
+    is white); the loss stays a mean, so an all-ones map is the plain loss.
+    """
+
+    def __init__(self, target: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
         self.register_buffer("norm", self.target.flatten(1).square().mean(dim=1) + EPS)
+        self.register_buffer("weights", None if weights is None else region_weights(weights.float(), self.target))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return _relative_mse(features.to(_at_least_fp32(features.dtype)), self.target, self.norm)
+        features = features.to(_at_least_fp32(features.dtype))
+        if self.weights is None:
+            return _relative_mse(features, self.target, self.norm)
+        diff = (features - self.target).square() * self.weights
+        return diff.flatten(1).mean(dim=1) / (self.weights.flatten(1).mean(dim=1) * self.norm)
+
+
+def masked_moments(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, h, w) features and (B, K, h, w) region weights -> per region the Gram (B, K, C, C) and mean (B, K, C),
+    each averaged over the region's positions (weighted by the mask): a guided Gram matrix (Gatys et al. 2017)."""
+    b, c, h, w = features.shape
+    flat = features.reshape(b, c, h * w).to(_at_least_fp32(features.dtype))
+    m = masks.reshape(b, -1, h * w).to(flat.dtype)
+    area = m.sum(dim=2).clamp(min=EPS)  # (B, K)
+    weighted = flat[:, None] * m[:, :, None]  # (B, K, C, N)
+    gram = weighted @ flat[:, None].transpose(2, 3) / area[..., None, None]
+    mean = weighted.sum(dim=3) / area[..., None]
+    return gram, mean
+
+
+class _SqrtmPSD(torch.autograd.Function):
+    """Square root of a symmetric positive semi-definite matrix by eigendecomposition, with the backward of the
+    Sylvester equation X dS + dS X = dA solved in the eigenbasis: dA_ij / (sqrt(l_i) + sqrt(l_j)). Autograd through
+    `eigh` would divide by l_i - l_j instead, which is infinite for the many equal (zero) eigenvalues of a
+    rank-deficient feature covariance; this only needs both eigenvalues not to be zero, and EPS guards that."""
+
+    @staticmethod
+    def forward(ctx: Any, matrix: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(matrix)
+        roots = values.clamp(min=0).sqrt()
+        ctx.save_for_backward(roots, vectors)
+        return (vectors * roots[..., None, :]) @ vectors.transpose(-2, -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        roots, vectors = ctx.saved_tensors
+        vt = vectors.transpose(-2, -1)
+        inner = vt @ grad @ vectors / (roots[..., :, None] + roots[..., None, :] + EPS)
+        return vectors @ inner @ vt
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    return _SqrtmPSD.apply(matrix)
+
+
+def wasserstein2(
+    mean: torch.Tensor, cov: torch.Tensor, target_mean: torch.Tensor, target_cov_root: torch.Tensor
+) -> torch.Tensor:
+    """Squared 2-Wasserstein distance between Gaussians N(mean, cov) and N(target_mean, target_cov), the latter
+    given by its square root R: |m - m_t|^2 + tr(cov + target_cov - 2 (R cov R)^(1/2)). Batched over leading dims."""
+    cross = sqrtm_psd(target_cov_root @ cov @ target_cov_root)
+    target_cov = target_cov_root @ target_cov_root
+    trace = torch.diagonal(cov + target_cov - 2 * cross, dim1=-2, dim2=-1).sum(-1)
+    return (mean - target_mean).square().sum(-1) + trace
 
 
 class StyleLoss(nn.Module):
-    """Squared error of Gram matrices against the style's (Gatys et al., eq. 4). `target` is a Gram matrix."""
+    """The style of one layer against K styles' targets: `grams` (B, K, C, C) and `means` (B, K, C).
 
-    def __init__(self, target_gram: torch.Tensor) -> None:
+    kind "gram": squared error of Gram matrices (Gatys et al., eq. 4), relative to the target's mean square.
+    kind "moments": the Wasserstein-2 distance between Gaussians with the features' mean and covariance
+    (crowsonkb's style-transfer-pytorch uses it), relative to the target's second moment tr(G); covariance =
+    Gram - mean mean^T, so the same cached targets serve both.
+
+    Without `masks`, K is 1 (several styles were blended) and the whole image is compared. With `masks` (B, K, H, W)
+    at the image's size, style k is compared over its region only (guided Gram matrices, Gatys et al. 2017), and the
+    K losses are summed with `weights` (B, K).
+    """
+
+    def __init__(
+        self,
+        grams: torch.Tensor,
+        means: torch.Tensor | None = None,
+        kind: str = "gram",
+        masks: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
-        self.register_buffer("target", target_gram.detach().float())
-        self.register_buffer("norm", self.target.flatten(1).square().mean(dim=1) + EPS)
+        if kind not in ("gram", "moments"):
+            raise ValueError(f"unknown style loss {kind!r}: use gram or moments")
+        if means is None:
+            if kind == "moments":
+                raise ValueError("the moments style loss needs the style's mean features")
+            means = grams.new_zeros(grams.shape[:-1])
+        if grams.dim() == 3:  # one style per image: (B, C, C)
+            grams, means = grams[:, None], means[:, None]
+        self.kind = kind
+        grams, means = grams.detach().float(), means.detach().float()
+        k = grams.shape[1]
+        self.register_buffer("masks", None if masks is None else masks.detach().float())
+        self.register_buffer("weights", torch.ones(grams.shape[0], k) / k if weights is None else weights.float())
+        if kind == "gram":
+            self.register_buffer("target", grams)
+            self.register_buffer("norm", grams.flatten(2).square().mean(dim=2) + EPS)  # (B, K)
+        else:
+            cov = grams - means[..., :, None] * means[..., None, :]
+            # A small ridge, relative to the layer's own variance, on both covariances: ReLU features are rank
+            # deficient, and the square root's gradient grows without bound as an eigenvalue nears zero.
+            ridge = RIDGE * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp(min=EPS)  # (B, K)
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            self.register_buffer("ridge", ridge[..., None, None] * eye)
+            self.register_buffer("target_mean", means)
+            self.register_buffer("target_root", sqrtm_psd(cov + self.ridge))
+            self.register_buffer("norm", torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) + EPS)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return _relative_mse(gram_matrix(features), self.target, self.norm)
+        if self.masks is None:
+            if self.kind == "gram":
+                gram = gram_matrix(features)[:, None]
+                return (_relative_mse_k(gram, self.target, self.norm) * self.weights).sum(dim=1)
+            b, c, h, w = features.shape
+            masks = features.new_ones(b, 1, h, w)
+        else:
+            masks = region_weights(self.masks, features)
+        gram, mean = masked_moments(features, masks)
+        if self.kind == "gram":
+            loss = _relative_mse_k(gram, self.target, self.norm)
+        else:
+            cov = gram - mean[..., :, None] * mean[..., None, :] + self.ridge
+            loss = wasserstein2(mean, cov, self.target_mean, self.target_root) / self.norm
+        return (loss * self.weights).sum(dim=1)
+
+
+def _relative_mse_k(value: torch.Tensor, target: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(B, K, ...) against (B, K, ...) -> (B, K), each relative to its target's mean square."""
+    return (value - target).flatten(2).square().mean(dim=2) / norm
 
 
 class TVLoss(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss
 from batchstyle.model.targets import Targets
-from batchstyle.options import Settings
+from batchstyle.options import STOP_WINDOW, Settings
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,12 @@ class Losses:
 
 @dataclass
 class Outcome:
-    image: torch.Tensor  # (1, 3, H, W) in [0, 1]: the lowest-loss iterate
-    iterations: int
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1]: the lowest-loss iterate, or the average of the iterates
+    iterations: int  # done: fewer than asked for when the scale stopped on stop_tolerance
     losses: Losses  # of that image
     history: list[Losses] = field(default_factory=list)
-    kept_iteration: int = 0  # which iterate was kept (0 = the start, iterations = the last)
+    kept_iteration: int = 0  # which iterate was kept (0 = the start, iterations = the last or the average)
+    stop: str = "iterations"  # why the scale stopped: "iterations" (all were done) or "converged"
 
 
 OnIteration = Callable[[int, Losses], None]
@@ -59,8 +60,21 @@ class Objective(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.content = nn.ModuleDict({name: ContentLoss(t) for name, t in targets.content.items()})
-        self.style = nn.ModuleDict({name: StyleLoss(t) for name, t in targets.style.items()})
+        self.content = nn.ModuleDict(
+            {name: ContentLoss(t, targets.content_weights) for name, t in targets.content.items()}
+        )
+        self.style = nn.ModuleDict(
+            {
+                name: StyleLoss(
+                    targets.grams[name],
+                    targets.means[name],
+                    settings.style_loss,
+                    targets.style_masks,
+                    targets.style_weights,
+                )
+                for name in targets.grams
+            }
+        )
         self.tv = TVLoss()
         self.content_layer_weight = 1.0 / max(1, len(self.content))
         self.style_layer_weights = dict(zip(settings.style_layers, settings.normalised_style_layer_weights()))
@@ -286,6 +300,17 @@ def upsample(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 LOSS_CHUNK = 20  # iterations between host copies of the losses on an asynchronous device
+EMA_DECAY = 0.9  # average=ema: each iterate's weight decays by this per iteration (about the last 10 count)
+
+
+def converged(best: Sequence[float], window: int, tolerance: float) -> bool:
+    """The stop rule: the lowest loss so far improved by less than `tolerance` (relative) over the last `window`
+    iterations. The running minimum, not the loss itself: L-BFGS without a line search has uphill steps, which must
+    neither stop a scale that is still improving nor keep one going that is not."""
+    if tolerance <= 0 or len(best) <= window:
+        return False
+    before, now = best[-1 - window], best[-1]
+    return (before - now) <= tolerance * abs(before)
 
 
 def optimize_batch(
@@ -308,6 +333,12 @@ def optimize_batch(
     (`BatchLBFGS`). Each image keeps its own lowest-loss iterate, not simply the last: L-BFGS without a line search
     and Adam can both end on a step that went uphill, and the lowest-loss image is by definition the best fit to the
     targets (averaging late iterates would blur exactly the texture the style loss asks for).
+
+    With `settings.average` "ema" the result is instead the bias-corrected exponential moving average of the
+    iterates (crowsonkb's style-transfer-pytorch averages Adam's). With `settings.stop_tolerance` an image stops
+    once its lowest loss improves by less than that fraction over STOP_WINDOW iterations: it is frozen (its pixels
+    and its optimiser state stay as they are, so a batched image still gets its lone result) and the scale ends
+    when every image has stopped.
 
     `starts` (B, 3, H, W) overrides `settings.init` (a warm start from a coarser scale); `init_images` gives each
     image its init image when `settings.init` names one. `on_iteration(k, losses)` gets iterate k-1's losses, one
@@ -350,6 +381,12 @@ def optimize_batch(
     best_iteration = torch.zeros(batch, dtype=torch.long, device=device)
     best_image = pixels.detach().clone()
     history: list[list[Losses]] = [[] for _ in range(batch)]
+    running_best: list[list[float]] = [[] for _ in range(batch)]  # lowest total so far, per image, on the host
+    stopped_at: list[int | None] = [None] * batch  # the iteration an image converged at
+    frozen = torch.zeros(batch, dtype=torch.bool, device=device)
+    average = settings.average == "ema"
+    ema = torch.zeros_like(best_image) if average else None
+    ema_steps = torch.zeros(batch, device=device)
 
     def flush(upto: int) -> None:
         done = len(history[0])
@@ -358,11 +395,27 @@ def optimize_batch(
         for k, row in enumerate(recorded[done:upto].cpu().tolist(), start=done):
             losses = [Losses(*(row[j][b] for j in range(4))) for b in range(batch)]
             for b in range(batch):
+                if stopped_at[b] is not None:
+                    continue
                 history[b].append(losses[b])
+                running_best[b].append(min(losses[b].total, running_best[b][-1] if running_best[b] else math.inf))
+                if converged(running_best[b], STOP_WINDOW, settings.stop_tolerance):
+                    stopped_at[b] = k + 1
             if on_iteration is not None:
                 on_iteration(k + 1, losses)
 
+    def result_images() -> torch.Tensor:
+        if ema is None:
+            return pixels.detach()
+        corrected = ema / (1 - EMA_DECAY ** ema_steps.clamp(min=1))[:, None, None, None]
+        return torch.where((ema_steps > 0)[:, None, None, None], corrected, pixels.detach())
+
+    done = 0
     for i in range(iterations):
+        if any(b is not None for b in stopped_at):
+            frozen = torch.tensor([b is not None for b in stopped_at], device=device)
+            if bool(frozen.all()):
+                break
         total, content, style, tv = objective.gradient(pixels)
         with torch.no_grad():
             values = torch.stack([content, style, tv, total])
@@ -370,31 +423,43 @@ def optimize_batch(
                 recorded = values.new_empty(iterations, 4, batch)
             recorded[i] = values
             # The losses are of the iterate before this step: recorded[k] is the loss of iterate k.
-            improved = total < best_total
+            improved = (total < best_total) & ~frozen
             best_total = torch.where(improved, total, best_total)
             best_iteration = torch.where(improved, i, best_iteration)
             best_image = torch.where(improved[:, None, None, None], pixels, best_image)
+            before = pixels.detach().clone() if bool(frozen.any()) else None
+            if before is not None and pixels.grad is not None:
+                pixels.grad[frozen] = 0  # BatchLBFGS leaves an image with a zero gradient, and its state, untouched
         optimizer.step()
         with torch.no_grad():
             pixels.clamp_(0, 1)
-        if on_iteration is not None and (i + 1) % chunk == 0:
+            if before is not None:
+                pixels.copy_(torch.where(frozen[:, None, None, None], before, pixels))  # Adam has momentum
+            if ema is not None:
+                live = (~frozen)[:, None, None, None]
+                ema.copy_(torch.where(live, EMA_DECAY * ema + (1 - EMA_DECAY) * pixels, ema))
+                ema_steps += (~frozen).float()
+        done = i + 1
+        if (i + 1) % chunk == 0:
             flush(i + 1)
         if on_snapshot is not None and snapshot_every and (i + 1) % snapshot_every == 0:
-            if on_iteration is not None:
-                flush(i + 1)  # progress is never behind the snapshots it reports
-            on_snapshot(i + 1, pixels.detach())
-    flush(iterations)
+            flush(i + 1)  # progress is never behind the snapshots it reports
+            on_snapshot(i + 1, result_images())
+    flush(done)
 
     with torch.no_grad():
-        total, content, style, tv = objective(pixels)
-        keep_last = total <= best_total
-        images = torch.where(keep_last[:, None, None, None], pixels, best_image)
+        final_images = result_images()
+        total, content, style, tv = objective(final_images)
+        keep_last = (total <= best_total) | torch.tensor(average, device=device)
+        images = torch.where(keep_last[:, None, None, None], final_images, best_image)
         final = torch.stack([content, style, tv, total]).cpu().tolist()
     outcomes = []
     for b, (last, kept) in enumerate(zip(keep_last.tolist(), best_iteration.tolist())):
         image = images[b : b + 1]
+        ran = stopped_at[b] if stopped_at[b] is not None else done
+        stop = "converged" if stopped_at[b] is not None else "iterations"
         if last or not history[b]:
-            outcomes.append(Outcome(image, iterations, Losses(*(v[b] for v in final)), history[b], iterations))
+            outcomes.append(Outcome(image, ran, Losses(*(v[b] for v in final)), history[b], ran, stop))
         else:
-            outcomes.append(Outcome(image, iterations, history[b][kept], history[b], kept))
+            outcomes.append(Outcome(image, ran, history[b][kept], history[b], kept, stop))
     return outcomes

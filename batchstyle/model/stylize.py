@@ -4,7 +4,7 @@
                  \\                          |                          |                     /
                   +------------> Stylizer.stylize(inputs, settings, hooks) <-----------------+
                                    for each scale of scales.scale_plan(settings), coarse to fine:
-                                       pixels at this size (luminance-only under preserve_color)
+                                       pixels at this size (luminance-only, or the styles recoloured)
                                        targets: TargetStore (target cache, else ONNX Runtime or torch)
                                        start: the previous scale upsampled | Inputs.start | settings.init
                                        optimize.optimize_batch: Objective (+ extra terms), L-BFGS/Adam,
@@ -31,13 +31,16 @@ from PIL import Image
 from torch import nn
 
 from batchstyle.images import image_to_tensor, luminance_image, recombine_color, resize_long_side
+from batchstyle.model.colour import match_colours
 from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Losses, optimize_batch, upsample
 from batchstyle.model.scales import scale_plan, style_long_side
-from batchstyle.model.targets import TargetCache, Targets, TargetStore, TorchBackend, blend_grams, stack_targets
+from batchstyle.model.targets import TargetCache, Targets, TargetStore, TorchBackend, stack_targets, style_targets
 from batchstyle.model.weights import Weights
-from batchstyle.options import Settings
+from batchstyle.options import CONTENT_MASK_GAIN, Settings
+
+COLOUR_SPACE = "oklab"  # where color=transfer matches the styles' colours to the content's
 
 
 def pixels_digest(image: Image.Image) -> str:
@@ -56,6 +59,8 @@ class Inputs:
     styles: Sequence[Image.Image]
     blend: Sequence[float] = ()  # one weight per style; empty: equal
     init: Image.Image | None = None  # the start when settings.init names an image
+    style_masks: Sequence[Image.Image] = ()  # one per style (spatial control), any size: white is where it goes
+    content_mask: Image.Image | None = None  # white is where the content holds more
     start: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1], any size: overrides settings.init (a video frame)
     content_id: str = ""
     style_ids: Sequence[str] = ()
@@ -66,6 +71,8 @@ class Inputs:
         self.blend = tuple(self.blend) or (1.0,) * len(self.styles)
         if len(self.blend) != len(self.styles):
             raise ValueError(f"{len(self.blend)} blend weights for {len(self.styles)} styles")
+        if self.style_masks and len(self.style_masks) != len(self.styles):
+            raise ValueError(f"{len(self.style_masks)} style masks for {len(self.styles)} styles: give one each")
         self.content_id = self.content_id or pixels_digest(self.content)
         self.style_ids = tuple(self.style_ids) or tuple(pixels_digest(s) for s in self.styles)
 
@@ -103,7 +110,7 @@ class Stylized:
 class _Scale:
     """One scale's pixels and targets for one image."""
 
-    content: torch.Tensor  # what is optimised towards: the content, or its luminance under preserve_color
+    content: torch.Tensor  # what is optimised towards: the content, or its luminance under color=luminance
     original: torch.Tensor  # the content in colour, for putting the colour back
     init: torch.Tensor | None
     targets: Targets
@@ -155,25 +162,35 @@ class Stylizer:
     def _scale(self, item: Inputs, s: Settings, spec: GraphSpec, size: int) -> _Scale:
         dev = self.device
         content = image_to_tensor(resize_long_side(item.content, size)).to(dev)
+        h, w = content.shape[-2:]
         style_size = style_long_side(size, s.style_scale)
         styles = [image_to_tensor(resize_long_side(style, style_size)).to(dev) for style in item.styles]
         init = image_to_tensor(item.init).to(dev) if item.init is not None else None
         original, content_variant, style_variant = content, "rgb", "rgb"
-        if s.preserve_color:
+        if s.color == "luminance":
             # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
             styles = [luminance_image(style, match=content) for style in styles]
             content = luminance_image(content)
             init = luminance_image(init) if init is not None else None
-            h, w = content.shape[-2:]
             content_variant, style_variant = "luma", f"luma-matched:{item.content_id}:{w}x{h}"
+        elif s.color == "transfer":
+            # The styles in the content's palette; the content itself, and so its targets, stay as they are.
+            styles = [match_colours(style, content, COLOUR_SPACE) for style in styles]
+            style_variant = f"colours-of:{item.content_id}:{w}x{h}:{COLOUR_SPACE}"
         content_targets, content_hit = self.targets.get(spec, "content", item.content_id, content_variant, content)
-        grams, style_hits = [], []
+        found, style_hits = [], []
         for digest, pixels in zip(item.style_ids, styles):
-            found, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
-            grams.append(found)
+            got, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
+            found.append(got)
             style_hits.append(hit)
+        masks = _masks(item.style_masks, (w, h), dev) if item.style_masks else None
+        weights = None
+        if item.content_mask is not None:
+            weights = 1 + (CONTENT_MASK_GAIN - 1) * _masks([item.content_mask], (w, h), dev)
+        grams, means, shares, masks = style_targets(found, item.blend, s.style_layers, masks)
+        targets = Targets(content_targets, grams, means, shares, masks, weights)
         hits = f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}"
-        return _Scale(content, original, init, Targets(content_targets, blend_grams(grams, item.blend)), hits)
+        return _Scale(content, original, init, targets, hits)
 
     def stylize(
         self,
@@ -245,7 +262,7 @@ class Stylizer:
             scales.append((w, h, iterations))
         results = []
         for p, outcome, history, found in zip(per_image, outcomes, histories, hits):
-            final = recombine_color(outcome.image, p.original) if settings.preserve_color else outcome.image
+            final = recombine_color(outcome.image, p.original) if settings.color == "luminance" else outcome.image
             results.append(
                 Stylized(final, outcome.losses, history, list(scales), outcome.kept_iteration, " | ".join(found))
             )
@@ -259,14 +276,22 @@ def _offset(callback: Callable[[int, list[Losses]], None], before: int) -> Calla
 def _recoloured(
     callback: Callable[[int, int, torch.Tensor], None], scale: int, per_image: list[_Scale], settings: Settings
 ) -> Callable[[int, torch.Tensor], None]:
-    """Snapshots as the output would look: with the content's colour back under preserve_color."""
+    """Snapshots as the output would look: with the content's colour back under color=luminance."""
 
     def snapshot(iteration: int, pixels: torch.Tensor) -> None:
-        if settings.preserve_color:
+        if settings.color == "luminance":
             pixels = torch.cat([recombine_color(x, p.original) for x, p in zip(pixels.split(1), per_image)])
         callback(scale, iteration, pixels)
 
     return snapshot
+
+
+def _masks(images: Sequence[Image.Image], size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Greyscale masks at the output's (w, h) as (1, K, H, W) in [0, 1]; resized afresh at every scale."""
+    planes = [
+        image_to_tensor(image.convert("L").convert("RGB").resize(size, Image.Resampling.BOX))[:, :1] for image in images
+    ]
+    return torch.cat(planes, dim=1).to(device)
 
 
 def _hit(flag: bool) -> str:

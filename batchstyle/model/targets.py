@@ -27,36 +27,69 @@ from batchstyle.version import ALGORITHM_VERSION
 
 @dataclass(frozen=True)
 class Targets:
-    # Image b's targets at index b of a batch of B (a batch of 1 is shared by every image it is optimised with).
+    """What one scale's objective pulls towards; image b's at index b of a batch of B.
+
+    Style targets come per style image k of K: with masks (spatial control) each style keeps its own Gram and mean
+    and its region of the output; without, a row's styles are blended into one (K = 1) by its blend weights.
+    """
+
     content: dict[str, torch.Tensor]  # layer -> (B, C, H, W) feature maps of the content images
-    style: dict[str, torch.Tensor]  # layer -> (B, C, C) Gram matrices, each blended over its row's style images
+    grams: dict[str, torch.Tensor]  # layer -> (B, K, C, C) Gram matrices F F^T / HW of the style images
+    means: dict[str, torch.Tensor]  # layer -> (B, K, C) mean features of the style images
+    style_weights: torch.Tensor  # (B, K) each style's share of the style loss, summing to 1
+    style_masks: torch.Tensor | None = None  # (B, K, H, W) at the output's size: where each style goes
+    content_weights: torch.Tensor | None = None  # (B, 1, H, W) at the output's size: the content loss per position
+
+
+def style_targets(
+    found: Sequence[dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    style_layers: Sequence[str],
+    masks: torch.Tensor | None = None,
+    content_weights: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """One image's style targets from each style's graph outputs (`gram_<layer>`, `mean_<layer>`, batch 1): kept
+    apart under masks, else mixed by the blend weights (normalised to sum to 1) into one style. A mixture's Gram and
+    mean are the blends of its parts', so its covariance is the mixture's too."""
+    if len(found) != len(weights):
+        raise ValueError(f"{len(found)} styles but {len(weights)} blend weights")
+    share = torch.tensor([float(w) / float(sum(weights)) for w in weights])
+    if masks is not None:
+        grams = {name: torch.stack([f[f"gram_{name}"][0] for f in found])[None] for name in style_layers}
+        means = {name: torch.stack([f[f"mean_{name}"][0] for f in found])[None] for name in style_layers}
+        return grams, means, share[None].to(masks.device), masks
+    grams = {name: sum(f[f"gram_{name}"] * w for f, w in zip(found, share.tolist()))[:, None] for name in style_layers}
+    means = {name: sum(f[f"mean_{name}"] * w for f, w in zip(found, share.tolist()))[:, None] for name in style_layers}
+    return grams, means, torch.ones(1, 1), None
 
 
 def stack_targets(targets: Sequence[Targets]) -> Targets:
     """One row's targets each (batch 1) -> the targets of a batch, image b's along dim 0 at index b.
 
-    Rows are optimised together only when their outputs share a size, so their content feature maps stack.
+    Rows are optimised together only when their outputs share a size and their settings (masks included), so
+    every field stacks.
     """
     if not targets:
         raise ValueError("no targets to stack")
-    content_layers, style_layers = set(targets[0].content), set(targets[0].style)
-    if any(set(t.content) != content_layers or set(t.style) != style_layers for t in targets):
+    first = targets[0]
+    if any(set(t.content) != set(first.content) or set(t.grams) != set(first.grams) for t in targets):
         raise ValueError("targets of a batch must tap the same layers")
+
+    def cat(field: str) -> torch.Tensor | None:
+        values = [getattr(t, field) for t in targets]
+        return None if values[0] is None else torch.cat([v.to(values[0].device) for v in values])
+
     return Targets(
-        content={name: torch.cat([t.content[name] for t in targets]) for name in targets[0].content},
-        style={name: torch.cat([t.style[name] for t in targets]) for name in targets[0].style},
+        content={name: torch.cat([t.content[name] for t in targets]) for name in first.content},
+        grams={name: torch.cat([t.grams[name] for t in targets]) for name in first.grams},
+        means={name: torch.cat([t.means[name] for t in targets]) for name in first.means},
+        style_weights=torch.cat([t.style_weights for t in targets]),
+        style_masks=cat("style_masks"),
+        content_weights=cat("content_weights"),
     )
 
 
-def blend_grams(grams: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Several styles in one row: their Grams mixed by the row's blend weights (normalised to sum to 1)."""
-    if len(grams) != len(weights):
-        raise ValueError(f"{len(grams)} styles but {len(weights)} blend weights")
-    total = float(sum(weights))
-    return {layer: sum(g[layer] * (w / total) for g, w in zip(grams, weights)) for layer in grams[0]}
-
-
-# --- backends: pixels -> named graph outputs (content_<layer>, gram_<layer>) ---------------------------------
+# --- backends: pixels -> named graph outputs (content_<layer>, gram_<layer>, mean_<layer>) ------------------
 
 
 class Backend(Protocol):
@@ -183,7 +216,7 @@ class OrtBackend:
         for name in self.spec.output_names:
             role, layer = name.split("_", 1)
             c, fh, fw = layer_shape(self.arch, layer, h, w)
-            shape = (b, c, fh, fw) if role == "content" else (b, c, c)
+            shape = {"content": (b, c, fh, fw), "gram": (b, c, c), "mean": (b, c)}[role]
             outputs[name] = torch.empty(shape, dtype=torch.float32, device=io)
             binding.bind_output(name, kind, index, np.float32, shape, outputs[name].data_ptr())
         self.session.run_with_iobinding(binding)
@@ -386,14 +419,15 @@ class TargetStore:
         """Targets of one image for one role ('content' or 'style'), and whether they came from the cache."""
         h, w = pixels.shape[-2:]
         key = target_key(spec, role, image_digest, (w, h), f"{variant}:{self.precision}")
-        prefix = "content_" if role == "content" else "gram_"
+        prefixes = ("content_",) if role == "content" else ("gram_", "mean_")
         if self.cache is not None:
             cached = self.cache.get(key)
             if cached is not None:
                 return {name: t.to(pixels.device) for name, t in cached.items()}, True
         outputs = self.backend(spec)(pixels)
         self.computed += 1
-        found = {name.removeprefix(prefix): t for name, t in outputs.items() if name.startswith(prefix)}
+        # Content targets by layer name; style targets keep their kind: gram_<layer> and mean_<layer>.
+        found = {name.removeprefix("content_"): t for name, t in outputs.items() if name.startswith(prefixes)}
         if self.cache is not None:
             try:
                 self.cache.put(key, role, found)
