@@ -44,6 +44,10 @@ def _decoded(image: ImageInput, role: str) -> tuple[Image.Image, str]:
     raise TypeError(f"{role}: give a path or a PIL image, not {type(image).__name__}")
 
 
+def _name(image: ImageInput, label: str) -> str:
+    return f"<{label}>" if isinstance(image, Image.Image) else str(Path(image).expanduser().resolve())
+
+
 class StyleTransfer:
     """Weights on a device, ready to stylize images one call at a time.
 
@@ -102,6 +106,12 @@ class StyleTransfer:
         the same defaults; an unknown name or a bad value raises `OptionError` naming it. `init` may name an image
         file. `progress(iteration, total, losses)` is called after every iteration.
         """
+        # Masks may be PIL images too: they go to the model layer as pixels, and the settings keep a name for each.
+        style_masks = options.pop("style_masks", None) or ()
+        style_masks = [style_masks] if isinstance(style_masks, (str, Path, Image.Image)) else list(style_masks)
+        content_mask = options.pop("content_mask", None)
+        options["style_masks"] = tuple(_name(mask, f"style mask {k + 1}") for k, mask in enumerate(style_masks))
+        options["content_mask"] = _name(content_mask, "content mask") if content_mask is not None else None
         settings = make_settings(option_values(options))
         problem = settings_problem(settings)
         if problem:
@@ -112,8 +122,14 @@ class StyleTransfer:
         init = None
         if settings.init not in ("content", "noise"):
             init = load_image(Path(settings.init).expanduser())
+        if style_masks and len(style_masks) != len(style_list):
+            raise OptionError(
+                f"{len(style_masks)} style masks for {len(style_list)} styles: give one each", "style_masks"
+            )
         item = Inputs(
             content=pixels,
+            style_masks=[_decoded(mask, "style mask")[0] for mask in style_masks],
+            content_mask=_decoded(content_mask, "content mask")[0] if content_mask is not None else None,
             styles=[image for image, _ in decoded],
             blend=tuple(style_blend_weights),
             init=init,

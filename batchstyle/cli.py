@@ -74,9 +74,13 @@ def _option_values(given: dict[str, Any]) -> dict[str, Any]:
         values = option_values(given)
     except OptionError as exc:
         raise click.BadParameter(str(exc), param_hint="--" + (exc.option or "").replace("_", "-")) from None
+    # On the command line a path means what the shell means: relative to here, not to the manifest.
+    here = lambda path: str(Path(path).expanduser().resolve())  # noqa: E731
     if values["init"] not in ("content", "noise"):
-        # On the command line a path means what the shell means: relative to here, not to the manifest.
-        values["init"] = str(Path(values["init"]).expanduser().resolve())
+        values["init"] = here(values["init"])
+    values["style_masks"] = tuple(here(mask) for mask in values["style_masks"])
+    if values["content_mask"]:
+        values["content_mask"] = here(values["content_mask"])
     return values
 
 

@@ -278,6 +278,27 @@ def read_manifest(
             problem = image_problem(init_image)
             if problem:
                 problems.append(("init", problem))
+        # Masks are paths relative to the manifest, like the images; they are kept resolved in the row's values.
+        masks = tuple(base / mask for mask in values["style_masks"])
+        for mask in masks:
+            problem = image_problem(mask)
+            if problem:
+                problems.append(("style_masks", problem))
+        if masks and len(masks) != len(styles):
+            problems.append(
+                (
+                    "style_masks",
+                    f"{len(masks)} mask{'s' if len(masks) != 1 else ''} for {len(styles)} style image"
+                    f"{'s' if len(styles) != 1 else ''}; give one mask per style, ';'-separated in the styles' order",
+                )
+            )
+        values["style_masks"] = tuple(str(mask) for mask in masks)
+        if values["content_mask"]:
+            content_mask = base / values["content_mask"]
+            problem = image_problem(content_mask)
+            if problem:
+                problems.append(("content_mask", problem))
+            values["content_mask"] = str(content_mask)
 
         blend: tuple[float, ...] = (1.0,) * len(styles)
         raw_blend = cells.get("style_blend_weights", "").strip()

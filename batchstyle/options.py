@@ -278,14 +278,6 @@ OPTIONS: dict[str, Option] = {
         Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
         Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
         Option("seed", 0, _parse_number(int), "Random seed (noise init).", _range(0, 2**63 - 1)),
-        Option(
-            "bit_depth",
-            8,
-            _parse_number(int),
-            "Bits per channel of PNG and TIFF outputs: 8 or 16.",
-            lambda value: None if value in (8, 16) else "must be 8 or 16",
-            "8|16",
-        ),
     ]
 }
 
@@ -317,7 +309,6 @@ class Settings:
     init: str
     pooling: str
     seed: int
-    bit_depth: int
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -97,7 +97,8 @@ class Stylized:
     image: torch.Tensor  # (1, 3, H, W) in [0, 1]
     losses: Losses
     history: list[Losses] = field(default_factory=list)  # every iteration's losses, across scales
-    scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
+    scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations done) per scale
+    stops: list[str] = field(default_factory=list)  # per scale, why it stopped: "iterations" or "converged"
     kept_iteration: int = 0  # at the last scale: which iterate was kept (0 the start, iterations the last)
     targets: str = ""  # where each scale's targets came from, e.g. "content=hit style=miss | ..."
 
@@ -214,7 +215,8 @@ class Stylizer:
         image: torch.Tensor | None = None
         histories: list[list[Losses]] = [[] for _ in items]
         hits: list[list[str]] = [[] for _ in items]
-        scales: list[tuple[int, int, int]] = []
+        scales: list[list[tuple[int, int, int]]] = [[] for _ in items]
+        stops: list[list[str]] = [[] for _ in items]
         done_before = 0
         per_image: list[_Scale] = []
         outcomes = []
@@ -255,16 +257,17 @@ class Stylizer:
                 extra=list(extra_terms(k, contents)) if extra_terms is not None else (),
             )
             image = torch.cat([o.image for o in outcomes])
-            for history, found, outcome, p in zip(histories, hits, outcomes, per_image):
-                history += outcome.history
-                found.append(p.hits)
-            done_before += iterations
-            scales.append((w, h, iterations))
+            for b, (outcome, p) in enumerate(zip(outcomes, per_image)):
+                histories[b] += outcome.history
+                hits[b].append(p.hits)
+                scales[b].append((w, h, outcome.iterations))
+                stops[b].append(outcome.stop)
+            done_before += max(outcome.iterations for outcome in outcomes)
         results = []
-        for p, outcome, history, found in zip(per_image, outcomes, histories, hits):
+        for p, outcome, history, found, done, why in zip(per_image, outcomes, histories, hits, scales, stops):
             final = recombine_color(outcome.image, p.original) if settings.color == "luminance" else outcome.image
             results.append(
-                Stylized(final, outcome.losses, history, list(scales), outcome.kept_iteration, " | ".join(found))
+                Stylized(final, outcome.losses, history, done, why, outcome.kept_iteration, " | ".join(found))
             )
         return results
 

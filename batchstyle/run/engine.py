@@ -408,7 +408,12 @@ class _Execution:
                 tv_loss=result.losses.tv,
                 total_loss=result.losses.total,
                 params=json.dumps(
-                    {**job.settings.as_dict(), "scales": [list(x) for x in result.scales], "batch": result.batch}
+                    {
+                        **job.settings.as_dict(),
+                        "scales": [list(x) for x in result.scales],
+                        "stops": result.stops,
+                        "batch": result.batch,
+                    }
                 ),
             )
         self.ledger.mark_finished(job.output, status=result.status, **fields)

@@ -59,6 +59,10 @@ def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path,
     params = settings.as_dict()
     if row.init_image is not None:
         params["init"] = "file:" + _file_digest(row.init_image, memo)
+    # Files by their bytes, never their paths: moving a folder must not redo a night's work.
+    params["style_masks"] = ["file:" + _file_digest(Path(mask), memo) for mask in settings.style_masks]
+    if settings.content_mask:
+        params["content_mask"] = "file:" + _file_digest(Path(settings.content_mask), memo)
     material = {
         "algorithm": ALGORITHM_VERSION,
         "content": _file_digest(row.content, memo),

@@ -48,6 +48,7 @@ class Result:
     targets: str | None = None  # where the targets came from, e.g. "content=hit style=miss,hit"
     provider: str | None = None
     scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
+    stops: list[str] = field(default_factory=list)  # why each scale stopped: "iterations" or "converged"
     batch: int = 1  # images optimised together with this one
 
 
@@ -197,6 +198,7 @@ class Worker:
                     targets=out.targets,
                     provider=provider,
                     scales=out.scales,
+                    stops=out.stops,
                     batch=len(batch),
                 )
             )
@@ -246,6 +248,8 @@ def inputs_of(job: Job) -> Inputs:
         styles=[load_image(path) for path in row.styles],
         blend=row.blend,
         init=load_image(row.init_image) if row.init_image else None,
+        style_masks=[load_image(Path(mask)) for mask in job.settings.style_masks],
+        content_mask=load_image(Path(job.settings.content_mask)) if job.settings.content_mask else None,
         content_id=job.content_digest,
         style_ids=job.style_digests,
     )
