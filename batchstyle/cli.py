@@ -597,6 +597,61 @@ def bench_quality(
     click.echo(format_quality(figures))
 
 
+@bench.command("panel")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--size", default=512, show_default=True, help="Long side of every cell.")
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder with the development photos and paintings [default: ../shared/images beside the checkout].",
+)
+@click.option("--out", "out_dir", default="panel", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--only", default="", help="Comma-separated labels: cells whose subject or style is one of them.")
+@click.option("--set", "assignments", multiple=True, metavar="OPTION=VALUE", help="An option for every cell.")
+@CACHE_DIR
+def bench_panel(
+    model: str,
+    device: str,
+    size: int,
+    images_dir: Path | None,
+    out_dir: Path,
+    only: str,
+    assignments: tuple[str, ...],
+    cache_dir: Path | None,
+) -> None:
+    """Stylize the panel (six kinds of subject x four kinds of style) and write its contact sheet, panel.png."""
+    from batchstyle.api import StyleTransfer
+    from batchstyle.panel import panel_files, run_panel
+
+    options: dict[str, Any] = {"size": size}
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{assignment!r} is not OPTION=VALUE", param_hint="--set")
+        options[name.strip().replace("-", "_")] = value
+    _option_values(options)  # every name and value checked before anything runs
+    default_images = Path(__file__).resolve().parents[2] / "shared" / "images"
+    images = images_dir or (default_images if default_images.is_dir() else None)
+    labels = {label.strip() for label in only.split(",") if label.strip()}
+    contents, styles = panel_files(images)
+    click.echo(f"{len(contents)} subjects x {len(styles)} styles; development images: {images or 'none found'}")
+    transfer = StyleTransfer(model=model, device=device, cache_dir=cache_dir)
+    sheet = run_panel(
+        transfer,
+        out_dir,
+        options,
+        images,
+        only=lambda c, st: not labels or c in labels or st in labels,
+        on_cell=lambda cell: click.echo(
+            f"{cell.content:>10} x {cell.style:<14} {cell.seconds:7.1f} s  {cell.iterations:4d} it  "
+            f"loss {cell.total_loss:.4g}"
+        ),
+    )
+    click.echo(f"wrote {sheet}")
+
+
 @main.command()
 @click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")

@@ -199,3 +199,23 @@ def test_check_names_mask_problems(tmp_path: Path) -> None:
     assert "row 1 (line 2), column style_masks: 1 mask for 2 style images" in result.output
     assert "row 2 (line 3), column style_masks" in result.output and "missing.png" in result.output
     assert "row 3 (line 4), column content_mask" in result.output and "nowhere.png" in result.output
+
+
+# --- the panel --------------------------------------------------------------------------------------------------
+
+
+def test_bench_panel_writes_its_cells_and_contact_sheet(tmp_path: Path) -> None:
+    result = cli(
+        "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
+        "--only", "portrait", "--set", "iterations=2", "--set", "min_size=0", "--images", tmp_path / "none",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # Without the development images the panel is the package's samples: portrait x strokes and x photo texture.
+    assert sorted(p.name for p in (tmp_path / "panel").glob("*--*.png")) == [
+        "portrait--photo-texture.png",
+        "portrait--strokes.png",
+    ]
+    with Image.open(tmp_path / "panel" / "panel.png") as sheet:
+        assert sheet.width > 400 and sheet.height > 400
+    bad = cli("bench", "panel", "--model", "random", "--set", "style_weigth=3", "--out", tmp_path / "p2")
+    assert bad.exit_code == 2 and "style_weight" in bad.output
