@@ -6,9 +6,11 @@ Kills and signals go to real processes started with `python -m batchstyle run`, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -23,11 +25,14 @@ from conftest import USER_CACHE, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
-from batchstyle.images import is_temp_file, read_metadata
+from batchstyle.images import ImageError, is_temp_file, load_image, read_metadata
 from batchstyle.manifest import read_manifest
+from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
 from batchstyle.run.engine import RunConfig, run
 from batchstyle.run.ledger import ledger_files, read_records
+from batchstyle.run.plan import plan
+from batchstyle.run.worker import failure_cause
 
 TINY = ("--model", "random", "--size", "32", "-q")
 
@@ -123,6 +128,77 @@ def test_bad_batch_size_and_devices_are_refused_before_any_work(rows6: Path, tmp
     gpu = cli("run", rows6, *TINY, "--devices", "cuda:7")
     assert gpu.exit_code == 2 and "GPU" in gpu.output
     assert not (tmp_path / "m").exists()
+
+
+# --- whose failure -------------------------------------------------------------------------------------------
+
+
+def _raised(call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the exception is what is tested
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_a_failure_is_the_rows_own_unless_any_row_would_fail_there_too(
+    rows6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs, _ = plan(read_manifest(rows6, default_values() | {"size": 32}), SOURCES["random"])
+    job, other = jobs[0], jobs[4]
+    folder = job.row.content.parent
+    # The row's own: a corrupt or truncated file, a decompression bomb, out of memory at its size, a bad value, an
+    # output name too long for its folder.
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
+    (folder / "truncated.png").write_bytes(job.row.content.read_bytes()[:200])
+    assert failure_cause(job, _raised(lambda: load_image(folder / "corrupt.png"))) is None
+    assert failure_cause(job, _raised(lambda: load_image(folder / "truncated.png"))) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+        bomb = _raised(lambda: load_image(job.row.content))
+        assert "decompression-bomb" in str(bomb) and failure_cause(job, bomb) is None
+    assert failure_cause(job, MemoryError()) is None
+    assert failure_cause(job, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+    assert failure_cause(job, ValueError("could not convert string to float: 'lots'")) is None
+    assert failure_cause(job, OSError(errno.ENAMETOOLONG, "File name too long", str(job.output))) is None
+    assert failure_cause(job, RuntimeError(f"shapes do not match in {job.row.content}")) is None
+
+    # Not the row's: the parent read every input while checking the manifest, so a worker that cannot open one,
+    # or cannot import, or whose device library fails, would fail any row. The row's paths are left out, so the
+    # same cause on two rows is one cause.
+    def refused(path: object, *args: object, **kwargs: object) -> None:
+        # The worker is refused the folder the parent read (as root, permissions refuse nothing: said here).
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "open", refused)
+        denied = [_raised(lambda j=j: load_image(j.row.content)) for j in (job, other)]
+    assert all(isinstance(exc, ImageError) for exc in denied)
+    assert (
+        failure_cause(job, denied[0])
+        == failure_cause(other, denied[1])
+        == "PermissionError: [Errno 13] Permission denied"
+    )
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, limit[1]))  # no descriptor left in this process
+    try:
+        starved = _raised(lambda: load_image(job.row.content))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+    assert failure_cause(job, starved) == "OSError: [Errno 24] Too many open files"
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(job.row.content.read_bytes())
+    gone.unlink()
+    missing = failure_cause(job, _raised(lambda: load_image(gone)))
+    assert missing == "FileNotFoundError: [Errno 2] No such file or directory"
+    assert failure_cause(job, ModuleNotFoundError("No module named 'onnxruntime'")) == (
+        "ModuleNotFoundError: No module named 'onnxruntime'"
+    )
+    cudnn = failure_cause(job, RuntimeError(f"cuDNN error: CUDNN_STATUS_NOT_INITIALIZED ({job.row.content})"))
+    assert cudnn == "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_INITIALIZED (<file>)"
+    assert failure_cause(job, OSError(errno.ENOSPC, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
 
 
 # --- killed workers, signals -----------------------------------------------------------------------------------
