@@ -149,6 +149,14 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Times a row is handed out again after its worker died (out of memory, crash, killed).",
 )
 @click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="A worker process or Ray actor silent this long while it holds rows is killed as hung and replaced, its "
+    "rows retried; 0 never [default: 3 minutes plus 3 of the run's slowest predicted iterations].",
+)
+@click.option(
     "--precision",
     default="auto",
     show_default=True,
@@ -203,6 +211,7 @@ def run(
     workers_per_device: int,
     batch_size: str,
     retries: int,
+    stall_timeout: float | None,
     precision: str,
     backend: str,
     address: str | None,
@@ -253,6 +262,7 @@ def run(
             workers_per_device=workers_per_device,
             batch_size=size,
             retries=retries,
+            stall_timeout=stall_timeout,
             precision=precision,
             backend=backend,
             address=address,

@@ -1,5 +1,6 @@
-"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, SIGTERM and Ctrl-C, batches,
-shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16) so only the plumbing costs time.
+"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, a hung worker, SIGTERM and
+Ctrl-C, batches, shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16) so only the plumbing
+costs time.
 
 Kills and signals go to real processes started with `python -m batchstyle run`, watched through `--log-json`.
 """
@@ -32,7 +33,9 @@ from batchstyle.options import default_values
 from batchstyle.run.engine import RunConfig, run
 from batchstyle.run.ledger import ledger_files, read_records
 from batchstyle.run.plan import plan
-from batchstyle.run.worker import failure_cause
+from batchstyle.run.pools import ENGINE_BUILD_ALLOWANCE, START_ALLOWANCE, stall_limit
+from batchstyle.run.progress import Silent
+from batchstyle.run.worker import WorkerSpec, failure_cause
 
 TINY = ("--model", "random", "--size", "32", "-q")
 
@@ -201,6 +204,20 @@ def test_a_failure_is_the_rows_own_unless_any_row_would_fail_there_too(
     )
 
 
+def test_the_stall_limit_allows_for_start_up_and_for_building_engines(tmp_path: Path) -> None:
+    cpu = WorkerSpec(model="random", cache_dir=tmp_path, device="cpu")
+    gpu = WorkerSpec(model="random", cache_dir=tmp_path, device="cuda:1")
+    assert stall_limit(10, True, "working", cpu) == stall_limit(10, True, "targets", cpu) == 10
+    # Importing torch, loading weights and opening a device come before a worker can say anything.
+    assert stall_limit(10, False, "starting", cpu) == START_ALLOWANCE
+    assert stall_limit(4 * START_ALLOWANCE, False, "starting", cpu) == 4 * START_ALLOWANCE
+    # Targets on a GPU through ONNX Runtime may mean a first TensorRT engine build: minutes with nothing to report.
+    assert stall_limit(10, True, "targets", gpu) == ENGINE_BUILD_ALLOWANCE
+    assert stall_limit(10, True, "working", gpu) == 10
+    torch_targets = WorkerSpec(model="random", cache_dir=tmp_path, device="cuda:1", targets="torch")
+    assert stall_limit(10, True, "targets", torch_targets) == 10
+
+
 # --- killed workers, signals -----------------------------------------------------------------------------------
 
 
@@ -280,6 +297,54 @@ def test_a_worker_killed_mid_row_has_its_row_retried(rows6: Path, tmp_path: Path
     assert [r.status for r in records] == ["done"] * 6
     assert all(r.error is None for r in records)
     assert events[-1]["event"] == "run_finished" and events[-1]["done"] == 6
+
+
+def _both_running(events: list[dict]) -> bool:
+    """The first two rows went one to each worker: once each has reported an iteration or is done, both workers are
+    past their start-up (and, rows being queued, each holds one)."""
+    first = [e["row"] for e in events if e["event"] == "row_started"][:2]
+    seen = {e["row"] for e in events if e["event"] in ("iteration", "row_finished")}
+    return len(first) == 2 and set(first) <= seen
+
+
+def _gone(pid: int) -> bool:
+    """No such process any more, or only its exit status is left (a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _messages(events: list[dict], *words: str) -> list[str]:
+    return [e["text"] for e in events if e["event"] == "message" and all(w in e["text"] for w in words)]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_a_hung_worker_is_killed_and_replaced_within_the_stall_timeout(rows6: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    stall = 6
+    proc = _start(rows6, log, "--iterations", "60", "--devices", "cpu,cpu", "--stall-timeout", str(stall))
+    try:
+        _wait_for(proc, log, _both_running)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGSTOP)  # alive, holding its row, and silent: what a hang looks like
+        stopped = time.monotonic()
+        _wait_for(proc, log, lambda ev: bool(_messages(ev, "hung")))
+        noticed = time.monotonic() - stopped
+    finally:
+        code = _finish(proc)
+    events = _events(log)
+    assert code == 0, proc.stderr.read().decode()[-2000:]
+    # Its last sign of life came at most a progress interval before the stop; the parent looks twice a second.
+    assert noticed < stall + 2, noticed
+    hung = _messages(events, "hung")
+    assert len(hung) == 1 and re.search(r"worker on cpu hung: no sign of life for \d+ s; killed and replaced", hung[0])
+    assert "retrying (1 of 2)" in hung[0]
+    assert _gone(workers[0]) and not _children(proc.pid)
+    records = read_records(rows6.parent / "m")[0]
+    assert [r.status for r in records] == ["done"] * 6
+    assert all(r.error is None for r in records)
 
 
 def _consistent_after_stop(out: Path) -> set[int]:
@@ -405,3 +470,62 @@ def test_ray_backend_completes_a_manifest_like_a_local_run(
     local = run(read_manifest(rows6, values, tmp_path / "local"), RunConfig(model="random", devices="cpu"))
     assert local.exit_code == 0
     assert_same_outputs(tmp_path / "ray", tmp_path / "local", tolerance=2)
+
+
+def _ray_workers() -> dict[int, bytes]:
+    """Live Ray actor processes of RayWorker on this machine: pid -> process title."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::RayWorker") and not _gone(int(entry.name)):
+                found[int(entry.name)] = title
+    return found
+
+
+class _StopTheActor(Silent):
+    """Stops (SIGSTOP) the Ray actor, once, when the driver's poll first reports a row's iteration: the actor holds a
+    batch from then until its results reach the driver, so it is silent with a batch either way."""
+
+    def __init__(self) -> None:
+        self.stopped: int | None = None
+        self.at = 0.0
+        self.texts: list[tuple[float, str]] = []
+
+    def iteration(self, row: int, iteration: int, losses: dict) -> None:
+        if self.stopped is None:
+            running = list(_ray_workers())
+            assert len(running) == 1, running
+            self.stopped, self.at = running[0], time.monotonic()
+            os.kill(self.stopped, signal.SIGSTOP)
+
+    def message(self, text: str) -> None:
+        self.texts.append((time.monotonic(), text))
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor's process through /proc")
+def test_a_hung_ray_actor_is_killed_and_replaced(
+    local_ray: object, rows6: Path, tmp_path: Path, isolated_cache: Path
+) -> None:
+    stall = 6
+    values = default_values() | {"size": 32, "iterations": 5}
+    manifest = read_manifest(rows6, values, tmp_path / "ray")
+    events = _StopTheActor()
+    try:
+        config = RunConfig(model="random", backend="ray", cache_dir=isolated_cache, stall_timeout=stall)
+        summary = run(manifest, config, events)
+    finally:
+        if events.stopped is not None and not _gone(events.stopped):
+            os.kill(events.stopped, signal.SIGKILL)
+            raise AssertionError("the stopped actor was left behind")
+    assert summary.exit_code == 0 and sorted(summary.done) == [1, 2, 3, 4, 5, 6]
+    hung = [(at, text) for at, text in events.texts if "hung" in text]
+    assert len(hung) == 1 and re.search(
+        r"worker on ray:\S+ hung: no sign of life for \d+ s; killed and replaced", hung[0][1]
+    )
+    assert hung[0][0] - events.at < stall + 2
+    records = read_records(tmp_path / "ray")[0]
+    assert [r.status for r in records] == ["done"] * 6

@@ -2,8 +2,8 @@
 
 The parent is the ledger's only writer. A row is marked `running` when its batch is handed out and `done` only after
 its worker reports the file renamed into place, so a crash anywhere leaves the ledger saying what is still to do.
-One failing row is recorded with its error and never costs other rows their work; a worker that dies has its rows
-handed out again, up to `retries` times, on a fresh worker.
+One failing row is recorded with its error and never costs other rows their work; a worker that dies, or hangs (silent
+for the stall timeout), has its rows handed out again, up to `retries` times, on a fresh worker.
 
 Signals: the first Ctrl-C stops handing out rows and lets running ones finish; a second Ctrl-C, or SIGTERM (what
 schedulers send before they kill), stops at once, marking running rows interrupted. Either way the next run resumes.
@@ -34,7 +34,16 @@ from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
 from batchstyle.run.devices import parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
-from batchstyle.run.plan import Job, Shard, auto_batch_size, graph_spec, image_bytes, make_batches, plan
+from batchstyle.run.plan import (
+    Job,
+    Shard,
+    auto_batch_size,
+    default_stall_timeout,
+    graph_spec,
+    image_bytes,
+    make_batches,
+    plan,
+)
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.worker import Result, WorkerSpec
@@ -80,6 +89,9 @@ class RunConfig:
     workers_per_device: int = 1
     batch_size: int = 1  # 0: as many as fit the device's memory
     retries: int = 2  # times a row is handed out again after its worker died
+    # Seconds a worker holding a batch may stay silent before it is killed as hung; None: plan.default_stall_timeout
+    # (minutes beyond the slowest iteration the run expects), 0: never. Not for the parent's own in-process slot.
+    stall_timeout: float | None = None
     precision: str = "auto"  # auto | fp32 | tf32 | bf16
     backend: str = "local"  # local | ray
     address: str | None = None  # Ray cluster address; None starts a local Ray
@@ -276,11 +288,11 @@ class _Execution:
             for result in results:
                 self._record(jobs[result.row], result)
 
-    def lost(self, slot: int, reason: str, counts: bool) -> None:
+    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
         with self.stop.shielded():
-            self._lost(slot, reason, counts)
+            self._lost(slot, reason, counts, hung)
 
-    def _lost(self, slot: int, reason: str, counts: bool) -> None:
+    def _lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
         jobs = self.in_flight.pop(slot, [])
         self.scheduler.finished(slot)
         # Which row of a batch killed the worker is unknown: its rows go back alone and free, and only a row that
@@ -292,10 +304,16 @@ class _Execution:
             self.attempts[job.output] = tries
             if tries > self.config.retries:
                 times = "once" if tries == 1 else f"{tries} times"
-                error = (
-                    f"row {job.row.number}: its worker died {times} ({reason}); lower size for this row, "
-                    "or give it a device with more memory"
-                )
+                if hung:
+                    error = (
+                        f"row {job.row.number}: its worker hung {times} ({reason}); if its iterations are just that "
+                        "slow, raise --stall-timeout"
+                    )
+                else:
+                    error = (
+                        f"row {job.row.number}: its worker died {times} ({reason}); lower size for this row, "
+                        "or give it a device with more memory"
+                    )
                 self._record(job, Result(job.row.number, "failed", 0.0, error=error))
             else:
                 if counts:
@@ -476,7 +494,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
                 batches = make_batches(to_do, batch_size, manifest.image_sizes)
-                pool = _make_pool(config, specs, execution, weights)
+                stall = _stall_timeout(config, slots, to_do, manifest.image_sizes, source.arch, batch_size)
+                pool = _make_pool(config, specs, execution, weights, stall)
                 execution.execute(pool, batches)
         except BaseException:
             # Interrupted, or anything unexpected: stop the workers and leave no row `running` in the ledger.
@@ -542,16 +561,35 @@ def _worker_specs(
     return specs
 
 
-def _make_pool(config: RunConfig, specs: list[WorkerSpec], execution: _Execution, weights: Weights) -> Pool:
+def _make_pool(
+    config: RunConfig, specs: list[WorkerSpec], execution: _Execution, weights: Weights, stall: float | None = None
+) -> Pool:
     if config.backend == "ray":
         from batchstyle.run.pools import RayPool
 
-        return RayPool(specs[0], execution, config.address, config.retries)
+        return RayPool(specs[0], execution, config.address, config.retries, stall)
     if len(specs) == 1 and specs[0].device == "cpu":
         # One CPU slot (a laptop, a CI box) runs in this process: no start-up cost, nothing to isolate it from. A GPU
-        # always gets a worker process, so a crashed CUDA context costs a retry, not the run.
+        # always gets a worker process, so a crashed CUDA context costs a retry, not the run. This slot cannot
+        # watch itself for a hang.
         return InlinePool(specs[0], execution, weights)
-    return ProcessPool(specs, execution)
+    return ProcessPool(specs, execution, stall)
+
+
+def _stall_timeout(
+    config: RunConfig,
+    slots: Sequence[str],
+    jobs: Sequence[Job],
+    sizes: dict[Path, tuple[int, int]],
+    arch: str,
+    batch_size: int,
+) -> float | None:
+    """The stall timeout this run uses: the one asked for, or the default for its jobs; None when it is off. CPU
+    slots of one machine share its cores, so each iterates that many times slower."""
+    if config.stall_timeout is not None:
+        return config.stall_timeout or None
+    sharing = 1 if config.backend == "ray" else sum(1 for slot in slots if slot == "cpu")
+    return default_stall_timeout(jobs, sizes, arch, batch_size, sharing)
 
 
 def _auto_batch_size(slots: Sequence[str], jobs: Sequence[Job], sizes: dict[Path, tuple[int, int]], arch: str) -> int:
