@@ -1,6 +1,6 @@
-"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, a hung worker, SIGTERM and
-Ctrl-C, batches, shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16) so only the plumbing
-costs time.
+"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, a hung worker, a slot that fails
+every row, SIGTERM and Ctrl-C, batches, shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16)
+so only the plumbing costs time.
 
 Kills and signals go to real processes started with `python -m batchstyle run`, watched through `--log-json`.
 """
@@ -345,6 +345,85 @@ def test_a_hung_worker_is_killed_and_replaced_within_the_stall_timeout(rows6: Pa
     records = read_records(rows6.parent / "m")[0]
     assert [r.status for r in records] == ["done"] * 6
     assert all(r.error is None for r in records)
+
+
+def _starve(pid: int) -> None:
+    """The process can open no more files from now on (EMFILE), as in a worker that leaked every descriptor."""
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, hard))
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="sets a worker's file limit with prlimit")
+def test_a_slot_failing_every_row_for_a_cause_not_theirs_is_taken_out(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    for k in range(5):
+        make_photo(folder / f"c{k}.png", 48, 36, seed=k)
+    make_painting(folder / "s0.png", seed=1)
+    make_painting(folder / "s1.png", seed=7)
+    manifest = write_manifest(
+        tmp_path / "m.csv", "content,style", *(f"in/c{k}.png,in/s{s}.png" for s in (0, 1) for k in range(5))
+    )
+    log = tmp_path / "log.jsonl"
+    proc = _start(manifest, log, "--iterations", "40", "--devices", "cpu,cpu")
+    try:
+        # The first two rows went one to each worker: once both are done, each worker is past its start-up and
+        # its first targets, and four rows or more are still queued.
+        _wait_for(proc, log, lambda ev: _count(ev, "row_finished", status="done") >= 2)
+        first = [e["row"] for e in _events(log) if e["event"] == "row_started"][:2]
+        _wait_for(proc, log, lambda ev: {e["row"] for e in ev if e["event"] == "row_finished"} >= set(first))
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        # One worker, and only it, can no longer open the inputs (nor write its output): every row it gets fails
+        # for a reason that is its own, not the row's. The other worker is untouched and does every row.
+        _starve(workers[0])
+    finally:
+        code = _finish(proc)
+    events = _events(log)
+    assert code == 0, proc.stderr.read().decode()[-2000:]
+    out = _messages(events, "taken out of the run")
+    assert len(out) == 1, _messages(events)
+    assert "worker on cpu taken out" in out[0] and "OSError: [Errno 24] Too many open files" in out[0]
+    assert "its rows go to the other workers" in out[0]
+    records = read_records(tmp_path / "m")[0]
+    assert [r.status for r in records] == ["done"] * 10
+    assert all(r.error is None for r in records)
+    assert len(outputs(tmp_path / "m")) == 10
+    assert _gone(workers[0])
+
+
+class _StarvedAfterFirstRow(Silent):
+    """The run's own process (the single CPU slot runs in it) can open no file once the first row is done."""
+
+    def __init__(self) -> None:
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.texts: list[str] = []
+
+    def row_finished(self, row: int, output: str, status: str, info: dict) -> None:
+        if status == "done" and resource.getrlimit(resource.RLIMIT_NOFILE) == self.limit:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (0, self.limit[1]))
+
+    def message(self, text: str) -> None:
+        self.texts.append(text)
+
+
+def test_with_its_only_slot_taken_out_the_remaining_rows_fail_with_the_cause(rows6: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(rows6, default_values() | {"size": 32, "iterations": 2}, tmp_path / "one")
+    events = _StarvedAfterFirstRow()
+    try:
+        summary = run(manifest, RunConfig(model="random", devices="cpu"), events)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, events.limit)
+    assert summary.exit_code == 1 and summary.done == [1]
+    assert sorted(summary.failed) == [2, 3, 4, 5, 6]
+    out = [t for t in events.texts if "taken out of the run" in t]
+    assert len(out) == 1 and "no worker is left" in out[0] and "Too many open files" in out[0], events.texts
+    records = {r.row: r for r in read_records(tmp_path / "one")[0]}
+    assert records[1].status == "done"
+    for number in range(2, 7):
+        error = records[number].error or ""
+        assert records[number].status == "failed"
+        assert error.startswith(f"row {number}: not done: every worker was taken out of the run"), error
+        assert "worker on cpu: OSError: [Errno 24] Too many open files" in error
 
 
 def _consistent_after_stop(out: Path) -> set[int]:

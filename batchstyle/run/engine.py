@@ -3,7 +3,9 @@
 The parent is the ledger's only writer. A row is marked `running` when its batch is handed out and `done` only after
 its worker reports the file renamed into place, so a crash anywhere leaves the ledger saying what is still to do.
 One failing row is recorded with its error and never costs other rows their work; a worker that dies, or hangs (silent
-for the stall timeout), has its rows handed out again, up to `retries` times, on a fresh worker.
+for the stall timeout), has its rows handed out again, up to `retries` times, on a fresh worker. A slot whose rows
+fail SLOT_FAILURES times in a row for one cause that is not theirs (its worker cannot read the inputs, its device or
+driver is broken) is taken out of the run, and those rows go to the other slots.
 
 Signals: the first Ctrl-C stops handing out rows and lets running ones finish; a second Ctrl-C, or SIGTERM (what
 schedulers send before they kill), stops at once, marking running rows interrupted. Either way the next run resumes.
@@ -250,6 +252,17 @@ def _signals(stop: Stop) -> Iterator[None]:
 
 # -- the run ---------------------------------------------------------------------------------------------------------
 
+SLOT_FAILURES = 3  # rows in a row failed with one cause that is not theirs: the slot is taken out of the run
+
+
+@dataclass
+class _Streak:
+    """A slot's latest failures that share one cause not the rows' own; the rows are held, not yet recorded."""
+
+    cause: str
+    count: int = 0  # failed batches (or device faults) in a row
+    held: list[tuple[Job, Result]] = field(default_factory=list)
+
 
 class _Execution:
     """The parent's side of a run: owns the ledger and the summary, reacts to what the pool reports."""
@@ -276,6 +289,9 @@ class _Execution:
         self.in_flight: dict[int, list[Job]] = {}
         self.attempts: dict[Path, int] = {}
         self.messages: set[str] = set()
+        self.streaks: dict[int, _Streak] = {}
+        self.retired: dict[int, str] = {}  # slot -> why it was taken out
+        self.last_errors: dict[Path, str] = {}  # a row's error on a slot taken out, for when no slot is left
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
@@ -285,12 +301,72 @@ class _Execution:
         with self.stop.shielded():
             jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
             self.scheduler.finished(slot)
+            causes = {result.cause for result in results}
+            if len(causes) == 1 and None not in causes:
+                # Every row of the batch failed for one reason not their own: the slot's fault, perhaps.
+                self._suspect(slot, causes.pop(), [(jobs[result.row], result) for result in results])
+                return
+            self._settle(slot)
             for result in results:
                 self._record(jobs[result.row], result)
 
-    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
+    def _suspect(self, slot: int, cause: str, failures: list[tuple[Job, Result]]) -> None:
+        streak = self.streaks.get(slot)
+        if streak is None or streak.cause != cause:
+            self._settle(slot)
+            streak = self.streaks[slot] = _Streak(cause)
+        streak.count += 1
+        streak.held += failures
+        if streak.count >= SLOT_FAILURES:
+            self._take_out(slot)
+
+    def _settle(self, slot: int) -> None:
+        """The slot did something else (a row done, or failing for a reason of its own): its held failures stand."""
+        streak = self.streaks.pop(slot, None)
+        for job, result in streak.held if streak else ():
+            self._record(job, result)
+
+    def _take_out(self, slot: int) -> None:
+        """Takes the slot out of the run for good; the rows it failed go to the other slots, or fail if none is
+        left (see `_fail_rest`)."""
+        assert self.pool is not None
+        streak = self.streaks.pop(slot)
+        device = self._device(slot)
+        self.retired[slot] = f"worker on {device}: {streak.cause}"
+        self.pool.retire(slot, f"taken out of the run ({streak.cause})")
+        where = "its rows go to the other workers" if self.pool.usable() else "no worker is left to run the rest"
+        times = f"{streak.count} times in a row" if streak.count > 1 else "once"
+        self.events.message(
+            f"worker on {device} taken out of the run: its rows failed {times} with {streak.cause}, which is not "
+            f"about the rows; {where}"
+        )
+        again = []
+        for job, result in streak.held:
+            self.last_errors[job.output] = result.error or streak.cause
+            self.ledger.mark_finished(
+                job.output, status="pending", error=f"worker on {device} taken out ({streak.cause}); retried"
+            )
+            self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
+            again.append(job)
+        self.scheduler.again(again)
+
+    def _fail_rest(self) -> None:
+        """Every slot was taken out: the rows still to do fail with the causes, so the run ends (exit 1) and the
+        ledger says why; a rerun, once the cause is fixed, does them."""
+        causes = "; ".join(dict.fromkeys(self.retired.values()))
+        for batch in self.scheduler.queue:
+            for job in batch:
+                error = f"row {job.row.number}: not done: every worker was taken out of the run ({causes})"
+                if job.output in self.last_errors:
+                    error += f"; its last try: {_without_row(job.row.number, self.last_errors[job.output])}"
+                self._record(job, Result(job.row.number, "failed", 0.0, error=error))
+        self.scheduler.clear()
+
+    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False, cause: str | None = None) -> None:
         with self.stop.shielded():
             self._lost(slot, reason, counts, hung)
+            if cause is not None and slot not in self.retired:
+                self._suspect(slot, cause, [])  # a device that keeps faulting is taken out like any other cause
 
     def _lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
         jobs = self.in_flight.pop(slot, [])
@@ -362,10 +438,17 @@ class _Execution:
                 if stop.requested or not len(self.scheduler):
                     break
                 if not pool.usable():
+                    if self.retired:
+                        with stop.shielded():
+                            self._fail_rest()
+                        break
                     raise RunError(
                         "no worker could start (see the messages above); the rows stay pending for the next run"
                     )
             pool.wait(0.5)
+        with stop.shielded():
+            for slot in list(self.streaks):
+                self._settle(slot)
         self._leave_rest()
 
     def _hand_out(self, slot: int, batch: list[Job]) -> None:
@@ -417,11 +500,13 @@ class _Execution:
             self.summary.interrupted += left
 
     def interrupt_running(self) -> None:
-        for jobs in self.in_flight.values():
+        held = [[job for job, _ in streak.held] for streak in self.streaks.values()]
+        for jobs in [*self.in_flight.values(), *held]:
             for job in jobs:
                 self.ledger.mark_finished(job.output, status="pending", error="interrupted")
                 self.summary.interrupted.append(job.row.number)
         self.in_flight.clear()
+        self.streaks.clear()
         self.summary.stopped = True
         self.summary.interrupted += self.scheduler.rows()
         self.scheduler.clear()

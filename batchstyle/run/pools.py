@@ -51,7 +51,7 @@ def hung_reason(silent: float, replaced: bool) -> str:
 class PoolEvents(Protocol):
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None: ...
     def results(self, slot: int, results: list[Result]) -> None: ...
-    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None: ...
+    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False, cause: str | None = None) -> None: ...
     def message(self, text: str) -> None: ...
 
 
@@ -64,6 +64,7 @@ class Pool(Protocol):
     def submit(self, slot: int, batch: Sequence[Job]) -> None: ...
     def wait(self, timeout: float) -> None: ...
     def drain(self) -> None: ...  # a stop was asked for: replace no worker that dies from now on
+    def retire(self, slot: int, reason: str) -> None: ...  # take an idle slot out of the run for good
     def close(self, now: bool = False) -> None: ...
 
 
@@ -111,6 +112,10 @@ class InlinePool:
 
     def drain(self) -> None:
         pass
+
+    def retire(self, slot: int, reason: str) -> None:
+        self.broken = reason
+        self.close()
 
     def close(self, now: bool = False) -> None:
         if self.worker is not None:
@@ -169,7 +174,15 @@ class _ReplacingPool:
     def drain(self) -> None:
         self.closing = True
 
+    def retire(self, slot: int, reason: str) -> None:
+        self._members[slot].broken = reason
+        self._stop(slot)
+
     def _start(self, index: int) -> None:
+        raise NotImplementedError
+
+    def _stop(self, index: int) -> None:
+        """Ends an idle member that is not to be replaced."""
         raise NotImplementedError
 
     def _kill(self, index: int) -> None:
@@ -180,7 +193,7 @@ class _ReplacingPool:
         """Whether the member's silence can be judged now (brings its latest signs of life in first)."""
         raise NotImplementedError
 
-    def _replace(self, index: int, reason: str, started: bool, hung: bool = False) -> None:
+    def _replace(self, index: int, reason: str, started: bool, hung: bool = False, cause: str | None = None) -> None:
         member = self._members[index]
         if not started:
             member.failed_starts += 1
@@ -189,7 +202,7 @@ class _ReplacingPool:
                 self.events.message(member.broken)
         if member.batch is not None:
             member.batch = None
-            self.events.lost(index, reason, counts=started, hung=hung)
+            self.events.lost(index, reason, counts=started, hung=hung, cause=cause)
         if not self.closing and member.broken is None:
             self._start(index)
 
@@ -223,6 +236,7 @@ class _Slot:
     broken: str | None = None
     last_sign: float = 0.0  # time.monotonic() of its last message, or of the batch handed to it
     phase: str = "starting"  # what its last beat said it was doing
+    fault: str | None = None  # the device fault it reported before exiting
 
     @property
     def started(self) -> bool:
@@ -259,6 +273,12 @@ class ProcessPool(_ReplacingPool):
         child.close()
         slot.process, slot.conn, slot.ready = process, parent, False
         slot.last_sign, slot.phase = time.monotonic(), "starting"
+
+    def _stop(self, index: int) -> None:
+        s = self._slots[index]
+        if s.conn is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                s.conn.send(("stop",))  # it exits; its sentinel then finds a broken slot, replaced by none
 
     def _kill(self, index: int) -> None:
         s = self._slots[index]
@@ -323,15 +343,17 @@ class ProcessPool(_ReplacingPool):
         elif kind == "fatal":
             s.broken = message[1]
             self.events.message(message[1])
+        elif kind == "fault":
+            s.fault = message[1]
 
     def _died(self, index: int) -> None:
         s = self._slots[index]
         s.process.join(timeout=5)
         reason = s.broken or death_reason(s.process.exitcode)
         s.conn.close()
-        was_ready = s.ready
-        s.process, s.conn = None, None
-        self._replace(index, reason, started=was_ready)
+        was_ready, cause = s.ready, s.fault
+        s.process, s.conn, s.fault = None, None, None
+        self._replace(index, reason, started=was_ready, cause=cause)
 
     def close(self, now: bool = False) -> None:
         self.closing = True
@@ -517,6 +539,9 @@ class RayPool(_ReplacingPool):
         options = {"max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2, **actor.options}
         actor.handle = self.remote_class.options(**options).remote(actor.spec)
         actor.ready, actor.started, actor.phase = actor.handle.ready.remote(), False, "starting"
+
+    def _stop(self, index: int) -> None:
+        self._kill(index)
 
     def _kill(self, index: int) -> None:
         actor = self._actors[index]
