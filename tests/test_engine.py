@@ -30,11 +30,12 @@ from batchstyle.images import ImageError, is_temp_file, load_image, read_metadat
 from batchstyle.manifest import read_manifest
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
-from batchstyle.run.engine import RunConfig, run
-from batchstyle.run.ledger import ledger_files, read_records
+from batchstyle.run.engine import SLOT_FAILURES, RunConfig, RunSummary, Scheduler, Stop, _Execution, _mark_pending, run
+from batchstyle.run.ledger import Ledger, ledger_files, read_records
 from batchstyle.run.plan import plan
 from batchstyle.run.pools import ENGINE_BUILD_ALLOWANCE, START_ALLOWANCE, stall_limit
 from batchstyle.run.progress import Silent
+from batchstyle.run.worker import Result as RowResult
 from batchstyle.run.worker import WorkerSpec, failure_cause
 
 TINY = ("--model", "random", "--size", "32", "-q")
@@ -202,6 +203,77 @@ def test_a_failure_is_the_rows_own_unless_any_row_would_fail_there_too(
     assert failure_cause(job, OSError(errno.ENOSPC, "No space left on device")) == (
         "OSError: [Errno 28] No space left on device"
     )
+
+
+class _Messages(Silent):
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.texts.append(text)
+
+
+class _TwoSlots:
+    """The pool as the engine sees it when taking slots out: two CPU slots, and which were retired."""
+
+    def __init__(self) -> None:
+        self.slots = ["cpu", "cpu"]
+        self.retired: dict[int, str] = {}
+
+    def retire(self, slot: int, reason: str) -> None:
+        self.retired[slot] = reason
+
+    def usable(self) -> bool:
+        return len(self.retired) < len(self.slots)
+
+
+def test_a_slot_is_taken_out_after_failures_in_a_row_for_one_cause_not_the_rows(rows6: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(rows6, default_values() | {"size": 32}, tmp_path / "out")
+    jobs, _ = plan(manifest, SOURCES["random"])
+    events = _Messages()
+    with Ledger(manifest.out_dir) as ledger:
+        run_id = ledger.start_run(rows6, [], "random", "")
+        for job in jobs:
+            _mark_pending(ledger, job, run_id)
+        execution = _Execution(
+            ledger, run_id, SOURCES["random"], RunConfig(), events, RunSummary(manifest.out_dir, "random"), Stop()
+        )
+        pool = execution.pool = _TwoSlots()
+        execution.scheduler = Scheduler([])
+
+        def finish(slot: int, job_index: int, cause: str | None, status: str = "failed") -> None:
+            job = jobs[job_index]
+            execution.in_flight[slot] = [job]
+            execution.results(
+                slot, [RowResult(job.row.number, status, 0.1, error=f"row {job.row.number}: x", cause=cause)]
+            )
+
+        emfile, ort = "OSError: [Errno 24] Too many open files", "Fail: Load model failed: system error number 24"
+        # Slot 1: failures not the rows' own, then a corrupt image (its own), then a done row: nothing taken out,
+        # and the held failures stand once the slot did something else.
+        finish(1, 0, emfile)
+        finish(1, 1, emfile)
+        finish(1, 2, None)
+        finish(1, 3, None, "done")
+        assert not pool.retired and sorted(execution.summary.failed) == [1, 2, 3]
+        # Slot 0: one cause shows two faces, then SLOT_FAILURES in a row of one: out, and every held row goes back.
+        assert SLOT_FAILURES == 3
+        finish(0, 4, ort)
+        finish(0, 5, emfile)
+        finish(0, 0, emfile)
+        assert not pool.retired
+        finish(0, 1, emfile)
+        assert list(pool.retired) == [0] and emfile in pool.retired[0]
+        assert sorted(execution.scheduler.rows()) == [1, 2, 5, 6]
+        assert sorted(execution.summary.failed) == [1, 2, 3]  # their failures on slot 1 stood; slot 0's do not
+        records = {r.row: r for r in read_records(manifest.out_dir, all_rows=True)[0]}
+        assert {records[n].status for n in (1, 2, 5, 6)} == {"pending"}
+        assert f"worker on cpu taken out ({emfile}); retried" == records[5].error
+        out = [t for t in events.texts if "taken out" in t]
+        assert out == [
+            f"worker on cpu taken out of the run: its rows failed 3 times in a row with {emfile}, which is not about "
+            "the rows; its rows go to the other workers"
+        ]
 
 
 def test_the_stall_limit_allows_for_start_up_and_for_building_engines(tmp_path: Path) -> None:
@@ -391,19 +463,16 @@ def test_a_slot_failing_every_row_for_a_cause_not_theirs_is_taken_out(tmp_path: 
     assert _gone(workers[0])
 
 
-class _StarvedAfterFirstRow(Silent):
+class _StarvedAfterFirstRow(_Messages):
     """The run's own process (the single CPU slot runs in it) can open no file once the first row is done."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.texts: list[str] = []
 
     def row_finished(self, row: int, output: str, status: str, info: dict) -> None:
         if status == "done" and resource.getrlimit(resource.RLIMIT_NOFILE) == self.limit:
             resource.setrlimit(resource.RLIMIT_NOFILE, (0, self.limit[1]))
-
-    def message(self, text: str) -> None:
-        self.texts.append(text)
 
 
 def test_with_its_only_slot_taken_out_the_remaining_rows_fail_with_the_cause(rows6: Path, tmp_path: Path) -> None:

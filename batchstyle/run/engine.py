@@ -257,7 +257,8 @@ SLOT_FAILURES = 3  # rows in a row failed with one cause that is not theirs: the
 
 @dataclass
 class _Streak:
-    """A slot's latest failures that share one cause not the rows' own; the rows are held, not yet recorded."""
+    """A slot's latest failures for causes not the rows' own, `count` of them in a row with `cause`; their rows are
+    held, not yet recorded, until the slot is taken out (they go elsewhere) or does something else (they stand)."""
 
     cause: str
     count: int = 0  # failed batches (or device faults) in a row
@@ -313,8 +314,9 @@ class _Execution:
     def _suspect(self, slot: int, cause: str, failures: list[tuple[Job, Result]]) -> None:
         streak = self.streaks.get(slot)
         if streak is None or streak.cause != cause:
-            self._settle(slot)
-            streak = self.streaks[slot] = _Streak(cause)
+            # A new cause starts the count again, but rows held for another cause that is not theirs stay held: one
+            # trouble often shows two faces (no file descriptor left fails an image read and a model load alike).
+            streak = self.streaks[slot] = _Streak(cause, held=streak.held if streak else [])
         streak.count += 1
         streak.held += failures
         if streak.count >= SLOT_FAILURES:
