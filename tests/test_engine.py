@@ -642,10 +642,11 @@ class _StopTheActor(Silent):
         self.stopped: int | None = None
         self.at = 0.0
         self.texts: list[tuple[float, str]] = []
+        self.before = set(_ray_workers())  # actors of an earlier run may still be on their way out
 
     def iteration(self, row: int, iteration: int, losses: dict) -> None:
         if self.stopped is None:
-            running = list(_ray_workers())
+            running = [pid for pid in _ray_workers() if pid not in self.before]
             assert len(running) == 1, running
             self.stopped, self.at = running[0], time.monotonic()
             os.kill(self.stopped, signal.SIGSTOP)
