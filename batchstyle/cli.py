@@ -171,6 +171,14 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Times a row is handed out again after its worker died (out of memory, crash, killed).",
 )
 @click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="A worker process or Ray actor silent this long while it holds rows is killed as hung and replaced, its "
+    "rows retried; 0 never [default: 3 minutes plus 3 of the run's slowest predicted iterations].",
+)
+@click.option(
     "--precision",
     default="auto",
     show_default=True,

@@ -1,14 +1,17 @@
-"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, SIGTERM and Ctrl-C, batches,
-shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16) so only the plumbing costs time.
+"""Throughput machinery on CPU, for real: worker processes, a worker killed mid-row, a hung worker, a slot that fails
+every row, SIGTERM and Ctrl-C, batches, shards and the Ray backend. The rows are tiny (32 px, seeded random VGG-16)
+so only the plumbing costs time.
 
 Kills and signals go to real processes started with `python -m batchstyle run`, watched through `--log-json`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -23,11 +26,17 @@ from conftest import USER_CACHE, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle.cli import main
-from batchstyle.images import is_temp_file, read_metadata
+from batchstyle.images import ImageError, is_temp_file, load_image, read_metadata
 from batchstyle.manifest import read_manifest
+from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
-from batchstyle.run.engine import RunConfig, run
-from batchstyle.run.ledger import ledger_files, read_records
+from batchstyle.run.engine import SLOT_FAILURES, RunConfig, RunSummary, Scheduler, Stop, _Execution, _mark_pending, run
+from batchstyle.run.ledger import Ledger, ledger_files, read_records
+from batchstyle.run.plan import plan
+from batchstyle.run.pools import ENGINE_BUILD_ALLOWANCE, START_ALLOWANCE, stall_limit
+from batchstyle.run.progress import Silent
+from batchstyle.run.worker import Result as RowResult
+from batchstyle.run.worker import WorkerSpec, failure_cause
 
 TINY = ("--model", "random", "--size", "32", "-q")
 
@@ -125,6 +134,162 @@ def test_bad_batch_size_and_devices_are_refused_before_any_work(rows6: Path, tmp
     assert not (tmp_path / "m").exists()
 
 
+# --- whose failure -------------------------------------------------------------------------------------------
+
+
+def _raised(call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the exception is what is tested
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_a_failure_is_the_rows_own_unless_any_row_would_fail_there_too(
+    rows6: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs, _ = plan(read_manifest(rows6, default_values() | {"size": 32}), SOURCES["random"])
+    job, other = jobs[0], jobs[4]
+    folder = job.row.content.parent
+    # The row's own: a corrupt or truncated file, a decompression bomb, out of memory at its size, a bad value, an
+    # output name too long for its folder.
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
+    (folder / "truncated.png").write_bytes(job.row.content.read_bytes()[:200])
+    assert failure_cause(job, _raised(lambda: load_image(folder / "corrupt.png"))) is None
+    assert failure_cause(job, _raised(lambda: load_image(folder / "truncated.png"))) is None
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+        bomb = _raised(lambda: load_image(job.row.content))
+        assert "decompression-bomb" in str(bomb) and failure_cause(job, bomb) is None
+    assert failure_cause(job, MemoryError()) is None
+    assert failure_cause(job, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+    assert failure_cause(job, ValueError("could not convert string to float: 'lots'")) is None
+    assert failure_cause(job, OSError(errno.ENAMETOOLONG, "File name too long", str(job.output))) is None
+    assert failure_cause(job, RuntimeError(f"shapes do not match in {job.row.content}")) is None
+
+    # Not the row's: the parent read every input while checking the manifest, so a worker that cannot open one,
+    # or cannot import, or whose device library fails, would fail any row. The row's paths are left out, so the
+    # same cause on two rows is one cause.
+    def refused(path: object, *args: object, **kwargs: object) -> None:
+        # The worker is refused the folder the parent read (as root, permissions refuse nothing: said here).
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "open", refused)
+        denied = [_raised(lambda j=j: load_image(j.row.content)) for j in (job, other)]
+    assert all(isinstance(exc, ImageError) for exc in denied)
+    assert (
+        failure_cause(job, denied[0])
+        == failure_cause(other, denied[1])
+        == "PermissionError: [Errno 13] Permission denied"
+    )
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, limit[1]))  # no descriptor left in this process
+    try:
+        starved = _raised(lambda: load_image(job.row.content))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+    assert failure_cause(job, starved) == "OSError: [Errno 24] Too many open files"
+    gone = tmp_path / "gone.png"
+    gone.write_bytes(job.row.content.read_bytes())
+    gone.unlink()
+    missing = failure_cause(job, _raised(lambda: load_image(gone)))
+    assert missing == "FileNotFoundError: [Errno 2] No such file or directory"
+    assert failure_cause(job, ModuleNotFoundError("No module named 'onnxruntime'")) == (
+        "ModuleNotFoundError: No module named 'onnxruntime'"
+    )
+    cudnn = failure_cause(job, RuntimeError(f"cuDNN error: CUDNN_STATUS_NOT_INITIALIZED ({job.row.content})"))
+    assert cudnn == "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_INITIALIZED (<file>)"
+    assert failure_cause(job, OSError(errno.ENOSPC, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
+
+
+class _Messages(Silent):
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.texts.append(text)
+
+
+class _TwoSlots:
+    """The pool as the engine sees it when taking slots out: two CPU slots, and which were retired."""
+
+    def __init__(self) -> None:
+        self.slots = ["cpu", "cpu"]
+        self.retired: dict[int, str] = {}
+
+    def retire(self, slot: int, reason: str) -> None:
+        self.retired[slot] = reason
+
+    def usable(self) -> bool:
+        return len(self.retired) < len(self.slots)
+
+
+def test_a_slot_is_taken_out_after_failures_in_a_row_for_one_cause_not_the_rows(rows6: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(rows6, default_values() | {"size": 32}, tmp_path / "out")
+    jobs, _ = plan(manifest, SOURCES["random"])
+    events = _Messages()
+    with Ledger(manifest.out_dir) as ledger:
+        run_id = ledger.start_run(rows6, [], "random", "")
+        for job in jobs:
+            _mark_pending(ledger, job, run_id)
+        execution = _Execution(
+            ledger, run_id, SOURCES["random"], RunConfig(), events, RunSummary(manifest.out_dir, "random"), Stop()
+        )
+        pool = execution.pool = _TwoSlots()
+        execution.scheduler = Scheduler([])
+
+        def finish(slot: int, job_index: int, cause: str | None, status: str = "failed") -> None:
+            job = jobs[job_index]
+            execution.in_flight[slot] = [job]
+            execution.results(
+                slot, [RowResult(job.row.number, status, 0.1, error=f"row {job.row.number}: x", cause=cause)]
+            )
+
+        emfile, ort = "OSError: [Errno 24] Too many open files", "Fail: Load model failed: system error number 24"
+        # Slot 1: failures not the rows' own, then a corrupt image (its own), then a done row: nothing taken out,
+        # and the held failures stand once the slot did something else.
+        finish(1, 0, emfile)
+        finish(1, 1, emfile)
+        finish(1, 2, None)
+        finish(1, 3, None, "done")
+        assert not pool.retired and sorted(execution.summary.failed) == [1, 2, 3]
+        # Slot 0: one cause shows two faces, then SLOT_FAILURES in a row of one: out, and every held row goes back.
+        assert SLOT_FAILURES == 3
+        finish(0, 4, ort)
+        finish(0, 5, emfile)
+        finish(0, 0, emfile)
+        assert not pool.retired
+        finish(0, 1, emfile)
+        assert list(pool.retired) == [0] and emfile in pool.retired[0]
+        assert sorted(execution.scheduler.rows()) == [1, 2, 5, 6]
+        assert sorted(execution.summary.failed) == [1, 2, 3]  # their failures on slot 1 stood; slot 0's do not
+        records = {r.row: r for r in read_records(manifest.out_dir, all_rows=True)[0]}
+        assert {records[n].status for n in (1, 2, 5, 6)} == {"pending"}
+        assert f"worker on cpu taken out ({emfile}); retried" == records[5].error
+        out = [t for t in events.texts if "taken out" in t]
+        assert out == [
+            f"worker on cpu taken out of the run: its rows failed 3 times in a row with {emfile}, which is not about "
+            "the rows; its rows go to the other workers"
+        ]
+
+
+def test_the_stall_limit_allows_for_start_up_and_for_building_engines(tmp_path: Path) -> None:
+    cpu = WorkerSpec(model="random", cache_dir=tmp_path, device="cpu")
+    gpu = WorkerSpec(model="random", cache_dir=tmp_path, device="cuda:1")
+    assert stall_limit(10, True, "working", cpu) == stall_limit(10, True, "targets", cpu) == 10
+    # Importing torch, loading weights and opening a device come before a worker can say anything.
+    assert stall_limit(10, False, "starting", cpu) == START_ALLOWANCE
+    assert stall_limit(4 * START_ALLOWANCE, False, "starting", cpu) == 4 * START_ALLOWANCE
+    # Targets on a GPU through ONNX Runtime may mean a first TensorRT engine build: minutes with nothing to report.
+    assert stall_limit(10, True, "targets", gpu) == ENGINE_BUILD_ALLOWANCE
+    assert stall_limit(10, True, "working", gpu) == 10
+    torch_targets = WorkerSpec(model="random", cache_dir=tmp_path, device="cuda:1", targets="torch")
+    assert stall_limit(10, True, "targets", torch_targets) == 10
+
+
 # --- killed workers, signals -----------------------------------------------------------------------------------
 
 
@@ -204,6 +369,130 @@ def test_a_worker_killed_mid_row_has_its_row_retried(rows6: Path, tmp_path: Path
     assert [r.status for r in records] == ["done"] * 6
     assert all(r.error is None for r in records)
     assert events[-1]["event"] == "run_finished" and events[-1]["done"] == 6
+
+
+def _both_running(events: list[dict]) -> bool:
+    """The first two rows went one to each worker: once each has reported an iteration or is done, both workers are
+    past their start-up (and, rows being queued, each holds one)."""
+    first = [e["row"] for e in events if e["event"] == "row_started"][:2]
+    seen = {e["row"] for e in events if e["event"] in ("iteration", "row_finished")}
+    return len(first) == 2 and set(first) <= seen
+
+
+def _gone(pid: int) -> bool:
+    """No such process any more, or only its exit status is left (a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _messages(events: list[dict], *words: str) -> list[str]:
+    return [e["text"] for e in events if e["event"] == "message" and all(w in e["text"] for w in words)]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds worker processes through /proc")
+def test_a_hung_worker_is_killed_and_replaced_within_the_stall_timeout(rows6: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    stall = 6
+    proc = _start(rows6, log, "--iterations", "60", "--devices", "cpu,cpu", "--stall-timeout", str(stall))
+    try:
+        _wait_for(proc, log, _both_running)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGSTOP)  # alive, holding its row, and silent: what a hang looks like
+        stopped = time.monotonic()
+        _wait_for(proc, log, lambda ev: bool(_messages(ev, "hung")))
+        noticed = time.monotonic() - stopped
+    finally:
+        code = _finish(proc)
+    events = _events(log)
+    assert code == 0, proc.stderr.read().decode()[-2000:]
+    # Its last sign of life came at most a progress interval before the stop; the parent looks twice a second.
+    assert noticed < stall + 2, noticed
+    hung = _messages(events, "hung")
+    assert len(hung) == 1 and re.search(r"worker on cpu hung: no sign of life for \d+ s; killed and replaced", hung[0])
+    assert "retrying (1 of 2)" in hung[0]
+    assert _gone(workers[0]) and not _children(proc.pid)
+    records = read_records(rows6.parent / "m")[0]
+    assert [r.status for r in records] == ["done"] * 6
+    assert all(r.error is None for r in records)
+
+
+def _starve(pid: int) -> None:
+    """The process can open no more files from now on (EMFILE), as in a worker that leaked every descriptor."""
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (0, hard))
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="sets a worker's file limit with prlimit")
+def test_a_slot_failing_every_row_for_a_cause_not_theirs_is_taken_out(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    for k in range(5):
+        make_photo(folder / f"c{k}.png", 48, 36, seed=k)
+    make_painting(folder / "s0.png", seed=1)
+    make_painting(folder / "s1.png", seed=7)
+    manifest = write_manifest(
+        tmp_path / "m.csv", "content,style", *(f"in/c{k}.png,in/s{s}.png" for s in (0, 1) for k in range(5))
+    )
+    log = tmp_path / "log.jsonl"
+    proc = _start(manifest, log, "--iterations", "40", "--devices", "cpu,cpu")
+    try:
+        # The first two rows went one to each worker: once both are done, each worker is past its start-up and
+        # its first targets, and four rows or more are still queued.
+        _wait_for(proc, log, lambda ev: _count(ev, "row_finished", status="done") >= 2)
+        first = [e["row"] for e in _events(log) if e["event"] == "row_started"][:2]
+        _wait_for(proc, log, lambda ev: {e["row"] for e in ev if e["event"] == "row_finished"} >= set(first))
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        # One worker, and only it, can no longer open the inputs (nor write its output): every row it gets fails
+        # for a reason that is its own, not the row's. The other worker is untouched and does every row.
+        _starve(workers[0])
+    finally:
+        code = _finish(proc)
+    events = _events(log)
+    assert code == 0, proc.stderr.read().decode()[-2000:]
+    out = _messages(events, "taken out of the run")
+    assert len(out) == 1, _messages(events)
+    assert "worker on cpu taken out" in out[0] and "OSError: [Errno 24] Too many open files" in out[0]
+    assert "its rows go to the other workers" in out[0]
+    records = read_records(tmp_path / "m")[0]
+    assert [r.status for r in records] == ["done"] * 10
+    assert all(r.error is None for r in records)
+    assert len(outputs(tmp_path / "m")) == 10
+    assert _gone(workers[0])
+
+
+class _StarvedAfterFirstRow(_Messages):
+    """The run's own process (the single CPU slot runs in it) can open no file once the first row is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def row_finished(self, row: int, output: str, status: str, info: dict) -> None:
+        if status == "done" and resource.getrlimit(resource.RLIMIT_NOFILE) == self.limit:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (0, self.limit[1]))
+
+
+def test_with_its_only_slot_taken_out_the_remaining_rows_fail_with_the_cause(rows6: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(rows6, default_values() | {"size": 32, "iterations": 2}, tmp_path / "one")
+    events = _StarvedAfterFirstRow()
+    try:
+        summary = run(manifest, RunConfig(model="random", devices="cpu"), events)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, events.limit)
+    assert summary.exit_code == 1 and summary.done == [1]
+    assert sorted(summary.failed) == [2, 3, 4, 5, 6]
+    out = [t for t in events.texts if "taken out of the run" in t]
+    assert len(out) == 1 and "no worker is left" in out[0] and "Too many open files" in out[0], events.texts
+    records = {r.row: r for r in read_records(tmp_path / "one")[0]}
+    assert records[1].status == "done"
+    for number in range(2, 7):
+        error = records[number].error or ""
+        assert records[number].status == "failed"
+        assert error.startswith(f"row {number}: not done: every worker was taken out of the run"), error
+        assert "worker on cpu: OSError: [Errno 24] Too many open files" in error
 
 
 def _consistent_after_stop(out: Path) -> set[int]:
@@ -329,3 +618,63 @@ def test_ray_backend_completes_a_manifest_like_a_local_run(
     local = run(read_manifest(rows6, values, tmp_path / "local"), RunConfig(model="random", devices="cpu"))
     assert local.exit_code == 0
     assert_same_outputs(tmp_path / "ray", tmp_path / "local", tolerance=2)
+
+
+def _ray_workers() -> dict[int, bytes]:
+    """Live Ray actor processes of RayWorker on this machine: pid -> process title."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::RayWorker") and not _gone(int(entry.name)):
+                found[int(entry.name)] = title
+    return found
+
+
+class _StopTheActor(Silent):
+    """Stops (SIGSTOP) the Ray actor, once, when the driver's poll first reports a row's iteration: the actor holds a
+    batch from then until its results reach the driver, so it is silent with a batch either way."""
+
+    def __init__(self) -> None:
+        self.stopped: int | None = None
+        self.at = 0.0
+        self.texts: list[tuple[float, str]] = []
+        self.before = set(_ray_workers())  # actors of an earlier run may still be on their way out
+
+    def iteration(self, row: int, iteration: int, losses: dict) -> None:
+        if self.stopped is None:
+            running = [pid for pid in _ray_workers() if pid not in self.before]
+            assert len(running) == 1, running
+            self.stopped, self.at = running[0], time.monotonic()
+            os.kill(self.stopped, signal.SIGSTOP)
+
+    def message(self, text: str) -> None:
+        self.texts.append((time.monotonic(), text))
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor's process through /proc")
+def test_a_hung_ray_actor_is_killed_and_replaced(
+    local_ray: object, rows6: Path, tmp_path: Path, isolated_cache: Path
+) -> None:
+    stall = 6
+    values = default_values() | {"size": 32, "iterations": 5}
+    manifest = read_manifest(rows6, values, tmp_path / "ray")
+    events = _StopTheActor()
+    try:
+        config = RunConfig(model="random", backend="ray", cache_dir=isolated_cache, stall_timeout=stall)
+        summary = run(manifest, config, events)
+    finally:
+        if events.stopped is not None and not _gone(events.stopped):
+            os.kill(events.stopped, signal.SIGKILL)
+            raise AssertionError("the stopped actor was left behind")
+    assert summary.exit_code == 0 and sorted(summary.done) == [1, 2, 3, 4, 5, 6]
+    hung = [(at, text) for at, text in events.texts if "hung" in text]
+    assert len(hung) == 1 and re.search(
+        r"worker on ray:\S+ hung: no sign of life for \d+ s; killed and replaced", hung[0][1]
+    )
+    assert hung[0][0] - events.at < stall + 2
+    records = read_records(tmp_path / "ray")[0]
+    assert [r.status for r in records] == ["done"] * 6

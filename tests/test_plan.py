@@ -13,13 +13,16 @@ from batchstyle.manifest import read_manifest
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
 from batchstyle.run.devices import parse_devices
-from batchstyle.run.engine import Scheduler
+from batchstyle.run.engine import RunConfig, Scheduler, _stall_timeout
 from batchstyle.run.plan import (
+    STALL_BASE_SECONDS,
     Job,
     Shard,
     ShardError,
     auto_batch_size,
+    default_stall_timeout,
     image_bytes,
+    iteration_seconds,
     make_batches,
     parse_shard,
     plan,
@@ -123,6 +126,30 @@ def test_auto_batch_size_fills_free_memory_up_to_a_limit() -> None:
     # Memory grows with the pixel count, not faster.
     four = image_bytes("vgg19", ("relu1_1", "relu4_2", "relu5_1"), 1024, 768, lbfgs_pairs=100)
     assert 3.9 < four / one < 4.1
+
+
+def test_default_stall_timeout_is_minutes_beyond_the_slowest_expected_iteration(tmp_path: Path) -> None:
+    jobs, sizes = _jobs(
+        tmp_path,
+        "in/a.png,in/s1.png,big.png,2048",  # 4:3, so 2048x1536 at its last scale
+        "in/tall.png,in/s1.png,small.png,512",
+        header="content,style,output,size",
+    )
+    big, small = (iteration_seconds(job, sizes, "vgg16") for job in jobs)
+    # Never below what the README's table measured on a 2-core CPU (38.5 s and 1.7 s per iteration), not far above.
+    assert 38.5 <= big < 1.2 * 38.5 and 1.7 <= small < big / 10
+    assert default_stall_timeout(jobs, sizes, "vgg16") == pytest.approx(STALL_BASE_SECONDS + 3 * big)
+    # A batch of 4 iterates 4 times slower; two workers sharing one CPU each twice slower.
+    assert default_stall_timeout(jobs, sizes, "vgg16", batch_size=4, sharing=2) == pytest.approx(180 + 24 * big)
+    # VGG-19 has more convolutions before relu5_1; a content of unknown size counts as a square.
+    assert 1.2 < iteration_seconds(jobs[0], sizes, "vgg19") / big < 1.3
+    assert iteration_seconds(jobs[0], {}, "vgg16") == pytest.approx(big * 4 / 3, rel=0.01)
+    assert default_stall_timeout([], sizes, "vgg16") == STALL_BASE_SECONDS
+    # What a run uses: the default, the timeout asked for, or none at all with 0; CPU slots share the cores.
+    assert _stall_timeout(RunConfig(), ["cpu"], jobs, sizes, "vgg16", 1) == pytest.approx(180 + 3 * big)
+    assert _stall_timeout(RunConfig(), ["cpu", "cpu"], jobs, sizes, "vgg16", 1) == pytest.approx(180 + 6 * big)
+    assert _stall_timeout(RunConfig(stall_timeout=42), ["cpu"], jobs, sizes, "vgg16", 1) == 42
+    assert _stall_timeout(RunConfig(stall_timeout=0), ["cpu"], jobs, sizes, "vgg16", 1) is None
 
 
 # --- scheduling ------------------------------------------------------------------------------------------------

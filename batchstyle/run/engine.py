@@ -2,8 +2,10 @@
 
 The parent is the ledger's only writer. A row is marked `running` when its batch is handed out and `done` only after
 its worker reports the file renamed into place, so a crash anywhere leaves the ledger saying what is still to do.
-One failing row is recorded with its error and never costs other rows their work; a worker that dies has its rows
-handed out again, up to `retries` times, on a fresh worker.
+One failing row is recorded with its error and never costs other rows their work; a worker that dies, or hangs (silent
+for the stall timeout), has its rows handed out again, up to `retries` times, on a fresh worker. A slot whose rows
+fail SLOT_FAILURES times in a row for one cause that is not theirs (its worker cannot read the inputs, its device or
+driver is broken) is taken out of the run, and those rows go to the other slots.
 
 Signals: the first Ctrl-C stops handing out rows and lets running ones finish; a second Ctrl-C, or SIGTERM (what
 schedulers send before they kill), stops at once, marking running rows interrupted. Either way the next run resumes.
@@ -35,7 +37,16 @@ from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
 from batchstyle.run.devices import parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
-from batchstyle.run.plan import Job, Shard, auto_batch_size, image_bytes, make_batches, parse_shard, plan
+from batchstyle.run.plan import (
+    Job,
+    Shard,
+    auto_batch_size,
+    default_stall_timeout,
+    image_bytes,
+    make_batches,
+    parse_shard,
+    plan,
+)
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.worker import Result, WorkerSpec
@@ -81,6 +92,9 @@ class RunConfig:
     workers_per_device: int = 1
     batch_size: int = 1  # 0: as many as fit the device's memory
     retries: int = 2  # times a row is handed out again after its worker died
+    # Seconds a worker holding a batch may stay silent before it is killed as hung; None: plan.default_stall_timeout
+    # (minutes beyond the slowest iteration the run expects), 0: never. Not for the parent's own in-process slot.
+    stall_timeout: float | None = None
     precision: str = "auto"  # auto | fp32 | tf32 | bf16
     backend: str = "local"  # local | ray
     address: str | None = None  # Ray cluster address; None starts a local Ray
@@ -269,6 +283,18 @@ def _signals(stop: Stop) -> Iterator[None]:
 
 # -- the run ---------------------------------------------------------------------------------------------------------
 
+SLOT_FAILURES = 3  # rows in a row failed with one cause that is not theirs: the slot is taken out of the run
+
+
+@dataclass
+class _Streak:
+    """A slot's latest failures for causes not the rows' own, `count` of them in a row with `cause`; their rows are
+    held, not yet recorded, until the slot is taken out (they go elsewhere) or does something else (they stand)."""
+
+    cause: str
+    count: int = 0  # failed batches (or device faults) in a row
+    held: list[tuple[Job, Result]] = field(default_factory=list)
+
 
 class _Execution:
     """The parent's side of a run: owns the ledger and the summary, reacts to what the pool reports."""
@@ -295,6 +321,9 @@ class _Execution:
         self.in_flight: dict[int, list[Job]] = {}
         self.attempts: dict[Path, int] = {}
         self.messages: set[str] = set()
+        self.streaks: dict[int, _Streak] = {}
+        self.retired: dict[int, str] = {}  # slot -> why it was taken out
+        self.last_errors: dict[Path, str] = {}  # a row's error on a slot taken out, for when no slot is left
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
@@ -304,14 +333,75 @@ class _Execution:
         with self.stop.shielded():
             jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
             self.scheduler.finished(slot)
+            causes = {result.cause for result in results}
+            if len(causes) == 1 and None not in causes:
+                # Every row of the batch failed for one reason not their own: the slot's fault, perhaps.
+                self._suspect(slot, causes.pop(), [(jobs[result.row], result) for result in results])
+                return
+            self._settle(slot)
             for result in results:
                 self._record(jobs[result.row], result)
 
-    def lost(self, slot: int, reason: str, counts: bool) -> None:
-        with self.stop.shielded():
-            self._lost(slot, reason, counts)
+    def _suspect(self, slot: int, cause: str, failures: list[tuple[Job, Result]]) -> None:
+        streak = self.streaks.get(slot)
+        if streak is None or streak.cause != cause:
+            # A new cause starts the count again, but rows held for another cause that is not theirs stay held: one
+            # trouble often shows two faces (no file descriptor left fails an image read and a model load alike).
+            streak = self.streaks[slot] = _Streak(cause, held=streak.held if streak else [])
+        streak.count += 1
+        streak.held += failures
+        if streak.count >= SLOT_FAILURES:
+            self._take_out(slot)
 
-    def _lost(self, slot: int, reason: str, counts: bool) -> None:
+    def _settle(self, slot: int) -> None:
+        """The slot did something else (a row done, or failing for a reason of its own): its held failures stand."""
+        streak = self.streaks.pop(slot, None)
+        for job, result in streak.held if streak else ():
+            self._record(job, result)
+
+    def _take_out(self, slot: int) -> None:
+        """Takes the slot out of the run for good; the rows it failed go to the other slots, or fail if none is
+        left (see `_fail_rest`)."""
+        assert self.pool is not None
+        streak = self.streaks.pop(slot)
+        device = self._device(slot)
+        self.retired[slot] = f"worker on {device}: {streak.cause}"
+        self.pool.retire(slot, f"taken out of the run ({streak.cause})")
+        where = "its rows go to the other workers" if self.pool.usable() else "no worker is left to run the rest"
+        times = f"{streak.count} times in a row" if streak.count > 1 else "once"
+        self.events.message(
+            f"worker on {device} taken out of the run: its rows failed {times} with {streak.cause}, which is not "
+            f"about the rows; {where}"
+        )
+        again = []
+        for job, result in streak.held:
+            self.last_errors[job.output] = result.error or streak.cause
+            self.ledger.mark_finished(
+                job.output, status="pending", error=f"worker on {device} taken out ({streak.cause}); retried"
+            )
+            self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
+            again.append(job)
+        self.scheduler.again(again)
+
+    def _fail_rest(self) -> None:
+        """Every slot was taken out: the rows still to do fail with the causes, so the run ends (exit 1) and the
+        ledger says why; a rerun, once the cause is fixed, does them."""
+        causes = "; ".join(dict.fromkeys(self.retired.values()))
+        for batch in self.scheduler.queue:
+            for job in batch:
+                error = f"row {job.row.number}: not done: every worker was taken out of the run ({causes})"
+                if job.output in self.last_errors:
+                    error += f"; its last try: {_without_row(job.row.number, self.last_errors[job.output])}"
+                self._record(job, Result(job.row.number, "failed", 0.0, error=error))
+        self.scheduler.clear()
+
+    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False, cause: str | None = None) -> None:
+        with self.stop.shielded():
+            self._lost(slot, reason, counts, hung)
+            if cause is not None and slot not in self.retired:
+                self._suspect(slot, cause, [])  # a device that keeps faulting is taken out like any other cause
+
+    def _lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
         jobs = self.in_flight.pop(slot, [])
         self.scheduler.finished(slot)
         # Which row of a batch killed the worker is unknown: its rows go back alone and free, and only a row that
@@ -323,10 +413,16 @@ class _Execution:
             self.attempts[job.output] = tries
             if tries > self.config.retries:
                 times = "once" if tries == 1 else f"{tries} times"
-                error = (
-                    f"row {job.row.number}: its worker died {times} ({reason}); lower size for this row, "
-                    "or give it a device with more memory"
-                )
+                if hung:
+                    error = (
+                        f"row {job.row.number}: its worker hung {times} ({reason}); if its iterations are just that "
+                        "slow, raise --stall-timeout"
+                    )
+                else:
+                    error = (
+                        f"row {job.row.number}: its worker died {times} ({reason}); lower size for this row, "
+                        "or give it a device with more memory"
+                    )
                 self._record(job, Result(job.row.number, "failed", 0.0, error=error))
             else:
                 if counts:
@@ -375,10 +471,17 @@ class _Execution:
                 if stop.requested or not len(self.scheduler):
                     break
                 if not pool.usable():
+                    if self.retired:
+                        with stop.shielded():
+                            self._fail_rest()
+                        break
                     raise RunError(
                         "no worker could start (see the messages above); the rows stay pending for the next run"
                     )
             pool.wait(0.5)
+        with stop.shielded():
+            for slot in list(self.streaks):
+                self._settle(slot)
         self._leave_rest()
 
     def _hand_out(self, slot: int, batch: list[Job]) -> None:
@@ -435,11 +538,13 @@ class _Execution:
             self.summary.interrupted += left
 
     def interrupt_running(self) -> None:
-        for jobs in self.in_flight.values():
+        held = [[job for job, _ in streak.held] for streak in self.streaks.values()]
+        for jobs in [*self.in_flight.values(), *held]:
             for job in jobs:
                 self.ledger.mark_finished(job.output, status="pending", error="interrupted")
                 self.summary.interrupted.append(job.row.number)
         self.in_flight.clear()
+        self.streaks.clear()
         self.summary.stopped = True
         self.summary.interrupted += self.scheduler.rows()
         self.scheduler.clear()
@@ -510,7 +615,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
                 batches = make_batches(to_do, batch_size, manifest.image_sizes)
-                pool = _make_pool(config, specs, execution, weights)
+                stall = _stall_timeout(config, slots, to_do, manifest.image_sizes, source.arch, batch_size)
+                pool = _make_pool(config, specs, execution, weights, stall)
                 execution.execute(pool, batches)
         except BaseException:
             # Interrupted, or anything unexpected: stop the workers and leave no row `running` in the ledger.
@@ -576,16 +682,35 @@ def _worker_specs(
     return specs
 
 
-def _make_pool(config: RunConfig, specs: list[WorkerSpec], execution: _Execution, weights: Weights) -> Pool:
+def _make_pool(
+    config: RunConfig, specs: list[WorkerSpec], execution: _Execution, weights: Weights, stall: float | None = None
+) -> Pool:
     if config.backend == "ray":
         from batchstyle.run.pools import RayPool
 
-        return RayPool(specs[0], execution, config.address, config.retries)
+        return RayPool(specs[0], execution, config.address, config.retries, stall)
     if len(specs) == 1 and specs[0].device == "cpu":
         # One CPU slot (a laptop, a CI box) runs in this process: no start-up cost, nothing to isolate it from. A GPU
-        # always gets a worker process, so a crashed CUDA context costs a retry, not the run.
+        # always gets a worker process, so a crashed CUDA context costs a retry, not the run. This slot cannot
+        # watch itself for a hang.
         return InlinePool(specs[0], execution, weights)
-    return ProcessPool(specs, execution)
+    return ProcessPool(specs, execution, stall)
+
+
+def _stall_timeout(
+    config: RunConfig,
+    slots: Sequence[str],
+    jobs: Sequence[Job],
+    sizes: dict[Path, tuple[int, int]],
+    arch: str,
+    batch_size: int,
+) -> float | None:
+    """The stall timeout this run uses: the one asked for, or the default for its jobs; None when it is off. CPU
+    slots of one machine share its cores, so each iterates that many times slower."""
+    if config.stall_timeout is not None:
+        return config.stall_timeout or None
+    sharing = 1 if config.backend == "ray" else sum(1 for slot in slots if slot == "cpu")
+    return default_stall_timeout(jobs, sizes, arch, batch_size, sharing)
 
 
 def _auto_batch_size(slots: Sequence[str], jobs: Sequence[Job], sizes: dict[Path, tuple[int, int]], arch: str) -> int:

@@ -3,6 +3,10 @@
 The engine sees one small interface whatever the host: which slots are idle, hand a slot a batch, wait for
 something to happen. Things that happen are reported through `PoolEvents`: progress of a row, a batch's results,
 a worker lost with its batch in flight (the engine decides about retries), and messages for the log.
+
+Hung workers: every message a worker sends is a sign of life (progress per iteration, and beats when a batch starts
+and between phases). A worker process or Ray actor that holds a batch and stays silent for the stall timeout is
+killed and replaced, and its rows are lost like a dead worker's. The in-process slot cannot watch itself.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from batchstyle.errors import RunError
@@ -23,11 +28,30 @@ from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, precision_for
 from batchstyle.run.plan import Job
 from batchstyle.run.worker import Result, Worker, WorkerSpec, serve
 
+START_ALLOWANCE = 300.0  # seconds a starting worker (importing torch, loading weights, opening its device) may take
+ENGINE_BUILD_ALLOWANCE = 1800.0  # seconds ONNX Runtime may take to build a TensorRT engine while computing targets
+POLL_INTERVAL = 0.5  # seconds between progress polls of a busy Ray actor
+
+
+def stall_limit(timeout: float, started: bool, phase: str, spec: WorkerSpec) -> float:
+    """Seconds a worker holding a batch may stay silent before it is taken as hung: the stall timeout, but never
+    less than START_ALLOWANCE before it said it was ready, nor than ENGINE_BUILD_ALLOWANCE while it computes targets
+    on a GPU with ONNX Runtime (a first TensorRT engine build is minutes of silence, and happens once per cache)."""
+    if not started:
+        return max(timeout, START_ALLOWANCE)
+    if phase == "targets" and spec.targets == "ort" and spec.device.startswith("cuda"):
+        return max(timeout, ENGINE_BUILD_ALLOWANCE)
+    return timeout
+
+
+def hung_reason(silent: float, replaced: bool) -> str:
+    return f"hung: no sign of life for {silent:.0f} s; killed" + (" and replaced" if replaced else "")
+
 
 class PoolEvents(Protocol):
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None: ...
     def results(self, slot: int, results: list[Result]) -> None: ...
-    def lost(self, slot: int, reason: str, counts: bool) -> None: ...
+    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False, cause: str | None = None) -> None: ...
     def message(self, text: str) -> None: ...
 
 
@@ -40,11 +64,13 @@ class Pool(Protocol):
     def submit(self, slot: int, batch: Sequence[Job]) -> None: ...
     def wait(self, timeout: float) -> None: ...
     def drain(self) -> None: ...  # a stop was asked for: replace no worker that dies from now on
+    def retire(self, slot: int, reason: str) -> None: ...  # take an idle slot out of the run for good
     def close(self, now: bool = False) -> None: ...
 
 
 class InlinePool:
-    """One slot, in the parent process: no start-up cost, and Ctrl-C reaches the row directly."""
+    """One slot, in the parent process: no start-up cost, and Ctrl-C reaches the row directly. It cannot watch
+    itself for a hang: the parent is the worker."""
 
     def __init__(self, spec: WorkerSpec, events: PoolEvents, weights: Weights | None = None) -> None:
         self.slots = [spec.device]
@@ -86,6 +112,10 @@ class InlinePool:
 
     def drain(self) -> None:
         pass
+
+    def retire(self, slot: int, reason: str) -> None:
+        self.broken = reason
+        self.close()
 
     def close(self, now: bool = False) -> None:
         if self.worker is not None:
@@ -129,6 +159,7 @@ class _ReplacingPool:
     MAX_FAILED_STARTS = 3
     events: PoolEvents
     closing: bool
+    stall_timeout: float | None  # None or 0: no member is ever taken as hung
     _members: list[Any]
 
     def idle(self) -> list[int]:
@@ -143,10 +174,26 @@ class _ReplacingPool:
     def drain(self) -> None:
         self.closing = True
 
+    def retire(self, slot: int, reason: str) -> None:
+        self._members[slot].broken = reason
+        self._stop(slot)
+
     def _start(self, index: int) -> None:
         raise NotImplementedError
 
-    def _replace(self, index: int, reason: str, started: bool) -> None:
+    def _stop(self, index: int) -> None:
+        """Ends an idle member that is not to be replaced."""
+        raise NotImplementedError
+
+    def _kill(self, index: int) -> None:
+        """Ends a member at once, whatever state it is in (stopped, stuck in a driver call)."""
+        raise NotImplementedError
+
+    def _watched(self, index: int) -> bool:
+        """Whether the member's silence can be judged now (brings its latest signs of life in first)."""
+        raise NotImplementedError
+
+    def _replace(self, index: int, reason: str, started: bool, hung: bool = False, cause: str | None = None) -> None:
         member = self._members[index]
         if not started:
             member.failed_starts += 1
@@ -155,9 +202,26 @@ class _ReplacingPool:
                 self.events.message(member.broken)
         if member.batch is not None:
             member.batch = None
-            self.events.lost(index, reason, counts=started)
+            self.events.lost(index, reason, counts=started, hung=hung, cause=cause)
         if not self.closing and member.broken is None:
             self._start(index)
+
+    def _watch(self) -> None:
+        """Kills and replaces each member that holds a batch and has been silent longer than its stall limit; its
+        rows are lost like a dead worker's (a retry is charged only once it had started)."""
+        if not self.stall_timeout:
+            return
+        for index, member in enumerate(self._members):
+            if member.batch is None or not self._watched(index) or member.batch is None:
+                continue  # (the signs brought in may have been the batch's results)
+            silent = time.monotonic() - member.last_sign
+            if silent <= stall_limit(self.stall_timeout, member.started, member.phase, member.spec):
+                continue
+            started = member.started
+            replaced = not self.closing and member.broken is None
+            replaced = replaced and (started or member.failed_starts + 1 < self.MAX_FAILED_STARTS)
+            self._kill(index)
+            self._replace(index, hung_reason(silent, replaced), started=started, hung=True)
 
 
 @dataclass
@@ -170,6 +234,13 @@ class _Slot:
     ready: bool = False
     failed_starts: int = 0  # deaths before "ready", in a row: a slot that cannot start is given up
     broken: str | None = None
+    last_sign: float = 0.0  # time.monotonic() of its last message, or of the batch handed to it
+    phase: str = "starting"  # what its last beat said it was doing
+    fault: str | None = None  # the device fault it reported before exiting
+
+    @property
+    def started(self) -> bool:
+        return self.ready
 
 
 class ProcessPool(_ReplacingPool):
@@ -179,9 +250,10 @@ class ProcessPool(_ReplacingPool):
     the parent's. A dead worker is replaced by a fresh one; the engine is told, and re-queues or fails its rows.
     """
 
-    def __init__(self, specs: Sequence[WorkerSpec], events: PoolEvents) -> None:
+    def __init__(self, specs: Sequence[WorkerSpec], events: PoolEvents, stall_timeout: float | None = None) -> None:
         self.context = multiprocessing.get_context("spawn")
         self.events = events
+        self.stall_timeout = stall_timeout
         self._slots = self._members = [_Slot(spec.device, spec) for spec in specs]
         self.slots = [slot.device for slot in self._slots]
         self.closing = False
@@ -200,10 +272,31 @@ class ProcessPool(_ReplacingPool):
             process.start()
         child.close()
         slot.process, slot.conn, slot.ready = process, parent, False
+        slot.last_sign, slot.phase = time.monotonic(), "starting"
+
+    def _stop(self, index: int) -> None:
+        s = self._slots[index]
+        if s.conn is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                s.conn.send(("stop",))  # it exits; its sentinel then finds a broken slot, replaced by none
+
+    def _kill(self, index: int) -> None:
+        s = self._slots[index]
+        s.process.kill()  # SIGKILL: ends a stopped (SIGSTOP) or stuck process too
+        s.process.join(timeout=5)
+        s.conn.close()
+        s.process, s.conn = None, None
+
+    def _watched(self, index: int) -> bool:
+        if self._slots[index].process is None:
+            return False
+        self._drain(index)
+        return self._slots[index].process is not None
 
     def submit(self, slot: int, batch: Sequence[Job]) -> None:
         s = self._slots[slot]
         s.batch = list(batch)
+        s.last_sign = time.monotonic()  # an idle worker's silence is no hang
         # If the process is dying, its sentinel reports it and the batch is handed out again.
         with contextlib.suppress(BrokenPipeError, OSError):
             s.conn.send(("batch", 0, s.batch))
@@ -220,6 +313,7 @@ class ProcessPool(_ReplacingPool):
                 elif ready == s.process.sentinel:
                     self._drain(index)
                     self._died(index)
+        self._watch()
 
     def _drain(self, index: int) -> None:
         s = self._slots[index]
@@ -231,12 +325,16 @@ class ProcessPool(_ReplacingPool):
 
     def _handle(self, index: int, message: tuple[Any, ...]) -> None:
         s = self._slots[index]
+        s.last_sign = time.monotonic()
         kind = message[0]
         if kind == "ready":
-            s.ready, s.failed_starts = True, 0
+            s.ready, s.failed_starts, s.phase = True, 0, "idle"
+        elif kind == "beat":
+            s.phase = message[2]
         elif kind == "message":
             self.events.message(message[1])
         elif kind == "progress":
+            s.phase = "working"
             for row, (iteration, losses) in message[2].items():
                 self.events.progress(index, row, iteration, losses)
         elif kind == "results":
@@ -245,15 +343,17 @@ class ProcessPool(_ReplacingPool):
         elif kind == "fatal":
             s.broken = message[1]
             self.events.message(message[1])
+        elif kind == "fault":
+            s.fault = message[1]
 
     def _died(self, index: int) -> None:
         s = self._slots[index]
         s.process.join(timeout=5)
         reason = s.broken or death_reason(s.process.exitcode)
         s.conn.close()
-        was_ready = s.ready
-        s.process, s.conn = None, None
-        self._replace(index, reason, started=was_ready)
+        was_ready, cause = s.ready, s.fault
+        s.process, s.conn, s.fault = None, None, None
+        self._replace(index, reason, started=was_ready, cause=cause)
 
     def close(self, now: bool = False) -> None:
         self.closing = True
@@ -280,24 +380,67 @@ class ProcessPool(_ReplacingPool):
 
 class RayWorker:
     """The Ray actor: a `Worker` built inside the actor's process, the same code a local worker process runs.
-    Messages are returned with the results rather than printed, so they reach the driver's log on any node."""
+
+    Threaded (`max_concurrency=2`): a batch runs in one thread while the driver polls `progress` from another, which
+    is how the driver gets live per-iteration progress and its sign of life. The worker itself lives on a thread of
+    its own (its SQLite target cache may only be used from the thread that opened it, and Ray's threads vary from
+    call to call). Messages reach the driver through the polls and with the results rather than being printed, so
+    they reach the driver's log on any node.
+    """
 
     def __init__(self, spec: WorkerSpec) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.lock = threading.Lock()
         self.messages: list[str] = []
-        self.worker = Worker.build(spec, self.messages.append)
+        self.rows: dict[int, tuple[int, dict[str, float]]] = {}
+        self.phase, self.sign = "starting", time.monotonic()
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchstyle-worker")
+        self.worker = self.thread.submit(Worker.build, spec, self._warn).result()
+        self.worker.beat_with(self._beat)
 
     def ready(self) -> str:
         import socket
 
         return f"{socket.gethostname()}/{self.worker.device}"
 
+    def progress(self) -> dict[str, Any]:
+        """Seconds since the last sign of life (measured here: no clocks are compared across nodes), the phase, the
+        latest iteration of each row of the batch in flight, and the messages since the last call."""
+        with self.lock:
+            messages, self.messages = self.messages, []
+            return {
+                "silent": time.monotonic() - self.sign,
+                "phase": self.phase,
+                "rows": dict(self.rows),
+                "messages": messages,
+            }
+
     def run_batch(self, jobs: list[Job]) -> tuple[list[Result], list[str]]:
+        with self.lock:
+            self.rows = {}
+        self._beat("started")
         try:
-            results = self.worker.run_batch(jobs)
+            results = self.thread.submit(self.worker.run_batch, jobs, self._iteration).result()
         except DeviceFault:
             os._exit(DEVICE_FAULT_EXIT)  # the actor dies; the driver replaces it and hands the rows out again
-        messages, self.messages = self.messages, []
+        with self.lock:
+            messages, self.messages = self.messages, []
+            self.phase = "idle"
         return results, messages
+
+    def _warn(self, text: str) -> None:
+        with self.lock:
+            self.messages.append(text)
+
+    def _beat(self, phase: str) -> None:
+        with self.lock:
+            self.phase, self.sign = phase, time.monotonic()
+
+    def _iteration(self, row: int, iteration: int, losses: Any) -> None:
+        with self.lock:
+            self.rows[row] = (iteration, losses.__dict__)
+            self.phase, self.sign = "working", time.monotonic()
 
 
 @dataclass
@@ -307,10 +450,15 @@ class _Actor:
     handle: Any = None
     ready: Any = None  # ObjectRef of ready(), until it answers
     call: Any = None  # ObjectRef of the batch in flight
+    poll: Any = None  # ObjectRef of a progress() call, until it answers
+    polled: float = 0.0  # when the last poll was sent
     batch: list[Job] | None = None
     started: bool = False
     failed_starts: int = 0
     broken: str | None = None
+    last_sign: float = 0.0  # driver's time.monotonic() of the actor's last sign of life
+    phase: str = "starting"
+    seen: dict[int, int] = field(default_factory=dict)  # latest iteration reported per row of the batch
 
     @property
     def device(self) -> str:
@@ -321,10 +469,19 @@ class RayPool(_ReplacingPool):
     """Workers as Ray actors: one per GPU of the cluster (`num_gpus=1`), or one per node on a cluster without GPUs,
     with all of that node's CPUs. The driver (this process) keeps the ledger; outputs, inputs and the cache must be
     on paths every node sees. A dead actor is replaced and its rows handed out again, as with local processes.
-    Progress is per row: an actor reports when its batch is done.
+    A busy actor is polled every POLL_INTERVAL for its progress: an actor whose poll goes unanswered, or whose last
+    sign of life is older than the stall timeout, is killed (`ray.kill`) and replaced. An actor still being placed
+    or started is not watched: on a busy cluster it may rightly wait for resources.
     """
 
-    def __init__(self, spec: WorkerSpec, events: PoolEvents, address: str | None, retries: int) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        events: PoolEvents,
+        address: str | None,
+        retries: int,
+        stall_timeout: float | None = None,
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -333,6 +490,7 @@ class RayPool(_ReplacingPool):
 
         self.ray = ray
         self.events = events
+        self.stall_timeout = stall_timeout
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # address="local" starts a private Ray even where a stale cluster file would make init() connect.
@@ -378,34 +536,64 @@ class RayPool(_ReplacingPool):
 
     def _start(self, index: int) -> None:
         actor = self._actors[index]
-        actor.handle = self.remote_class.options(max_restarts=0, max_task_retries=0, **actor.options).remote(actor.spec)
-        actor.ready, actor.started = actor.handle.ready.remote(), False
+        options = {"max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2, **actor.options}
+        actor.handle = self.remote_class.options(**options).remote(actor.spec)
+        actor.ready, actor.started, actor.phase = actor.handle.ready.remote(), False, "starting"
+
+    def _stop(self, index: int) -> None:
+        self._kill(index)
+
+    def _kill(self, index: int) -> None:
+        actor = self._actors[index]
+        if actor.handle is not None:
+            self.ray.kill(actor.handle, no_restart=True)
+        actor.handle = actor.ready = actor.call = actor.poll = None
+
+    def _watched(self, index: int) -> bool:
+        actor = self._actors[index]
+        return actor.handle is not None and actor.started
 
     def submit(self, slot: int, batch: Sequence[Job]) -> None:
         actor = self._actors[slot]
         actor.batch = list(batch)
+        actor.seen, actor.last_sign = {}, time.monotonic()
         actor.call = actor.handle.run_batch.remote(actor.batch)
 
     def wait(self, timeout: float) -> None:
+        now = time.monotonic()
         refs = {}
         for index, a in enumerate(self._actors):
             if a.ready is not None:
                 refs[a.ready] = (index, "ready")
             if a.call is not None:
                 refs[a.call] = (index, "call")
+                if a.started and a.poll is None and now - a.polled >= POLL_INTERVAL:
+                    a.poll, a.polled = a.handle.progress.remote(), now
+            if a.poll is not None:
+                refs[a.poll] = (index, "poll")
         if not refs:
             time.sleep(timeout)
             return
-        done, _ = self.ray.wait(list(refs), num_returns=1, timeout=timeout)
+        done, _ = self.ray.wait(list(refs), num_returns=1, timeout=min(timeout, POLL_INTERVAL))
         for ref in done:
             index, kind = refs[ref]
             self._finished(index, kind, ref)
+        self._watch()
 
     def _finished(self, index: int, kind: str, ref: Any) -> None:
         ray = self.ray
         actor = self._actors[index]
-        if ref is not actor.ready and ref is not actor.call:
+        if ref is not actor.ready and ref is not actor.call and ref is not actor.poll:
             return  # a call of an actor already replaced: its death was handled once
+        if kind == "poll":
+            actor.poll = None
+            try:
+                self._polled(index, ray.get(ref))
+            except ray.exceptions.RayTaskError:
+                pass  # progress() itself failed: the batch's own call says what became of it
+            except ray.exceptions.RayError as exc:
+                self._died(index, f"Ray actor lost: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}")
+            return
         try:
             value = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
@@ -421,19 +609,30 @@ class RayPool(_ReplacingPool):
             return
         if kind == "ready":
             actor.ready, actor.started, actor.failed_starts = None, True, 0
+            actor.last_sign, actor.phase = time.monotonic(), "idle"
             self.slots[index] = f"ray:{value}"
             return
         results, messages = value
         for text in messages:
             self.events.message(text)
-        actor.call, actor.batch = None, None
+        actor.call, actor.batch, actor.poll = None, None, None
         self.events.results(index, results)
 
-    def _died(self, index: int, reason: str) -> None:
+    def _polled(self, index: int, state: dict[str, Any]) -> None:
+        """An answered poll: a sign of life as old as the actor says, and the rows' new iterations."""
         actor = self._actors[index]
-        self.ray.kill(actor.handle, no_restart=True)
-        actor.handle = actor.ready = actor.call = None
-        self._replace(index, reason, started=actor.started)
+        actor.last_sign, actor.phase = time.monotonic() - state["silent"], state["phase"]
+        for text in state["messages"]:
+            self.events.message(text)
+        rows = {job.row.number for job in actor.batch or []}  # a late answer may describe a finished batch
+        for row, (iteration, losses) in state["rows"].items():
+            if row in rows and iteration > actor.seen.get(row, 0):
+                actor.seen[row] = iteration
+                self.events.progress(index, row, iteration, losses)
+
+    def _died(self, index: int, reason: str) -> None:
+        self._kill(index)
+        self._replace(index, reason, started=self._actors[index].started)
 
     def close(self, now: bool = False) -> None:
         self.closing = True

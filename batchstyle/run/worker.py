@@ -8,8 +8,10 @@ values, because weights and sessions are rebuilt inside the process that uses th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -50,6 +52,7 @@ class Result:
     scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
     stops: list[str] = field(default_factory=list)  # why each scale stopped: "iterations" or "converged"
     batch: int = 1  # images optimised together with this one
+    cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,51 @@ def describe_failure(job: Job, exc: BaseException, batch: int = 1) -> str:
     tail = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     at = f" at {Path(tail[0].filename).name}:{tail[0].lineno}" if tail else ""
     return f"{where} ({job.row.content.name}): {exc.__class__.__name__}: {exc}{at}"
+
+
+# Errors about the row's own names: an output name its folder cannot hold, a path that is a folder, a file too large.
+_ROW_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.EFBIG})
+# Errors of the device and its libraries (a fault that poisons a CUDA context is a DeviceFault, seen before this).
+_DEVICE_WORDS = re.compile(
+    r"\b(cuda|cudnn|cublas|cufft|curand|nccl|nvrtc|driver|rocm|hip|mps|xpu|onednn|mkldnn)\b",
+    re.IGNORECASE,
+)
+
+
+def failure_cause(job: Job, exc: BaseException) -> str | None:
+    """A short signature of a failure that is not the row's own, None when it is the row's own.
+
+    Not the row's own: what would fail any row on this worker. The parent opened every input while checking the
+    manifest, so a file this worker cannot open or read (permission denied, gone, an I/O error, no file descriptor
+    left) tells about the worker's view of the disk, not the file; so do import errors, ONNX Runtime failures and
+    device or driver errors. The row's own: a corrupt or undecodable image, a decompression bomb, out of memory at
+    its size, a bad value, a name its folder cannot hold. The signature leaves the row's paths out, so the same
+    cause on different rows compares equal; the engine takes a slot out after a run of them (SLOT_FAILURES).
+    """
+    if is_out_of_memory(exc):
+        return None
+    if isinstance(exc, ImageError):
+        # load_image wraps what went wrong; decoding errors (Pillow's OSErrors carry no errno) are the file's.
+        exc = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        if not isinstance(exc, OSError):
+            return None
+    if isinstance(exc, OSError):
+        if exc.errno is None or exc.errno in _ROW_ERRNOS:
+            return None
+        return f"{exc.__class__.__name__}: [Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
+    kind = type(exc)
+    environmental = (
+        isinstance(exc, (ImportError, sqlite3.Error))
+        or (kind.__module__.startswith("onnxruntime") and kind.__name__ != "InvalidArgument")
+        or (isinstance(exc, RuntimeError) and _DEVICE_WORDS.search(str(exc)) is not None)
+    )
+    if not environmental:
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    for path in (job.row.content, *job.row.styles, job.row.init_image, job.output):
+        if path is not None:
+            text = text.replace(str(path), "<file>").replace(Path(path).name, "<file>")
+    return f"{kind.__name__}: {text}"[:200]
 
 
 class Worker:
@@ -132,6 +180,11 @@ class Worker:
     def close(self) -> None:
         self.stylizer.targets.close()
 
+    def beat_with(self, beat: Callable[[str], None]) -> None:
+        """Report a sign of life before and after every target lookup: each scale starts with its targets, which at
+        a large size (or while TensorRT builds an engine) take long with no iteration to report."""
+        self.stylizer.targets = _BeatingTargets(self.stylizer.targets, beat)  # type: ignore[assignment]
+
     def run(self, job: Job, on_iteration: OnIteration | None = None) -> Result:
         return self.run_batch([job], on_iteration)[0]
 
@@ -146,7 +199,11 @@ class Worker:
                 prepared.append((job, inputs_of(job)))
             except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
                 results[job.row.number] = Result(
-                    job.row.number, "failed", time.perf_counter() - start, error=describe_failure(job, exc)
+                    job.row.number,
+                    "failed",
+                    time.perf_counter() - start,
+                    error=describe_failure(job, exc),
+                    cause=failure_cause(job, exc),
                 )
         if prepared:
             try:
@@ -168,6 +225,7 @@ class Worker:
                             "failed",
                             time.perf_counter() - start,
                             error=describe_failure(job, exc, len(prepared)),
+                            cause=failure_cause(job, exc),
                         )
         return [results[job.row.number] for job in jobs]
 
@@ -270,20 +328,55 @@ PROGRESS_INTERVAL = 0.25  # seconds between progress messages from a worker proc
 
 
 class _Throttled:
-    """Progress of a batch, sent to the parent at most every PROGRESS_INTERVAL: the latest iteration per row."""
+    """Progress of a batch, sent to the parent at most every PROGRESS_INTERVAL: the latest iteration per row.
 
-    def __init__(self, conn: Any, batch_id: int) -> None:
+    Every message doubles as a heartbeat: the parent takes a worker silent for --stall-timeout as hung. Iterations
+    are not the only work, so `beat` also says when a batch starts and when the worker passes from phase to phase
+    (computing a scale's targets, working on), each phase change at once and otherwise throttled like progress.
+    """
+
+    def __init__(self, conn: Any, batch_id: int = 0) -> None:
         self.conn, self.batch_id = conn, batch_id
         self.last = 0.0
+        self.phase = "idle"
         self.pending: dict[int, tuple[int, dict[str, float]]] = {}
+
+    def start(self, batch_id: int) -> _Throttled:
+        self.batch_id, self.pending = batch_id, {}
+        self.beat("started")
+        return self
 
     def __call__(self, row: int, iteration: int, losses: Losses) -> None:
         self.pending[row] = (iteration, losses.__dict__)
+        self.phase = "working"
         now = time.monotonic()
         if now - self.last >= PROGRESS_INTERVAL:
             self.last = now
             self.conn.send(("progress", self.batch_id, self.pending))
             self.pending = {}
+
+    def beat(self, phase: str) -> None:
+        now = time.monotonic()
+        if phase != self.phase or now - self.last >= PROGRESS_INTERVAL:
+            self.phase, self.last = phase, now
+            self.conn.send(("beat", self.batch_id, phase))
+
+
+class _BeatingTargets:
+    """A worker's target store that beats before and after each lookup: every scale starts with its targets, which
+    at a large size (or while TensorRT builds an engine) take long with no iteration to report."""
+
+    def __init__(self, store: Any, beat: Callable[[str], None]) -> None:
+        self._store, self._beat = store, beat
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        self._beat("targets")
+        found = self._store.get(*args, **kwargs)
+        self._beat("working")
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def serve(conn: Any, spec: WorkerSpec) -> None:
@@ -304,6 +397,8 @@ def serve(conn: Any, spec: WorkerSpec) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides what the run does
         conn.send(("fatal", f"worker on {spec.device} could not start: {exc.__class__.__name__}: {exc}"))
         return
+    progress = _Throttled(conn)
+    worker.beat_with(progress.beat)
     conn.send(("ready", os.getpid()))
     try:
         while True:
@@ -312,8 +407,10 @@ def serve(conn: Any, spec: WorkerSpec) -> None:
                 break
             _, batch_id, jobs = message
             try:
-                results = worker.run_batch(jobs, _Throttled(conn, batch_id))
+                results = worker.run_batch(jobs, progress.start(batch_id))
             except DeviceFault as exc:
+                # The cause goes first: a slot whose device keeps faulting is taken out of the run.
+                conn.send(("fault", f"DeviceFault: {(str(exc).splitlines() or [''])[0]}"[:200]))
                 conn.send(("message", f"worker on {spec.device}: {exc}; replacing it"))
                 worker.close()
                 os._exit(DEVICE_FAULT_EXIT)
