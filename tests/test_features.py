@@ -107,20 +107,17 @@ def test_weights_are_frozen_and_only_pixels_get_gradients(vgg16_state: dict[str,
 
 
 def test_trunk_matches_a_functional_vgg(vgg16_state: dict[str, torch.Tensor]) -> None:
-    """torchvision's VGG with two departures: the first conv pads by replicating the edge, and pooling keeps an odd
-    side's last row (ceil_mode), so no edge of an odd-sized image is cut off from the deeper layers."""
+    """torchvision's VGG with one departure: pooling keeps an odd side's last row (ceil_mode), so no edge of an
+    odd-sized image is cut off from the deeper layers."""
     model = VGGFeatures("vgg16", vgg16_state, IMAGENET, ["relu1_2", "relu2_1"])
     pixels = _pixels(2, 3, 11, 10)
     out = model(pixels)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-    def conv(x: torch.Tensor, name: str, first: bool = False) -> torch.Tensor:
-        weight, bias = vgg16_state[f"{name}.weight"], vgg16_state[f"{name}.bias"]
-        if first:
-            return F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, bias))
-        return F.relu(F.conv2d(x, weight, bias, padding=1))
+    def conv(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.relu(F.conv2d(x, vgg16_state[f"{name}.weight"], vgg16_state[f"{name}.bias"], padding=1))
 
-    relu1_2 = conv(conv((pixels - mean) / std, "conv1_1", first=True), "conv1_2")
+    relu1_2 = conv(conv((pixels - mean) / std, "conv1_1"), "conv1_2")
     pooled = F.max_pool2d(relu1_2, 2, ceil_mode=True)
     assert pooled.shape[-2:] == (6, 5)  # the 11th row is pooled on its own, not dropped
     relu2_1 = conv(pooled, "conv2_1")
@@ -204,8 +201,7 @@ def test_converted_torchvision_vgg19_matches_torchvision_features() -> None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")  # torchvision's own init
             nn.init.normal_(module.bias, std=0.1)
     raw = {f"features.{k}": v for k, v in features.state_dict().items()}
-    # batchstyle's two departures from torchvision's VGG (see test_trunk_matches_a_functional_vgg), applied to it too.
-    features[0].padding_mode = "replicate"
+    # batchstyle's departure from torchvision's VGG (see test_trunk_matches_a_functional_vgg), applied to it too.
     for module in features:
         if isinstance(module, nn.MaxPool2d):
             module.ceil_mode = True
