@@ -202,9 +202,9 @@ class StyleLoss(nn.Module):
             # deficient, and the square root's gradient grows without bound as an eigenvalue nears zero.
             ridge = RIDGE * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp(min=EPS)  # (B, K)
             eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-            self.register_buffer("ridge", ridge[..., None, None] * eye)
-            self.register_buffer("target_mean", means)
-            self.register_buffer("target_root", sqrtm_psd(cov + self.ridge))
+            self.register_buffer("ridge", (ridge[..., None, None] * eye).double())
+            self.register_buffer("target_mean", means.double())
+            self.register_buffer("target_root", sqrtm_psd(cov.double() + self.ridge))
             self.register_buffer("norm", torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) + EPS)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -220,8 +220,10 @@ class StyleLoss(nn.Module):
         if self.kind == "gram":
             loss = _relative_mse_k(gram, self.target, self.norm)
         else:
-            cov = gram - mean[..., :, None] * mean[..., None, :] + self.ridge
-            loss = wasserstein2(mean, cov, self.target_mean, self.target_root) / self.norm
+            # In float64: the square root's eigendecomposition of a 512x512 covariance in float32 gives a gradient
+            # too inexact for L-BFGS (measured: the loss climbed from 42 to 400 in 30 iterations at 128 px).
+            cov = (gram - mean[..., :, None] * mean[..., None, :]).double() + self.ridge
+            loss = wasserstein2(mean.double(), cov, self.target_mean, self.target_root).to(self.norm.dtype) / self.norm
         return (loss * self.weights).sum(dim=1)
 
 
