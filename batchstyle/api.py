@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from batchstyle.images import load_image, tensor_to_image, to_rgb
+from batchstyle.images import load_image, to_rgb
 from batchstyle.manifest import read_manifest
 from batchstyle.model.optimize import Losses
+from batchstyle.model.pixels import tensor_to_image
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetCache, TargetStore, backend_factory

@@ -3,6 +3,10 @@
 Exit codes: 0 every row done, 1 some row failed, 2 the manifest or the command line is unusable (found before any
 work is done). Errors reach the user as click exceptions: every `UnusableInput` the library raises becomes
 `Unusable` (exit 2) in one place, the group's `invoke`.
+
+Light commands stay light: `--help`, `check`, `status`, `cache info`, `weights list` and `report` import neither
+torch nor onnxruntime (a test holds them to it), so this module imports only torch-free modules at the top and
+everything that computes (the engine, the devices, export, the benchmarks) inside the commands that need it.
 """
 
 from __future__ import annotations
@@ -10,19 +14,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from batchstyle.errors import UnusableInput
-from batchstyle.manifest import Manifest, default_out_dir, read_manifest
 from batchstyle.model import weights
-from batchstyle.model.export import ExportError, graph_spec
-from batchstyle.model.layout import layer_names
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values
-from batchstyle.run import devices, engine, ledger
-from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
 from batchstyle.version import __version__
+
+if TYPE_CHECKING:
+    from batchstyle.manifest import Manifest
 
 
 class Unusable(click.ClickException):
@@ -106,6 +108,8 @@ def _common(func: Any) -> Any:
 
 
 def _read(manifest_path: Path, out_dir: Path | None, fmt: str, options: dict[str, Any]) -> Manifest:
+    from batchstyle.manifest import read_manifest
+
     return read_manifest(manifest_path, _option_values(options), out_dir, fmt)
 
 
@@ -222,6 +226,9 @@ def run(
     **params: Any,
 ) -> None:
     """Stylize every row of MANIFEST, skipping rows already done."""
+    from batchstyle.run import engine
+    from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
+
     options, settings = _split(params)
     config = engine.RunConfig.from_values({**settings, "argv": sys.argv})
     manifest = _read(manifest_path, out_dir, fmt, options)
@@ -257,6 +264,8 @@ def run(
 
 def _out_dir(target: Path) -> Path:
     """An output folder, or a manifest standing for its default output folder."""
+    from batchstyle.manifest import default_out_dir
+
     return default_out_dir(target) if target.suffix.lower() == ".csv" else target
 
 
@@ -266,6 +275,8 @@ def _out_dir(target: Path) -> Path:
 @click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")
 def status(target: Path, as_json: bool, all_rows: bool) -> None:
     """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
+    from batchstyle.run import ledger
+
     out_dir = _out_dir(target)
     try:
         records, last_run = ledger.read_records(out_dir, all_rows)
@@ -351,6 +362,7 @@ def bench_iteration(
     """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk, same size,
     same batch), and per image."""
     from batchstyle.bench import iteration_figures
+    from batchstyle.run import devices
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
@@ -406,6 +418,7 @@ def torch_threads() -> int:
 def bench_targets(model: str, sizes: str, rows: int, styles: int, device: str, cache_dir: Path | None) -> None:
     """Seconds for one row's targets with ONNX Runtime and with torch, and what the target cache saves."""
     from batchstyle.bench import cache_figures, target_figures
+    from batchstyle.run import devices
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
@@ -458,7 +471,8 @@ def export_command(
     cache_dir: Path | None,
 ) -> None:
     """Export the target graph (features + Gram matrices, pixels in) to ONNX and validate it against PyTorch."""
-    from batchstyle.model.export import export_graph
+    from batchstyle.model.export import ExportError, export_graph, graph_spec
+    from batchstyle.model.layout import layer_names
 
     values = _option_values({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})
     try:
@@ -496,7 +510,7 @@ def cache() -> None:
 @CACHE_DIR
 def cache_info(as_json: bool, cache_dir: Path | None) -> None:
     """Entries, size and hit counts."""
-    from batchstyle.model.targets import TargetCache
+    from batchstyle.model.cache import TargetCache
 
     store = TargetCache(cache_dir or weights.default_cache_dir())
     info = store.info()
@@ -513,7 +527,7 @@ def cache_info(as_json: bool, cache_dir: Path | None) -> None:
 @CACHE_DIR
 def cache_clear(cache_dir: Path | None) -> None:
     """Delete every cached target (weights and exported graphs stay)."""
-    from batchstyle.model.targets import TargetCache
+    from batchstyle.model.cache import TargetCache
 
     store = TargetCache(cache_dir or weights.default_cache_dir())
     removed = store.clear()

@@ -24,16 +24,9 @@ from click.testing import Result
 from conftest import MALFORMED, cli, make_photo, write_manifest
 from PIL import Image
 
-from batchstyle.images import (
-    TEMP_MARKER,
-    image_to_tensor,
-    is_temp_file,
-    load_image,
-    read_metadata,
-    resize_long_side,
-    rgb_to_yiq,
-)
+from batchstyle.images import TEMP_MARKER, is_temp_file, load_image, read_metadata, resize_long_side
 from batchstyle.model import weights
+from batchstyle.model.pixels import image_to_tensor, rgb_to_yiq
 from batchstyle.run import engine
 from batchstyle.run.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
 

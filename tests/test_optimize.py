@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_painting, make_photo
 
-from batchstyle.images import image_to_tensor, load_image
+from batchstyle.images import load_image
 from batchstyle.model.features import VGGFeatures, build
 from batchstyle.model.optimize import (
     BatchLBFGS,
@@ -20,6 +20,7 @@ from batchstyle.model.optimize import (
     optimize_batch,
     optimize_one,
 )
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.targets import Targets, compute_targets, stack_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings

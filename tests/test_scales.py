@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import cli, write_manifest
 
-from batchstyle.images import image_to_tensor, is_temp_file, load_image, read_metadata
+from batchstyle.images import is_temp_file, load_image, read_metadata
 from batchstyle.model.optimize import optimize_one, upsample
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.scales import scale_sizes
 from batchstyle.model.targets import compute_targets
 from batchstyle.model.weights import SOURCES

@@ -30,10 +30,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from batchstyle.images import image_to_tensor, luminance_image, recombine_color, resize_long_side
+from batchstyle.images import resize_long_side
 from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Losses, optimize_batch, upsample
+from batchstyle.model.pixels import image_to_tensor, luminance_image, recombine_color
 from batchstyle.model.scales import scale_plan, style_long_side
 from batchstyle.model.targets import TargetCache, Targets, TargetStore, TorchBackend, blend_grams, stack_targets
 from batchstyle.model.weights import Weights

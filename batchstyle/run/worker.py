@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from batchstyle.images import ImageError, load_image, save_image_atomic, tensor_to_image
+from batchstyle.images import ImageError, load_image, save_image_atomic
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
+from batchstyle.model.pixels import tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetCache, TargetStore, backend_factory
 from batchstyle.model.weights import Weights, resolve
