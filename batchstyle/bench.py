@@ -27,12 +27,48 @@ class IterationFigures:
     size: tuple[int, int]
     optimizer: str
     seconds_per_iteration: float
-    floor_seconds: float
+    floor_seconds: float  # at the same precision
     batch: int = 1
+    precision: str = "fp32"  # as resolved for the device (auto -> bf16, tf32 or fp32)
 
     @property
     def ratio(self) -> float:
         return self.seconds_per_iteration / self.floor_seconds
+
+
+def precisions_to_measure(device: torch.device, asked: str = "auto") -> list[str]:
+    """fp32 first (its floor is what every precision is compared with), then the others asked for, resolved for
+    `device` and without repeats; `auto` is every precision that can be faster there."""
+    from batchstyle.run.devices import precision_for
+
+    names = [name.strip().lower() for name in asked.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ("auto", "fp32", "tf32", "bf16")]
+    if unknown:
+        raise ValueError(f"unknown precision {', '.join(unknown)}: use fp32, tf32, bf16 or auto")
+    defaults = {"cuda": ["tf32", "bf16"], "cpu": ["bf16"]}.get(device.type, [])
+    found = ["fp32"]
+    for name in names:
+        for precision in (defaults + [precision_for(device, "auto")]) if name == "auto" else [name]:
+            if precision not in found:
+                found.append(precision)
+    return found
+
+
+def iteration_header() -> str:
+    return (
+        f"{'size':>10} {'batch':>5} {'precision':>9} {'s/iteration':>12} {'floor s':>10} {'ratio':>7} "
+        f"{'/fp32 floor':>11} {'s/it/image':>11}"
+    )
+
+
+def format_iteration(fig: IterationFigures, fp32_floor: float) -> str:
+    """One line of `iteration_header`'s table: the iteration beside its own precision's floor and the fp32 floor."""
+    w, h = fig.size
+    return (
+        f"{f'{w}x{h}':>10} {fig.batch:>5} {fig.precision:>9} {fig.seconds_per_iteration:>12.4f} "
+        f"{fig.floor_seconds:>10.4f} {fig.ratio:>7.3f} {fig.seconds_per_iteration / fp32_floor:>11.3f} "
+        f"{fig.seconds_per_iteration / fig.batch:>11.4f}"
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +104,7 @@ def iteration_figures(
     precision: str = "auto",
 ) -> IterationFigures:
     """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
-    forward+backward floor at the same batch, through the `Stylizer` a worker uses."""
+    forward+backward floor at the same batch and precision, through the `Stylizer` a worker uses."""
     from batchstyle.run.devices import configure_device, precision_for
 
     dev = torch.device(device)
@@ -83,12 +119,11 @@ def iteration_figures(
     gen = torch.Generator().manual_seed(0)
     items = [Inputs(random_image(w, h, gen), [random_image(w, h, gen)]) for _ in range(batch)]
     pixels = torch.rand(batch, 3, h, w, generator=gen).to(dev).requires_grad_(True)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    net = model.lowered(torch.bfloat16) if precision == "bf16" else model  # as the Objective runs it
 
     def bare() -> None:
-        with autocast:
-            feats = model(pixels)
-        deepest = feats[max(feats, key=lambda name: list(model.layers).index(name))]
+        feats = net(pixels)
+        deepest = feats[max(feats, key=lambda name: list(net.layers).index(name))]
         deepest.float().sum().backward()
         pixels.grad = None
 
@@ -107,7 +142,7 @@ def iteration_figures(
         if dev.type == "cuda"
         else statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
     )
-    return IterationFigures((w, h), optimizer, per_iteration, floor, batch)
+    return IterationFigures((w, h), optimizer, per_iteration, floor, batch, precision)
 
 
 @dataclass(frozen=True)

@@ -347,7 +347,16 @@ def bench() -> None:
 @click.option("--optimizer", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "adam"]))
 @click.option("--iterations", default=10, show_default=True, help="Timed iterations per size (median).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "tf32", "bf16"]))
+@click.option(
+    "--precisions",
+    "--precision",
+    "precisions",
+    default="auto",
+    show_default=True,
+    metavar="LIST",
+    help="Precisions to measure, comma-separated (fp32, tf32, bf16, auto); auto: fp32 and bf16 on a CPU, fp32, "
+    "tf32 and bf16 on CUDA, fp32 on an Apple GPU. fp32 is always measured: its floor is the yardstick.",
+)
 @CACHE_DIR
 def bench_iteration(
     model: str,
@@ -356,27 +365,34 @@ def bench_iteration(
     optimizer: str,
     iterations: int,
     device: str,
-    precision: str,
+    precisions: str,
     cache_dir: Path | None,
 ) -> None:
     """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk, same size,
-    same batch), and per image."""
-    from batchstyle.bench import iteration_figures
+    same batch, same precision) and beside the fp32 floor, and per image."""
+    from batchstyle.bench import format_iteration, iteration_figures, iteration_header, precisions_to_measure
     from batchstyle.run import devices
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
-    dev = str(devices.pick_device(device))
-    click.echo(f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}")
-    click.echo(f"{'size':>10} {'batch':>5} {'s/iteration':>12} {'floor s':>10} {'ratio':>7} {'s/it/image':>11}")
+    dev = devices.pick_device(device)
+    try:
+        measured = precisions_to_measure(dev, precisions)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precisions") from None
+    auto = devices.precision_for(dev, "auto")
+    click.echo(
+        f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}; "
+        f"--precision auto runs {auto} here"
+    )
+    click.echo(iteration_header())
     for long_side in (int(s) for s in sizes.split(",")):
         for batch in (int(b) for b in batches.split(",")):
-            fig = iteration_figures(loaded, long_side, optimizer, iterations, dev, batch, precision)
-            w, h = fig.size
-            click.echo(
-                f"{f'{w}x{h}':>10} {batch:>5} {fig.seconds_per_iteration:>12.4f} {fig.floor_seconds:>10.4f} "
-                f"{fig.ratio:>7.3f} {fig.seconds_per_iteration / batch:>11.4f}"
-            )
+            fp32_floor = None
+            for precision in measured:
+                fig = iteration_figures(loaded, long_side, optimizer, iterations, str(dev), batch, precision)
+                fp32_floor = fp32_floor or fig.floor_seconds
+                click.echo(format_iteration(fig, fp32_floor))
 
 
 @bench.command("throughput")

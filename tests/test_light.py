@@ -46,7 +46,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         run_id = ledger.start_run(manifest, [], "random", "random:vgg16:seed0")
         ledger.mark_pending(output, row=1, content="in/photo.png", styles="in/painting.png", key="k", run_id=run_id)
         ledger.mark_running(output, run_id=run_id, device="cpu", model="random", weights="random:vgg16:seed0")
-        ledger.mark_finished(output, status="done", seconds=1.0, iterations=2, total_loss=1.0)
+        ledger.mark_finished(output, status="done", seconds=1.0, iterations=2, total_loss=1.0, precision="bf16")
         ledger.finish_run(run_id, {"done": 1})
     return root
 

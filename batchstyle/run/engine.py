@@ -399,6 +399,7 @@ class _Execution:
             "error": result.error,
             "targets": result.targets,
             "provider": result.provider,
+            "precision": result.precision,
             "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
         }
         if result.losses is not None:

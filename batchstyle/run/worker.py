@@ -50,6 +50,7 @@ class Result:
     provider: str | None = None
     scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
     batch: int = 1  # images optimised together with this one
+    precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class WorkerSpec:
     profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
     torch_targets: frozenset[GraphSpec] = frozenset()  # graphs whose export failed: computed with torch
     save_every: int = 0
-    precision: str = "fp32"  # fp32 | tf32 | bf16 (tf32 and bf16 only change anything on CUDA)
+    precision: str = "fp32"  # fp32 | tf32 | bf16, as `precision_for` resolved it for this device
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
@@ -199,6 +200,7 @@ class Worker:
                     provider=provider,
                     scales=out.scales,
                     batch=len(batch),
+                    precision=self.stylizer.precision,
                 )
             )
         return results
