@@ -72,8 +72,9 @@ def format_iteration(fig: IterationFigures, fp32_floor: float) -> str:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    from batchstyle.run.devices import synchronize
+
+    synchronize(device)
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:

@@ -147,7 +147,8 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     "--device",
     default="auto",
     show_default=True,
-    help="auto (every GPU, else the CPU), all (every GPU), cpu, or a list: cuda:0,cuda:1 or cpu,cpu.",
+    help="auto (every CUDA GPU, else the Apple GPU, else the CPU), all (every GPU), cpu, mps, or a list: "
+    "cuda:0,cuda:1 or cpu,cpu.",
 )
 @click.option(
     "--workers-per-device",
@@ -175,7 +176,8 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "fp32", "tf32", "bf16"]),
-    help="Convolution precision on CUDA: auto is TF32; bf16 autocast is opt-in. Gram matrices and losses stay fp32.",
+    help="The network's precision. auto: TF32 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else "
+    "fp32. Gram matrices, losses and the optimiser stay fp32.",
 )
 @click.option(
     "--backend",

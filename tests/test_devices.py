@@ -1,6 +1,7 @@
-"""Device choices decided from capabilities passed in: which precision `auto` resolves to.
+"""Device choices decided from capabilities passed in: which device `auto` picks, which precision `auto` resolves to.
 
-No CUDA GPU exists where these tests run, so what is decided is tested with the capabilities given as values.
+No Apple GPU and no CUDA GPU exist where these tests run, so what they decide is tested with the availability given
+as values; what runs on those devices themselves is not tested here.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchstyle.run.devices import cpu_has_native_bf16, precision_for
+from batchstyle.errors import RunError
+from batchstyle.run.devices import cpu_has_native_bf16, parse_devices, pick_device, precision_for
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda:0"), torch.device("mps")
 
@@ -41,3 +43,25 @@ def test_precision_auto_on_this_cpu_follows_what_torch_reports(monkeypatch: pyte
     assert not cpu_has_native_bf16()  # AVX-512 alone runs bf16 emulated: not native
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert cpu_has_native_bf16()
+
+
+def test_auto_devices_prefer_cuda_then_the_apple_gpu_then_the_cpu() -> None:
+    assert parse_devices("auto", gpus=0, mps=True) == ["mps"]
+    assert parse_devices("all", gpus=0, mps=True) == ["mps"]
+    assert parse_devices("auto", gpus=2, mps=True) == ["cuda:0", "cuda:1"]
+    assert parse_devices("auto", gpus=0, mps=False) == ["cpu"]
+    assert pick_device("auto", gpus=0, mps=True) == MPS
+    assert pick_device("auto", gpus=1, mps=True) == torch.device("cuda")
+    assert pick_device("auto", gpus=0, mps=False) == CPU
+
+
+def test_mps_is_named_like_any_device_and_refused_where_there_is_none() -> None:
+    assert parse_devices("mps", gpus=0, mps=True) == ["mps"]
+    assert parse_devices("MPS:0, mps", gpus=0, mps=True) == ["mps", "mps"]  # two worker slots on the one Apple GPU
+    assert parse_devices("mps,cpu", gpus=0, mps=True) == ["mps", "cpu"]
+    assert pick_device("mps", gpus=0, mps=True) == MPS
+    with pytest.raises(RunError, match="no Apple GPU"):
+        parse_devices("mps", gpus=0, mps=False)
+    with pytest.raises(RunError, match="no Apple GPU"):
+        pick_device("mps", gpus=4, mps=False)
+    assert precision_for(MPS, "auto") == "fp32"

@@ -113,10 +113,13 @@ def ort_providers(
     trt_fp16: bool = False,
     profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """The provider chain for a device from what this onnxruntime build offers: TensorRT -> CUDA -> CPU.
+    """The provider chain for a device from what this onnxruntime build offers: TensorRT -> CUDA -> CPU on CUDA,
+    CoreML -> CPU on an Apple GPU (mps), CPU elsewhere.
 
     TensorRT keeps its engines and timing cache under the batchstyle cache, and gets one shape profile spanning the
     image sizes of the run (min, opt, max as (height, width)), so engines are built once, not per image size.
+    CoreML is asked for an ML Program on CPU and GPU: its default NeuralNetwork format and the Neural Engine compute
+    in fp16, and targets stay fp32.
     """
     chain: list[tuple[str, dict[str, Any]]] = []
     if device.type == "cuda":
@@ -139,8 +142,13 @@ def ort_providers(
             chain.append(("TensorrtExecutionProvider", options))
         if "CUDAExecutionProvider" in available:
             chain.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    elif device.type == "mps" and "CoreMLExecutionProvider" in available:
+        chain.append(("CoreMLExecutionProvider", {"ModelFormat": "MLProgram", "MLComputeUnits": "CPUAndGPU"}))
     chain.append(("CPUExecutionProvider", {}))
     return chain
+
+
+CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # bind CUDA memory in place
 
 
 class OrtBackend:
@@ -190,9 +198,10 @@ class OrtBackend:
 
     @property
     def io_device(self) -> torch.device:
-        """Where inputs and outputs are bound: the GPU when a GPU provider runs, else host memory (a CPU session
-        cannot read CUDA pointers, so a CPU fallback on a GPU host copies through the host)."""
-        return self.device if self.provider != "CPUExecutionProvider" else torch.device("cpu")
+        """Where inputs and outputs are bound: the GPU when a CUDA provider (CUDA, TensorRT) runs, else host memory.
+        A CPU session cannot read CUDA pointers (a CPU fallback on a GPU host copies through the host), and ONNX
+        Runtime cannot bind MPS tensors at all: CoreML reads and writes host memory."""
+        return self.device if self.device.type == "cuda" and self.provider in CUDA_PROVIDERS else torch.device("cpu")
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         import numpy as np

@@ -11,23 +11,41 @@ import torch
 from batchstyle.errors import RunError
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """One device, for the benchmarks: `auto` is the current GPU, else the CPU."""
+def mps_available() -> bool:
+    """Whether torch can run on an Apple GPU here (Apple silicon, macOS 12.3+, a torch built with MPS)."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def pick_device(name: str = "auto", gpus: int | None = None, mps: bool | None = None) -> torch.device:
+    """One device, for the benchmarks and the facade: `auto` is the current CUDA GPU, else an Apple GPU, else the CPU.
+
+    `gpus` (CUDA devices) and `mps` (an Apple GPU is usable) default to what torch sees; tests pass them in.
+    """
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    mps = mps_available() if mps is None else mps
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(_one_device(name, torch.cuda.device_count()))
+        return torch.device("cuda" if gpus else "mps" if mps else "cpu")
+    return torch.device(_one_device(name, gpus, mps))
 
 
-def _one_device(name: str, gpus: int) -> str:
-    """`cpu` or `cuda:N` for one device name, checked against the GPUs torch sees."""
+def _one_device(name: str, gpus: int, mps: bool = False) -> str:
+    """`cpu`, `cuda:N` or `mps` for one device name, checked against the GPUs torch sees."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda or cuda:N") from None
+        raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda, cuda:N or mps") from None
     if device.type == "cpu":
         return "cpu"
+    if device.type == "mps":
+        if not mps:
+            raise RunError(
+                f"device {name} asked for, but torch sees no Apple GPU (torch.backends.mps.is_available() is "
+                "False: it needs Apple silicon, macOS 12.3+ and a torch built with MPS); use --devices cpu"
+            )
+        return "mps"  # one Apple GPU per machine: mps:0 is mps
     if device.type != "cuda":
-        raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda or cuda:N")
+        raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda, cuda:N or mps")
     if not gpus:
         raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
     index = 0 if device.index is None else device.index
@@ -36,23 +54,29 @@ def _one_device(name: str, gpus: int) -> str:
     return f"cuda:{index}"
 
 
-def parse_devices(text: str, gpus: int | None = None) -> list[str]:
-    """`auto` (every GPU, else the CPU), `all` (every GPU), `cpu`, or a list such as `cuda:0,cuda:1` or `cpu,cpu`.
+def parse_devices(text: str, gpus: int | None = None, mps: bool | None = None) -> list[str]:
+    """`auto` (every CUDA GPU, else the Apple GPU, else the CPU), `all` (every GPU), `cpu`, `mps`, or a list such as
+    `cuda:0,cuda:1` or `cpu,cpu`.
 
-    A device named twice gets two worker slots, like --workers-per-device does for every device.
+    A device named twice gets two worker slots, like --workers-per-device does for every device. `gpus` (CUDA
+    devices) and `mps` (an Apple GPU is usable) default to what torch sees; tests pass them in.
     """
     gpus = torch.cuda.device_count() if gpus is None else gpus
     text = text.strip().lower()
     if text in ("auto", "all"):
         if gpus:
             return [f"cuda:{i}" for i in range(gpus)]
+        if mps_available() if mps is None else mps:
+            return ["mps"]
         if text == "all":
             raise RunError("--devices all asks for every GPU, but torch sees none; use --devices cpu")
         return ["cpu"]
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise RunError("--devices is empty: use auto, all, cpu, or a list such as cuda:0,cuda:1")
-    return [_one_device(name, gpus) for name in names]
+        raise RunError("--devices is empty: use auto, all, cpu, mps, or a list such as cuda:0,cuda:1")
+    needs_mps = any(name.startswith("mps") for name in names)
+    mps = (mps_available() if needs_mps else False) if mps is None else mps
+    return [_one_device(name, gpus, mps) for name in names]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -98,12 +122,29 @@ def configure_device(device: torch.device, precision: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work: what a timing or a host copy of results needs on an asynchronous device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hands the allocator's cached blocks back, before a batch that ran out of memory is redone row by row."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 DEVICE_FAULT_EXIT = 75  # a worker process exits with this after a device fault, so its parent replaces it
 
 
 class DeviceFault(RuntimeError):
     """A CUDA error other than out-of-memory (illegal address, device-side assert, ECC): the context is poisoned
-    and every later row on it would fail too. The worker process dies so that a fresh one takes its rows."""
+    and every later row on it would fail too. The worker process dies so that a fresh one takes its rows. (An MPS
+    error is taken for the row's own: Metal has no poisoned-context state to escape.)"""
 
 
 def is_device_fault(exc: BaseException, device: torch.device) -> bool:

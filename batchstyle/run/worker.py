@@ -28,7 +28,14 @@ from batchstyle.model.pixels import tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetCache, TargetStore, backend_factory
 from batchstyle.model.weights import Weights, resolve
-from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, configure_device, is_device_fault, is_out_of_memory
+from batchstyle.run.devices import (
+    DEVICE_FAULT_EXIT,
+    DeviceFault,
+    configure_device,
+    empty_cache,
+    is_device_fault,
+    is_out_of_memory,
+)
 from batchstyle.run.plan import Job
 from batchstyle.version import __version__
 
@@ -158,8 +165,7 @@ class Worker:
                     raise DeviceFault(f"{exc.__class__.__name__}: {exc}") from exc
                 if len(prepared) > 1 and is_out_of_memory(exc):
                     del exc  # its traceback holds the batch's tensors
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    empty_cache(self.device)
                     for job, _ in prepared:
                         results[job.row.number] = self.run(job, on_iteration)
                 else:
