@@ -112,7 +112,13 @@ def iteration_figures(
     precision = precision_for(dev, precision)
     configure_device(dev, precision)
     settings: Settings = make_settings(
-        {**default_values(), "size": long_side, "min_size": 0, "optimizer": optimizer, "iterations": iterations + 1}
+        {
+            **default_values(),
+            "size": long_side,
+            "min_size": 0,
+            "optimizer": optimizer,
+            "iterations": _loop_iterations(dev, iterations),
+        }
     )
     stylizer = Stylizer.local(weights, dev, precision)
     model = stylizer.trunk(settings)
@@ -129,21 +135,42 @@ def iteration_figures(
         pixels.grad = None
 
     floor = _median_seconds(bare, iterations, dev)
-    stamps: list[float] = []
+    stamps: dict[int, float] = {}
 
-    def stamp(_: int, __: object) -> None:
+    def stamp(iteration: int, _: object) -> None:
         _sync(dev)
-        stamps.append(time.perf_counter())
+        stamps[iteration] = time.perf_counter()
 
-    # Timed between iteration callbacks: targets, set-up and the final loss evaluation stay out of the figure. On
-    # CUDA the loop reports in chunks, so the figure there is the chunk's time divided by its iterations.
+    # Timed between iteration callbacks: targets, set-up and the final loss evaluation stay out of the figure.
     stylizer.stylize(items, settings, Hooks(on_iteration=stamp))
-    per_iteration = (
-        (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-        if dev.type == "cuda"
-        else statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    )
+    per_iteration = _per_iteration(stamps, dev)
+    assert per_iteration is not None  # _loop_iterations runs enough for a gap
     return IterationFigures((w, h), optimizer, per_iteration, floor, batch, precision)
+
+
+def _loop_iterations(device: torch.device, timed: int) -> int:
+    """Iterations to run for `timed` timed ones. On the CPU every iteration reports: one more than timed. On a GPU the
+    loop reports in bursts every LOSS_CHUNK iterations, and a burst's reports all come at its end: the first chunk
+    (warm-up) and then whole chunks covering `timed`."""
+    from batchstyle.model.optimize import LOSS_CHUNK
+
+    if device.type == "cpu":
+        return timed + 1
+    return LOSS_CHUNK * (1 + -(-timed // LOSS_CHUNK))
+
+
+def _per_iteration(stamps: dict[int, float], device: torch.device) -> float | None:
+    """Seconds per iteration from the times iterations were reported (iteration -> time): the median gap on the CPU;
+    on a GPU the time between the ends of the first and the last burst over the iterations between them (the
+    iterations inside one burst are reported together, so their gaps mean nothing). None when there is no gap."""
+    from batchstyle.model.optimize import LOSS_CHUNK
+
+    done = sorted(stamps)
+    if device.type == "cpu":
+        return statistics.median(stamps[b] - stamps[a] for a, b in zip(done, done[1:])) if len(done) > 1 else None
+    if not done or done[-1] <= LOSS_CHUNK:
+        return None  # one burst
+    return (stamps[done[-1]] - stamps[LOSS_CHUNK]) / (done[-1] - LOSS_CHUNK)
 
 
 @dataclass(frozen=True)

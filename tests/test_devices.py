@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from batchstyle.errors import RunError
+from batchstyle.run import devices, engine
 from batchstyle.run.devices import cpu_has_native_bf16, parse_devices, pick_device, precision_for
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda:0"), torch.device("mps")
@@ -65,3 +66,26 @@ def test_mps_is_named_like_any_device_and_refused_where_there_is_none() -> None:
     with pytest.raises(RunError, match="no Apple GPU"):
         pick_device("mps", gpus=4, mps=False)
     assert precision_for(MPS, "auto") == "fp32"
+
+
+def test_auto_batch_size_asks_free_memory_without_a_cuda_context_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent never computes: it must not open a CUDA context (hundreds of MB on GPU 0 for the whole run) just
+    to read free memory, so it asks `free_gpu_memory`, which asks from a short-lived process."""
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("torch.cuda.mem_get_info called in the parent")
+
+    asked: list[list[str]] = []
+
+    def free(names: list[str]) -> dict[str, int]:
+        asked.append(list(names))
+        return {name: 80 << 30 for name in dict.fromkeys(names)}
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
+    monkeypatch.setattr(engine, "free_gpu_memory", free)
+    assert engine._auto_batch_size(["cuda:0", "cuda:1", "cuda:1"], [], {}, "vgg19") == 1  # no job: nothing to fit
+    assert asked == [["cuda:0", "cuda:1", "cuda:1"]]
+    assert engine._auto_batch_size(["cpu"], [], {}, "vgg19") == 1
+    assert engine._auto_batch_size(["mps"], [], {}, "vgg19") == 1  # unified memory: one image, as on a CPU
+    assert len(asked) == 1
+    assert devices.free_gpu_memory([]) == {}

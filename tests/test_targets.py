@@ -92,7 +92,9 @@ def test_providers_on_a_gpu_host_go_tensorrt_cuda_cpu(tmp_path: Path) -> None:
     )
     assert [name for name, _ in chain] == ALL
     trt, cuda, cpu = (options for _, options in chain)
-    assert trt["device_id"] == 1 and cuda == {"device_id": 1} and cpu == {}
+    assert trt["device_id"] == 1 and cuda["device_id"] == 1 and cpu == {}
+    # Targets are computed once per shape: no exhaustive cuDNN search per shape, no power-of-two arena growth.
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC" and cuda["arena_extend_strategy"] == "kSameAsRequested"
     assert trt["trt_fp16_enable"] is True
     assert Path(trt["trt_engine_cache_path"]).is_relative_to(tmp_path)
     assert Path(trt["trt_timing_cache_path"]).is_relative_to(tmp_path)
@@ -147,6 +149,33 @@ def test_only_cuda_providers_bind_device_memory(random_weights, spec, graph: Pat
     ]:
         backend.device, backend.provider = torch.device(device), provider
         assert backend.io_device == torch.device(io), (device, provider)
+
+
+def test_tensorrt_engine_builds_are_serialised_across_processes(tmp_path: Path) -> None:
+    """Workers share one engine cache: while one holds the build lock (building and writing an engine), another
+    process waits for it rather than building the same engine or reading a half-written one."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from batchstyle.model.targets import build_lock
+
+    pytest.importorskip("fcntl")
+    folder = tmp_path / "tensorrt"
+    probe = textwrap.dedent(
+        f"""
+        import fcntl, sys
+        handle = open({str(folder / ".build.lock")!r}, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            sys.exit(1)
+        """
+    )
+    with build_lock(folder):
+        held = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    free = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    assert (held.returncode, free.returncode) == (1, 0)
 
 
 def test_cpu_fallback_on_a_gpu_device_is_a_visible_warning(random_weights, spec, graph: Path, tmp_path: Path) -> None:

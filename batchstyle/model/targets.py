@@ -7,10 +7,11 @@ address: rows sharing a style compute it once, and a nightly rerun computes noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -141,7 +142,16 @@ def ort_providers(
                 options["trt_profile_max_shapes"] = f"{INPUT_NAME}:1x3x{h2}x{w2}"
             chain.append(("TensorrtExecutionProvider", options))
         if "CUDAExecutionProvider" in available:
-            chain.append(("CUDAExecutionProvider", {"device_id": device_id}))
+            # Each target is computed once at its shape, and a run meets many shapes: the exhaustive cuDNN search
+            # ORT does by default for every new one would cost more than the convolutions it tunes (see
+            # run.devices.CUDNN_BENCHMARK). The arena grows by what is asked, not to the next power of two, so the
+            # memory `--batch-size auto` counted on is not taken by targets.
+            cuda_options = {
+                "device_id": device_id,
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "arena_extend_strategy": "kSameAsRequested",
+            }
+            chain.append(("CUDAExecutionProvider", cuda_options))
     elif device.type == "mps" and "CoreMLExecutionProvider" in available:
         chain.append(("CoreMLExecutionProvider", {"ModelFormat": "MLProgram", "MLComputeUnits": "CPUAndGPU"}))
     chain.append(("CPUExecutionProvider", {}))
@@ -149,6 +159,30 @@ def ort_providers(
 
 
 CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # bind CUDA memory in place
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` across processes, held while TensorRT may build and write engines there.
+
+    Every worker of a run shares one engine cache: without the lock, workers starting together each build the same
+    engine (minutes each) and write the same files at once, and one can read another's half-written engine. With it,
+    the first builds and writes, and the others wait and then load its engine. The OS drops the lock when its holder
+    dies, however it dies. Where there is no flock (Windows), nothing is locked.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class OrtBackend:
@@ -182,10 +216,16 @@ class OrtBackend:
         # The CPU arena would keep the largest run's buffers for the worker's life, beside the optimisation that
         # follows: 2 GiB at 2048 px (peak of a 2048 px run 10.6 GiB with it, 8.6 without, at no cost in time).
         opts.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(
-            str(graph_path), opts, providers=[name for name, _ in chain], provider_options=[o for _, o in chain]
-        )
+        self.trt_dir = cache_dir / "tensorrt"
+        trt = any(name == "TensorrtExecutionProvider" for name, _ in chain)
+        # With a shape profile TensorRT builds its engine while the session is created; without one, at the first
+        # run of each shape outside what it has built for.
+        with build_lock(self.trt_dir) if trt else contextlib.nullcontext():
+            self.session = ort.InferenceSession(
+                str(graph_path), opts, providers=[name for name, _ in chain], provider_options=[o for _, o in chain]
+            )
         self.provider = self.session.get_providers()[0]
+        self.shapes_run: set[tuple[int, ...]] = set()
         self.name = "ort"
         self.spec = spec
         self.arch = arch
@@ -223,7 +263,10 @@ class OrtBackend:
             shape = (b, c, fh, fw) if role == "content" else (b, c, c)
             outputs[name] = torch.empty(shape, dtype=torch.float32, device=io)
             binding.bind_output(name, kind, index, np.float32, shape, outputs[name].data_ptr())
-        self.session.run_with_iobinding(binding)
+        first = self.provider == "TensorrtExecutionProvider" and tuple(pixels.shape) not in self.shapes_run
+        with build_lock(self.trt_dir) if first else contextlib.nullcontext():
+            self.session.run_with_iobinding(binding)
+        self.shapes_run.add(tuple(pixels.shape))
         return {name: t.to(self.device) for name, t in outputs.items()}
 
 

@@ -6,6 +6,8 @@ Both the engine (which plans slots) and the pools (which host workers) import th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from batchstyle.errors import RunError
@@ -113,13 +115,46 @@ def precision_for(device: torch.device, asked: str, cpu_has_bf16: bool | None = 
     return "fp32"
 
 
-def configure_device(device: torch.device, precision: str) -> None:
+# cuDNN's exhaustive algorithm search (cudnn.benchmark) runs once per new input shape. A run meets many shapes: every
+# scale of coarse-to-fine is a new one, and so is every aspect ratio among the photos, and each target is computed
+# once at its shape. With the search on, every one of those shapes pays for trying every convolution algorithm of
+# the ~13 layers forward and backward, a cost of the order of a second, while a 256 px scale of 200 iterations takes
+# about as long on a modern GPU; for VGG's plain 3x3 convolutions cuDNN's heuristics pick the same or a close
+# algorithm. So it stays off; `batchstyle bench device` prints the first-iteration cost and per-iteration gain of
+# both settings, which is what would justify turning it on.
+CUDNN_BENCHMARK = False
+
+
+def configure_device(device: torch.device, precision: str, cudnn_benchmark: bool = CUDNN_BENCHMARK) -> None:
     """Convolutions may use TF32; matrix products stay fp32, because they compute the Gram matrices."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def free_gpu_memory(names: Sequence[str]) -> dict[str, int]:
+    """Free bytes on each CUDA device named, without opening a CUDA context in this process.
+
+    A context costs its process several hundred MB on every GPU it touches, for as long as the process lives: asked
+    in a run's parent (which never computes), it would sit on GPU 0 beside that GPU's worker for the whole run. So
+    unless this process already has one (a library caller on a GPU), a short-lived spawned process asks and exits.
+    It sees the devices as a worker will (same CUDA_VISIBLE_DEVICES and order), which NVML's own numbering need not.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    if torch.cuda.is_initialized():
+        return _free_memory(names)
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply_async(_free_memory, (names,)).get(timeout=300)
+
+
+def _free_memory(names: Sequence[str]) -> dict[str, int]:
+    return {name: int(torch.cuda.mem_get_info(torch.device(name))[0]) for name in names}
 
 
 def synchronize(device: torch.device) -> None:
