@@ -420,6 +420,85 @@ def bench_throughput(
         click.echo(f"{count:>7} {fig.seconds:>9.1f} {fig.images_per_hour:>12.1f}")
 
 
+@bench.command("device")
+@click.option(
+    "--devices",
+    "--device",
+    "devices_text",
+    default="auto",
+    show_default=True,
+    help="The device to measure (the first named); whole runs use every one named (auto: every GPU).",
+)
+@click.option(
+    "--model",
+    default="vgg19",
+    show_default=True,
+    help="Weights; VGG-19 falls back to random-vgg19 (same cost) where its weights cannot be fetched.",
+)
+@click.option(
+    "--size", type=click.IntRange(min=16), default=None, help="Long side [default: 512 on a GPU, 128 on a CPU]."
+)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Iterations of the one-image figure [default: 500 on a GPU, 20 on a CPU]; whole runs take a fifth a scale.",
+)
+@click.option("--batch", "batches", default=None, help="Batch sizes of the iteration table [default: 1,4; 1 on a CPU].")
+@click.option("--timed", type=click.IntRange(min=1), default=None, help="Iterations timed per line [default: 10; 3].")
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=None, help="Rows of the generated manifest [default: 4 a GPU]."
+)
+@click.option(
+    "--peak-tflops",
+    type=float,
+    default=None,
+    help="The device's peak TFLOP/s at the precision auto runs, where the built-in table does not know the device.",
+)
+@click.option(
+    "--budget",
+    type=float,
+    default=450.0,
+    show_default=True,
+    help="Seconds; sections not started by then are skipped, saying so (TensorRT needs 150 left).",
+)
+@CACHE_DIR
+def bench_device(
+    devices_text: str,
+    model: str,
+    size: int | None,
+    iterations: int | None,
+    batches: str | None,
+    timed: int | None,
+    rows: int | None,
+    peak_tflops: float | None,
+    budget: float,
+    cache_dir: Path | None,
+) -> None:
+    """Every figure of one device in one run: seconds per iteration in fp32, TF32 and bf16 beside the floors, one
+    whole image and its share of the device's peak, images per hour at batch 1 and auto, cudnn.benchmark, whole runs
+    on one and on every device, and targets through ONNX Runtime (CUDA, TensorRT fp32/fp16) against torch. On a CPU
+    it prints what makes sense there and says what it skipped and why."""
+    from batchstyle.bench import DeviceBenchOptions, device_report
+    from batchstyle.run import devices
+
+    options = DeviceBenchOptions(
+        slots=list(dict.fromkeys(devices.parse_devices(devices_text))),
+        model=model,
+        cache_dir=cache_dir or weights.default_cache_dir(),
+        size=size,
+        iterations=iterations,
+        batches=tuple(int(b) for b in batches.split(",")) if batches else None,
+        timed=timed,
+        rows=rows,
+        peak_tflops=peak_tflops,
+        budget=budget,
+    )
+    skipped = device_report(options, click.echo)
+    if skipped:
+        click.echo(f"\nskipped {len(skipped)}:\n" + "\n".join(f"  {line}" for line in skipped))
+
+
 def torch_threads() -> int:
     import torch
 

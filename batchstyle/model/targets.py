@@ -198,10 +198,15 @@ class OrtBackend:
         trt_fp16: bool = False,
         profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
         warn: Callable[[str], None] = lambda text: None,
+        only: str | None = None,
     ) -> None:
+        """`only` keeps that provider of the chain (and the CPU one it falls back to): what a benchmark of one
+        provider against another asks for."""
         import onnxruntime as ort
 
         chain = ort_providers(ort.get_available_providers(), device, cache_dir, trt_fp16, profile)
+        if only is not None:
+            chain = [(name, options) for name, options in chain if name in (only, "CPUExecutionProvider")]
         for _, options in chain:
             for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
                 if key in options:

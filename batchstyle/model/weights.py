@@ -388,6 +388,16 @@ SOURCES: dict[str, WeightSource] = {
         sha256=f"random:vgg16:seed{RANDOM_SEED}",
         _load=lambda cache: random_state_dict("vgg16"),
     ),
+    "random-vgg19": WeightSource(
+        name="random-vgg19",
+        arch="vgg19",
+        preprocess=IMAGENET,
+        origin=f"generated (Kaiming normal, seed {RANDOM_SEED})",
+        licence="none needed",
+        description="seeded random VGG-19: the paper's network's cost where its weights cannot be fetched (benchmarks)",
+        sha256=f"random:vgg19:seed{RANDOM_SEED}",
+        _load=lambda cache: random_state_dict("vgg19"),
+    ),
 }
 
 
