@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from batchstyle.images import load_image, tensor_to_image, to_rgb
+from batchstyle.images import load_image, to_rgb
 from batchstyle.manifest import read_manifest
+from batchstyle.model.cache import TargetCache
 from batchstyle.model.optimize import Losses
+from batchstyle.model.pixels import tensor_to_image
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
-from batchstyle.model.targets import TargetCache, TargetStore, backend_factory
+from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.weights import default_cache_dir, resolve, sha256_file
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values, settings_problem
 from batchstyle.run.devices import configure_device, pick_device, precision_for

@@ -3,6 +3,10 @@
 Exit codes: 0 every row done, 1 some row failed, 2 the manifest or the command line is unusable (found before any
 work is done). Errors reach the user as click exceptions: every `UnusableInput` the library raises becomes
 `Unusable` (exit 2) in one place, the group's `invoke`.
+
+Light commands stay light: `--help`, `check`, `status`, `cache info`, `weights list` and `report` import neither
+torch nor onnxruntime (a test holds them to it), so this module imports only torch-free modules at the top and
+everything that computes (the engine, the devices, export, the benchmarks) inside the commands that need it.
 """
 
 from __future__ import annotations
@@ -10,19 +14,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from batchstyle.errors import UnusableInput
-from batchstyle.manifest import Manifest, default_out_dir, read_manifest
 from batchstyle.model import weights
-from batchstyle.model.export import ExportError, graph_spec
-from batchstyle.model.layout import layer_names
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values
-from batchstyle.run import devices, engine, ledger
-from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
 from batchstyle.version import __version__
+
+if TYPE_CHECKING:
+    from batchstyle.manifest import Manifest
 
 
 class Unusable(click.ClickException):
@@ -110,6 +112,8 @@ def _common(func: Any) -> Any:
 
 
 def _read(manifest_path: Path, out_dir: Path | None, fmt: str, options: dict[str, Any]) -> Manifest:
+    from batchstyle.manifest import read_manifest
+
     return read_manifest(manifest_path, _option_values(options), out_dir, fmt)
 
 
@@ -147,7 +151,8 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     "--device",
     default="auto",
     show_default=True,
-    help="auto (every GPU, else the CPU), all (every GPU), cpu, or a list: cuda:0,cuda:1 or cpu,cpu.",
+    help="auto (every CUDA GPU, else the Apple GPU, else the CPU), all (every GPU), cpu, mps, or a list: "
+    "cuda:0,cuda:1 or cpu,cpu.",
 )
 @click.option(
     "--workers-per-device",
@@ -183,7 +188,8 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "fp32", "tf32", "bf16"]),
-    help="Convolution precision on CUDA: auto is TF32; bf16 autocast is opt-in. Gram matrices and losses stay fp32.",
+    help="The network's precision. auto: TF32 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else "
+    "fp32. Gram matrices, losses and the optimiser stay fp32.",
 )
 @click.option(
     "--backend",
@@ -234,6 +240,9 @@ def run(
     **params: Any,
 ) -> None:
     """Stylize every row of MANIFEST, skipping rows already done."""
+    from batchstyle.run import engine
+    from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
+
     options, settings = _split(params)
     config = engine.RunConfig.from_values({**settings, "argv": sys.argv})
     manifest = _read(manifest_path, out_dir, fmt, options)
@@ -269,6 +278,8 @@ def run(
 
 def _out_dir(target: Path) -> Path:
     """An output folder, or a manifest standing for its default output folder."""
+    from batchstyle.manifest import default_out_dir
+
     return default_out_dir(target) if target.suffix.lower() == ".csv" else target
 
 
@@ -278,6 +289,8 @@ def _out_dir(target: Path) -> Path:
 @click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")
 def status(target: Path, as_json: bool, all_rows: bool) -> None:
     """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
+    from batchstyle.run import ledger
+
     out_dir = _out_dir(target)
     try:
         records, last_run = ledger.read_records(out_dir, all_rows)
@@ -348,7 +361,16 @@ def bench() -> None:
 @click.option("--optimizer", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "adam"]))
 @click.option("--iterations", default=10, show_default=True, help="Timed iterations per size (median).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "tf32", "bf16"]))
+@click.option(
+    "--precisions",
+    "--precision",
+    "precisions",
+    default="auto",
+    show_default=True,
+    metavar="LIST",
+    help="Precisions to measure, comma-separated (fp32, tf32, bf16, auto); auto: fp32 and bf16 on a CPU, fp32, "
+    "tf32 and bf16 on CUDA, fp32 on an Apple GPU. fp32 is always measured: its floor is the yardstick.",
+)
 @CACHE_DIR
 def bench_iteration(
     model: str,
@@ -357,26 +379,34 @@ def bench_iteration(
     optimizer: str,
     iterations: int,
     device: str,
-    precision: str,
+    precisions: str,
     cache_dir: Path | None,
 ) -> None:
     """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk, same size,
-    same batch), and per image."""
-    from batchstyle.bench import iteration_figures
+    same batch, same precision) and beside the fp32 floor, and per image."""
+    from batchstyle.bench import format_iteration, iteration_figures, iteration_header, precisions_to_measure
+    from batchstyle.run import devices
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
-    dev = str(devices.pick_device(device))
-    click.echo(f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}")
-    click.echo(f"{'size':>10} {'batch':>5} {'s/iteration':>12} {'floor s':>10} {'ratio':>7} {'s/it/image':>11}")
+    dev = devices.pick_device(device)
+    try:
+        measured = precisions_to_measure(dev, precisions)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--precisions") from None
+    auto = devices.precision_for(dev, "auto")
+    click.echo(
+        f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}; "
+        f"--precision auto runs {auto} here"
+    )
+    click.echo(iteration_header())
     for long_side in (int(s) for s in sizes.split(",")):
         for batch in (int(b) for b in batches.split(",")):
-            fig = iteration_figures(loaded, long_side, optimizer, iterations, dev, batch, precision)
-            w, h = fig.size
-            click.echo(
-                f"{f'{w}x{h}':>10} {batch:>5} {fig.seconds_per_iteration:>12.4f} {fig.floor_seconds:>10.4f} "
-                f"{fig.ratio:>7.3f} {fig.seconds_per_iteration / batch:>11.4f}"
-            )
+            fp32_floor = None
+            for precision in measured:
+                fig = iteration_figures(loaded, long_side, optimizer, iterations, str(dev), batch, precision)
+                fp32_floor = fp32_floor or fig.floor_seconds
+                click.echo(format_iteration(fig, fp32_floor))
 
 
 @bench.command("throughput")
@@ -402,6 +432,85 @@ def bench_throughput(
         click.echo(f"{count:>7} {fig.seconds:>9.1f} {fig.images_per_hour:>12.1f}")
 
 
+@bench.command("device")
+@click.option(
+    "--devices",
+    "--device",
+    "devices_text",
+    default="auto",
+    show_default=True,
+    help="The device to measure (the first named); whole runs use every one named (auto: every GPU).",
+)
+@click.option(
+    "--model",
+    default="vgg19",
+    show_default=True,
+    help="Weights; VGG-19 falls back to random-vgg19 (same cost) where its weights cannot be fetched.",
+)
+@click.option(
+    "--size", type=click.IntRange(min=16), default=None, help="Long side [default: 512 on a GPU, 128 on a CPU]."
+)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Iterations of the one-image figure [default: 500 on a GPU, 20 on a CPU]; whole runs take a fifth a scale.",
+)
+@click.option("--batch", "batches", default=None, help="Batch sizes of the iteration table [default: 1,4; 1 on a CPU].")
+@click.option("--timed", type=click.IntRange(min=1), default=None, help="Iterations timed per line [default: 10; 3].")
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=None, help="Rows of the generated manifest [default: 4 a GPU]."
+)
+@click.option(
+    "--peak-tflops",
+    type=float,
+    default=None,
+    help="The device's peak TFLOP/s at the precision auto runs, where the built-in table does not know the device.",
+)
+@click.option(
+    "--budget",
+    type=float,
+    default=450.0,
+    show_default=True,
+    help="Seconds; sections not started by then are skipped, saying so (TensorRT needs 150 left).",
+)
+@CACHE_DIR
+def bench_device(
+    devices_text: str,
+    model: str,
+    size: int | None,
+    iterations: int | None,
+    batches: str | None,
+    timed: int | None,
+    rows: int | None,
+    peak_tflops: float | None,
+    budget: float,
+    cache_dir: Path | None,
+) -> None:
+    """Every figure of one device in one run: seconds per iteration in fp32, TF32 and bf16 beside the floors, one
+    whole image and its share of the device's peak, images per hour at batch 1 and auto, cudnn.benchmark, whole runs
+    on one and on every device, and targets through ONNX Runtime (CUDA, TensorRT fp32/fp16) against torch. On a CPU
+    it prints what makes sense there and says what it skipped and why."""
+    from batchstyle.bench import DeviceBenchOptions, device_report
+    from batchstyle.run import devices
+
+    options = DeviceBenchOptions(
+        slots=list(dict.fromkeys(devices.parse_devices(devices_text))),
+        model=model,
+        cache_dir=cache_dir or weights.default_cache_dir(),
+        size=size,
+        iterations=iterations,
+        batches=tuple(int(b) for b in batches.split(",")) if batches else None,
+        timed=timed,
+        rows=rows,
+        peak_tflops=peak_tflops,
+        budget=budget,
+    )
+    skipped = device_report(options, click.echo)
+    if skipped:
+        click.echo(f"\nskipped {len(skipped)}:\n" + "\n".join(f"  {line}" for line in skipped))
+
+
 def torch_threads() -> int:
     import torch
 
@@ -418,6 +527,7 @@ def torch_threads() -> int:
 def bench_targets(model: str, sizes: str, rows: int, styles: int, device: str, cache_dir: Path | None) -> None:
     """Seconds for one row's targets with ONNX Runtime and with torch, and what the target cache saves."""
     from batchstyle.bench import cache_figures, target_figures
+    from batchstyle.run import devices
 
     source, _ = weights.resolve(model, cache_dir)
     loaded = source.load(cache_dir)
@@ -470,7 +580,8 @@ def export_command(
     cache_dir: Path | None,
 ) -> None:
     """Export the target graph (features + Gram matrices, pixels in) to ONNX and validate it against PyTorch."""
-    from batchstyle.model.export import export_graph
+    from batchstyle.model.export import ExportError, export_graph, graph_spec
+    from batchstyle.model.layout import layer_names
 
     values = _option_values({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})
     try:
@@ -508,7 +619,7 @@ def cache() -> None:
 @CACHE_DIR
 def cache_info(as_json: bool, cache_dir: Path | None) -> None:
     """Entries, size and hit counts."""
-    from batchstyle.model.targets import TargetCache
+    from batchstyle.model.cache import TargetCache
 
     store = TargetCache(cache_dir or weights.default_cache_dir())
     info = store.info()
@@ -525,7 +636,7 @@ def cache_info(as_json: bool, cache_dir: Path | None) -> None:
 @CACHE_DIR
 def cache_clear(cache_dir: Path | None) -> None:
     """Delete every cached target (weights and exported graphs stay)."""
-    from batchstyle.model.targets import TargetCache
+    from batchstyle.model.cache import TargetCache
 
     store = TargetCache(cache_dir or weights.default_cache_dir())
     removed = store.clear()

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from batchstyle.images import image_to_tensor, load_image, resize_long_side
+from batchstyle.images import load_image, resize_long_side
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Objective
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.weights import Weights

@@ -570,6 +570,7 @@ def _row_html(row: _Row, thumb: int) -> str:
         ("status", _e(record.status)),
         ("model", _e(record.model) if record.model else None),
         ("device", _e(record.device) if record.device else None),
+        ("precision", _e(record.precision) if record.precision else None),
         ("provider", _e(record.provider) if record.provider else None),
         ("target cache", _e(record.targets) if record.targets else None),
         ("seconds", _e(_seconds(record.seconds)) if record.seconds is not None else None),

@@ -24,17 +24,10 @@ from click.testing import Result
 from conftest import MALFORMED, cli, make_photo, write_manifest
 from PIL import Image
 
-from batchstyle.images import (
-    TEMP_MARKER,
-    image_to_tensor,
-    is_temp_file,
-    load_image,
-    read_metadata,
-    resize_long_side,
-    rgb_to_yiq,
-)
+from batchstyle.images import TEMP_MARKER, is_temp_file, load_image, read_metadata, resize_long_side
 from batchstyle.model import weights
-from batchstyle.run import engine
+from batchstyle.model.pixels import image_to_tensor, rgb_to_yiq
+from batchstyle.run import devices, engine
 from batchstyle.run.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
 
 # --device cpu keeps ledger and metadata the same on a GPU host; -q keeps progress bars out of the output.
@@ -148,6 +141,27 @@ def test_run_writes_outputs_metadata_and_ledger(three_rows: Path, tmp_path: Path
         assert record.content_loss is not None and record.style_loss is not None and record.tv_loss is not None
         assert record.seconds is not None and record.seconds > 0
         assert json.loads(record.params)["size"] == 32
+
+
+@pytest.mark.parametrize(("native_bf16", "asked", "expected"), [(True, "auto", "bf16"), (False, "auto", "fp32")])
+def test_the_precision_a_row_ran_in_is_in_the_ledger_and_the_metadata(
+    tmp_path: Path,
+    images: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    native_bf16: bool,
+    asked: str,
+    expected: str,
+) -> None:
+    """`--precision auto` on a CPU runs the network in bf16 only where the CPU computes bf16 natively (taken from
+    what torch reports, here given), and the row says which it ran in: the bf16 path runs for real here."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
+    result = cli("run", manifest, *FAST, "--precision", asked)
+    assert result.exit_code == 0, result.output
+    [record] = read_records(tmp_path / "m")[0]
+    assert record.precision == expected
+    assert read_metadata(tmp_path / "m" / record.output)["batchstyle:precision"] == expected
+    assert record.total_loss is not None and record.total_loss > 0
 
 
 def test_output_in_a_subfolder(tmp_path: Path, images: dict[str, Path]) -> None:

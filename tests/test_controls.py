@@ -10,10 +10,11 @@ import torch
 from conftest import cli, make_painting, make_photo, write_manifest
 from PIL import Image
 
-from batchstyle.images import image_to_tensor, load_image
+from batchstyle.images import load_image
 from batchstyle.model.colour import colour_moments, match_colours, oklab_to_srgb, srgb_to_oklab
 from batchstyle.model.losses import StyleLoss, gram_matrix, masked_moments, sqrtm_psd, wasserstein2
 from batchstyle.model.optimize import EMA_DECAY, converged
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings

@@ -222,3 +222,28 @@ def test_converted_torchvision_vgg19_matches_torchvision_features() -> None:
     assert got.shape == expected.shape == (1, 512, 3, 3)
     assert expected.abs().max() > 0
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_lowered_trunk_computes_what_autocast_computes(vgg16_state, channels_last: bool) -> None:
+    """bf16 runs through a bf16 copy of the trunk, made once: bit for bit what autocast gives, features and pixel
+    gradient alike, without recasting the weights on every forward."""
+    model = VGGFeatures("vgg16", vgg16_state, CAFFE, ("relu1_1", "relu3_1", "relu4_2"), channels_last=channels_last)
+    lowered = model.lowered(torch.bfloat16)
+    assert lowered is model.lowered(torch.bfloat16) and model.lowered(torch.float32) is model
+    assert model.conv_dtype == torch.float32 and lowered.conv_dtype == torch.bfloat16
+    assert lowered.mean.dtype == torch.float32  # preprocessing stays fp32 (Caffe's 0..255 scale)
+    assert "_lowered" not in dict(model.named_modules())  # not a submodule: .to() and state_dict ignore it
+
+    def run(net: VGGFeatures, autocast: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        pixels = _pixels(2, 3, 40, 56).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            feats = net(pixels)
+        sum(f.float().square().mean() for f in feats.values()).backward()
+        return feats, pixels.grad
+
+    (auto_feats, auto_grad), (low_feats, low_grad) = run(model, True), run(lowered, False)
+    for name in auto_feats:
+        assert low_feats[name].dtype == torch.bfloat16
+        assert torch.equal(low_feats[name], auto_feats[name]), name
+    assert torch.equal(low_grad, auto_grad)

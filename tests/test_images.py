@@ -17,17 +17,19 @@ from batchstyle.images import (
     TEMP_MARKER,
     ImageError,
     check_image,
-    image_to_tensor,
     is_temp_file,
     load_image,
-    luminance_image,
     output_size,
     read_metadata,
-    recombine_color,
     remove_stale_temp_files,
     resize_long_side,
-    rgb_to_yiq,
     save_image_atomic,
+)
+from batchstyle.model.pixels import (
+    image_to_tensor,
+    luminance_image,
+    recombine_color,
+    rgb_to_yiq,
     tensor_to_image,
     yiq_to_rgb,
 )

@@ -313,6 +313,10 @@ def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path) -> No
         assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         [record] = ledger.records()
         assert (record.output, record.status, record.total_loss) == ("old.png", "done", 0.5)
-        assert record.targets is None and record.provider is None
+        assert record.targets is None and record.provider is None and record.precision is None
         columns = {r[1] for r in ledger.conn.execute("PRAGMA table_info(rows)")}
-        assert {"targets", "provider"} <= columns
+        assert {"targets", "provider", "history", "precision"} <= columns
+        output = tmp_path / "old.png"
+        ledger.mark_running(output, run_id=1, device="cpu", model="m", weights="w")
+        ledger.mark_finished(output, status="done", precision="bf16")
+        assert ledger.get(output).precision == "bf16"

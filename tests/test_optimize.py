@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compute_targets, make_painting, make_photo, optimize_one
 
-from batchstyle.images import image_to_tensor, load_image
+from batchstyle.images import load_image
 from batchstyle.model.features import VGGFeatures, build
 from batchstyle.model.optimize import (
     BatchLBFGS,
@@ -19,6 +19,7 @@ from batchstyle.model.optimize import (
     lbfgs_history,
     optimize_batch,
 )
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.targets import Targets, stack_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings

@@ -194,14 +194,14 @@ def test_rows_back_from_a_dead_worker_go_first_and_alone(tmp_path: Path) -> None
 
 
 def test_devices_name_the_worker_slots() -> None:
-    assert parse_devices("auto", gpus=0) == ["cpu"]
-    assert parse_devices("auto", gpus=2) == ["cuda:0", "cuda:1"]
-    assert parse_devices("all", gpus=3) == ["cuda:0", "cuda:1", "cuda:2"]
-    assert parse_devices("cpu,cpu", gpus=0) == ["cpu", "cpu"]
-    assert parse_devices("cuda:1, cuda", gpus=2) == ["cuda:1", "cuda:0"]
+    assert parse_devices("auto", gpus=0, mps=False) == ["cpu"]
+    assert parse_devices("auto", gpus=2, mps=False) == ["cuda:0", "cuda:1"]
+    assert parse_devices("all", gpus=3, mps=False) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert parse_devices("cpu,cpu", gpus=0, mps=False) == ["cpu", "cpu"]
+    assert parse_devices("cuda:1, cuda", gpus=2, mps=False) == ["cuda:1", "cuda:0"]
     with pytest.raises(RunError, match="sees none"):
-        parse_devices("all", gpus=0)
+        parse_devices("all", gpus=0, mps=False)
     with pytest.raises(RunError, match="sees 2 GPU"):
-        parse_devices("cuda:2", gpus=2)
+        parse_devices("cuda:2", gpus=2, mps=False)
     with pytest.raises(RunError, match="not supported"):
-        parse_devices("mps", gpus=0)
+        parse_devices("xpu", gpus=0, mps=False)

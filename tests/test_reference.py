@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import compute_targets, make_painting, make_photo
 
-from batchstyle.images import image_to_tensor, load_image
+from batchstyle.images import load_image
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
 from batchstyle.model.optimize import Objective, initial_image
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.weights import IMAGENET, Weights, random_state_dict
 from batchstyle.options import Settings, default_values, make_settings
 from batchstyle.reference import (

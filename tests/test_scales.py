@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import cli, compute_targets, optimize_one, write_manifest
 
-from batchstyle.images import image_to_tensor, is_temp_file, load_image, read_metadata
+from batchstyle.images import is_temp_file, load_image, read_metadata
 from batchstyle.model.optimize import upsample
+from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.scales import scale_sizes
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
@@ -104,7 +105,8 @@ def test_multi_scale_run_records_its_scales_and_one_loss_per_iteration(tmp_path:
 
 def test_loss_history_is_recorded_and_read_back(tmp_path: Path, images: dict[str, Path]) -> None:
     manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
-    assert cli("run", manifest, *FAST, "--size", "32", "--iterations", "6").exit_code == 0
+    # fp32: in bf16 the content's own features differ from its fp32 targets by bf16's rounding (~1e-4).
+    assert cli("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--precision", "fp32").exit_code == 0
     [record] = read_records(tmp_path / "m")[0]
     history = unpack_history(record.history)
     assert history.shape == (6, 3)

@@ -92,7 +92,9 @@ def test_providers_on_a_gpu_host_go_tensorrt_cuda_cpu(tmp_path: Path) -> None:
     )
     assert [name for name, _ in chain] == ALL
     trt, cuda, cpu = (options for _, options in chain)
-    assert trt["device_id"] == 1 and cuda == {"device_id": 1} and cpu == {}
+    assert trt["device_id"] == 1 and cuda["device_id"] == 1 and cpu == {}
+    # Targets are computed once per shape: no exhaustive cuDNN search per shape, no power-of-two arena growth.
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC" and cuda["arena_extend_strategy"] == "kSameAsRequested"
     assert trt["trt_fp16_enable"] is True
     assert Path(trt["trt_engine_cache_path"]).is_relative_to(tmp_path)
     assert Path(trt["trt_timing_cache_path"]).is_relative_to(tmp_path)
@@ -113,10 +115,67 @@ def test_providers_on_a_gpu_host_go_tensorrt_cuda_cpu(tmp_path: Path) -> None:
         (["CPUExecutionProvider"], "cuda:0", ["CPUExecutionProvider"]),
         (ALL, "cpu", ["CPUExecutionProvider"]),
         (["AzureExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"]),
+        (
+            ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+            "mps",
+            ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+        ),
+        (["CPUExecutionProvider"], "mps", ["CPUExecutionProvider"]),
+        (["CoreMLExecutionProvider", *ALL], "cuda:0", ALL),
+        (["CoreMLExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"]),
     ],
 )
 def test_providers_fall_back_to_what_is_installed(available, device, expected, tmp_path: Path) -> None:
     assert [name for name, _ in ort_providers(available, torch.device(device), tmp_path)] == expected
+
+
+def test_coreml_on_an_apple_gpu_keeps_targets_fp32(tmp_path: Path) -> None:
+    """CoreML's default NeuralNetwork format and the Neural Engine compute in fp16: targets ask for neither."""
+    chain = dict(ort_providers(["CoreMLExecutionProvider", "CPUExecutionProvider"], torch.device("mps"), tmp_path))
+    assert chain["CoreMLExecutionProvider"] == {"ModelFormat": "MLProgram", "MLComputeUnits": "CPUAndGPU"}
+
+
+def test_only_cuda_providers_bind_device_memory(random_weights, spec, graph: Path, tmp_path: Path) -> None:
+    """ONNX Runtime reads CUDA pointers through CUDA and TensorRT only; MPS tensors it cannot bind at all, so a
+    CoreML (or CPU) session on an Apple GPU goes through host memory. Decided by device and provider alone, so it is
+    checked here on a CPU session standing in for the others."""
+    backend = OrtBackend(graph, spec, random_weights.arch, torch.device("cpu"), tmp_path)
+    for device, provider, io in [
+        ("mps", "CoreMLExecutionProvider", "cpu"),
+        ("mps", "CPUExecutionProvider", "cpu"),
+        ("cuda:1", "CUDAExecutionProvider", "cuda:1"),
+        ("cuda:0", "TensorrtExecutionProvider", "cuda:0"),
+        ("cuda:0", "CPUExecutionProvider", "cpu"),
+    ]:
+        backend.device, backend.provider = torch.device(device), provider
+        assert backend.io_device == torch.device(io), (device, provider)
+
+
+def test_tensorrt_engine_builds_are_serialised_across_processes(tmp_path: Path) -> None:
+    """Workers share one engine cache: while one holds the build lock (building and writing an engine), another
+    process waits for it rather than building the same engine or reading a half-written one."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from batchstyle.model.targets import build_lock
+
+    pytest.importorskip("fcntl")
+    folder = tmp_path / "tensorrt"
+    probe = textwrap.dedent(
+        f"""
+        import fcntl, sys
+        handle = open({str(folder / ".build.lock")!r}, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            sys.exit(1)
+        """
+    )
+    with build_lock(folder):
+        held = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    free = subprocess.run([sys.executable, "-c", probe], timeout=60)
+    assert (held.returncode, free.returncode) == (1, 0)
 
 
 def test_cpu_fallback_on_a_gpu_device_is_a_visible_warning(random_weights, spec, graph: Path, tmp_path: Path) -> None:

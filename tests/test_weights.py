@@ -303,3 +303,19 @@ def test_unknown_model_lists_the_choices() -> None:
     assert "vgg99" in message
     for choice in ("auto", "vgg19", "vgg16", "vgg16-hed", "random", ".safetensors"):
         assert choice in message
+
+
+def test_the_registry_knows_torchvisions_files_without_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`weights list` says whether ImageNet weights are cached without importing torch: the URLs kept literally must
+    be torchvision's, and the hub folder worked out from the environment must be torch.hub's."""
+    from torchvision.models import VGG16_Weights, VGG19_Weights
+
+    expected = {"vgg16": VGG16_Weights.IMAGENET1K_V1.url, "vgg19": VGG19_Weights.IMAGENET1K_V1.url}
+    urls = dict(weights.TORCHVISION_URLS)
+    assert urls == expected
+    for name, value in (("TORCH_HOME", None), ("TORCH_HOME", "/somewhere/torch"), ("XDG_CACHE_HOME", "/xdg")):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert weights._default_hub_dir() == Path(torch.hub._get_torch_home()) / "hub"

@@ -106,3 +106,23 @@ def _expanded(arch: str) -> list[int | str | None]:
     for item in ARCHS[arch]:
         out += ["M"] if item == "M" else [item, None]
     return out
+
+
+def conv_flops(arch: str, deepest: str, height: int, width: int) -> int:
+    """Floating-point operations (a multiply-add counts two) of the 3x3 convolutions of one forward pass, from the
+    input up to `deepest`, for one height x width image. Convolutions are nearly all of VGG's work; ReLUs, poolings
+    and Gram matrices are left out.
+
+    An optimisation iteration runs the forward and the backward to the pixels: the backward of each convolution to its
+    input costs what its forward costs (no weight gradients are taken), so an iteration is about twice this.
+    """
+    names = layer_names(arch)
+    if deepest not in names:
+        raise ValueError(f"{arch} has no layer {deepest!r}")
+    flops, channels = 0, 3
+    for name in names[: names.index(deepest) + 1]:
+        if name.startswith("conv"):
+            out, h, w = layer_shape(arch, name, height, width)
+            flops += 2 * channels * out * 9 * h * w
+            channels = out
+    return flops

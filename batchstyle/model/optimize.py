@@ -59,7 +59,10 @@ class Objective(nn.Module):
         extra: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
-        self.model = model
+        # The network alone in low precision: Gram sums and loss means over ~1e5 terms stay in fp32. A copy of the
+        # trunk with its convolutions in that dtype computes exactly what autocast would, without recasting every
+        # weight on every forward.
+        self.model = model.lowered(autocast) if autocast is not None else model
         self.content = nn.ModuleDict(
             {name: ContentLoss(t, targets.content_weights) for name, t in targets.content.items()}
         )
@@ -83,12 +86,7 @@ class Objective(nn.Module):
         self.extra = nn.ModuleList(extra)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.autocast is None:
-            feats = self.model(pixels)
-        else:
-            # The network alone in low precision: Gram sums and loss means over ~1e5 terms stay in fp32.
-            with torch.autocast(pixels.device.type, dtype=self.autocast):
-                feats = self.model(pixels)
+        feats = self.model(pixels)
         content = sum(self.content_layer_weight * loss(feats[name]) for name, loss in self.content.items())
         style = sum(self.style_layer_weights[name] * loss(feats[name]) for name, loss in self.style.items())
         zero = pixels.new_zeros(pixels.shape[0])
@@ -347,7 +345,8 @@ def optimize_batch(
     Nothing inside an iteration waits for the device: losses and the best iterates are kept on it, and the losses
     reach the host (and `on_iteration`) after every iteration on the CPU but in chunks of LOSS_CHUNK on a GPU, where
     a copy per iteration would stall the queue of kernels each time. `precision` "tf32" is the caller's cuDNN flag
-    and changes nothing here; "bf16" runs the network under bf16 autocast, the Grams and losses staying fp32.
+    and changes nothing here; "bf16" runs the network's convolutions in bf16 (as autocast would, see
+    `VGGFeatures.lowered`), the Grams, losses and optimiser staying fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")

@@ -30,13 +30,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from batchstyle.images import image_to_tensor, luminance_image, recombine_color, resize_long_side
+from batchstyle.images import resize_long_side
+from batchstyle.model.cache import TargetCache
 from batchstyle.model.colour import match_colours
 from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Losses, optimize_batch, upsample
+from batchstyle.model.pixels import image_to_tensor, luminance_image, recombine_color
 from batchstyle.model.scales import scale_plan, style_long_side
-from batchstyle.model.targets import TargetCache, Targets, TargetStore, TorchBackend, stack_targets, style_targets
+from batchstyle.model.targets import Targets, TargetStore, TorchBackend, stack_targets, style_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import CONTENT_MASK_GAIN, Settings
 

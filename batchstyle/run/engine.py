@@ -35,7 +35,7 @@ from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
-from batchstyle.run.devices import parse_devices, precision_for
+from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
 from batchstyle.run.plan import (
     Job,
@@ -502,6 +502,7 @@ class _Execution:
             "error": result.error,
             "targets": result.targets,
             "provider": result.provider,
+            "precision": result.precision,
             "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
         }
         if result.losses is not None:
@@ -716,10 +717,10 @@ def _stall_timeout(
 def _auto_batch_size(slots: Sequence[str], jobs: Sequence[Job], sizes: dict[Path, tuple[int, int]], arch: str) -> int:
     """On CUDA, as many images as the smallest GPU's free memory holds; on CPU 1, because a CPU is busy with one
     image already and a batch there only delays every output in it (see `batchstyle bench iteration --batch`)."""
-    gpus = [torch.device(s) for s in slots if s.startswith("cuda")]
+    gpus = [s for s in slots if s.startswith("cuda")]
     if not gpus or len(gpus) != len(slots):
         return 1
-    free = min(torch.cuda.mem_get_info(d)[0] // slots.count(str(d)) for d in gpus)
+    free = min(free_bytes // slots.count(name) for name, free_bytes in free_gpu_memory(gpus).items())
     need = 0
     for job in jobs:
         if job.row.content in sizes:

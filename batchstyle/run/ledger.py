@@ -23,7 +23,7 @@ from batchstyle.errors import UnusableInput
 
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS rows (
     error TEXT,
     targets TEXT,                     -- where the row's targets came from: "content=hit style=miss,hit"
     provider TEXT,                    -- what computed them: an ONNX Runtime provider or torch:<device>
-    history BLOB                      -- per-iteration losses, see pack_history
+    history BLOB,                     -- per-iteration losses, see pack_history
+    precision TEXT                    -- what the network ran in: fp32, tf32 or bf16 (Grams and losses are fp32)
 );
 """
 
@@ -68,6 +69,7 @@ CREATE TABLE IF NOT EXISTS rows (
 _MIGRATIONS = {
     2: ["ALTER TABLE rows ADD COLUMN targets TEXT", "ALTER TABLE rows ADD COLUMN provider TEXT"],
     3: ["ALTER TABLE rows ADD COLUMN history BLOB"],
+    4: ["ALTER TABLE rows ADD COLUMN precision TEXT"],
 }
 
 HISTORY_COLUMNS = ("content", "style", "tv")
@@ -119,6 +121,7 @@ class Record:
     targets: str | None = None
     provider: str | None = None
     history: bytes | None = None
+    precision: str | None = None  # fp32 | tf32 | bf16: the network's precision (None: written before schema 4)
     ledger: str = LEDGER_NAME  # the file it was read from: shards of one run each keep their own
 
     def as_dict(self, history: bool = False) -> dict[str, Any]:
@@ -322,6 +325,7 @@ class Ledger:
                 "targets": None,
                 "provider": None,
                 "history": None,
+                "precision": None,
             },
         )
 

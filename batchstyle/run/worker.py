@@ -23,13 +23,22 @@ from typing import Any
 
 import torch
 
-from batchstyle.images import ImageError, load_image, save_image_atomic, tensor_to_image
+from batchstyle.images import ImageError, load_image, save_image_atomic
+from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
+from batchstyle.model.pixels import tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
-from batchstyle.model.targets import TargetCache, TargetStore, backend_factory
+from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.weights import Weights, resolve
-from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, configure_device, is_device_fault, is_out_of_memory
+from batchstyle.run.devices import (
+    DEVICE_FAULT_EXIT,
+    DeviceFault,
+    configure_device,
+    empty_cache,
+    is_device_fault,
+    is_out_of_memory,
+)
 from batchstyle.run.plan import Job
 from batchstyle.version import __version__
 
@@ -53,6 +62,7 @@ class Result:
     stops: list[str] = field(default_factory=list)  # why each scale stopped: "iterations" or "converged"
     batch: int = 1  # images optimised together with this one
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
+    precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class WorkerSpec:
     profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
     torch_targets: frozenset[GraphSpec] = frozenset()  # graphs whose export failed: computed with torch
     save_every: int = 0
-    precision: str = "fp32"  # fp32 | tf32 | bf16 (tf32 and bf16 only change anything on CUDA)
+    precision: str = "fp32"  # fp32 | tf32 | bf16, as `precision_for` resolved it for this device
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
@@ -214,8 +224,7 @@ class Worker:
                     raise DeviceFault(f"{exc.__class__.__name__}: {exc}") from exc
                 if len(prepared) > 1 and is_out_of_memory(exc):
                     del exc  # its traceback holds the batch's tensors
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    empty_cache(self.device)
                     for job, _ in prepared:
                         results[job.row.number] = self.run(job, on_iteration)
                 else:
@@ -258,6 +267,7 @@ class Worker:
                     scales=out.scales,
                     stops=out.stops,
                     batch=len(batch),
+                    precision=self.stylizer.precision,
                 )
             )
         return results

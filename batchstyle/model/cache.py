@@ -1,0 +1,107 @@
+"""The content-addressed target cache on disk: safetensors files, each with a checksum of its tensors, and an SQLite
+index of sizes and hits.
+
+A module of its own, torch-free at import, so that `batchstyle cache info` and `cache clear` (light commands) read
+the index without importing torch; only reading and writing entries (`get`, `put`) loads it. The keys (what a
+target depends on) are made in `batchstyle.model.targets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchstyle.images import write_file_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TargetCache:
+    """Targets on disk as safetensors, one file per key, each carrying a checksum of its own tensors.
+
+    A file that is truncated, corrupt or fails its checksum is deleted and recomputed, never trusted. An SQLite
+    index keeps sizes and hit counts for `batchstyle cache info`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "targets"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.index = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
+        self.index.execute("PRAGMA journal_mode=WAL")
+        self.index.execute(
+            "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, role TEXT, bytes INTEGER, created REAL, "
+            "last_used REAL, hits INTEGER NOT NULL DEFAULT 0)"
+        )
+
+    def close(self) -> None:
+        self.index.close()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - safe_open API
+            if not tensors or meta.get("sha256") != _tensor_digest(tensors):
+                raise ValueError("checksum mismatch")
+        except Exception:  # noqa: BLE001 - any unreadable entry is discarded and recomputed
+            path.unlink(missing_ok=True)
+            self.index.execute("DELETE FROM entries WHERE key = ?", (key,))
+            return None
+        self.index.execute("UPDATE entries SET hits = hits + 1, last_used = ? WHERE key = ?", (time.time(), key))
+        return tensors
+
+    def put(self, key: str, role: str, tensors: dict[str, torch.Tensor]) -> None:
+        import torch
+        from safetensors.torch import save
+
+        cpu = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = save(cpu, metadata={"sha256": _tensor_digest(cpu), "role": role})
+        write_file_atomic(path, lambda handle: handle.write(data))
+        now = time.time()
+        self.index.execute(
+            "INSERT OR REPLACE INTO entries (key, role, bytes, created, last_used, hits) VALUES (?, ?, ?, ?, ?, 0)",
+            (key, role, path.stat().st_size, now, now),
+        )
+
+    def info(self) -> dict[str, Any]:
+        rows = self.index.execute(
+            "SELECT role, COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(hits), 0) FROM entries GROUP BY role"
+        )
+        by_role = {role: {"entries": n, "bytes": size, "hits": hits} for role, n, size, hits in rows}
+        return {
+            "path": str(self.root),
+            "entries": sum(r["entries"] for r in by_role.values()),
+            "bytes": sum(r["bytes"] for r in by_role.values()),
+            "hits": sum(r["hits"] for r in by_role.values()),
+            "by_role": by_role,
+        }
+
+    def clear(self) -> int:
+        removed = 0
+        for path in self.root.glob("*/*.safetensors"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        self.index.execute("DELETE FROM entries")
+        return removed
