@@ -86,6 +86,32 @@ def test_gram_matrix_of_half_precision_input_is_fp32(dtype: torch.dtype) -> None
     torch.testing.assert_close(gram.double(), _gram_loops(feats.float()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_large_bf16_gram_is_summed_in_fp32_chunk_by_chunk(channels_last: bool) -> None:
+    """Past GRAM_CHUNK positions a bf16 Gram on the CPU is summed a chunk at a time, each converted to fp32: the same
+    fp32 Gram as one conversion of the whole, to fp32 rounding, without the whole fp32 copy."""
+    feats = (_rand(2, 8, 100, 120) * 4).to(torch.bfloat16)  # 12,000 positions: two chunks
+    if channels_last:
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    assert losses.GRAM_CHUNK < 100 * 120
+    gram = gram_matrix(feats)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram.double(), _gram_loops(feats.float()), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bf16_gram_backward_stays_bf16_and_close_to_fp32s() -> None:
+    """Under bf16 the Gram's gradient is computed in bf16, as the convolutions' gradients around it are: within
+    bf16's rounding of the fp32 computation, and in the features' dtype and layout."""
+    feats = (_rand(1, 16, 24, 20) * 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weights = _rand(1, 16, 16)
+    ours = feats.detach().clone().requires_grad_(True)
+    (gram_matrix(ours) * weights).sum().backward()
+    exact = feats.detach().double().requires_grad_(True)
+    (gram_matrix(exact) * weights.double()).sum().backward()
+    assert ours.grad.dtype == torch.bfloat16 and ours.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours.grad.double(), exact.grad, rtol=2e-2, atol=2e-2 * exact.grad.abs().max().item())
+
+
 def _gram_backward_both_ways(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """d/dF of sum(W * Gram(F)) through gram_matrix's own backward and through autograd of plain operations."""
     ours = features.detach().clone().requires_grad_(True)
