@@ -363,6 +363,20 @@ def _torchvision_source(arch: str, hash_prefix: str, description: str) -> Weight
     )
 
 
+def _random_source(name: str, arch: str, description: str) -> WeightSource:
+    """Seeded Kaiming weights for `arch`: for tests, smoke runs and benchmarks, never for pictures."""
+    return WeightSource(
+        name=name,
+        arch=arch,
+        preprocess=IMAGENET,
+        origin=f"generated (Kaiming normal, seed {RANDOM_SEED})",
+        licence="none needed",
+        description=description,
+        sha256=f"random:{arch}:seed{RANDOM_SEED}",
+        _load=lambda cache: random_state_dict(arch),
+    )
+
+
 SOURCES: dict[str, WeightSource] = {
     "vgg19": _torchvision_source("vgg19", "dcbb9e9d", "ImageNet VGG-19, the network of Gatys et al."),
     "vgg16": _torchvision_source("vgg16", "397923af", "ImageNet VGG-16"),
@@ -378,25 +392,11 @@ SOURCES: dict[str, WeightSource] = {
         _fetch=_hed_fetch,
         _load=_hed_load,
     ),
-    "random": WeightSource(
-        name="random",
-        arch="vgg16",
-        preprocess=IMAGENET,
-        origin=f"generated (Kaiming normal, seed {RANDOM_SEED})",
-        licence="none needed",
-        description="seeded random VGG-16 for tests and smoke runs; does not stylize well",
-        sha256=f"random:vgg16:seed{RANDOM_SEED}",
-        _load=lambda cache: random_state_dict("vgg16"),
-    ),
-    "random-vgg19": WeightSource(
-        name="random-vgg19",
-        arch="vgg19",
-        preprocess=IMAGENET,
-        origin=f"generated (Kaiming normal, seed {RANDOM_SEED})",
-        licence="none needed",
-        description="seeded random VGG-19: the paper's network's cost where its weights cannot be fetched (benchmarks)",
-        sha256=f"random:vgg19:seed{RANDOM_SEED}",
-        _load=lambda cache: random_state_dict("vgg19"),
+    "random": _random_source("random", "vgg16", "seeded random VGG-16 for tests and smoke runs; does not stylize well"),
+    "random-vgg19": _random_source(
+        "random-vgg19",
+        "vgg19",
+        "seeded random VGG-19: the paper's network's cost where its weights cannot be fetched (benchmarks)",
     ),
 }
 
