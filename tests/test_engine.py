@@ -660,12 +660,15 @@ def test_a_hung_ray_actor_is_killed_and_replaced(
     local_ray: object, rows6: Path, tmp_path: Path, isolated_cache: Path
 ) -> None:
     stall = 6
-    values = default_values() | {"size": 32, "iterations": 5}
+    # Rows long enough (a second or more each) that the driver's twice-a-second poll sees an iteration before the
+    # first row ends: with 5 iterations a fast machine finished every row between polls and nothing was stopped.
+    values = default_values() | {"size": 32, "iterations": 200, "min_size": 0}
     manifest = read_manifest(rows6, values, tmp_path / "ray")
     events = _StopTheActor()
     try:
         config = RunConfig(model="random", backend="ray", cache_dir=isolated_cache, stall_timeout=stall)
         summary = run(manifest, config, events)
+        assert events.stopped is not None, "no iteration was reported, so no actor was stopped"
     finally:
         if events.stopped is not None and not _gone(events.stopped):
             os.kill(events.stopped, signal.SIGKILL)
