@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
-from conftest import USER_CACHE, make_painting, make_photo, write_manifest
+from conftest import USER_CACHE, cli, make_painting, make_photo, write_manifest
 from PIL import Image
 
-from batchstyle.cli import main
 from batchstyle.images import ImageError, is_temp_file, load_image, read_metadata
 from batchstyle.manifest import read_manifest
 from batchstyle.model.weights import SOURCES
@@ -39,13 +37,6 @@ from batchstyle.run.worker import Result as RowResult
 from batchstyle.run.worker import WorkerSpec, failure_cause
 
 TINY = ("--model", "random", "--size", "32", "-q")
-
-
-def cli(*args: object, env: dict[str, str] | None = None) -> Result:
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture

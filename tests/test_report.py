@@ -17,12 +17,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import cli, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle import images
-from batchstyle.cli import main
 from batchstyle.images import is_temp_file
 from batchstyle.report import ReportFiles, write_report
 from batchstyle.run.ledger import Record, read_records
@@ -308,15 +306,15 @@ def test_report_command_and_run_report_write_both_files(tmp_path: Path) -> None:
     make_photo(tmp_path / "in" / "photo.png")
     make_painting(tmp_path / "in" / "painting.png")
     manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "in/photo.png,in/painting.png,a.png")
-    args = ["run", str(manifest), "--model", "random", "--device", "cpu", "--size", "32", "--iterations", "2", "-q"]
-    result = CliRunner().invoke(main, [*args, "--report"])
+    args = ["run", manifest, "--model", "random", "--device", "cpu", "--size", "32", "--iterations", "2", "-q"]
+    result = cli(*args, "--report")
     assert result.exit_code == 0, result.output
     out = tmp_path / "m"
     assert "report:" in result.output
     assert Image.open(out / "contact-sheet.png").size[1] > 0
     (out / "report.html").unlink()
-    again = CliRunner().invoke(main, ["report", str(out)])
+    again = cli("report", out)
     assert again.exit_code == 0, again.output
     assert (out / "report.html").is_file()
-    missing = CliRunner().invoke(main, ["report", str(tmp_path / "nowhere")])
+    missing = cli("report", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "nothing to report" in missing.output
