@@ -2,15 +2,18 @@
 CLI's light commands (`check`, `report`) use this module, and importing torch would cost them seconds and hundreds
 of MB; tensors and colour spaces live in `batchstyle.model.pixels`.
 
-The rest of the package only ever sees 8-bit RGB ``PIL.Image`` objects (and, in the model layer, float tensors);
-every oddity of real-world files (EXIF rotation, 16-bit, CMYK, alpha, palettes, truncation, absurd sizes) is
-dealt with here, once, and anything that cannot be handled becomes an :class:`ImageError` whose message names the
-file and the fix, so a batch run can report it per row instead of crashing.
+The rest of the package only ever sees 8-bit sRGB ``PIL.Image`` objects (and, in the model layer, float tensors);
+every oddity of real-world files (EXIF rotation, embedded colour profiles, 16-bit, CMYK, alpha, palettes,
+truncation, absurd sizes, HEIC) is dealt with here, once, and anything that cannot be handled becomes an
+:class:`ImageError` whose message names the file and the fix, so a batch run can report it per row instead of
+crashing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import json
 import os
 import re
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageCms, ImageOps, PngImagePlugin
 
 # Temp files are hidden (leading dot) so globbing for outputs never picks up a half-written one, and carry
 # this marker so a later run can recognise and delete the ones a killed run left behind.
@@ -103,7 +106,50 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
-        return to_rgb(upright, path)
+        return to_rgb(to_srgb(upright), path)
+
+
+@functools.cache
+def srgb_profile() -> bytes:
+    """The profile every output is tagged with: LittleCMS's built-in sRGB, the space the network was trained in
+    and the one a viewer assumes for untagged files, so tagging changes no pixel, only removes the guess."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+# Image modes LittleCMS converts, by the profile's colour space. Anything else (16-bit, float, palette) is left
+# as decoded: those files rarely carry a profile, and to_rgb's own mapping is the best left to do.
+_PROFILED_MODES = {"RGB": ("RGB", "RGBA"), "CMYK": ("CMYK",), "GRAY": ("L",)}
+
+
+def to_srgb(img: Image.Image) -> Image.Image:
+    """`img` in sRGB when it embeds another colour profile: Display P3 from phones, Adobe RGB from cameras.
+
+    Without this the network sees P3 or Adobe RGB numbers as if they were sRGB, and outputs come out dull (the
+    saturated colours the profile describes are read as duller ones). Relative colorimetric intent: in-gamut
+    colours keep their exact values, the few outside sRGB are clipped, as a colour-managed viewer shows them. A
+    profile LittleCMS cannot read is ignored, as browsers do, rather than failing the image.
+    """
+    icc = img.info.get("icc_profile")
+    if not icc:
+        return img
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = source.profile.xcolor_space.strip()
+        if img.mode not in _PROFILED_MODES.get(space, ()):
+            return img
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(
+            img,
+            source,
+            ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            outputMode=out_mode,
+        )
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return img
+    assert converted is not None
+    converted.info.pop("icc_profile", None)
+    return converted
 
 
 def to_rgb(img: Image.Image, path: Path | str) -> Image.Image:
@@ -211,7 +257,7 @@ def save_image_atomic(img: Image.Image, path: Path, metadata: dict[str, str]) ->
     """
     path = Path(path)
     fmt = _format_for(path)
-    options = {**_SAVE_OPTIONS[fmt], **_metadata_options(fmt, metadata)}
+    options = {**_SAVE_OPTIONS[fmt], **_metadata_options(fmt, metadata), "icc_profile": srgb_profile()}
     write_file_atomic(path, lambda handle: img.save(handle, format=fmt, **options))
 
 
