@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageCms, ImageOps, PngImagePlugin
+from PIL import ExifTags, Image, ImageCms, ImageOps, PngImagePlugin, features
 
 # Temp files are hidden (leading dot) so globbing for outputs never picks up a half-written one, and carry
 # this marker so a later run can recognise and delete the ones a killed run left behind.
@@ -52,10 +52,29 @@ _DESCRIPTION_TAG = ExifTags.Base.ImageDescription
 # The EXIF orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# Phones' HEIC photos are read by the pillow-heif plugin (the `heif` extra), registered on first use so that light
+# commands that never meet one do not import it. AVIF needs no plugin: Pillow 11.3+ reads it itself.
+_HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})
 
 
 class ImageError(Exception):
     """An image file that cannot be used; message names the file and says what to do."""
+
+
+def _readable(path: Path) -> None:
+    """Registers the decoder `path` needs, or says how to install it (before Pillow calls the file unreadable)."""
+    suffix = path.suffix.lower()
+    if suffix in _HEIF_SUFFIXES:
+        try:
+            import pillow_heif
+        except ImportError:
+            raise ImageError(
+                f"{path} is a HEIC/HEIF image, which needs the pillow-heif plugin: pip install 'batchstyle[heif]' "
+                "(or convert it to JPEG or PNG)"
+            ) from None
+        pillow_heif.register_heif_opener()
+    elif suffix == ".avif" and not features.check("avif"):
+        raise ImageError(f"{path} is an AVIF image, which this Pillow cannot read: pip install -U 'pillow>=11.3'")
 
 
 @contextlib.contextmanager
@@ -103,6 +122,7 @@ def load_image(path: Path) -> Image.Image:
     with _image_errors(path):
         if path.is_dir():
             raise IsADirectoryError(path)
+        _readable(path)
         with Image.open(path) as img:
             img.load()
             upright = ImageOps.exif_transpose(img)
@@ -189,6 +209,7 @@ def check_image(path: Path) -> tuple[int, int]:
     with _image_errors(path):
         if path.is_dir():
             raise IsADirectoryError(path)
+        _readable(path)
         with Image.open(path) as img:
             img.verify()
         # verify() leaves the image unusable, so the pixels are decoded from a second open.

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from batchstyle.images import load_image, save_image_atomic, srgb_profile
+from batchstyle.images import ImageError, check_image, load_image, save_image_atomic, srgb_profile
 
 P3 = {"r": (0.680, 0.320), "g": (0.265, 0.690), "b": (0.150, 0.060)}
 SRGB = {"r": (0.640, 0.330), "g": (0.300, 0.600), "b": (0.150, 0.060)}
@@ -176,3 +177,33 @@ def test_outputs_are_tagged_srgb(tmp_path: Path, suffix: str) -> None:
         icc = img.info.get("icc_profile")
     assert icc == srgb_profile()
     assert "sRGB" in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+
+
+def photo(width: int = 48, height: int = 32) -> Image.Image:
+    """Smooth colour ramps: what lossy codecs keep within a few levels."""
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    rgb = np.concatenate([x + 0 * y, y + 0 * x, 0.5 + 0 * x * y], axis=2)
+    return Image.fromarray(np.round(rgb * 200 + 30).astype(np.uint8))
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".avif"])
+def test_phone_formats_are_read(tmp_path: Path, suffix: str) -> None:
+    if suffix == ".heic":
+        pillow_heif = pytest.importorskip("pillow_heif", reason="the heif extra is not installed")
+        pillow_heif.register_heif_opener()
+    path = tmp_path / f"phone{suffix}"
+    photo().save(path, quality=95)
+    assert check_image(path) == (48, 32)
+    loaded = np.asarray(load_image(path), dtype=np.float64)
+    assert loaded.shape == (32, 48, 3)
+    assert np.abs(loaded - np.asarray(photo(), dtype=np.float64)).mean() < 3
+
+
+def test_heic_without_the_plugin_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if the extra were not installed
+    for read in (load_image, check_image):
+        with pytest.raises(ImageError, match=r"IMG_0001\.HEIC.*pip install 'batchstyle\[heif\]'"):
+            read(path)
