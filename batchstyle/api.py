@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,7 +22,7 @@ from batchstyle.images import load_image, to_rgb
 from batchstyle.manifest import read_manifest
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.optimize import Losses
-from batchstyle.model.pixels import tensor_to_image
+from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
@@ -101,12 +102,14 @@ class StyleTransfer:
         style_blend_weights: Sequence[float] = (),
         progress: Progress | None = None,
         **options: Any,
-    ) -> Image.Image:
+    ) -> Image.Image | np.ndarray:
         """`content` in the style of `styles` (one, or several mixed by `style_blend_weights`), as an RGB image.
 
         `options` are the manifest's options by name (`size`, `iterations`, `min_size`, `style_weight`, ...), with
         the same defaults; an unknown name or a bad value raises `OptionError` naming it. `init` may name an image
-        file. `progress(iteration, total, losses)` is called after every iteration.
+        file. `progress(iteration, total, losses)` is called after every iteration. With `bit_depth=16` the result
+        is an (H, W, 3) uint16 array instead (Pillow has no 16-bit RGB image), for `images.save_image_atomic`,
+        OpenCV or tifffile.
         """
         # Masks may be PIL images too: they go to the model layer as pixels, and the settings keep a name for each.
         style_masks = options.pop("style_masks", None) or ()
@@ -143,7 +146,7 @@ class StyleTransfer:
             total = sum(iterations for _, iterations in scale_plan(settings))
             hooks.on_iteration = lambda iteration, losses: progress(iteration, total, losses[0])
         (result,) = self.stylizer.stylize([item], settings, hooks)
-        return tensor_to_image(result.image)
+        return tensor_to_deep(result.image) if settings.bit_depth == 16 else tensor_to_image(result.image)
 
 
 def run_manifest(

@@ -18,7 +18,9 @@ import json
 import os
 import re
 import secrets
+import struct
 import warnings
+import zlib
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +41,8 @@ _FORMATS = {
     ".tiff": "TIFF",
 }
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(_FORMATS)
+# Formats that hold 16 bits per channel (bit_depth 16); JPEG and WebP are 8-bit formats.
+DEEP_SUFFIXES: frozenset[str] = frozenset({".png", ".tif", ".tiff"})
 # PNG optimisation costs seconds per large image for a few percent of size; outputs are written often.
 _SAVE_OPTIONS: dict[str, dict[str, object]] = {
     "PNG": {"optimize": False},
@@ -268,18 +272,97 @@ def _metadata_options(fmt: str, metadata: dict[str, str]) -> dict[str, object]:
     return {"exif": exif}
 
 
-def save_image_atomic(img: Image.Image, path: Path, metadata: dict[str, str]) -> None:
+def save_image_atomic(img: Image.Image | np.ndarray, path: Path, metadata: dict[str, str]) -> None:
     """Write ``img`` so that ``path`` is either absent or complete, even if the process is killed mid-write.
 
-    The image goes to a hidden temp file in the same directory (``os.replace`` is only atomic within one
-    filesystem), is fsynced, renamed over ``path``, and the directory is fsynced so the rename survives a
-    power loss. Resumable runs rely on this: an existing output is a finished output. The temp file is
-    created with mode 0o666 so the umask applies, as it would for a plain ``open``.
+    ``img`` is an 8-bit RGB image, or an (H, W, 3) uint16 array for 16-bit PNG or TIFF (bit_depth 16). The image
+    goes to a hidden temp file in the same directory (``os.replace`` is only atomic within one filesystem), is
+    fsynced, renamed over ``path``, and the directory is fsynced so the rename survives a power loss. Resumable
+    runs rely on this: an existing output is a finished output. The temp file is created with mode 0o666 so the
+    umask applies, as it would for a plain ``open``.
     """
     path = Path(path)
     fmt = _format_for(path)
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint16 or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"a deep image is an (H, W, 3) uint16 array, got {img.dtype} {img.shape}")
+        if fmt not in ("PNG", "TIFF"):
+            raise ValueError(f"{path}: 16 bits per channel need a .png or .tif output, not {path.suffix}")
+        writer = _write_png16 if fmt == "PNG" else _write_tiff16
+        write_file_atomic(path, lambda handle: handle.write(writer(img, metadata)))
+        return
     options = {**_SAVE_OPTIONS[fmt], **_metadata_options(fmt, metadata), "icc_profile": srgb_profile()}
     write_file_atomic(path, lambda handle: img.save(handle, format=fmt, **options))
+
+
+# Pillow writes 16 bits per channel only for greyscale, so 48-bit RGB is written here: both formats are short.
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _write_png16(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
+    height, width, _ = pixels.shape
+    rows = np.ascontiguousarray(pixels, dtype=">u2").view(np.uint8).reshape(height, width * 6)
+    up = np.empty_like(rows)  # filter 2: each byte minus the byte above it (mod 256)
+    up[0] = rows[0]
+    up[1:] = rows[1:] - rows[:-1]
+    raw = np.concatenate([np.full((height, 1), 2, np.uint8), up], axis=1).tobytes()
+    chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))]
+    chunks.append(_png_chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(srgb_profile())))
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= 79 or any(ord(char) > 255 for char in key):
+            raise ValueError(f"PNG metadata key {key!r} must be 1-79 Latin-1 characters")
+        # iTXt (UTF-8) rather than tEXt (Latin-1): paths in the metadata may be any text. Pillow reads both.
+        chunks.append(_png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")))
+    chunks.append(_png_chunk(b"IDAT", zlib.compress(raw, 6)))
+    chunks.append(_png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+def _write_tiff16(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
+    """A little-endian baseline TIFF: one deflate-compressed strip, the metadata as JSON in ImageDescription (as
+    the 8-bit formats carry it) and the sRGB profile, so every reader that opens 16-bit RGB TIFF opens it."""
+    height, width, _ = pixels.shape
+    strip = zlib.compress(pixels.astype("<u2").tobytes(), 6)
+    description = json.dumps(metadata, ensure_ascii=True, sort_keys=True).encode("ascii") + b"\0"
+    icc = srgb_profile()
+    # (tag, type, count, value-or-bytes): type 3 SHORT, 4 LONG, 2 ASCII, 7 UNDEFINED. Tags in ascending order.
+    entries: list[tuple[int, int, int, int | bytes]] = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 3, struct.pack("<3H", 16, 16, 16)),
+        (259, 3, 1, 8),  # Adobe deflate
+        (262, 3, 1, 2),  # RGB
+        (270, 2, len(description), description),
+        (273, 4, 1, 0),  # strip offset, filled in below
+        (277, 3, 1, 3),
+        (278, 4, 1, height),
+        (279, 4, 1, len(strip)),
+        (284, 3, 1, 1),  # chunky
+        (34675, 7, len(icc), icc),
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    data_at = 8 + ifd_size
+    blobs = b""
+    placed: list[tuple[int, int, int, int]] = []
+    for tag, kind, count, value in entries:
+        if isinstance(value, bytes) and len(value) > 4:
+            placed.append((tag, kind, count, data_at + len(blobs)))
+            blobs += value + b"\0" * (len(value) % 2)
+        elif isinstance(value, bytes):
+            placed.append((tag, kind, count, int.from_bytes(value.ljust(4, b"\0"), "little")))
+        else:
+            placed.append((tag, kind, count, value))
+    strip_at = data_at + len(blobs)
+    ifd = struct.pack("<H", len(placed))
+    for tag, kind, count, value in placed:
+        value = strip_at if tag == 273 else value
+        packed = struct.pack("<H", value) + b"\0\0" if kind == 3 and count == 1 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + blobs + strip
 
 
 def write_file_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:

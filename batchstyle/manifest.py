@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from batchstyle.errors import UnusableInput
-from batchstyle.images import SUPPORTED_SUFFIXES, ImageError, check_image, output_size
+from batchstyle.images import DEEP_SUFFIXES, SUPPORTED_SUFFIXES, ImageError, check_image, output_size
 from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
@@ -336,6 +336,10 @@ def read_manifest(
         else:
             stem = f"{content.stem}-{'+'.join(s.stem for s in styles)}" if content_cell and styles else f"row{number}"
             output = out / f"{stem}{suffix}"
+        if values.get("bit_depth") == 16 and output.suffix.lower() not in DEEP_SUFFIXES:
+            problems.append(
+                ("bit_depth", f"16 bits per channel need a .png or .tif output, not {output.name}: change the output")
+            )
         resolved_out = out.resolve()
         if not output.resolve().is_relative_to(resolved_out):
             problems.append(

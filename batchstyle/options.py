@@ -88,6 +88,13 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_bit_depth(raw: str) -> int:
+    value = raw.strip()
+    if value not in ("8", "16"):
+        raise OptionError(f"{raw!r} is not 8 or 16")
+    return int(value)
+
+
 def _parse_paths(raw: str) -> tuple[str, ...]:
     """`a.png;b.png`: file paths, resolved and checked by whoever reads them (the manifest reader, the CLI)."""
     return tuple(part.strip() for part in raw.split(";") if part.strip())
@@ -278,6 +285,14 @@ OPTIONS: dict[str, Option] = {
         Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
         Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
         Option("seed", 0, _parse_number(int), "Random seed (noise init).", _range(0, 2**63 - 1)),
+        Option(
+            "bit_depth",
+            8,
+            _parse_bit_depth,
+            "Bits per channel of the output: 16 (PNG and TIFF only) keeps the optimiser's smooth gradations "
+            "for printing and grading.",
+            metavar="8|16",
+        ),
     ]
 }
 
@@ -309,6 +324,7 @@ class Settings:
     init: str
     pooling: str
     seed: int
+    bit_depth: int
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

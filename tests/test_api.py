@@ -81,3 +81,14 @@ def test_run_manifest_returns_the_summary_and_writes_the_ledger(images: dict[str
     assert again.skipped == [1]
     with pytest.raises(TypeError, match="unknown setting"):
         run_manifest(manifest, out=tmp_path / "out", modle="random")
+
+
+def test_the_facade_returns_16_bit_pixels_when_asked(tmp_path: Path) -> None:
+    from conftest import make_painting, make_photo
+
+    content, style = make_photo(tmp_path / "c.png", 32, 24), make_painting(tmp_path / "s.png", 32, 32)
+    st = StyleTransfer(model="random", device="cpu", cache_dir=tmp_path / "cache")
+    deep = st.stylize(content, style, size=32, iterations=3, min_size=0, bit_depth=16)
+    flat = st.stylize(content, style, size=32, iterations=3, min_size=0)
+    assert deep.dtype == np.uint16 and deep.shape == (24, 32, 3)
+    assert np.abs(deep / 257.0 - np.asarray(flat)).max() <= 0.5 + 1e-6  # the same picture, finer levels

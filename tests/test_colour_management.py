@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli, make_painting, make_photo, write_manifest
 from PIL import Image, ImageCms
 
-from batchstyle.images import ImageError, check_image, load_image, save_image_atomic, srgb_profile
+from batchstyle.images import ImageError, check_image, load_image, read_metadata, save_image_atomic, srgb_profile
 
 P3 = {"r": (0.680, 0.320), "g": (0.265, 0.690), "b": (0.150, 0.060)}
 SRGB = {"r": (0.640, 0.330), "g": (0.300, 0.600), "b": (0.150, 0.060)}
@@ -207,3 +208,70 @@ def test_heic_without_the_plugin_names_the_fix(tmp_path: Path, monkeypatch: pyte
     for read in (load_image, check_image):
         with pytest.raises(ImageError, match=r"IMG_0001\.HEIC.*pip install 'batchstyle\[heif\]'"):
             read(path)
+
+
+# --- bit_depth 16 -----------------------------------------------------------------------------------------------
+
+
+def png_bit_depth(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[12:16] == b"IHDR"
+    return data[24]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_outputs_keep_every_level_and_their_metadata(tmp_path: Path, suffix: str) -> None:
+    cv2 = pytest.importorskip("cv2")
+    deep = (np.random.default_rng(0).random((20, 30, 3)) * 65535).astype(np.uint16)
+    path = tmp_path / f"deep{suffix}"
+    save_image_atomic(deep, path, {"Software": "batchstyle", "batchstyle:content": "café.png"})
+    decoded = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert decoded.dtype == np.uint16 and np.array_equal(decoded[..., ::-1], deep)
+    assert read_metadata(path) == {"Software": "batchstyle", "batchstyle:content": "café.png"}
+    with Image.open(path) as img:
+        assert img.info.get("icc_profile") == srgb_profile()
+    # And every reader that only knows 8 bits still shows the picture (Pillow drops the low byte).
+    assert np.abs(np.asarray(load_image(path), dtype=int) - deep / 257).max() <= 1.01
+
+
+def test_16_bit_needs_a_deep_format(tmp_path: Path) -> None:
+    deep = np.zeros((4, 4, 3), np.uint16)
+    with pytest.raises(ValueError, match=r"\.png or \.tif"):
+        save_image_atomic(deep, tmp_path / "x.jpg", {})
+
+
+def test_a_16_bit_run_writes_16_bit_outputs(tmp_path: Path) -> None:
+    make_photo(tmp_path / "in" / "c.png", 32, 24)
+    make_painting(tmp_path / "in" / "s.png", 32, 32)
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        "content,style,output,bit_depth",
+        "in/c.png,in/s.png,deep.png,16",
+        "in/c.png,in/s.png,flat.png,",
+    )
+    result = cli("run", manifest, "--model", "random", "--device", "cpu", "-q", "--size", "32", "--iterations", "5")
+    assert result.exit_code == 0, result.output
+    assert png_bit_depth(tmp_path / "m" / "deep.png") == 16
+    assert png_bit_depth(tmp_path / "m" / "flat.png") == 8
+    cv2 = pytest.importorskip("cv2")
+    levels = cv2.imread(str(tmp_path / "m" / "deep.png"), cv2.IMREAD_UNCHANGED)
+    assert np.count_nonzero(levels % 257) > levels.size // 2  # levels between the 8-bit ones: real 16-bit data
+
+
+def test_check_refuses_16_bits_in_an_8_bit_format(tmp_path: Path) -> None:
+    make_photo(tmp_path / "c.png")
+    make_painting(tmp_path / "s.png")
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        "content,style,output,bit_depth",
+        "c.png,s.png,a.jpg,16",
+        "c.png,s.png,b.tif,16",
+        "c.png,s.png,c.png,12",
+    )
+    result = cli("check", manifest)
+    assert result.exit_code == 1
+    assert (
+        "row 1 (line 2), column bit_depth: 16 bits per channel need a .png or .tif output, not a.jpg" in result.output
+    )
+    assert "row 2" not in result.output
+    assert "row 3 (line 4), column bit_depth: '12' is not 8 or 16" in result.output

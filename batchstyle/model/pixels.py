@@ -49,6 +49,17 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def tensor_to_deep(t: torch.Tensor) -> np.ndarray:
+    """The same, to an (H, W, 3) uint16 array (bit_depth 16): the optimiser's pixels are floats, and 8 bits band
+    the smooth gradients of skies and skin once an output is graded or printed large."""
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3 or t.shape[0] != 3:
+        raise ValueError(f"expected a (1, 3, H, W) or (3, H, W) tensor, got shape {tuple(t.shape)}")
+    values = torch.nan_to_num(t.detach().to("cpu", torch.float64), nan=0.0).clamp(0.0, 1.0)
+    return values.mul(65535.0).round().to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
+
+
 def _apply_colour_matrix(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if t.dim() < 3 or t.shape[-3] != 3:
         raise ValueError(f"expected a (..., 3, H, W) tensor, got shape {tuple(t.shape)}")

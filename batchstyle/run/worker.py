@@ -27,7 +27,7 @@ from batchstyle.images import ImageError, load_image, save_image_atomic
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
-from batchstyle.model.pixels import tensor_to_image
+from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.weights import Weights, resolve
@@ -251,9 +251,8 @@ class Worker:
         results = []
         for job, out in zip(jobs, stylized):
             job.output.parent.mkdir(parents=True, exist_ok=True)
-            save_image_atomic(
-                tensor_to_image(out.image), job.output, self.metadata(job, out.losses, out.scales, len(batch))
-            )
+            pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
+            save_image_atomic(pixels, job.output, self.metadata(job, out.losses, out.scales, len(batch)))
             results.append(
                 Result(
                     job.row.number,
