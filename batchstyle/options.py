@@ -154,7 +154,7 @@ OPTIONS: dict[str, Option] = {
         Option("size", 512, _parse_number(int), "Long side of the output in pixels.", _range(16, 16384), "PX"),
         Option(
             "iterations",
-            200,
+            150,
             _parse_number(int),
             "Optimiser iterations per scale (the only scale when size <= min_size).",
             _range(1, 100000),
@@ -170,10 +170,10 @@ OPTIONS: dict[str, Option] = {
         ),
         Option(
             "scale_iterations",
-            None,
+            100,
             _parse_number(int),
-            "Iterations at the first (smallest) scale when there are several (default: iterations).",
-            lambda value: None if value is None else _range(1, 100000)(value),
+            "Iterations at the first (smallest) scale when there are several (0: as many as iterations).",
+            lambda value: None if not value else _range(1, 100000)(value),
             "N",
         ),
         Option(
@@ -260,7 +260,7 @@ OPTIONS: dict[str, Option] = {
         ),
         Option(
             "stop_tolerance",
-            0.0,
+            0.005,
             _parse_number(float),
             "A scale stops when its loss improved by less than this fraction over the last "
             f"{STOP_WINDOW} iterations (0: run every iteration).",
