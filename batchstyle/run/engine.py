@@ -35,6 +35,7 @@ from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
+from batchstyle.run.clip import assemble_clip
 from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
 from batchstyle.run.plan import (
@@ -46,6 +47,7 @@ from batchstyle.run.plan import (
     make_batches,
     parse_shard,
     plan,
+    split_clip,
 )
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
@@ -99,6 +101,7 @@ class RunConfig:
     backend: str = "local"  # local | ray
     address: str | None = None  # Ray cluster address; None starts a local Ray
     shard: Shard | None = None
+    clip_chunks: int = 0  # chunks a long clip is split into, run in parallel; 0: one per worker slot
 
     @property
     def cache(self) -> Path:
@@ -324,6 +327,8 @@ class _Execution:
         self.streaks: dict[int, _Streak] = {}
         self.retired: dict[int, str] = {}  # slot -> why it was taken out
         self.last_errors: dict[Path, str] = {}  # a row's error on a slot taken out, for when no slot is left
+        self.clip_parts: dict[Path, set[int]] = {}  # a clip row's chunks not finished yet
+        self.clip_failed: set[Path] = set()
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
@@ -496,6 +501,35 @@ class _Execution:
         self.pool.submit(slot, batch)
 
     def _record(self, job: Job, result: Result) -> None:
+        if job.clip is not None and not self._clip_settled(job, result):
+            return
+        if job.clip is not None and result.status == "done":
+            try:
+                assemble_clip(job)
+            except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone
+                result = dataclasses.replace(
+                    result, status="failed", error=f"row {job.row.number}: assembling {job.output.name}: {exc}"
+                )
+        self._write_record(job, result)
+
+    def _clip_settled(self, job: Job, result: Result) -> bool:
+        """A chunk of a clip row finished: True when the row is settled (every chunk done, or the first failure)."""
+        assert job.clip is not None
+        if job.output in self.clip_failed:
+            return False
+        if result.status != "done":
+            self.clip_failed.add(job.output)
+            return True
+        left = self.clip_parts.setdefault(job.output, set(range(job.clip.chunks)))
+        left.discard(job.clip.chunk)
+        if left:
+            self.events.message(
+                f"row {job.row.number}: chunk {job.clip.chunk + 1} of {job.clip.chunks} of {job.output.name} done "
+                f"({job.clip.end - job.clip.first} frames)"
+            )
+        return not left
+
+    def _write_record(self, job: Job, result: Result) -> None:
         fields: dict[str, Any] = {
             "seconds": result.seconds,
             "iterations": result.iterations,
@@ -615,6 +649,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 batch_size = config.batch_size or _auto_batch_size(slots, to_do, manifest.image_sizes, source.arch)
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
+                to_do = _chunked(to_do, config, slots)
                 batches = make_batches(to_do, batch_size, manifest.image_sizes)
                 stall = _stall_timeout(config, slots, to_do, manifest.image_sizes, source.arch, batch_size)
                 pool = _make_pool(config, specs, execution, weights, stall)
@@ -633,6 +668,15 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             ledger.finish_run(run_id, summary.counts())
             events.run_finished(summary.counts())
     return summary
+
+
+CLIP_OVERLAP = 4  # lead-in frames of each chunk after the first, blended into the chunk before (README, Video)
+
+
+def _chunked(jobs: list[Job], config: RunConfig, slots: Sequence[str]) -> list[Job]:
+    """Clip rows split into chunks that run in parallel, one per worker slot unless --clip-chunks says otherwise."""
+    chunks = config.clip_chunks or len(slots)
+    return [part for job in jobs for part in (split_clip(job, chunks, CLIP_OVERLAP) if job.clip else [job])]
 
 
 def _slots(config: RunConfig) -> list[str]:
