@@ -206,6 +206,15 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Run slice I of N (0-based) of the manifest; auto/N takes I from SLURM or Kubernetes "
     "[default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set].",
 )
+@click.option(
+    "--clip-chunks",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Split each video row into N chunks that run in parallel, blended over a few overlapping frames; 0: one "
+    "chunk per worker (a clip stays whole on one worker).",
+)
 @click.option("--force", is_flag=True, help="Redo every row, even those already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the summary and errors.")
 @click.option(

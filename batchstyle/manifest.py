@@ -240,10 +240,10 @@ def read_manifest(
     def image_problem(file: Path, clip_ok: bool = False) -> str | None:
         if clip_ok and is_clip(file):
             return clip_problem(file)
+        if is_clip(file):
+            return f"{file} is a video or a folder; only content takes a clip, give an image here"
         if file not in image_ok:
             try:
-                if file.suffix.lower() in VIDEO_SUFFIXES or file.is_dir():
-                    raise ImageError(f"{file} is a video or a folder; only content takes a clip, give an image here")
                 if check_images:
                     image_size[file] = check_image(file)
                 elif not file.is_file():

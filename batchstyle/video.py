@@ -282,14 +282,16 @@ def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle
         for packet in stream.encode():
             out.mux(packet)
         if audio_in is not None and audio_out is not None:
-            begin = pts[0] * time_base
-            end = (pts[-1] * time_base) + 1 / Fraction(rate)
+            # The whole clip's audio when the row keeps its ends (priming packets before 0 included), else the
+            # packets that start within the kept span.
+            begin = pts[0] * time_base if indices[0] > 0 else None
+            end = (pts[-1] * time_base) + 1 / Fraction(rate) if indices[-1] < len(stamps) - 1 else None
             src.seek(0)
             for packet in src.demux(audio_in):
                 if packet.dts is None or packet.pts is None:
                     continue
                 at = packet.pts * audio_in.time_base
-                if at < begin or at >= end:
+                if (begin is not None and at < begin) or (end is not None and at >= end):
                     continue
                 packet.stream = audio_out
                 out.mux(packet)
