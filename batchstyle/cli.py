@@ -299,6 +299,7 @@ def _out_dir(target: Path) -> Path:
 def status(target: Path, as_json: bool, all_rows: bool) -> None:
     """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
     from batchstyle.run import ledger
+    from batchstyle.video import count_frames
 
     out_dir = _out_dir(target)
     try:
@@ -322,6 +323,9 @@ def status(target: Path, as_json: bool, all_rows: bool) -> None:
     click.echo(f"{out_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     for r in records:
         losses = f"loss {r.total_loss:.4g}" if r.total_loss is not None else ""
+        frames = count_frames(out_dir / r.output) if r.key != "invalid" else None
+        if frames is not None:  # a clip: one row, its frames finished so far (the frame files are the record)
+            losses = f"{frames} frames done  {losses}".rstrip()
         seconds = f"{r.seconds:.1f}s" if r.seconds is not None else ""
         line = f"  row {r.row if r.row is not None else '?':>4}  {r.status:<8} {r.output:<40} {seconds:>8} {losses}"
         click.echo(line.rstrip())
@@ -792,3 +796,80 @@ def report(out_dir: Path, all_rows: bool) -> None:
     except FileNotFoundError as exc:
         raise Unusable(str(exc)) from None
     click.echo(f"wrote {files.contact_sheet} and {files.html}")
+
+
+@bench.command("video")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option(
+    "--clip",
+    "clip_path",
+    type=click.Path(exists=True, path_type=Path),
+    help="A video, a frame folder, or a still to pan and zoom over [default: manifests/samples/chelsea.jpg].",
+)
+@click.option(
+    "--style",
+    "style_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="[default: manifests/samples/strokes.png in a checkout]",
+)
+@click.option("--frames", default=12, show_default=True)
+@click.option("--size", default=192, show_default=True)
+@click.option("--iterations", default=100, show_default=True, help="Iterations of every independent frame.")
+@click.option("--temporal-weight", "weights_text", default="200", show_default=True, help="Coherent variants' weights.")
+@click.option(
+    "--frame-iterations",
+    "later_text",
+    default="",
+    help="Iterations of coherent frames after the first, comma-separated [default: the option's default].",
+)
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Write every variant's frames here.")
+@click.option("--device", default="cpu", show_default=True)
+@CACHE_DIR
+def bench_video(
+    model: str,
+    clip_path: Path | None,
+    style_path: Path | None,
+    frames: int,
+    size: int,
+    iterations: int,
+    weights_text: str,
+    later_text: str,
+    keep: Path | None,
+    device: str,
+    cache_dir: Path | None,
+) -> None:
+    """Temporal error (flicker) and seconds per frame: independent frames against coherent ones (Ruder et al.)."""
+    import torch
+
+    from batchstyle.bench_video import clip_frames, video_figures, video_header
+    from batchstyle.images import load_image
+    from batchstyle.options import default_values, make_settings
+
+    clip_path = clip_path or SAMPLES / "chelsea.jpg"
+    style_path = style_path or SAMPLES / "strokes.png"
+    if not (clip_path.exists() and style_path.is_file()):
+        raise click.UsageError("no sample images here: pass --clip and --style")
+    try:
+        coherent = [float(w) for w in weights_text.split(",") if w.strip()]
+        laters: list[int | None] = [int(n) for n in later_text.split(",") if n.strip()] or [None]
+    except ValueError:
+        raise click.UsageError("--temporal-weight and --frame-iterations take comma-separated numbers") from None
+    settings = make_settings(default_values() | {"size": size, "iterations": iterations, "min_size": 0})
+    source, _ = weights.resolve(model, cache_dir)
+    variants = [(0.0, None)] + [(w, n) for w in coherent for n in laters]
+    clip = clip_frames(clip_path, frames)
+    click.echo(
+        f"model {source.name}, {len(clip)} frames of {clip_path.name} at {size} px, {iterations} iterations a "
+        f"still, device {device}; temporal error in 8-bit levels over consistent pixels"
+    )
+    click.echo(video_header())
+    video_figures(
+        source.load(cache_dir),
+        torch.device(device),
+        clip,
+        load_image(style_path),
+        settings,
+        variants,
+        keep,
+        say=click.echo,
+    )

@@ -23,7 +23,7 @@ from batchstyle import video
 from batchstyle.manifest import read_manifest
 from batchstyle.model.temporal import consistency, flow_pair, warp, warp_numpy
 from batchstyle.options import default_values
-from batchstyle.run.clip import frames_folder
+from batchstyle.video import frames_folder
 
 SAMPLE = Path(__file__).parent.parent / "manifests" / "samples" / "astronaut.jpg"
 STEP = 2  # pixels the camera pans right per frame
@@ -175,6 +175,12 @@ def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: 
     assert len(frames) == 12  # kept, lossless, beside the output
     again = cli("run", manifest, *TINY)
     assert "skipped      1" in again.output
+    status = cli("status", clip_dir / "m")
+    rows = [line for line in status.output.splitlines() if line.strip().startswith("row")]
+    assert len(rows) == 1 and "12 frames done" in rows[0]  # a clip is one row
+    assert cli("report", clip_dir / "m").exit_code == 0
+    page = (clip_dir / "m" / "report.html").read_text()
+    assert "frames of row 1" in page and "temporal error" in page
 
 
 def test_a_frame_folder_with_a_frame_span_and_every_gives_a_folder_of_pngs(clip_dir: Path) -> None:

@@ -31,16 +31,12 @@ from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import image_to_tensor, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
 from batchstyle.model.temporal import FlowCache, TemporalLoss, consistency, temporal_error, warp
+from batchstyle.options import Settings
 from batchstyle.run.plan import Job
-from batchstyle.video import assemble, read_frames, select
+from batchstyle.video import assemble, frames_folder, read_frames, select
 
 OnFrameIteration = Callable[[int, Losses], None]  # iteration counted across the job's frames, losses
 _LEAD = re.compile(r"lead-(\d{6})\.png$")
-
-
-def frames_folder(output: Path) -> Path:
-    """Where a clip's finished frames are kept, beside its output: `clip.mp4` -> `clip.mp4.frames/`."""
-    return output.with_name(output.name + ".frames")
 
 
 def frame_file(folder: Path, position: int, lead: bool = False) -> Path:
@@ -118,20 +114,9 @@ def run_clip(
             if flows is None:
                 flows = FlowCache(cache_dir, FlowCache.key(job.content_digest, indices, content.size))
             backward, forward = flows.get(position, previous_frame, pixels)
-            mask = consistency(backward, forward)
-            device = stylizer.device
-            flow = torch.from_numpy(backward)[None].to(device)
-            inputs.start = warp(previous, flow)
-            temporal = TemporalLoss(inputs.start, torch.from_numpy(mask)[None, None].to(device), s.temporal_weight)
-            last = stylizer.stylize(
-                [inputs],
-                s,
-                hooks,
-                plan=[(s.size, s.later_frame_iterations())],
-                extra_terms=lambda scale, contents, term=temporal: [term],
-            )[0]
+            last = stylize_frame(stylizer, inputs, s, hooks, (previous, backward, forward))
         else:
-            last = stylizer.stylize([inputs], s, hooks)[0]
+            last = stylize_frame(stylizer, inputs, s, hooks)
         image = last.image.clamp(0, 1)
         save_image_atomic(
             tensor_to_image(image),
@@ -142,6 +127,32 @@ def run_clip(
         stylized += 1
         previous, previous_frame = image, pixels
     return last, stylized, done_iterations
+
+
+def stylize_frame(
+    stylizer: Stylizer,
+    inputs: Inputs,
+    settings: Settings,
+    hooks: Hooks | None = None,
+    previous: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None,
+) -> Stylized:
+    """One frame. Without `previous` (the first frame, or temporal_weight 0): a still, every scale. With it, the
+    previous output (1, 3, H, W) and the (backward, forward) flows to this frame: start from the previous output
+    warped, add the temporal loss over the consistent pixels, one scale of `later_frame_iterations`."""
+    if previous is None or settings.temporal_weight <= 0:
+        return stylizer.stylize([inputs], settings, hooks)[0]
+    output, backward, forward = previous
+    device = stylizer.device
+    mask = torch.from_numpy(consistency(backward, forward))[None, None].to(device)
+    inputs.start = warp(output.to(device), torch.from_numpy(backward)[None].to(device))
+    temporal = TemporalLoss(inputs.start, mask, settings.temporal_weight)
+    return stylizer.stylize(
+        [inputs],
+        settings,
+        hooks,
+        plan=[(settings.size, settings.later_frame_iterations())],
+        extra_terms=lambda scale, contents: [temporal],
+    )[0]
 
 
 # -- the parent's side: assembly -------------------------------------------------------------------------------------
@@ -182,33 +193,33 @@ def final_frames(job: Job, count: int) -> list[Path]:
     return frames
 
 
-def assemble_clip(job: Job) -> None:
-    """Writes the row's output from its finished frames (every chunk done), atomically."""
+def assemble_clip(job: Job) -> list[Path]:
+    """Writes the row's output from its finished frames (every chunk done), atomically; returns the frames used."""
     indices = indices_of(job)
     frames = final_frames(job, len(indices))
     missing = [p for p in frames if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"frame {missing[0].name} of {job.output.name} is missing; run again to make it")
     assemble(frames, job.row.content, indices, job.output)
+    return frames
 
 
-def clip_temporal_error(job: Job, limit: int | None = None) -> float | None:
-    """The finished clip's mean temporal error (8-bit levels): output t+1 against output t warped by the content's
-    flow, over consistent pixels (the figure `bench video` and the report show). Flows come from the cache."""
-    indices = indices_of(job)[:limit] if limit else indices_of(job)
-    folder = frames_folder(job.output)
+def clip_temporal_error(job: Job, frames: list[Path], cache_dir: Path | None) -> float | None:
+    """The assembled clip's mean temporal error (8-bit levels): output t+1 against output t warped by the content's
+    flow, over consistent pixels (the figure `bench video` prints, and the report shows). The flows are the ones the
+    workers cached, so this costs a decode and a warp per frame."""
+    indices = indices_of(job)
     errors = []
     before: tuple[np.ndarray, np.ndarray] | None = None
     flows: FlowCache | None = None
     for position, frame in read_frames(job.row.content, indices):
-        path = frame_file(folder, position)
-        if not path.is_file():
+        out = np.asarray(load_image(frames[position]))
+        content = np.asarray(resize_long_side(frame, job.settings.size))
+        if content.shape != out.shape:
             return None
-        out = np.asarray(load_image(path))
-        content = np.asarray(frame.resize((out.shape[1], out.shape[0]), Image.Resampling.LANCZOS))
         if before is not None:
             if flows is None:
-                flows = FlowCache(None, "")
+                flows = FlowCache(cache_dir, FlowCache.key(job.content_digest, indices, (out.shape[1], out.shape[0])))
             backward, forward = flows.get(position, before[0], content)
             errors.append(temporal_error(before[1], out, backward, consistency(backward, forward)))
         before = (content, out)

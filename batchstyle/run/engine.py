@@ -35,7 +35,7 @@ from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
-from batchstyle.run.clip import assemble_clip
+from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
 from batchstyle.run.plan import (
@@ -505,11 +505,18 @@ class _Execution:
             return
         if job.clip is not None and result.status == "done":
             try:
-                assemble_clip(job)
+                frames = assemble_clip(job)
             except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone
                 result = dataclasses.replace(
                     result, status="failed", error=f"row {job.row.number}: assembling {job.output.name}: {exc}"
                 )
+            else:
+                try:
+                    error = clip_temporal_error(job, frames, self.config.cache)
+                except Exception as exc:  # noqa: BLE001 - a figure for the report, never the row's failure
+                    self.events.message(f"row {job.row.number}: no temporal error measured ({exc})")
+                    error = None
+                result = dataclasses.replace(result, temporal_error=error, frames=len(frames))
         self._write_record(job, result)
 
     def _clip_settled(self, job: Job, result: Result) -> bool:
@@ -551,6 +558,7 @@ class _Execution:
                         "scales": [list(x) for x in result.scales],
                         "stops": result.stops,
                         "batch": result.batch,
+                        **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
                     }
                 ),
             )

@@ -64,6 +64,7 @@ class Result:
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
     frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
+    temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
 
 
 @dataclass(frozen=True)
