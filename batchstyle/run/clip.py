@@ -19,7 +19,7 @@ partial video never exists under the output's name.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from PIL import Image
 
 from batchstyle.images import load_image, read_metadata, resize_long_side, save_image_atomic
 from batchstyle.model.optimize import Losses
-from batchstyle.model.pixels import image_to_tensor, tensor_to_image
+from batchstyle.model.pixels import image_to_tensor, luminance_image, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
 from batchstyle.model.temporal import FlowCache, TemporalLoss, consistency, temporal_error, warp
 from batchstyle.options import Settings
@@ -91,9 +91,7 @@ def run_clip(
     done_iterations = 0
     last: Stylized | None = None
     stylized = 0
-    for offset, frame in read_frames(job.row.content, [indices[p] for p in wanted]):
-        position = wanted.start + offset
-        content = resize_long_side(frame, s.size)
+    for position, content in _prefetched(stylizer, job, indices, wanted, resume):
         pixels = np.asarray(content)
         if position < resume:  # the frame before the first to do: its content for the flow, its output above
             previous_frame = pixels
@@ -129,6 +127,40 @@ def run_clip(
     return last, stylized, done_iterations
 
 
+CONTENT_BATCH = 8  # frames whose content targets go through the target backend (ONNX Runtime) in one call
+
+
+def _prefetched(
+    stylizer: Stylizer, job: Job, indices: list[int], positions: range, resume: int
+) -> Iterator[tuple[int, Image.Image]]:
+    """(position, content at the output size) of the frames at `positions`, CONTENT_BATCH at a time. In a coherent
+    clip, frames after the job's first are optimised at the output size only: their content targets are computed
+    together first, one batched call to the target backend instead of one per frame, and then found in the cache."""
+    assert job.clip is not None
+    s, first = job.settings, job.clip.first
+    block: list[tuple[int, Image.Image]] = []
+
+    def flush() -> Iterator[tuple[int, Image.Image]]:
+        later = [(p, c) for p, c in block if p > first and p >= resume]
+        if s.temporal_weight > 0 and len(later) > 1:
+            # The names Stylizer._scale gives a content's pixels: "rgb", or "luma" under color=luminance.
+            luma = s.color == "luminance"
+            items = []
+            for position, content in later:
+                pixels = image_to_tensor(content).to(stylizer.device)
+                digest = f"{job.content_digest}:frame{indices[position]}"
+                items.append((digest, "luma" if luma else "rgb", luminance_image(pixels) if luma else pixels))
+            stylizer.targets.prefetch(stylizer.graph(s), "content", items)
+        yield from block
+        block.clear()
+
+    for offset, frame in read_frames(job.row.content, [indices[p] for p in positions]):
+        block.append((positions.start + offset, resize_long_side(frame, s.size)))
+        if len(block) == CONTENT_BATCH:
+            yield from flush()
+    yield from flush()
+
+
 def stylize_frame(
     stylizer: Stylizer,
     inputs: Inputs,
@@ -144,8 +176,11 @@ def stylize_frame(
     output, backward, forward = previous
     device = stylizer.device
     mask = torch.from_numpy(consistency(backward, forward))[None, None].to(device)
-    inputs.start = warp(output.to(device), torch.from_numpy(backward)[None].to(device))
-    temporal = TemporalLoss(inputs.start, mask, settings.temporal_weight)
+    warped = warp(output.to(device), torch.from_numpy(backward)[None].to(device))
+    if settings.color == "luminance":
+        warped = luminance_image(warped)  # what is optimised there is the grey image; colour is put back after
+    inputs.start = warped
+    temporal = TemporalLoss(warped, mask, settings.temporal_weight)
     return stylizer.stylize(
         [inputs],
         settings,
