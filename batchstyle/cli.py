@@ -11,6 +11,7 @@ everything that computes (the engine, the devices, export, the benchmarks) insid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -823,6 +824,11 @@ def report(out_dir: Path, all_rows: bool) -> None:
     help="Iterations of coherent frames after the first, comma-separated [default: the option's default].",
 )
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Write every variant's frames here.")
+@click.option(
+    "--chunks",
+    is_flag=True,
+    help="Also run the clip as two chunks with the run's overlap: temporal error at the border against the rest.",
+)
 @click.option("--device", default="cpu", show_default=True)
 @CACHE_DIR
 def bench_video(
@@ -835,13 +841,14 @@ def bench_video(
     weights_text: str,
     later_text: str,
     keep: Path | None,
+    chunks: bool,
     device: str,
     cache_dir: Path | None,
 ) -> None:
     """Temporal error (flicker) and seconds per frame: independent frames against coherent ones (Ruder et al.)."""
     import torch
 
-    from batchstyle.bench_video import clip_frames, video_figures, video_header
+    from batchstyle.bench_video import chunk_figures, clip_frames, video_figures, video_header
     from batchstyle.images import load_image
     from batchstyle.options import default_values, make_settings
 
@@ -863,13 +870,10 @@ def bench_video(
         f"still, device {device}; temporal error in 8-bit levels over consistent pixels"
     )
     click.echo(video_header())
-    video_figures(
-        source.load(cache_dir),
-        torch.device(device),
-        clip,
-        load_image(style_path),
-        settings,
-        variants,
-        keep,
-        say=click.echo,
-    )
+    loaded, style = source.load(cache_dir), load_image(style_path)
+    video_figures(loaded, torch.device(device), clip, style, settings, variants, keep, say=click.echo)
+    if chunks:
+        from batchstyle.run.engine import CLIP_OVERLAP
+
+        coherent_settings = dataclasses.replace(settings, temporal_weight=coherent[0], frame_iterations=laters[0])
+        chunk_figures(loaded, torch.device(device), clip, style, coherent_settings, CLIP_OVERLAP, say=click.echo)

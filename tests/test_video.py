@@ -239,3 +239,17 @@ def test_a_clip_killed_mid_run_resumes_without_redoing_frames_and_never_shows_a_
     after = {p.name: p.stat().st_mtime_ns for p in folder.glob("frame-*.png")}
     assert len(after) == 24
     assert all(after[name] == stamp for name, stamp in finished.items())  # finished frames were not redone
+
+
+def test_bench_video_prints_independent_and_coherent_figures(clip_dir: Path) -> None:
+    result = cli(
+        "bench", "video", "--model", "random", "--clip", clip_dir / "pan.mp4", "--style", clip_dir / "painting.png",
+        "--frames", "3", "--size", "32", "--iterations", "3", "--frame-iterations", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    independent = next(line for line in lines if line.startswith("independent"))
+    coherent = next(line for line in lines if line.startswith("coherent w=200 it=2"))
+    for line in (independent, coherent):
+        error, per_frame, later = (float(x) for x in line.split()[-3:])
+        assert error >= 0 and per_frame > 0 and later > 0
