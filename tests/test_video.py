@@ -209,6 +209,8 @@ def test_chunked_and_unchunked_runs_both_finish_and_agree_in_frame_count(clip_di
     leads = sorted(p.name for p in frames_folder(clip_dir / "chunked" / "long-painting.mp4").glob("lead-*.png"))
     assert leads == [f"lead-{i:06d}.png" for i in range(6, 10)]  # chunk 2 starts at 10, 4 frames early
     assert not list(frames_folder(clip_dir / "whole" / "long-painting.mp4").glob("lead-*.png"))
+    blends = sorted(p.name for p in frames_folder(clip_dir / "chunked" / "long-painting.mp4").glob("blend-*.png"))
+    assert blends == [f"blend-{i:06d}.png" for i in range(6, 10)]  # the overlap went into the video blended
 
 
 def test_a_clip_killed_mid_run_resumes_without_redoing_frames_and_never_shows_a_partial_video(clip_dir: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from batchstyle.images import load_image, read_metadata, resize_long_side, save_image_atomic
+from batchstyle.images import ImageError, load_image, read_metadata, resize_long_side, save_image_atomic
 from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import image_to_tensor, luminance_image, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
@@ -71,9 +71,6 @@ def run_clip(
     s = job.settings
     folder = frames_folder(job.output)
     folder.mkdir(parents=True, exist_ok=True)
-    if part.chunks == 1:
-        for stale in folder.glob("lead-*.png"):  # a chunked run's lead-ins, which an unchunked run has no use for
-            stale.unlink(missing_ok=True)
     files = {p: frame_file(folder, p, lead=p < part.start) for p in range(part.first, part.end)}
     todo = [p for p in range(part.first, part.end) if not is_finished(files[p], job.key)]
     if not todo:
@@ -119,7 +116,12 @@ def run_clip(
         save_image_atomic(
             tensor_to_image(image),
             files[position],
-            {"batchstyle:key": job.key, "batchstyle:frame": str(indices[position]), "Software": "batchstyle"},
+            {
+                "batchstyle:key": job.key,
+                "batchstyle:frame": str(indices[position]),
+                "batchstyle:chunk": str(part.first),  # where the chain of warps this frame ends began
+                "Software": "batchstyle",
+            },
         )
         done_iterations += last.iterations
         stylized += 1
@@ -218,6 +220,10 @@ def final_frames(job: Job, count: int) -> list[Path]:
             runs.append((position, position + 1))
     frames = [frame_file(folder, p) for p in range(count)]
     for run_start, run_end in runs:
+        # Blended only into the chunk that continued from these lead-ins: after a resume with fewer workers the
+        # frames past the overlap may come from the chunk before, and then its own frames are the smooth choice.
+        if run_end >= count or _chunk_of(frames[run_end]) != run_start:
+            continue
         for p in range(run_start, run_end):
             a = blend_weight(p, run_start, run_end)
             with Image.open(frames[p]) as own, Image.open(frame_file(folder, p, lead=True)) as lead:
@@ -226,6 +232,13 @@ def final_frames(job: Job, count: int) -> list[Path]:
             save_image_atomic(mixed, path, {"batchstyle:key": job.key})
             frames[p] = path
     return frames
+
+
+def _chunk_of(path: Path) -> int | None:
+    try:
+        return int(read_metadata(path).get("batchstyle:chunk", ""))
+    except (ValueError, OSError, ImageError):
+        return None
 
 
 def assemble_clip(job: Job) -> list[Path]:
