@@ -827,7 +827,8 @@ def report(out_dir: Path, all_rows: bool) -> None:
 @click.option(
     "--chunks",
     is_flag=True,
-    help="Also run the clip as two chunks with the run's overlap: temporal error at the border against the rest.",
+    help="Instead of the variants, run the clip as two coherent chunks with the run's overlap (the first "
+    "--temporal-weight and --frame-iterations): temporal error at the border against the rest.",
 )
 @click.option("--device", default="cpu", show_default=True)
 @CACHE_DIR
@@ -869,11 +870,12 @@ def bench_video(
         f"model {source.name}, {len(clip)} frames of {clip_path.name} at {size} px, {iterations} iterations a "
         f"still, device {device}; temporal error in 8-bit levels over consistent pixels"
     )
-    click.echo(video_header())
     loaded, style = source.load(cache_dir), load_image(style_path)
-    video_figures(loaded, torch.device(device), clip, style, settings, variants, keep, say=click.echo)
     if chunks:
         from batchstyle.run.engine import CLIP_OVERLAP
 
         coherent_settings = dataclasses.replace(settings, temporal_weight=coherent[0], frame_iterations=laters[0])
         chunk_figures(loaded, torch.device(device), clip, style, coherent_settings, CLIP_OVERLAP, say=click.echo)
+        return
+    click.echo(video_header())
+    video_figures(loaded, torch.device(device), clip, style, settings, variants, keep, say=click.echo)
