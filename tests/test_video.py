@@ -4,6 +4,7 @@ ledger, the frame files and the container handling are what is under test, not t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -163,8 +164,12 @@ def test_every_bad_input_is_a_row_error(clip_dir: Path, monkeypatch: pytest.Monk
 
 def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: Path) -> None:
     manifest = write_manifest(clip_dir / "m.csv", "content,style,output", "pan.mp4,painting.png,out/styled.mp4")
-    result = cli("run", manifest, *TINY)
+    result = cli("run", manifest, *TINY, "--log-json", clip_dir / "log.jsonl")
     assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in (clip_dir / "log.jsonl").read_text().splitlines()]
+    started = [e for e in events if e["event"] == "row_started"]
+    assert [e["iterations"] for e in started] == [12]  # the bar counts frames
+    assert [e["iteration"] for e in events if e["event"] == "iteration"] == [0, 10]
     output = clip_dir / "m" / "out" / "styled.mp4"
     info = video.probe_clip(output)
     assert (info.frames, info.rate, info.audio) == (12, 24, True)

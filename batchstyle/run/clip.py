@@ -35,7 +35,7 @@ from batchstyle.options import Settings
 from batchstyle.run.plan import Job
 from batchstyle.video import assemble, frames_folder, read_frames, select
 
-OnFrameIteration = Callable[[int, Losses], None]  # iteration counted across the job's frames, losses
+OnFrameIteration = Callable[[int, Losses], None]  # frames of the job finished, losses: every iteration (a heartbeat)
 _LEAD = re.compile(r"lead-(\d{6})\.png$")
 
 
@@ -100,10 +100,9 @@ def run_clip(
             content_id=f"{job.content_digest}:frame{indices[position]}",
             style_ids=job.style_digests,
         )
+        finished = part.frames - len(todo) + stylized
         hooks = Hooks(
-            on_iteration=None
-            if on_iteration is None
-            else (lambda i, losses, before=done_iterations: on_iteration(before + i, losses[0]))
+            on_iteration=None if on_iteration is None else (lambda i, losses, n=finished: on_iteration(n, losses[0]))
         )
         if coherent and previous is not None and previous_frame is not None:
             if flows is None:

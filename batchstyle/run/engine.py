@@ -329,9 +329,16 @@ class _Execution:
         self.last_errors: dict[Path, str] = {}  # a row's error on a slot taken out, for when no slot is left
         self.clip_parts: dict[Path, set[int]] = {}  # a clip row's chunks not finished yet
         self.clip_failed: set[Path] = set()
+        self.clip_frames: dict[Path, dict[int, int]] = {}  # a clip row's frames finished, per chunk (its bar)
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
+        jobs = self.in_flight.get(slot, [])
+        if len(jobs) == 1 and jobs[0].clip is not None:
+            # A clip reports its frames finished; the chunks of one row add up to one bar, in frames.
+            done = self.clip_frames.setdefault(jobs[0].output, {})
+            done[jobs[0].clip.chunk] = iteration
+            iteration = sum(done.values())
         self.events.iteration(row, iteration, losses)
 
     def results(self, slot: int, results: list[Result]) -> None:
@@ -496,7 +503,12 @@ class _Execution:
             self.ledger.mark_running(
                 job.output, run_id=self.run_id, device=device, model=self.source.name, weights=self.source.sha256
             )
-            self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
+            if job.clip is None:
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
+            elif job.output not in self.clip_frames:  # a clip's bar counts frames, lead-ins of every chunk included
+                self.clip_frames[job.output] = {}
+                frames = job.clip.end - job.clip.start + (job.clip.chunks - 1) * CLIP_OVERLAP
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), frames)
         assert self.pool is not None
         self.pool.submit(slot, batch)
 

@@ -61,11 +61,7 @@ class Job:
 
     @property
     def total_iterations(self) -> int:
-        first = sum(iterations for _, iterations in self.scales())
-        if self.clip is None:
-            return first
-        later = self.settings.later_frame_iterations() if self.settings.temporal_weight > 0 else first
-        return first + (self.clip.frames - 1) * later
+        return sum(iterations for _, iterations in self.scales())
 
 
 def split_clip(job: Job, chunks: int, overlap: int = 0) -> list[Job]:
