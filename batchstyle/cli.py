@@ -300,7 +300,6 @@ def _out_dir(target: Path) -> Path:
 def status(target: Path, as_json: bool, all_rows: bool) -> None:
     """Summarise the ledger of an output folder (or of a manifest's default output folder)."""
     from batchstyle.run import ledger
-    from batchstyle.video import count_frames
 
     out_dir = _out_dir(target)
     try:
@@ -324,9 +323,8 @@ def status(target: Path, as_json: bool, all_rows: bool) -> None:
     click.echo(f"{out_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     for r in records:
         losses = f"loss {r.total_loss:.4g}" if r.total_loss is not None else ""
-        frames = count_frames(out_dir / r.output) if r.key != "invalid" else None
-        if frames is not None:  # a clip: one row, its frames finished so far (the frame files are the record)
-            losses = f"{frames} frames done  {losses}".rstrip()
+        if r.frames:  # a clip: one row, with its frames finished so far
+            losses = f"{r.frames_done or 0}/{r.frames} frames  {losses}".rstrip()
         seconds = f"{r.seconds:.1f}s" if r.seconds is not None else ""
         line = f"  row {r.row if r.row is not None else '?':>4}  {r.status:<8} {r.output:<40} {seconds:>8} {losses}"
         click.echo(line.rstrip())

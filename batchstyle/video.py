@@ -204,14 +204,6 @@ def frames_folder(output: Path) -> Path:
     return output.with_name(output.name + ".frames")
 
 
-def count_frames(output: Path) -> int | None:
-    """Finished frames of a clip output so far (None: not a clip, or nothing started): `status` shows it."""
-    folder = frames_folder(output)
-    if not is_clip_output(output) or not folder.is_dir():
-        return None
-    return sum(1 for _ in folder.glob("frame-*.png"))
-
-
 def frame_path(folder: Path, position: int) -> Path:
     return Path(folder) / FRAME_NAME.format(position)
 

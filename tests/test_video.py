@@ -24,6 +24,7 @@ from batchstyle import video
 from batchstyle.manifest import read_manifest
 from batchstyle.model.temporal import consistency, flow_pair, warp, warp_numpy
 from batchstyle.options import default_values
+from batchstyle.run.ledger import read_records
 from batchstyle.video import frames_folder
 
 SAMPLE = Path(__file__).parent.parent / "manifests" / "samples" / "astronaut.jpg"
@@ -182,7 +183,7 @@ def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: 
     assert "skipped      1" in again.output
     status = cli("status", clip_dir / "m")
     rows = [line for line in status.output.splitlines() if line.strip().startswith("row")]
-    assert len(rows) == 1 and "12 frames done" in rows[0]  # a clip is one row
+    assert len(rows) == 1 and "12/12 frames" in rows[0]  # a clip is one row, its frames in the ledger
     assert cli("report", clip_dir / "m").exit_code == 0
     page = (clip_dir / "m" / "report.html").read_text()
     assert "frames of row 1" in page and "temporal error" in page
@@ -240,6 +241,9 @@ def test_a_clip_killed_mid_run_resumes_without_redoing_frames_and_never_shows_a_
     assert not [p for p in output.parent.iterdir() if p.name.startswith(".clip.mp4")]  # no temp video either
     finished = {p.name: p.stat().st_mtime_ns for p in folder.glob("frame-*.png")}
     assert 4 <= len(finished) < 24
+    record = read_records(clip_dir / "m")[0][0]
+    assert record.status == "running" and record.frames == 24
+    assert record.frames_done in (len(finished) - 1, len(finished))  # per-frame progress, as each frame lands
     result = cli("run", manifest, *TINY)
     assert result.exit_code == 0, result.output
     assert video.probe_clip(output).frames == 24

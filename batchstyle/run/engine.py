@@ -330,14 +330,19 @@ class _Execution:
         self.clip_parts: dict[Path, set[int]] = {}  # a clip row's chunks not finished yet
         self.clip_failed: set[Path] = set()
         self.clip_frames: dict[Path, dict[int, int]] = {}  # a clip row's frames finished, per chunk (its bar)
+        self.clip_totals: dict[Path, int] = {}  # a clip row's frames to stylize, lead-ins of every chunk included
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
         jobs = self.in_flight.get(slot, [])
         if len(jobs) == 1 and jobs[0].clip is not None:
             # A clip reports its frames finished; the chunks of one row add up to one bar, in frames.
-            done = self.clip_frames.setdefault(jobs[0].output, {})
-            done[jobs[0].clip.chunk] = iteration
+            job = jobs[0]
+            done = self.clip_frames.setdefault(job.output, {})
+            if done.get(job.clip.chunk) != iteration:
+                done[job.clip.chunk] = iteration
+                with self.stop.shielded():
+                    self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals[job.output])
             iteration = sum(done.values())
         self.events.iteration(row, iteration, losses)
 
@@ -507,8 +512,7 @@ class _Execution:
                 self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
             elif job.output not in self.clip_frames:  # a clip's bar counts frames, lead-ins of every chunk included
                 self.clip_frames[job.output] = {}
-                frames = job.clip.end - job.clip.start + (job.clip.chunks - 1) * CLIP_OVERLAP
-                self.events.row_started(job.row.number, self.ledger.relative(job.output), frames)
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), self.clip_totals[job.output])
         assert self.pool is not None
         self.pool.submit(slot, batch)
 
@@ -541,6 +545,9 @@ class _Execution:
             return True
         left = self.clip_parts.setdefault(job.output, set(range(job.clip.chunks)))
         left.discard(job.clip.chunk)
+        done = self.clip_frames.setdefault(job.output, {})
+        done[job.clip.chunk] = job.clip.frames  # the last frame's file landed after its last progress report
+        self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals.get(job.output, job.clip.frames))
         if left:
             self.events.message(
                 f"row {job.row.number}: chunk {job.clip.chunk + 1} of {job.clip.chunks} of {job.output.name} done "
@@ -670,6 +677,10 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
                 to_do = _chunked(to_do, config, slots)
+                for job in to_do:
+                    if job.clip is not None:
+                        totals = execution.clip_totals
+                        totals[job.output] = totals.get(job.output, 0) + job.clip.frames
                 batches = make_batches(to_do, batch_size, manifest.image_sizes)
                 stall = _stall_timeout(config, slots, to_do, manifest.image_sizes, source.arch, batch_size)
                 pool = _make_pool(config, specs, execution, weights, stall)
