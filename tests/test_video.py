@@ -244,6 +244,8 @@ def test_a_clip_killed_mid_run_resumes_without_redoing_frames_and_never_shows_a_
     record = read_records(clip_dir / "m")[0][0]
     assert record.status == "running" and record.frames == 24
     assert record.frames_done in (len(finished) - 1, len(finished))  # per-frame progress, as each frame lands
+    (folder / "frame-000001.png").unlink()  # a gap: made again, and the frames after it are still kept
+    del finished["frame-000001.png"]
     result = cli("run", manifest, *TINY)
     assert result.exit_code == 0, result.output
     assert video.probe_clip(output).frames == 24

@@ -75,7 +75,7 @@ def run_clip(
     todo = [p for p in range(part.first, part.end) if not is_finished(files[p], job.key)]
     if not todo:
         return None, 0, 0
-    resume = todo[0]
+    resume, pending = todo[0], set(todo)
     indices = indices_of(job)
     styles = [load_image(path) for path in job.row.styles]
     coherent = s.temporal_weight > 0
@@ -92,6 +92,9 @@ def run_clip(
         pixels = np.asarray(content)
         if position < resume:  # the frame before the first to do: its content for the flow, its output above
             previous_frame = pixels
+            continue
+        if position not in pending:  # finished already (a frame past a gap): kept, and the chain goes on from it
+            previous, previous_frame = image_to_tensor(load_image(files[position])).to(stylizer.device), pixels
             continue
         inputs = Inputs(
             content=content,
