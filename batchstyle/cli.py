@@ -814,7 +814,13 @@ def report(out_dir: Path, all_rows: bool) -> None:
 @click.option("--frames", default=12, show_default=True)
 @click.option("--size", default=192, show_default=True)
 @click.option("--iterations", default=100, show_default=True, help="Iterations of every independent frame.")
-@click.option("--temporal-weight", "weights_text", default="200", show_default=True, help="Coherent variants' weights.")
+@click.option(
+    "--temporal-weight",
+    "weights_text",
+    default="0,200",
+    show_default=True,
+    help="Variants' temporal weights: 0 is independent frames, any other a coherent variant.",
+)
 @click.option(
     "--frame-iterations",
     "later_text",
@@ -826,7 +832,7 @@ def report(out_dir: Path, all_rows: bool) -> None:
     "--chunks",
     is_flag=True,
     help="Instead of the variants, run the clip as two coherent chunks with the run's overlap (the first "
-    "--temporal-weight and --frame-iterations): temporal error at the border against the rest.",
+    "coherent --temporal-weight and --frame-iterations): temporal error at the border against the rest.",
 )
 @click.option("--device", default="cpu", show_default=True)
 @CACHE_DIR
@@ -862,7 +868,7 @@ def bench_video(
         raise click.UsageError("--temporal-weight and --frame-iterations take comma-separated numbers") from None
     settings = make_settings(default_values() | {"size": size, "iterations": iterations, "min_size": 0})
     source, _ = weights.resolve(model, cache_dir)
-    variants = [(0.0, None)] + [(w, n) for w in coherent for n in laters]
+    variants = [(w, n) for w in coherent for n in (laters if w > 0 else [None])]
     clip = clip_frames(clip_path, frames)
     click.echo(
         f"model {source.name}, {len(clip)} frames of {clip_path.name} at {size} px, {iterations} iterations a "
@@ -872,7 +878,8 @@ def bench_video(
     if chunks:
         from batchstyle.run.engine import CLIP_OVERLAP
 
-        coherent_settings = dataclasses.replace(settings, temporal_weight=coherent[0], frame_iterations=laters[0])
+        weight = next((w for w in coherent if w > 0), 200.0)
+        coherent_settings = dataclasses.replace(settings, temporal_weight=weight, frame_iterations=laters[0])
         chunk_figures(loaded, torch.device(device), clip, style, coherent_settings, CLIP_OVERLAP, say=click.echo)
         return
     click.echo(video_header())

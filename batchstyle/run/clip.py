@@ -181,9 +181,13 @@ def stylize_frame(
     device = stylizer.device
     mask = torch.from_numpy(consistency(backward, forward))[None, None].to(device)
     warped = warp(output.to(device), torch.from_numpy(backward)[None].to(device))
-    if settings.color == "luminance":
-        warped = luminance_image(warped)  # what is optimised there is the grey image; colour is put back after
-    inputs.start = warped
+    content = image_to_tensor(inputs.content).to(device)
+    if settings.color == "luminance":  # what is optimised there is the grey image; colour is put back after
+        warped, content = luminance_image(warped), luminance_image(content)
+    # Where the flow is not trusted (disoccluded, off the previous frame, motion boundaries) the start is the content,
+    # as for a first frame. Warping there with replicated borders smeared the strip a pan uncovers into streaks that
+    # 6-25 iterations never removed and the next frame's warp carried on (seen frame by frame in `bench video`).
+    inputs.start = mask * warped + (1 - mask) * content
     temporal = TemporalLoss(warped, mask, settings.temporal_weight)
     return stylizer.stylize(
         [inputs],
