@@ -99,9 +99,9 @@ def consistency(backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
     return (~(occluded | boundary | outside)).astype(np.float32)
 
 
-def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Backward warp of (B, C, H, W) by (B, H, W, 2) pixel flows, bilinear, borders replicated: the torch twin of
-    `warp_numpy`, on the pixels' own device."""
+def warp(image: torch.Tensor, flow: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Backward warp of (B, C, H, W) by (B, H, W, 2) pixel flows, bilinear, borders replicated (or `padding`
+    "reflection"): the torch twin of `warp_numpy`, on the pixels' own device."""
     b, _, h, w = image.shape
     ys, xs = torch.meshgrid(
         torch.arange(h, device=image.device, dtype=image.dtype),
@@ -111,7 +111,7 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     x = (xs + flow[..., 0]) * (2 / max(w - 1, 1)) - 1
     y = (ys + flow[..., 1]) * (2 / max(h - 1, 1)) - 1
     grid = torch.stack([x, y], dim=-1).expand(b, h, w, 2)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 class TemporalLoss(nn.Module):

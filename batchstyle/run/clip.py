@@ -180,14 +180,15 @@ def stylize_frame(
     output, backward, forward = previous
     device = stylizer.device
     mask = torch.from_numpy(consistency(backward, forward))[None, None].to(device)
-    warped = warp(output.to(device), torch.from_numpy(backward)[None].to(device))
-    content = image_to_tensor(inputs.content).to(device)
+    flow = torch.from_numpy(backward)[None].to(device)
+    # Pixels the flow takes off the previous frame (the strip a pan uncovers) start from its mirror image: stylized
+    # texture the content loss reshapes. Replicated borders smeared that strip into streaks that grew frame by frame;
+    # starting it from the content left it a photograph, as the style loss is already met by the rest of the frame
+    # (both seen frame by frame in `bench video --keep` at 6 and 12 iterations).
+    warped = warp(output.to(device), flow, padding="reflection")
     if settings.color == "luminance":  # what is optimised there is the grey image; colour is put back after
-        warped, content = luminance_image(warped), luminance_image(content)
-    # Where the flow is not trusted (disoccluded, off the previous frame, motion boundaries) the start is the content,
-    # as for a first frame. Warping there with replicated borders smeared the strip a pan uncovers into streaks that
-    # 6-25 iterations never removed and the next frame's warp carried on (seen frame by frame in `bench video`).
-    inputs.start = mask * warped + (1 - mask) * content
+        warped = luminance_image(warped)
+    inputs.start = warped
     temporal = TemporalLoss(warped, mask, settings.temporal_weight)
     return stylizer.stylize(
         [inputs],
