@@ -11,6 +11,7 @@ everything that computes (the engine, the devices, export, the benchmarks) insid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -206,6 +207,15 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     help="Run slice I of N (0-based) of the manifest; auto/N takes I from SLURM or Kubernetes "
     "[default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set].",
 )
+@click.option(
+    "--clip-chunks",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Split each video row into N chunks that run in parallel, blended over a few overlapping frames; 0: one "
+    "chunk per worker (a clip stays whole on one worker).",
+)
 @click.option("--force", is_flag=True, help="Redo every row, even those already done.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the summary and errors.")
 @click.option(
@@ -313,6 +323,8 @@ def status(target: Path, as_json: bool, all_rows: bool) -> None:
     click.echo(f"{out_dir}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     for r in records:
         losses = f"loss {r.total_loss:.4g}" if r.total_loss is not None else ""
+        if r.frames:  # a clip: one row, with its frames finished so far
+            losses = f"{r.frames_done or 0}/{r.frames} frames  {losses}".rstrip()
         seconds = f"{r.seconds:.1f}s" if r.seconds is not None else ""
         line = f"  row {r.row if r.row is not None else '?':>4}  {r.status:<8} {r.output:<40} {seconds:>8} {losses}"
         click.echo(line.rstrip())
@@ -783,3 +795,92 @@ def report(out_dir: Path, all_rows: bool) -> None:
     except FileNotFoundError as exc:
         raise Unusable(str(exc)) from None
     click.echo(f"wrote {files.contact_sheet} and {files.html}")
+
+
+@bench.command("video")
+@click.option("--model", default="vgg16-hed", show_default=True)
+@click.option(
+    "--clip",
+    "clip_path",
+    type=click.Path(exists=True, path_type=Path),
+    help="A video, a frame folder, or a still to pan and zoom over [default: manifests/samples/chelsea.jpg].",
+)
+@click.option(
+    "--style",
+    "style_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="[default: manifests/samples/strokes.png in a checkout]",
+)
+@click.option("--frames", default=12, show_default=True)
+@click.option("--size", default=192, show_default=True)
+@click.option("--iterations", default=100, show_default=True, help="Iterations of every independent frame.")
+@click.option(
+    "--temporal-weight",
+    "weights_text",
+    default="0,200",
+    show_default=True,
+    help="Variants' temporal weights: 0 is independent frames, any other a coherent variant.",
+)
+@click.option(
+    "--frame-iterations",
+    "later_text",
+    default="",
+    help="Iterations of coherent frames after the first, comma-separated [default: the option's default].",
+)
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Write every variant's frames here.")
+@click.option(
+    "--chunks",
+    is_flag=True,
+    help="Instead of the variants, run the clip as two coherent chunks with the run's overlap (the first "
+    "coherent --temporal-weight and --frame-iterations): temporal error at the border against the rest.",
+)
+@click.option("--device", default="cpu", show_default=True)
+@CACHE_DIR
+def bench_video(
+    model: str,
+    clip_path: Path | None,
+    style_path: Path | None,
+    frames: int,
+    size: int,
+    iterations: int,
+    weights_text: str,
+    later_text: str,
+    keep: Path | None,
+    chunks: bool,
+    device: str,
+    cache_dir: Path | None,
+) -> None:
+    """Temporal error (flicker) and seconds per frame: independent frames against coherent ones (Ruder et al.)."""
+    import torch
+
+    from batchstyle.bench_video import chunk_figures, clip_frames, video_figures, video_header
+    from batchstyle.images import load_image
+    from batchstyle.options import default_values, make_settings
+
+    clip_path = clip_path or SAMPLES / "chelsea.jpg"
+    style_path = style_path or SAMPLES / "strokes.png"
+    if not (clip_path.exists() and style_path.is_file()):
+        raise click.UsageError("no sample images here: pass --clip and --style")
+    try:
+        coherent = [float(w) for w in weights_text.split(",") if w.strip()]
+        laters: list[int | None] = [int(n) for n in later_text.split(",") if n.strip()] or [None]
+    except ValueError:
+        raise click.UsageError("--temporal-weight and --frame-iterations take comma-separated numbers") from None
+    settings = make_settings(default_values() | {"size": size, "iterations": iterations, "min_size": 0})
+    source, _ = weights.resolve(model, cache_dir)
+    variants = [(w, n) for w in coherent for n in (laters if w > 0 else [None])]
+    clip = clip_frames(clip_path, frames)
+    click.echo(
+        f"model {source.name}, {len(clip)} frames of {clip_path.name} at {size} px, {iterations} iterations a "
+        f"still, device {device}; temporal error in 8-bit levels over consistent pixels"
+    )
+    loaded, style = source.load(cache_dir), load_image(style_path)
+    if chunks:
+        from batchstyle.run.engine import CLIP_OVERLAP
+
+        weight = next((w for w in coherent if w > 0), 200.0)
+        coherent_settings = dataclasses.replace(settings, temporal_weight=weight, frame_iterations=laters[0])
+        chunk_figures(loaded, torch.device(device), clip, style, coherent_settings, CLIP_OVERLAP, say=click.echo)
+        return
+    click.echo(video_header())
+    video_figures(loaded, torch.device(device), clip, style, settings, variants, keep, say=click.echo)

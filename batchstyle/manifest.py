@@ -20,6 +20,7 @@ from batchstyle.images import DEEP_SUFFIXES, SUPPORTED_SUFFIXES, ImageError, che
 from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
+from batchstyle.video import VIDEO_SUFFIXES, ClipInfo, is_clip, is_clip_output, output_problem, probe_clip, select
 
 REQUIRED = ("content", "style")
 ROW_ONLY = ("output", "style_blend_weights")
@@ -66,6 +67,7 @@ class Manifest:
     problems: list[Problem] = field(default_factory=list)
     total_rows: int = 0
     image_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # (w, h) of every image checked
+    clips: dict[Path, ClipInfo] = field(default_factory=dict)  # the header of every clip (video or frame folder)
 
     def problem_rows(self) -> dict[int, list[Problem]]:
         found: dict[int, list[Problem]] = {}
@@ -235,13 +237,28 @@ def read_manifest(
     image_ok: dict[Path, str | None] = {}
     image_size = manifest.image_sizes
 
-    def image_problem(file: Path) -> str | None:
+    def image_problem(file: Path, clip_ok: bool = False) -> str | None:
+        if clip_ok and is_clip(file):
+            return clip_problem(file)
+        if is_clip(file):
+            return f"{file} is a video or a folder; only content takes a clip, give an image here"
         if file not in image_ok:
             try:
                 if check_images:
                     image_size[file] = check_image(file)
                 elif not file.is_file():
                     raise ImageError(f"{file}: no such file")
+                image_ok[file] = None
+            except ImageError as exc:
+                image_ok[file] = str(exc)
+        return image_ok[file]
+
+    def clip_problem(file: Path) -> str | None:
+        """A clip's header, read once (streams, frame count, size): what `check` can know without decoding."""
+        if file not in image_ok:
+            try:
+                manifest.clips[file] = info = probe_clip(file)
+                image_size[file] = (info.width, info.height)
                 image_ok[file] = None
             except ImageError as exc:
                 image_ok[file] = str(exc)
@@ -260,7 +277,7 @@ def read_manifest(
         styles = tuple(base / cell for cell in style_cells)
         for column, files in (("content", [content] if content_cell else []), ("style", list(styles))):
             for file in files:
-                problem = image_problem(file)
+                problem = image_problem(file, clip_ok=column == "content")
                 if problem:
                     problems.append((column, problem))
 
@@ -323,8 +340,30 @@ def read_manifest(
                 problems.append(("style_layer_weights", cross))
             problems += _too_thin(settings, content if content_cell else None, styles, image_size)
 
+        clip = manifest.clips.get(content) if content_cell else None
+        video_cells = [name for name in ("frames", "every") if cells.get(name, "").strip()]
+        if content_cell and clip is None and video_cells and not is_clip(content):
+            problems += [(name, "only video rows take it; the content is an image") for name in video_cells]
+        if clip is not None and not any(column in OPTIONS for column, _ in problems):
+            settings = make_settings(values)
+            if not select(clip.frames, settings.frame_span(), settings.every):
+                problems.append(
+                    ("frames", f"selects no frame of {content.name}, which has {clip.frames}; use START below that")
+                )
         output_cell = cells.get("output", "").strip()
-        if output_cell:
+        if output_cell and is_clip(content) and content_cell:
+            output = out / output_cell
+            if not is_clip_output(output):
+                problems.append(
+                    (
+                        "output",
+                        f"{output_cell!r}: a clip's output is a video ({', '.join(sorted(VIDEO_SUFFIXES))}) or a "
+                        "folder (a name without extension)",
+                    )
+                )
+            elif clip is not None and output_problem(clip, output):
+                problems.append(("output", str(output_problem(clip, output))))
+        elif output_cell:
             output = out / output_cell
             if output.suffix.lower() not in SUPPORTED_SUFFIXES:
                 problems.append(
@@ -335,7 +374,11 @@ def read_manifest(
                 )
         else:
             stem = f"{content.stem}-{'+'.join(s.stem for s in styles)}" if content_cell and styles else f"row{number}"
-            output = out / f"{stem}{suffix}"
+            # A clip keeps its kind: a video gives the same container, a folder of frames a folder.
+            kind = (content.suffix.lower() if content.suffix.lower() in VIDEO_SUFFIXES else "") if clip else suffix
+            if clip is not None and kind and output_problem(clip, out / f"{stem}{kind}"):
+                kind = ".mkv"  # a WebM whose audio WebM cannot hold unchanged
+            output = out / f"{stem}{kind}"
         if values.get("bit_depth") == 16 and output.suffix.lower() not in DEEP_SUFFIXES:
             problems.append(
                 ("bit_depth", f"16 bits per channel need a .png or .tif output, not {output.name}: change the output")

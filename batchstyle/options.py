@@ -147,6 +147,26 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 COLORS = ("style", "luminance", "transfer")
 STOP_WINDOW = 20  # iterations over which a scale's relative improvement is measured for stop_tolerance
 CONTENT_MASK_GAIN = 10.0  # content loss weight where a content mask is white, relative to where it is black
+TEMPORAL_WEIGHT = 200.0  # see the README's Video section for the measurement behind it
+FRAME_ITERATIONS_DIVISOR = 4  # frames after the first: iterations / this (measured, README's Video section)
+
+
+def _parse_frames(raw: str) -> str:
+    """`START:END`, either side may be empty; kept as text (normalised) so the job key reads it plainly."""
+    if not raw.strip():
+        return ""
+    start_text, sep, end_text = raw.strip().partition(":")
+    if not sep:
+        raise OptionError(f"{raw!r} is not START:END (e.g. 0:48, or 100: for frame 100 to the end)")
+    try:
+        start = int(start_text) if start_text.strip() else 0
+        end = int(end_text) if end_text.strip() else None
+    except ValueError:
+        raise OptionError(f"{raw!r}: START and END must be whole frame numbers, e.g. 0:48") from None
+    if start < 0 or (end is not None and end <= start):
+        raise OptionError(f"{raw!r}: need 0 <= START < END")
+    return f"{start}:{'' if end is None else end}"
+
 
 OPTIONS: dict[str, Option] = {
     opt.name: opt
@@ -285,6 +305,33 @@ OPTIONS: dict[str, Option] = {
         Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
         Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
         Option("seed", 0, _parse_number(int), "Random seed (noise init).", _range(0, 2**63 - 1)),
+        # Video rows (content a clip or a folder of frames); image rows ignore them. See batchstyle.video.
+        Option(
+            "temporal_weight",
+            TEMPORAL_WEIGHT,
+            _parse_number(float),
+            "Video: weight of the temporal loss against the previous output warped by the optical flow "
+            "(0: every frame stylized on its own, and it flickers).",
+            _range(0, None),
+        ),
+        Option(
+            "frame_iterations",
+            None,
+            _parse_number(int),
+            "Video: iterations for each frame after the first, which starts from the previous one warped "
+            f"(default: iterations / {FRAME_ITERATIONS_DIVISOR}, at least 1; with temporal_weight 0 every frame "
+            "gets all scales and iterations).",
+            lambda value: None if value is None else _range(1, 100000)(value),
+            "N",
+        ),
+        Option(
+            "frames",
+            "",
+            _parse_frames,
+            "Video: only frames START:END (0-based, END excluded), e.g. 0:48.",
+            metavar="START:END",
+        ),
+        Option("every", 1, _parse_number(int), "Video: every N-th frame only (a preview).", _range(1, 10000), "N"),
         Option(
             "bit_depth",
             8,
@@ -324,6 +371,10 @@ class Settings:
     init: str
     pooling: str
     seed: int
+    temporal_weight: float
+    frame_iterations: int | None
+    frames: str
+    every: int
     bit_depth: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -333,6 +384,19 @@ class Settings:
         if self.learning_rate is not None:
             return self.learning_rate
         return 1.0 if self.optimizer == "lbfgs" else 0.02
+
+    def later_frame_iterations(self) -> int:
+        """Iterations of a video frame after the first (one scale, at the output size)."""
+        if self.frame_iterations is not None:
+            return self.frame_iterations
+        return max(1, self.iterations // FRAME_ITERATIONS_DIVISOR)
+
+    def frame_span(self) -> tuple[int, int | None]:
+        """`frames` as (start, end or None)."""
+        if not self.frames:
+            return 0, None
+        start, _, end = self.frames.partition(":")
+        return int(start), int(end) if end else None
 
     def normalised_style_layer_weights(self) -> tuple[float, ...]:
         weights = self.style_layer_weights or (1.0,) * len(self.style_layers)

@@ -37,6 +37,7 @@ from batchstyle.run.ledger import (
     read_runs,
     unpack_history,
 )
+from batchstyle.video import frames_folder, is_clip, is_clip_output, read_frames
 
 CONTACT_SHEET_NAME = "contact-sheet.png"
 HTML_NAME = "report.html"
@@ -78,6 +79,7 @@ class _Row:
     params: dict[str, Any] = field(default_factory=dict)
     blend: list[str] = field(default_factory=list)
     recovered: bool = False  # inputs read back from the manifest because the ledger kept none
+    strip: Image.Image | None = None  # a clip: evenly spaced finished frames side by side
 
     @property
     def history(self) -> np.ndarray:
@@ -93,7 +95,14 @@ class _Thumbs:
 
     def get(self, path: Path) -> tuple[Image.Image | None, str | None]:
         if path not in self._seen:
-            if not path.is_file():
+            if is_clip(path) and path.exists():  # a clip (content or output) shows its first frame
+                try:
+                    img = next(image for _, image in read_frames(path, [0]))
+                    img.thumbnail(self.box, Image.Resampling.LANCZOS)
+                    self._seen[path] = (img, None)
+                except (ImageError, OSError, ValueError, StopIteration):
+                    self._seen[path] = (None, "unreadable")
+            elif not path.is_file():
                 self._seen[path] = (None, "missing")
             else:
                 try:
@@ -189,11 +198,42 @@ def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
                 row.blend = _blend(output_path, record, len(styles))
         elif record.status in ("pending", "running"):
             row.output = _Input("output", "output", output_path, problem="not yet")
+        if is_clip_output(output_path):
+            row.strip = _frame_strip(output_path, thumb)
         if len(row.blend) == len(row.inputs) - 1 > 1:
             for style, weight in zip(row.inputs[1:], row.blend):
                 style.weight = weight
         rows.append(row)
     return rows
+
+
+STRIP_FRAMES = 8
+
+
+def _frame_strip(output: Path, thumb: int) -> Image.Image | None:
+    """Up to STRIP_FRAMES finished frames of a clip, evenly spaced, side by side at the thumbnail height."""
+    frames = sorted(frames_folder(output).glob("frame-*.png")) if frames_folder(output).is_dir() else []
+    if not frames:
+        return None
+    picked = [frames[round(k * (len(frames) - 1) / max(1, STRIP_FRAMES - 1))] for k in range(STRIP_FRAMES)]
+    tiles = []
+    for path in dict.fromkeys(picked):
+        try:
+            img = load_image(path)
+        except ImageError:
+            continue
+        img.thumbnail((thumb * 4, thumb), Image.Resampling.LANCZOS)
+        tiles.append(img)
+    if not tiles:
+        return None
+    strip = Image.new(
+        "RGB", (sum(t.width for t in tiles) + 2 * (len(tiles) - 1), max(t.height for t in tiles)), "white"
+    )
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + 2
+    return strip
 
 
 def _input(role: str, label: str, text: str, out_dir: Path, thumbs: _Thumbs) -> _Input:
@@ -559,6 +599,16 @@ def _row_html(row: _Row, thumb: int) -> str:
     else:
         note = "no loss curve: this row recorded no per-iteration losses."
     parts.append("</div>")
+    if row.strip is not None:
+        error = row.params.get("temporal_error") if done else None
+        measured = f"; temporal error {error:.2f} levels (8-bit)" if isinstance(error, (int, float)) else ""
+        buffer = io.BytesIO()
+        row.strip.save(buffer, format="JPEG", quality=88)
+        uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        parts.append(
+            f'<figure class="strip"><img alt="frames of row {_e(number)}" src="{uri}">'
+            f"<figcaption>frames, evenly spaced{_e(measured)}</figcaption></figure>"
+        )
     if row.recovered:
         parts.append(
             '<p class="note">This row failed validation; the inputs shown are read back from the manifest.</p>'
@@ -579,6 +629,13 @@ def _row_html(row: _Row, thumb: int) -> str:
         ("content", _e(row.inputs[0].path) if row.inputs[0].path else None),
         ("style", "<br>".join(_e(i.path) for i in row.inputs[1:] if i.path) or None),
         ("style blend", _e(", ".join(row.blend)) if row.blend else None),
+        ("frames", _e(row.params.get("frames")) if done and row.params.get("frames") else None),
+        (
+            "temporal error",
+            _e(f"{row.params['temporal_error']:.2f} levels")
+            if done and isinstance(row.params.get("temporal_error"), (int, float))
+            else None,
+        ),
     ]
     parts.append('<div class="details"><div><table class="info"><caption>run</caption>')
     parts.extend(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in info if v is not None)

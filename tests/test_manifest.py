@@ -184,7 +184,12 @@ def test_problem_str_names_manifest_row_line_and_column(tmp_path: Path, images: 
         ("", "in/photo.png,in/painting.png;in/missing.png", "style", ["missing.png", "no such file"]),
         ("", "in/corrupt.png,in/painting.png", "content", ["corrupt.png", "cannot be read as an image"]),
         ("", "in/photo.png,in/corrupt.png", "style", ["corrupt.png", "cannot be read as an image"]),
-        ("", "in,in/painting.png", "content", ["is a directory"]),
+        (
+            "",
+            "in,in/painting.png",
+            "content",
+            ["corrupt.png cannot be read as an image", "re-export the frame"],
+        ),  # a frame folder
         ("", ",in/painting.png", "content", ["empty"]),
         ("", "in/photo.png, ; ", "style", ["empty"]),
         (",iterations", "in/photo.png,in/painting.png,lots", "iterations", ["'lots' is not an integer"]),

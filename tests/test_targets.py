@@ -207,6 +207,24 @@ def test_cache_returns_what_was_computed_and_counts_hits(random_weights, spec, t
     cache.close()
 
 
+def test_prefetch_computes_many_frames_in_one_call_and_get_then_hits(random_weights, spec, tmp_path: Path) -> None:
+    cache = TargetCache(tmp_path)
+    store = TargetStore(lambda s: TorchBackend(random_weights, s, torch.device("cpu")), cache)
+    frames = torch.rand(5, 3, 24, 32, generator=torch.Generator().manual_seed(3)).split(1)
+    items = [(f"clip:frame{i}", "rgb", frame) for i, frame in enumerate(frames)]
+    assert store.prefetch(spec, "content", items) == 5
+    assert store.computed == 1  # one batched backend call for the five frames
+    alone = TargetStore(lambda s: TorchBackend(random_weights, s, torch.device("cpu")), None)
+    for digest, _, frame in items:
+        found, hit = store.get(spec, "content", digest, "rgb", frame)
+        expected, _ = alone.get(spec, "content", digest, "rgb", frame)
+        assert hit
+        for layer in expected:
+            torch.testing.assert_close(found[layer], expected[layer], rtol=1e-4, atol=1e-5)
+    assert store.prefetch(spec, "content", items) == 0 and store.computed == 1
+    cache.close()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
 def test_a_damaged_cache_file_is_recomputed_not_trusted(random_weights, spec, tmp_path: Path, damage: str) -> None:
     cache = TargetCache(tmp_path)

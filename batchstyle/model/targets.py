@@ -405,6 +405,36 @@ class TargetStore:
                 self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
         return found, False
 
+    def prefetch(self, spec: GraphSpec, role: str, items: Sequence[tuple[str, str, torch.Tensor]]) -> int:
+        """Computes the targets of many images of one size in one backend call and caches them, so the `get`s that
+        follow are hits: a clip's content frames go through ONNX Runtime in batches. Items are (digest, variant,
+        (1, 3, H, W) pixels); returns how many were computed. Without a cache there is nowhere to keep them."""
+        if self.cache is None or not items:
+            return 0
+        missing = []
+        for digest, variant, pixels in items:
+            h, w = pixels.shape[-2:]
+            key = target_key(spec, role, digest, (w, h), f"{variant}:{self.precision}")
+            if self.cache.get(key) is None:
+                missing.append((key, pixels))
+        if not missing:
+            return 0
+        outputs = self.backend(spec)(torch.cat([pixels for _, pixels in missing]))
+        self.computed += 1
+        prefixes = ("content_",) if role == "content" else ("gram_", "mean_")
+        for b, (key, _) in enumerate(missing):
+            found = {
+                name.removeprefix("content_"): t[b : b + 1].clone()
+                for name, t in outputs.items()
+                if name.startswith(prefixes)
+            }
+            try:
+                self.cache.put(key, role, found)
+            except (OSError, sqlite3.Error) as exc:
+                self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
+                break
+        return len(missing)
+
     def provider(self, spec: GraphSpec) -> str:
         """What computed this spec's targets in this worker; 'cache' when every one was a hit."""
         backend = self.backends.get(spec)

@@ -35,6 +35,7 @@ from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
+from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
 from batchstyle.run.ledger import Ledger, pack_history
 from batchstyle.run.plan import (
@@ -46,6 +47,7 @@ from batchstyle.run.plan import (
     make_batches,
     parse_shard,
     plan,
+    split_clip,
 )
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
@@ -99,6 +101,7 @@ class RunConfig:
     backend: str = "local"  # local | ray
     address: str | None = None  # Ray cluster address; None starts a local Ray
     shard: Shard | None = None
+    clip_chunks: int = 0  # chunks a long clip is split into, run in parallel; 0: one per worker slot
 
     @property
     def cache(self) -> Path:
@@ -324,9 +327,23 @@ class _Execution:
         self.streaks: dict[int, _Streak] = {}
         self.retired: dict[int, str] = {}  # slot -> why it was taken out
         self.last_errors: dict[Path, str] = {}  # a row's error on a slot taken out, for when no slot is left
+        self.clip_parts: dict[Path, set[int]] = {}  # a clip row's chunks not finished yet
+        self.clip_failed: set[Path] = set()
+        self.clip_frames: dict[Path, dict[int, int]] = {}  # a clip row's frames finished, per chunk (its bar)
+        self.clip_totals: dict[Path, int] = {}  # a clip row's frames to stylize, lead-ins of every chunk included
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
+        jobs = self.in_flight.get(slot, [])
+        if len(jobs) == 1 and jobs[0].clip is not None:
+            # A clip reports its frames finished; the chunks of one row add up to one bar, in frames.
+            job = jobs[0]
+            done = self.clip_frames.setdefault(job.output, {})
+            if done.get(job.clip.chunk) != iteration:
+                done[job.clip.chunk] = iteration
+                with self.stop.shielded():
+                    self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals[job.output])
+            iteration = sum(done.values())
         self.events.iteration(row, iteration, losses)
 
     def results(self, slot: int, results: list[Result]) -> None:
@@ -491,11 +508,54 @@ class _Execution:
             self.ledger.mark_running(
                 job.output, run_id=self.run_id, device=device, model=self.source.name, weights=self.source.sha256
             )
-            self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
+            if job.clip is None:
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
+            elif job.output not in self.clip_frames:  # a clip's bar counts frames, lead-ins of every chunk included
+                self.clip_frames[job.output] = {}
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), self.clip_totals[job.output])
         assert self.pool is not None
         self.pool.submit(slot, batch)
 
     def _record(self, job: Job, result: Result) -> None:
+        if job.clip is not None and not self._clip_settled(job, result):
+            return
+        if job.clip is not None and result.status == "done":
+            try:
+                frames = assemble_clip(job)
+            except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone
+                result = dataclasses.replace(
+                    result, status="failed", error=f"row {job.row.number}: assembling {job.output.name}: {exc}"
+                )
+            else:
+                try:
+                    error = clip_temporal_error(job, frames, self.config.cache)
+                except Exception as exc:  # noqa: BLE001 - a figure for the report, never the row's failure
+                    self.events.message(f"row {job.row.number}: no temporal error measured ({exc})")
+                    error = None
+                result = dataclasses.replace(result, temporal_error=error, frames=len(frames))
+        self._write_record(job, result)
+
+    def _clip_settled(self, job: Job, result: Result) -> bool:
+        """A chunk of a clip row finished: True when the row is settled (every chunk done, or the first failure)."""
+        assert job.clip is not None
+        if job.output in self.clip_failed:
+            return False
+        if result.status != "done":
+            self.clip_failed.add(job.output)
+            return True
+        left = self.clip_parts.setdefault(job.output, set(range(job.clip.chunks)))
+        left.discard(job.clip.chunk)
+        done = self.clip_frames.setdefault(job.output, {})
+        done[job.clip.chunk] = job.clip.frames  # the last frame's file landed after its last progress report
+        self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals.get(job.output, job.clip.frames))
+        if left:
+            self.events.message(
+                f"row {job.row.number}: chunk {job.clip.chunk + 1} of {job.clip.chunks} of {job.output.name} done "
+                f"({job.clip.end - job.clip.first} frames)"
+            )
+        return not left
+
+    def _write_record(self, job: Job, result: Result) -> None:
         fields: dict[str, Any] = {
             "seconds": result.seconds,
             "iterations": result.iterations,
@@ -517,6 +577,7 @@ class _Execution:
                         "scales": [list(x) for x in result.scales],
                         "stops": result.stops,
                         "batch": result.batch,
+                        **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
                     }
                 ),
             )
@@ -615,6 +676,11 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 batch_size = config.batch_size or _auto_batch_size(slots, to_do, manifest.image_sizes, source.arch)
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
+                to_do = _chunked(to_do, config, slots)
+                for job in to_do:
+                    if job.clip is not None:
+                        totals = execution.clip_totals
+                        totals[job.output] = totals.get(job.output, 0) + job.clip.frames
                 batches = make_batches(to_do, batch_size, manifest.image_sizes)
                 stall = _stall_timeout(config, slots, to_do, manifest.image_sizes, source.arch, batch_size)
                 pool = _make_pool(config, specs, execution, weights, stall)
@@ -633,6 +699,15 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             ledger.finish_run(run_id, summary.counts())
             events.run_finished(summary.counts())
     return summary
+
+
+CLIP_OVERLAP = 4  # lead-in frames of each chunk after the first, blended into the chunk before (README, Video)
+
+
+def _chunked(jobs: list[Job], config: RunConfig, slots: Sequence[str]) -> list[Job]:
+    """Clip rows split into chunks that run in parallel, one per worker slot unless --clip-chunks says otherwise."""
+    chunks = config.clip_chunks or len(slots)
+    return [part for job in jobs for part in (split_clip(job, chunks, CLIP_OVERLAP) if job.clip else [job])]
 
 
 def _slots(config: RunConfig) -> list[str]:

@@ -23,7 +23,7 @@ from batchstyle.errors import UnusableInput
 
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -61,7 +61,9 @@ CREATE TABLE IF NOT EXISTS rows (
     targets TEXT,                     -- where the row's targets came from: "content=hit style=miss,hit"
     provider TEXT,                    -- what computed them: an ONNX Runtime provider or torch:<device>
     history BLOB,                     -- per-iteration losses, see pack_history
-    precision TEXT                    -- what the network ran in: fp32, tf32 or bf16 (Grams and losses are fp32)
+    precision TEXT,                   -- what the network ran in: fp32, tf32 or bf16 (Grams and losses are fp32)
+    frames INTEGER,                   -- a clip: frames to stylize (chunks' lead-ins included)
+    frames_done INTEGER               -- a clip: of those, finished (written as each frame is)
 );
 """
 
@@ -70,6 +72,7 @@ _MIGRATIONS = {
     2: ["ALTER TABLE rows ADD COLUMN targets TEXT", "ALTER TABLE rows ADD COLUMN provider TEXT"],
     3: ["ALTER TABLE rows ADD COLUMN history BLOB"],
     4: ["ALTER TABLE rows ADD COLUMN precision TEXT"],
+    5: ["ALTER TABLE rows ADD COLUMN frames INTEGER", "ALTER TABLE rows ADD COLUMN frames_done INTEGER"],
 }
 
 HISTORY_COLUMNS = ("content", "style", "tv")
@@ -122,6 +125,8 @@ class Record:
     provider: str | None = None
     history: bytes | None = None
     precision: str | None = None  # fp32 | tf32 | bf16: the network's precision (None: written before schema 4)
+    frames: int | None = None  # a clip row: frames to stylize, and how many are finished
+    frames_done: int | None = None
     ledger: str = LEDGER_NAME  # the file it was read from: shards of one run each keep their own
 
     def as_dict(self, history: bool = False) -> dict[str, Any]:
@@ -333,6 +338,10 @@ class Ledger:
         if status not in ("done", "failed", "pending"):
             raise ValueError(status)
         self._update(output, {"status": status, "finished": time.time(), **fields})
+
+    def mark_frames(self, output: Path, done: int, total: int) -> None:
+        """A clip's frames finished so far: per-frame progress, written as each frame file is renamed into place."""
+        self._update(output, {"frames": total, "frames_done": done})
 
     def mark_seen(self, output: Path, run_id: int) -> None:
         """A row the run planned but skipped as done still belongs to this run's manifest."""

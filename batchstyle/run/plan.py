@@ -6,6 +6,7 @@ process: the parent plans, workers only execute.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +22,24 @@ from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
 from batchstyle.version import ALGORITHM_VERSION
+from batchstyle.video import frame_files, select
+
+
+@dataclass(frozen=True)
+class ClipPart:
+    """Which of a clip row's selected frames one job stylizes: positions [first, end) of the selection, of which
+    [first, start) are a lead-in (the overlap with the chunk before, blended into it when the clip is assembled)."""
+
+    total: int  # frames in the clip's file or folder (what the selection is taken from)
+    first: int
+    start: int
+    end: int
+    chunk: int = 0
+    chunks: int = 1
+
+    @property
+    def frames(self) -> int:
+        return self.end - self.first
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,7 @@ class Job:
     key: str
     content_digest: str
     style_digests: tuple[str, ...]
+    clip: ClipPart | None = None  # a video row (or one chunk of it)
 
     @property
     def output(self) -> Path:
@@ -44,9 +64,38 @@ class Job:
         return sum(iterations for _, iterations in self.scales())
 
 
+def split_clip(job: Job, chunks: int, overlap: int = 0) -> list[Job]:
+    """One job per chunk of a clip row's frames, each but the first starting `overlap` frames early; chunks shorter
+    than MIN_CHUNK_FRAMES are not worth their lead-in, so a short clip stays whole."""
+    assert job.clip is not None
+    frames = job.clip.end - job.clip.start
+    chunks = max(1, min(chunks, frames // MIN_CHUNK_FRAMES))
+    if chunks == 1:
+        return [job]
+    bounds = [job.clip.start + frames * k // chunks for k in range(chunks + 1)]
+    parts = []
+    for k in range(chunks):
+        first = max(job.clip.start, bounds[k] - (overlap if k else 0))
+        parts.append(
+            dataclasses.replace(
+                job, clip=ClipPart(job.clip.total, first, bounds[k], bounds[k + 1], chunk=k, chunks=chunks)
+            )
+        )
+    return parts
+
+
+MIN_CHUNK_FRAMES = 8  # a chunk of fewer frames spends too much of its time on its lead-in and first frame
+
+
 def _file_digest(path: Path, memo: dict[Path, str]) -> str:
     if path not in memo:
-        memo[path] = sha256_file(path)
+        if path.is_dir():  # a folder of frames: its frames' names and bytes, in order
+            digest = hashlib.sha256(b"frames:")
+            for frame in frame_files(path):
+                digest.update(f"{frame.name}:{sha256_file(frame)};".encode())
+            memo[path] = digest.hexdigest()
+        else:
+            memo[path] = sha256_file(path)
     return memo[path]
 
 
@@ -91,7 +140,12 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
             )
             continue
         key = job_key(row, settings, source, memo)
-        jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles)))
+        clip = None
+        if row.content in manifest.clips:
+            total = manifest.clips[row.content].frames
+            selected = len(select(total, settings.frame_span(), settings.every))
+            clip = ClipPart(total, 0, 0, selected)
+        jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles), clip))
     return jobs, failed
 
 
@@ -103,7 +157,7 @@ def batch_key(job: Job, sizes: Mapping[Path, tuple[int, int]]) -> tuple[object, 
 
     None when the content's size is unknown (it was not checked), which keeps such a job in a batch of its own.
     """
-    if job.row.content not in sizes:
+    if job.row.content not in sizes or job.clip is not None:  # a clip's frames go one after another
         return None
     w, h = sizes[job.row.content]
     settings = tuple(sorted((k, repr(v)) for k, v in job.settings.as_dict().items()))

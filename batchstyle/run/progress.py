@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any, Protocol
 
 from tqdm import tqdm
 
+from batchstyle.video import is_clip_output
+
 
 class Events(Protocol):
     def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None: ...
+    # A clip row (a video output) counts frames finished where an image row counts iterations.
     def row_started(self, row: int, output: str, iterations: int) -> None: ...
     def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None: ...
     def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None: ...
@@ -64,7 +68,7 @@ class Terminal(Silent):
         self.images[row] = tqdm(
             total=iterations,
             desc=f"row {row}",
-            unit="it",
+            unit="frame" if is_clip_output(Path(output)) else "it",  # a clip's bar counts frames
             file=self.stream,
             position=position,
             leave=False,
@@ -105,6 +109,7 @@ class JsonLog(Silent):
     def __init__(self, handle: IO[str], every: int = 10) -> None:
         self.handle = handle
         self.every = every
+        self.last: dict[int, int] = {}
 
     def _emit(self, event: str, **fields: Any) -> None:
         self.handle.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
@@ -117,7 +122,9 @@ class JsonLog(Silent):
         self._emit("row_started", row=row, output=output, iterations=iterations)
 
     def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None:
-        if iteration % self.every == 0:
+        # Once per value: a clip reports its frames finished on every iteration (a heartbeat), the same value often.
+        if iteration % self.every == 0 and self.last.get(row) != iteration:
+            self.last[row] = iteration
             self._emit("iteration", row=row, iteration=iteration, **losses)
 
     def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:

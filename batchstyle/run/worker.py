@@ -63,6 +63,8 @@ class Result:
     batch: int = 1  # images optimised together with this one
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
+    frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
+    temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,10 @@ class Worker:
     """Turns batches of jobs into output files: decodes each row's images, hands the batch to the model layer's
     `Stylizer` (which owns the whole algorithm), and writes each output with its metadata."""
 
-    def __init__(self, stylizer: Stylizer, save_every: int = 0) -> None:
+    def __init__(self, stylizer: Stylizer, save_every: int = 0, cache_dir: Path | None = None) -> None:
         self.stylizer = stylizer
         self.save_every = save_every
+        self.cache_dir = cache_dir  # where a clip's optical flows are kept
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +188,7 @@ class Worker:
             torch_graphs=spec.torch_targets,
         )
         store = TargetStore(backends, cache, precision, warn)
-        return cls(Stylizer(weights, device, store, spec.precision), spec.save_every)
+        return cls(Stylizer(weights, device, store, spec.precision), spec.save_every, spec.cache_dir)
 
     def close(self) -> None:
         self.stylizer.targets.close()
@@ -205,6 +208,9 @@ class Worker:
         results: dict[int, Result] = {}
         prepared: list[tuple[Job, Inputs]] = []
         for job in jobs:
+            if job.clip is not None:  # batches never mix a clip with anything (plan.batch_key)
+                results[job.row.number] = self._clip(job, on_iteration)
+                continue
             try:
                 prepared.append((job, inputs_of(job)))
             except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
@@ -237,6 +243,40 @@ class Worker:
                             cause=failure_cause(job, exc),
                         )
         return [results[job.row.number] for job in jobs]
+
+    def _clip(self, job: Job, on_iteration: OnIteration | None) -> Result:
+        """A clip row (or chunk), frame by frame (`batchstyle.run.clip`); its frames are its output here, and the
+        parent assembles the video once every chunk is done."""
+        from batchstyle.run.clip import run_clip
+
+        start = time.perf_counter()
+        progress = None if on_iteration is None else (lambda i, losses: on_iteration(job.row.number, i, losses))
+        try:
+            last, frames, iterations = run_clip(self.stylizer, job, self.cache_dir, progress)
+        except Exception as exc:  # noqa: BLE001 - a clip's failure is its row's, never the run's
+            if is_device_fault(exc, self.device):
+                raise DeviceFault(f"{exc.__class__.__name__}: {exc}") from exc
+            return Result(
+                job.row.number,
+                "failed",
+                time.perf_counter() - start,
+                error=describe_failure(job, exc),
+                cause=failure_cause(job, exc),
+            )
+        return Result(
+            job.row.number,
+            "done",
+            time.perf_counter() - start,
+            iterations,
+            last.losses if last is not None else None,
+            history=last.history if last is not None else [],
+            targets=last.targets if last is not None else None,
+            provider=self.stylizer.provider(job.settings),
+            scales=last.scales if last is not None else [],
+            stops=last.stops if last is not None else [],
+            precision=self.stylizer.precision,
+            frames=frames,
+        )
 
     def _stylize(self, batch: list[tuple[Job, Inputs]], on_iteration: OnIteration | None, start: float) -> list[Result]:
         jobs = [job for job, _ in batch]
