@@ -229,6 +229,20 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     metavar="N",
     help="Also write every N-th iterate, into <output stem>.iterates/ beside the output.",
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory a worker's row may use, e.g. 3GiB or 800MB: a row that would not fit is optimised in tiles, exactly "
+    "[default: the GPU's free memory; on a CPU 60% of the machine's available memory, shared by its workers].",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="PX",
+    help="Force tiles of PX pixels (0: never tile) [default: tiles only where a row would not fit, as large as fit].",
+)
 @CACHE_DIR
 def run(
     manifest_path: Path,

@@ -4,19 +4,33 @@ automatic choice of when to tile."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
-from conftest import compute_targets, optimize_one
+from conftest import cli, compute_targets, optimize_one, write_manifest
 
+from batchstyle.model.export import graph_spec, target_graph
 from batchstyle.model.features import VGGFeatures, copy_module
 from batchstyle.model.layout import halo, stride
 from batchstyle.model.losses import gram_matrix
-from batchstyle.model.optimize import Objective
+from batchstyle.model.optimize import Objective, lbfgs_history
 from batchstyle.model.targets import Targets, stack_targets, style_targets
-from batchstyle.model.tiles import TiledObjective, tile_grid, tiled
+from batchstyle.model.tiles import (
+    IMAGE_VECTORS,
+    MIN_TILE,
+    MemoryPolicy,
+    TiledObjective,
+    choose_tiling,
+    scale_bytes,
+    tile_grid,
+    tiled,
+    tiled_targets,
+)
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
+from batchstyle.run.engine import parse_size
+from batchstyle.run.ledger import read_records
 
 HEIGHT, WIDTH = 117, 150  # neither a multiple of the total stride 16: the last pooling windows are partial
 
@@ -153,3 +167,74 @@ def test_a_few_tiled_iterations_give_the_untiled_image(trunk: VGGFeatures) -> No
         optimize_one(trunk, content, targets, adam, objective=tiled(64)).image
         - optimize_one(trunk, content, targets, adam).image
     ).abs().max() <= 1 / 255
+
+
+# --- the automatic choice ---------------------------------------------------------------------------------------
+
+LAYERS = (("relu4_2",), ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"))
+
+
+def test_a_row_that_fits_is_left_untiled_and_one_that_does_not_is_tiled_as_large_as_fits() -> None:
+    gib = 1 << 30
+    small = choose_tiling(MemoryPolicy(3 * gib), "vgg16", *LAYERS, 512, 384, history=100)
+    assert small.tile == 0 and small.history == 100
+    big = choose_tiling(MemoryPolicy(3 * gib), "vgg16", *LAYERS, 3072, 2304, history=lbfgs_history(3 * 3072 * 2304))
+    assert big.tile > 0 and big.tile % 16 == 0 and big.predicted <= 3 * gib
+    assert scale_bytes("vgg16", *LAYERS, 3072, 2304, history=big.history) > 3 * gib  # untiled would not fit
+    # as large as fit: one stride more would not
+    assert scale_bytes("vgg16", *LAYERS, 3072, 2304, history=big.history, tile=big.tile + 16) > 3 * gib
+    assert choose_tiling(MemoryPolicy(None), "vgg16", *LAYERS, 8192, 6144, history=5).tile == 0  # no budget known
+
+
+def test_forced_tiles_and_forced_untiled_win_over_the_budget() -> None:
+    gib = 1 << 30
+    assert choose_tiling(MemoryPolicy(gib // 100, tile=0), "vgg16", *LAYERS, 2048, 1536, history=14).tile == 0
+    forced = choose_tiling(MemoryPolicy(64 * gib, tile=256), "vgg16", *LAYERS, 512, 384, history=100)
+    assert (forced.tile, forced.history) == (256, 100)
+
+
+def test_a_tight_budget_shortens_the_lbfgs_history_before_it_shrinks_tiles_below_the_smallest() -> None:
+    budget = 8 << 30
+    chosen = choose_tiling(MemoryPolicy(budget), "vgg16", *LAYERS, 4096, 3072, history=100)
+    assert 5 < chosen.history < 100 and chosen.tile > MIN_TILE and chosen.predicted <= budget
+    # Where nothing fits, the least memory there is: the smallest tile and 5 pairs, its prediction over the budget.
+    least = choose_tiling(MemoryPolicy(1 << 30), "vgg16", *LAYERS, 4096, 3072, history=100)
+    assert (least.tile, least.history) == (MIN_TILE, 5) and least.predicted > 1 << 30
+
+
+def test_the_memory_model_is_the_measured_one_within_a_quarter() -> None:
+    """The figures the model was fitted to (README, "Large outputs"): one untiled gradient's working memory, in a
+    fresh process, at 512x384 and 1024x768; the network is all of it there."""
+    for (w, h), measured_mib in (((512, 384), 342), ((1024, 768), 1584)):
+        network = scale_bytes("vgg16", *LAYERS, w, h)
+        vectors = 4 * ((IMAGE_VECTORS + 6) * 3 * w * h + 512 * (h // 8) * (w // 8))
+        assert 0.75 <= measured_mib * 2**20 / (network - vectors) <= 1.25
+
+
+def test_tiled_targets_equal_the_target_graphs(trunk: VGGFeatures) -> None:
+    settings = make_settings(default_values())
+    pixels = smooth_image(HEIGHT, WIDTH, 4)
+    whole = target_graph(SOURCES["random"].load(), graph_spec(SOURCES["random"], settings))(pixels)
+    names = graph_spec(SOURCES["random"], settings).output_names
+    tiles = tiled_targets(trunk, pixels, settings.content_layers, settings.style_layers, 48)
+    for name, value in zip(names, whole):
+        assert relative(tiles[name], value) <= 1e-5, name
+
+
+@pytest.mark.parametrize("text, size", [("3GiB", 3 << 30), ("800MB", 800_000_000), ("1.5G", 1_500_000_000)])
+def test_max_memory_sizes_parse(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_a_run_records_its_tiling_in_the_ledger(tmp_path, images) -> None:  # noqa: ANN001
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
+    out = tmp_path / "out"
+    common = ("--out", out, "--model", "random", "--device", "cpu", "--size", 48, "--min-size", 0)
+    assert cli("run", manifest, *common, "--iterations", 2, "-q", "--tile", 32).exit_code == 0
+    (record,) = read_records(out)[0]
+    assert json.loads(record.params)["tiling"] == [[32, 100]]
+    assert cli("run", manifest, *common, "--iterations", 2, "-q", "--max-memory", "2GiB", "--force").exit_code == 0
+    (record,) = read_records(out)[0]
+    assert json.loads(record.params)["tiling"] == [[0, 100]]
+    assert json.loads(record.params)["memory_budget"] == 2 << 30
+    assert "--max-memory '1x': give a size" in cli("run", manifest, *common, "--max-memory", "1x").output

@@ -151,3 +151,16 @@ def halo(arch: str, deepest: str) -> int:
             break
     total = stride(deepest)
     return -(-reach // total) * total
+
+
+def activation_floats(arch: str, deepest: str, height: int, width: int) -> int:
+    """Floats of every layer's output from the input up to `deepest` for one height x width image: what a forward
+    pass that keeps its graph holds for the backward, the unit the memory model counts in (see `model.tiles`)."""
+    names = layer_names(arch)
+    if deepest not in names:
+        raise ValueError(f"{arch} has no layer {deepest!r}")
+    floats = 0
+    for name in names[: names.index(deepest) + 1]:
+        c, h, w = layer_shape(arch, name, height, width)
+        floats += c * h * w
+    return floats

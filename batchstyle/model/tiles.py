@@ -28,6 +28,7 @@ the value); memory is the whole image's few vectors (pixels, gradient, L-BFGS hi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from batchstyle.model.features import VGGFeatures
-from batchstyle.model.layout import halo, layer_names, layer_shape, stride
+from batchstyle.model.layout import activation_floats, halo, layer_names, layer_shape, stride
 from batchstyle.model.losses import region_weights
 from batchstyle.model.optimize import Objective
 from batchstyle.model.targets import Targets
@@ -326,3 +327,165 @@ def tiled(tile: int) -> TiledObjectiveFactory:
         return TiledObjective(*args, **kwargs, tile=tile)
 
     return make
+
+
+# --- how much memory a scale needs, and the tiling that fits a budget ---------------------------------------------
+
+# Bytes of a forward+backward per float of `layout.activation_floats` (fp32; conv and in-place ReLU outputs are both
+# counted there though they share memory, and the backward's temporaries come on top). Measured as the peak resident
+# memory of one `Objective.gradient` in a fresh process less what was resident before it, vgg16 to relu5_1 on a CPU
+# (README, "Large outputs"): 342 MiB at 512x384 and MEASURED_1024 at 1024x768, against 421 and 1686 MiB of floats.
+NET_BYTES_PER_FLOAT = 1.0
+# Image-sized float32 vectors a scale keeps per image besides BatchLBFGS's 2h + 6: the pixels, their gradient, the
+# lowest-loss iterate, the content, the start, the EMA, the tiled gradient's accumulator.
+IMAGE_VECTORS = 7
+CPU_MEMORY_SHARE = 0.6  # of the machine's available memory: the default budget on a CPU
+MIN_TILE = 128  # px: below this the halo is most of what a tile computes (a 128 px tile reads 288 px, 5x its area)
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """A worker's memory: `budget` bytes a row may use (None: no limit known), and `tile`: None to choose, 0 to force
+    untiled, or a tile size in px to force."""
+
+    budget: int | None = None
+    tile: int | None = None
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """What one scale runs with: `tile` px (0: untiled), `history` L-BFGS pairs, and the predicted peak bytes."""
+
+    tile: int
+    history: int
+    predicted: int
+
+
+def scale_bytes(
+    arch: str,
+    content_layers: Sequence[str],
+    style_layers: Sequence[str],
+    width: int,
+    height: int,
+    batch: int = 1,
+    history: int = 0,
+    tile: int = 0,
+    regions: int = 0,
+) -> int:
+    """Predicted peak bytes of optimising `batch` images of width x height: the network over the whole image, or
+    over one tile with its halo, plus the image-sized vectors (`history` L-BFGS pairs among them), the content
+    targets at their layers' sizes and `regions` mask planes (style masks and the content mask)."""
+    names = layer_names(arch)
+    deepest = max((*content_layers, *style_layers), key=names.index)
+    side_h, side_w = height, width
+    if tile:
+        margin, step = halo(arch, deepest), stride(deepest)
+        tile = max(step, tile // step * step)
+        side_h, side_w = min(height, tile + 2 * margin), min(width, tile + 2 * margin)
+    network = NET_BYTES_PER_FLOAT * 4 * activation_floats(arch, deepest, side_h, side_w)
+    floats = (IMAGE_VECTORS + 2 * history + 6) * 3 * width * height + regions * width * height
+    floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
+    return int(batch * (network + 4 * floats))
+
+
+def choose_tiling(
+    policy: MemoryPolicy,
+    arch: str,
+    content_layers: Sequence[str],
+    style_layers: Sequence[str],
+    width: int,
+    height: int,
+    batch: int = 1,
+    history: int = 100,
+    regions: int = 0,
+) -> Tiling:
+    """How to run one scale within `policy.budget`: untiled with `history` L-BFGS pairs when that fits; else tiled,
+    the history cut to what fits beside the smallest tile (never below 5 pairs), then the largest tile that fits
+    beside it. A forced tile (`policy.tile`) is taken as given, its history fitted the same way. What fits nowhere
+    runs with the smallest tile and 5 pairs: the least memory there is."""
+
+    def cost(tile: int, pairs: int) -> int:
+        return scale_bytes(arch, content_layers, style_layers, width, height, batch, pairs, tile, regions)
+
+    budget = policy.budget
+    if policy.tile == 0 or (policy.tile is None and (budget is None or cost(0, history) <= budget)):
+        return Tiling(0, history, cost(0, history))
+    step = stride(max((*content_layers, *style_layers), key=layer_names(arch).index))
+    smallest = max(step, MIN_TILE // step * step)
+    forced = policy.tile
+    pairs = history
+    if budget is not None:
+        spare = budget - cost(forced or smallest, 0)
+        pairs = max(5, min(history, spare // (batch * 2 * 4 * 3 * width * height)))
+    if forced:
+        return Tiling(forced, pairs, cost(forced, pairs))
+    largest = -(-max(width, height) // step) * step
+    tile = smallest
+    # Tiles as large as fit: fewer of them read less halo twice over (pass 1 and pass 2).
+    for candidate in range(largest, smallest - 1, -step):
+        if budget is None or cost(candidate, pairs) <= budget:
+            tile = candidate
+            break
+    return Tiling(tile, pairs, cost(tile, pairs))
+
+
+def default_budget(device: torch.device) -> int:
+    """A worker's budget when none is given: the device's free memory on a GPU, 60% of the machine's available
+    memory on a CPU (the rest is other processes', and the page cache the image files come through)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(CPU_MEMORY_SHARE * available_memory())
+
+
+def available_memory() -> int:
+    """Bytes the machine could give a new process without swapping: MemAvailable on Linux, free pages elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+# --- targets, tile by tile ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def tiled_targets(
+    model: VGGFeatures, pixels: torch.Tensor, content_layers: Sequence[str], style_layers: Sequence[str], tile: int
+) -> dict[str, torch.Tensor]:
+    """What a target graph outputs (content_<layer>, gram_<layer>, mean_<layer>; see `export.TargetGraph`) for
+    images too large to run whole: the content features put together from the tiles' own positions, the Grams and
+    means summed over them. `model` taps at least these layers, in fp32."""
+    b, _, height, width = pixels.shape
+    deepest = deepest_tap(model)
+    tiles = tile_grid(height, width, tile, halo(model.arch, deepest), stride(deepest))
+    out: dict[str, torch.Tensor] = {}
+    for name in content_layers:
+        out[f"content_{name}"] = pixels.new_empty(b, *layer_shape(model.arch, name, height, width))
+    sums: dict[str, list[torch.Tensor]] = {}
+    for piece in tiles:
+        ry0, ry1, rx0, rx1 = piece.read
+        feats = model(pixels[..., ry0:ry1, rx0:rx1])
+        for name in content_layers:
+            ty, tx, gy, gx = piece.owned(stride(name))
+            out[f"content_{name}"][..., gy, gx] = feats[name][..., ty, tx].float()
+        for name in style_layers:
+            ty, tx, _, _ = piece.owned(stride(name))
+            own = feats[name][..., ty, tx]
+            flat = own.reshape(b, own.shape[1], -1).float()
+            gram, total = torch.bmm(flat, flat.transpose(1, 2)), flat.sum(dim=2)
+            if name in sums:
+                sums[name][0] += gram
+                sums[name][1] += total
+            else:
+                sums[name] = [gram, total]
+    for name in style_layers:
+        _, h, w = layer_shape(model.arch, name, height, width)
+        out[f"gram_{name}"] = sums[name][0] / (h * w)
+        out[f"mean_{name}"] = sums[name][1] / (h * w)
+    return out
