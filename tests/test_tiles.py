@@ -22,6 +22,7 @@ from batchstyle.model.tiles import (
     MemoryPolicy,
     TiledObjective,
     choose_tiling,
+    network_bytes,
     scale_bytes,
     tile_grid,
     tiled,
@@ -197,9 +198,11 @@ def test_a_tight_budget_shortens_the_lbfgs_history_before_it_shrinks_tiles_below
     budget = 8 << 30
     chosen = choose_tiling(MemoryPolicy(budget), "vgg16", *LAYERS, 4096, 3072, history=100)
     assert 5 < chosen.history < 100 and chosen.tile > MIN_TILE and chosen.predicted <= budget
-    # Where nothing fits, the least memory there is: the smallest tile and 5 pairs, its prediction over the budget.
+    # Where nothing fits: 5 pairs, and tiles whose network takes a quarter of the budget; predicted over it.
     least = choose_tiling(MemoryPolicy(1 << 30), "vgg16", *LAYERS, 4096, 3072, history=100)
-    assert (least.tile, least.history) == (MIN_TILE, 5) and least.predicted > 1 << 30
+    assert least.history == 5 and least.predicted > 1 << 30
+    assert network_bytes("vgg16", "relu5_1", 4096, 3072, least.tile) <= 1 << 28
+    assert network_bytes("vgg16", "relu5_1", 4096, 3072, least.tile + 16) > 1 << 28
 
 
 def test_the_memory_model_is_the_measured_one_within_a_quarter() -> None:

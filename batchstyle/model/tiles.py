@@ -375,17 +375,22 @@ def scale_bytes(
     """Predicted peak bytes of optimising `batch` images of width x height: the network over the whole image, or
     over one tile with its halo, plus the image-sized vectors (`history` L-BFGS pairs among them), the content
     targets at their layers' sizes and `regions` mask planes (style masks and the content mask)."""
-    names = layer_names(arch)
-    deepest = max((*content_layers, *style_layers), key=names.index)
+    deepest = max((*content_layers, *style_layers), key=layer_names(arch).index)
+    network = network_bytes(arch, deepest, width, height, tile)
+    floats = (IMAGE_VECTORS + 2 * history + 6) * 3 * width * height + regions * width * height
+    floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
+    return int(batch * (network + 4 * floats))
+
+
+def network_bytes(arch: str, deepest: str, width: int, height: int, tile: int = 0) -> int:
+    """Predicted peak bytes of one forward+backward of the network to `deepest`, over the whole image or over one
+    tile of `tile` px read with its halo."""
     side_h, side_w = height, width
     if tile:
         margin, step = halo(arch, deepest), stride(deepest)
         tile = max(step, tile // step * step)
         side_h, side_w = min(height, tile + 2 * margin), min(width, tile + 2 * margin)
-    network = NET_BYTES_PER_FLOAT * 4 * activation_floats(arch, deepest, side_h, side_w)
-    floats = (IMAGE_VECTORS + 2 * history + 6) * 3 * width * height + regions * width * height
-    floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
-    return int(batch * (network + 4 * floats))
+    return int(NET_BYTES_PER_FLOAT * 4 * activation_floats(arch, deepest, side_h, side_w))
 
 
 def choose_tiling(
@@ -410,7 +415,8 @@ def choose_tiling(
     budget = policy.budget
     if policy.tile == 0 or (policy.tile is None and (budget is None or cost(0, history) <= budget)):
         return Tiling(0, history, cost(0, history))
-    step = stride(max((*content_layers, *style_layers), key=layer_names(arch).index))
+    deepest = max((*content_layers, *style_layers), key=layer_names(arch).index)
+    step = stride(deepest)
     smallest = max(step, MIN_TILE // step * step)
     forced = policy.tile
     pairs = history
@@ -420,12 +426,16 @@ def choose_tiling(
     if forced:
         return Tiling(forced, pairs, cost(forced, pairs))
     largest = -(-max(width, height) // step) * step
-    tile = smallest
-    # Tiles as large as fit: fewer of them read less halo twice over (pass 1 and pass 2).
-    for candidate in range(largest, smallest - 1, -step):
-        if budget is None or cost(candidate, pairs) <= budget:
-            tile = candidate
-            break
+    candidates = range(largest, smallest - 1, -step)
+    # Tiles as large as fit: fewer of them read less halo twice over (pass 1 and pass 2). Where none does (the
+    # image-sized vectors alone overflow), tiles whose network takes a quarter of the budget: the smallest would
+    # save little memory there and cost up to 5x the time in halo.
+    fitting = [t for t in candidates if budget is None or cost(t, pairs) <= budget]
+    if not fitting:
+        quarter = (budget or 0) // 4
+        fitting = [t for t in candidates if batch * network_bytes(arch, deepest, width, height, t) <= quarter]
+        fitting = fitting or [smallest]
+    tile = fitting[0]
     return Tiling(tile, pairs, cost(tile, pairs))
 
 
