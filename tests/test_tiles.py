@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import cli, compute_targets, optimize_one, write_manifest
 
+from batchstyle.images import load_image
 from batchstyle.model.export import graph_spec, target_graph
 from batchstyle.model.features import VGGFeatures, copy_module
 from batchstyle.model.layout import halo, stride
 from batchstyle.model.losses import gram_matrix
 from batchstyle.model.optimize import Objective, lbfgs_history
+from batchstyle.model.stylize import Inputs, Stylizer
 from batchstyle.model.targets import Targets, stack_targets, style_targets
 from batchstyle.model.tiles import (
     IMAGE_VECTORS,
@@ -241,3 +243,17 @@ def test_a_run_records_its_tiling_in_the_ledger(tmp_path, images) -> None:  # no
     assert json.loads(record.params)["tiling"] == [[0, 100]]
     assert json.loads(record.params)["memory_budget"] == 2 << 30
     assert "--max-memory '1x': give a size" in cli("run", manifest, *common, "--max-memory", "1x").output
+
+
+def test_a_tiled_stylization_is_the_untiled_one_across_scales_with_colour_kept(images) -> None:  # noqa: ANN001
+    """Through `Stylizer`: targets tiled too, two scales, luminance-only transfer."""
+    weights = SOURCES["random"].load()
+    settings = make_settings({**default_values(), "size": 96, "min_size": 64, "iterations": 3, "color": "luminance"})
+    item = Inputs(load_image(images["photo2"]), [load_image(images["painting"])])
+    results = {}
+    for tile in (0, 32):
+        stylizer = Stylizer.local(weights, torch.device("cpu"), memory=MemoryPolicy(None, tile))
+        (results[tile],) = stylizer.stylize([item], settings)
+    assert len(results[32].scales) == 3
+    assert {t.tile for t in results[32].tilings} == {32} and {t.tile for t in results[0].tilings} == {0}
+    assert (results[32].image - results[0].image).abs().max() <= 1 / 255

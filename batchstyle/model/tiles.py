@@ -234,10 +234,10 @@ class TiledObjective(Objective):
         return stats, content, tv
 
     def _style_values(
-        self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: int, need_grad: bool
+        self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor, need_grad: bool
     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
         """The style loss (B,) from the global statistics and, when asked, its gradient with respect to them."""
-        style = torch.zeros(batch)
+        style = like.new_zeros(like.shape[0])
         grads: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name, loss in self.style.items():
             gram, mean = stats[name]
@@ -251,14 +251,14 @@ class TiledObjective(Objective):
                     wants = (gram, mean) if loss.kind == "moments" else (gram,)
                     found = torch.autograd.grad(value.sum(), wants)
                     grads[name] = (found[0], found[1] if loss.kind == "moments" else None)
-            style = style.to(value.device) + value.detach()
+            style = style + value.detach()
         return style, grads
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The losses, exactly as `Objective.forward` gives them, from one pass over the tiles; no graph."""
         with torch.no_grad():
             stats, content, tv = self._gather(pixels)
-            style, _ = self._style_values(stats, pixels.shape[0], need_grad=False)
+            style, _ = self._style_values(stats, pixels, need_grad=False)
             a, b, c = self.weights
             total = a * content + b * style + c * tv
             for term in self.extra:
@@ -268,7 +268,7 @@ class TiledObjective(Objective):
     def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pass 1 for the global statistics and the values, pass 2 for the gradient, left in `pixels.grad`."""
         stats, content, tv = self._gather(pixels.detach())
-        style, grads = self._style_values(stats, pixels.shape[0], need_grad=True)
+        style, grads = self._style_values(stats, pixels, need_grad=True)
         a, b, c = self.weights
         height, width = pixels.shape[-2:]
         layers = self._style_layers(pixels)
