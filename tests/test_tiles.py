@@ -23,6 +23,7 @@ from batchstyle.model.tiles import (
     MIN_TILE,
     MemoryPolicy,
     TiledObjective,
+    available_memory,
     choose_tiling,
     network_bytes,
     scale_bytes,
@@ -257,3 +258,12 @@ def test_a_tiled_stylization_is_the_untiled_one_across_scales_with_colour_kept(i
     assert len(results[32].scales) == 3
     assert {t.tile for t in results[32].tilings} == {32} and {t.tile for t in results[0].tilings} == {0}
     assert (results[32].image - results[0].image).abs().max() <= 1 / 255
+
+
+def test_workers_on_one_machine_share_its_default_budget() -> None:
+    from batchstyle.run.engine import RunConfig, _memory_budgets
+
+    shared = _memory_budgets(RunConfig(), ["cpu", "cpu"])["cpu"]
+    assert shared == pytest.approx(0.6 * available_memory() / 2, rel=0.05)
+    assert _memory_budgets(RunConfig(max_memory=3 << 30), ["cpu", "cpu"]) == {"cpu": 3 << 30}
+    assert _memory_budgets(RunConfig(backend="ray"), ["ray"]) == {}  # an actor asks its own node
