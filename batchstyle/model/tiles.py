@@ -337,9 +337,14 @@ def tiled(tile: int) -> TiledObjectiveFactory:
 # (README, "Large outputs"): 342 MiB at 512x384 and MEASURED_1024 at 1024x768, against 421 and 1686 MiB of floats.
 NET_BYTES_PER_FLOAT = 1.0
 # Image-sized float32 vectors a scale keeps per image besides BatchLBFGS's 2h + 6: the pixels, their gradient, the
-# lowest-loss iterate, the content, the start, the EMA, the tiled gradient's accumulator.
-IMAGE_VECTORS = 7
+# lowest-loss iterate, the content twice (the scale's and the batch's), the start, and ~3 temporaries of an L-BFGS
+# step and the lowest-loss update; and bytes beyond the network and the vectors (the target graph's copy of the
+# weights, the allocator's slack). Both fitted to `bench memory` rows at 1024x768 on a CPU: working memory 3096 MiB
+# untiled and 2334 MiB in 512 px tiles, 261 and 217 MiB above the model with 7 vectors and nothing fixed.
+IMAGE_VECTORS = 10
+FIXED_BYTES = 256 << 20
 CPU_MEMORY_SHARE = 0.6  # of the machine's available memory: the default budget on a CPU
+PREFERRED_TILE = 512  # px: a 512 px tile reads 672 px, 1.7x its area; the L-BFGS history gives way to it
 MIN_TILE = 128  # px: below this the halo is most of what a tile computes (a 128 px tile reads 288 px, 5x its area)
 
 
@@ -379,7 +384,7 @@ def scale_bytes(
     network = network_bytes(arch, deepest, width, height, tile)
     floats = (IMAGE_VECTORS + 2 * history + 6) * 3 * width * height + regions * width * height
     floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
-    return int(batch * (network + 4 * floats))
+    return int(batch * (network + 4 * floats) + FIXED_BYTES)
 
 
 def network_bytes(arch: str, deepest: str, width: int, height: int, tile: int = 0) -> int:
@@ -405,7 +410,7 @@ def choose_tiling(
     regions: int = 0,
 ) -> Tiling:
     """How to run one scale within `policy.budget`: untiled with `history` L-BFGS pairs when that fits; else tiled,
-    the history cut to what fits beside the smallest tile (never below 5 pairs), then the largest tile that fits
+    the history cut to what fits beside a PREFERRED_TILE tile (never below 5 pairs), then the largest tile that fits
     beside it. A forced tile (`policy.tile`) is taken as given, its history fitted the same way. What fits nowhere
     runs with the smallest tile and 5 pairs: the least memory there is."""
 
@@ -419,13 +424,15 @@ def choose_tiling(
     step = stride(deepest)
     smallest = max(step, MIN_TILE // step * step)
     forced = policy.tile
+    largest = -(-max(width, height) // step) * step
     pairs = history
     if budget is not None:
-        spare = budget - cost(forced or smallest, 0)
+        # Pairs beyond 5 cost little convergence (README: 5 pairs ended 2% above 100 at 256 px), tiles below 512 px
+        # cost time in halo: the history gets what is left beside a 512 px tile, if anything.
+        spare = budget - cost(forced or min(largest, max(smallest, PREFERRED_TILE)), 0)
         pairs = max(5, min(history, spare // (batch * 2 * 4 * 3 * width * height)))
     if forced:
         return Tiling(forced, pairs, cost(forced, pairs))
-    largest = -(-max(width, height) // step) * step
     candidates = range(largest, smallest - 1, -step)
     # Tiles as large as fit: fewer of them read less halo twice over (pass 1 and pass 2). Where none does (the
     # image-sized vectors alone overflow), tiles whose network takes a quarter of the budget: the smallest would
