@@ -26,10 +26,11 @@ from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
+from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import default_cache_dir, resolve, sha256_file
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values, settings_problem
 from batchstyle.run.devices import configure_device, pick_device, precision_for
-from batchstyle.run.engine import RunConfig, RunSummary, run
+from batchstyle.run.engine import RunConfig, RunSummary, parse_size, run
 from batchstyle.run.progress import Events, Silent, Terminal
 
 ImageInput = str | Path | Image.Image
@@ -59,7 +60,9 @@ class StyleTransfer:
     on a graph exported on first use, and are kept in the content-addressed cache runs use (`cache_dir`, default
     $BATCHSTYLE_CACHE). That is what makes `stylize` give a one-row run's pixels: L-BFGS amplifies even the last-bit
     differences between ONNX Runtime's and torch's targets (measured: up to 95 of 255 levels apart after 60
-    iterations at 128 px), so the same targets are needed, not merely equivalent ones.
+    iterations at 128 px), so the same targets are needed, not merely equivalent ones. `max_memory` (bytes, or
+    "3GiB") and `tile` mean what `batchstyle run --max-memory/--tile` mean: an image that would not fit is
+    optimised in tiles, exactly.
     """
 
     def __init__(
@@ -69,6 +72,8 @@ class StyleTransfer:
         precision: str = "auto",
         cache_dir: str | Path | None = None,
         targets: str = "ort",
+        max_memory: str | int | None = None,
+        tile: int | None = None,
     ) -> None:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         source, self.model_reason = resolve(model, cache)
@@ -82,9 +87,10 @@ class StyleTransfer:
             target_cache = None  # a read-only cache costs reuse, never the image
         self.messages: list[str] = []  # what a run would print: the targets' provider, fallbacks
         backends = backend_factory(weights, dev, cache, targets, self.messages.append, export=True)
-        self.stylizer = Stylizer(
-            weights, dev, TargetStore(backends, target_cache, "fp32", self.messages.append), precision
-        )
+        budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+        memory = MemoryPolicy(default_budget(dev) if budget is None else budget, tile)
+        store = TargetStore(backends, target_cache, "fp32", self.messages.append)
+        self.stylizer = Stylizer(weights, dev, store, precision, memory)
 
     @property
     def model(self) -> str:

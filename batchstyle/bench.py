@@ -18,6 +18,7 @@ from PIL import Image
 
 from batchstyle.model.export import graph_spec
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
+from batchstyle.model.tiles import MemoryPolicy
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
 
@@ -297,49 +298,79 @@ class MemoryFigures:
     peak_mib: float  # the process's peak resident memory
     baseline_mib: float  # after loading the weights, before any image
     seconds_per_iteration: float  # at the final scale
+    tiling: str = "untiled"  # at the final scale: "untiled", or the tile size and L-BFGS pairs
+    predicted_mib: float = 0.0  # what `tiles.scale_bytes` predicted for the final scale's optimisation
 
     @property
     def working_mib(self) -> float:
         return self.peak_mib - self.baseline_mib
 
 
-def _memory_child(queue: Any, model: str, cache_dir: str, long_side: int, min_size: int, iterations: int) -> None:
-    """`iterations` at the coarser scales; the final scale runs until the L-BFGS history is full, as in a real run."""
+def _memory_child(
+    queue: Any,
+    model: str,
+    cache_dir: str,
+    long_side: int,
+    min_size: int,
+    iterations: int,
+    memory: MemoryPolicy | None = None,
+    final_iterations: int = 0,
+) -> None:
+    """`iterations` at the coarser scales; the final scale runs `final_iterations`, by default until the L-BFGS
+    history is full, as in a real run. Then the result is encoded and saved as a row's would be: every step a row
+    takes, targets included, counts in the peak."""
     # A fresh process per configuration, so ru_maxrss is this configuration's peak alone.
     import resource
+    import tempfile
 
-    from batchstyle.model.optimize import lbfgs_history
+    from batchstyle.images import save_image_atomic
+    from batchstyle.model.pixels import tensor_to_image
     from batchstyle.model.scales import scale_sizes
     from batchstyle.model.weights import resolve
 
     source, _ = resolve(model, Path(cache_dir))
     weights = source.load(Path(cache_dir))
     settings = make_settings({**default_values(), "size": long_side, "min_size": min_size, "iterations": iterations})
-    stylizer = Stylizer.local(weights, torch.device("cpu"))
+    stylizer = Stylizer.local(weights, torch.device("cpu"), memory=memory)
     stylizer.trunk(settings)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gen = torch.Generator().manual_seed(0)
     sizes = scale_sizes(min_size, long_side)
-    last_pixels = 3 * long_side * (long_side * 3 // 4)
-    plan = [(size, iterations) for size in sizes[:-1]] + [(long_side, lbfgs_history(last_pixels) + 2)]
-    stamps: list[tuple[int, float]] = []
     item = Inputs(random_image(long_side, long_side * 3 // 4, gen), [random_image(long_side, long_side, gen)])
+    final = stylizer.tiling([item], settings, long_side)
+    plan = [(size, iterations) for size in sizes[:-1]] + [(long_side, final_iterations or final.history + 2)]
+    stamps: list[tuple[int, float]] = []
     hooks = Hooks(
-        on_scale=lambda k, size, n: stamps.clear(),
+        # on_scale comes once a scale's targets are ready: the first iteration is timed from there
+        on_scale=lambda k, size, n: stamps.__setitem__(slice(None), [(0, time.perf_counter())]),
         on_iteration=lambda i, losses: stamps.append((i, time.perf_counter())),
     )
-    stylizer.stylize([item], settings, hooks, plan=plan)
-    per_iteration = statistics.median(b - a for (_, a), (_, b) in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0
+    (result,) = stylizer.stylize([item], settings, hooks, plan=plan)
+    ends = [t for _, t in stamps]
+    per_iteration = statistics.median(b - a for a, b in zip(ends, ends[1:])) if len(ends) > 1 else 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        save_image_atomic(tensor_to_image(result.image), Path(folder) / "out.png", {})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put(MemoryFigures(long_side, tuple(sizes), peak, baseline, per_iteration))
+    used = result.tilings[-1]
+    tiling = f"tile {used.tile}, {used.history} pairs" if used.tile else f"untiled, {used.history} pairs"
+    queue.put(MemoryFigures(long_side, tuple(sizes), peak, baseline, per_iteration, tiling, used.predicted / 2**20))
 
 
-def memory_figures(model: str, cache_dir: Path, long_side: int, min_size: int, iterations: int = 3) -> MemoryFigures:
+def memory_figures(
+    model: str,
+    cache_dir: Path,
+    long_side: int,
+    min_size: int,
+    iterations: int = 3,
+    memory: MemoryPolicy | None = None,
+    final_iterations: int = 0,
+) -> MemoryFigures:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(queue, model, str(cache_dir), long_side, min_size, iterations))
+    args = (queue, model, str(cache_dir), long_side, min_size, iterations, memory, final_iterations)
+    proc = ctx.Process(target=_memory_child, args=args)
     proc.start()
     try:
         return queue.get(timeout=3600)

@@ -239,6 +239,20 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     metavar="N",
     help="Also write every N-th iterate, into <output stem>.iterates/ beside the output.",
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory a worker's row may use, e.g. 3GiB or 800MB: a row that would not fit is optimised in tiles, exactly "
+    "[default: the GPU's free memory; on a CPU 60% of the machine's available memory, shared by its workers].",
+)
+@click.option(
+    "--tile",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="PX",
+    help="Force tiles of PX pixels (0: never tile) [default: tiles only where a row would not fit, as large as fit].",
+)
 @CACHE_DIR
 def run(
     manifest_path: Path,
@@ -666,22 +680,47 @@ def cache_clear(cache_dir: Path | None) -> None:
     show_default=True,
     help="Iterations at coarser scales; the final scale runs until the L-BFGS history is full.",
 )
+@click.option(
+    "--final-iterations",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Iterations at the final scale instead (1 is enough for the largest sizes).",
+)
+@click.option("--max-memory", default=None, metavar="SIZE", help="The budget rows are fitted in, as for run.")
+@click.option("--tile", type=click.IntRange(min=0), default=None, metavar="PX", help="Force a tile size, as for run.")
 @CACHE_DIR
-def bench_memory(model: str, sizes: str, min_size: int, iterations: int, cache_dir: Path | None) -> None:
-    """Peak memory (CPU) per output size, single-scale and coarse-to-fine, each in a fresh process."""
+def bench_memory(
+    model: str,
+    sizes: str,
+    min_size: int,
+    iterations: int,
+    final_iterations: int,
+    max_memory: str | None,
+    tile: int | None,
+    cache_dir: Path | None,
+) -> None:
+    """Peak memory (CPU) per output size, single-scale and coarse-to-fine, each in a fresh process; tiled where
+    the budget (--max-memory, default none) or --tile says."""
     from batchstyle.bench import memory_figures
+    from batchstyle.model.tiles import MemoryPolicy
+    from batchstyle.run.engine import parse_size
 
     cache = cache_dir or weights.default_cache_dir()
-    click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run until its L-BFGS history is full")
-    click.echo(f"{'size':>6} {'scales':<28} {'peak MiB':>9} {'working MiB':>11} {'MiB/Mpx':>8} {'s/it (last)':>11}")
+    memory = MemoryPolicy(parse_size(max_memory) if max_memory else None, tile)
+    final = f"{final_iterations} iterations" if final_iterations else "until its L-BFGS history is full"
+    click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run {final}")
+    click.echo(
+        f"{'size':>6} {'scales':<28} {'final scale':<22} {'peak MiB':>9} {'working MiB':>11} {'predicted':>9} "
+        f"{'MiB/Mpx':>8} {'s/it (last)':>11}"
+    )
     for long_side in (int(s) for s in sizes.split(",")):
         for min_ in dict.fromkeys((0, min_size)):  # --min-size 0 measures single-scale only
-            fig = memory_figures(model, cache, long_side, min_, iterations)
+            fig = memory_figures(model, cache, long_side, min_, iterations, memory, final_iterations)
             mpx = long_side * (long_side * 3 // 4) / 1e6
             scales = ",".join(map(str, fig.scales))
             click.echo(
-                f"{long_side:>6} {scales:<28} {fig.peak_mib:>9.0f} {fig.working_mib:>11.0f} "
-                f"{fig.working_mib / mpx:>8.0f} {fig.seconds_per_iteration:>11.2f}"
+                f"{long_side:>6} {scales:<28} {fig.tiling:<22} {fig.peak_mib:>9.0f} {fig.working_mib:>11.0f} "
+                f"{fig.predicted_mib:>9.0f} {fig.working_mib / mpx:>8.0f} {fig.seconds_per_iteration:>11.2f}"
             )
 
 

@@ -126,3 +126,41 @@ def conv_flops(arch: str, deepest: str, height: int, width: int) -> int:
             flops += 2 * channels * out * 9 * h * w
             channels = out
     return flops
+
+
+def halo(arch: str, deepest: str) -> int:
+    """Pixels of context a tile must be read with, on each side, for every position of every layer up to `deepest`
+    inside its own region to equal the whole image's: a multiple of `stride(deepest)`, so that tile origins on that
+    stride keep every pooling window where it is in the whole image.
+
+    A tile's edge inside the image sees zeros where the image has pixels. That wrong padding spreads inward by one
+    position (s pixels at a layer of stride s) per 3x3 convolution, and by at most s more per 2x2 pooling of stride
+    s (a half-spoilt window spoils its output): the sum bounds the spoilt band, and the receptive field too. For
+    VGG-16 to relu5_1 it is 73 px, read as 80.
+    """
+    names = layer_names(arch)
+    if deepest not in names:
+        raise ValueError(f"{arch} has no layer {deepest!r}")
+    reach, step = 0, 1
+    for name, item in zip(names, _expanded(arch)):
+        if isinstance(item, int) or item == "M":
+            reach += step
+        if item == "M":
+            step *= 2
+        if name == deepest:
+            break
+    total = stride(deepest)
+    return -(-reach // total) * total
+
+
+def activation_floats(arch: str, deepest: str, height: int, width: int) -> int:
+    """Floats of every layer's output from the input up to `deepest` for one height x width image: what a forward
+    pass that keeps its graph holds for the backward, the unit the memory model counts in (see `model.tiles`)."""
+    names = layer_names(arch)
+    if deepest not in names:
+        raise ValueError(f"{arch} has no layer {deepest!r}")
+    floats = 0
+    for name in names[: names.index(deepest) + 1]:
+        c, h, w = layer_shape(arch, name, height, width)
+        floats += c * h * w
+    return floats

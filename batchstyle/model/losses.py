@@ -229,18 +229,20 @@ class StyleLoss(nn.Module):
             self.register_buffer("norm", torch.diagonal(grams, dim1=-2, dim2=-1).sum(-1) + EPS)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.masks is None:
-            if self.kind == "gram":
-                gram = gram_matrix(features)[:, None]
-                return (_relative_mse_k(gram, self.target, self.norm) * self.weights).sum(dim=1)
-            b, c, h, w = features.shape
-            masks = features.new_ones(b, 1, h, w)
-        else:
-            masks = region_weights(self.masks, features)
-        gram, mean = masked_moments(features, masks)
+        if self.masks is None and self.kind == "gram":
+            return self.from_moments(gram_matrix(features)[:, None])
+        b, c, h, w = features.shape
+        masks = features.new_ones(b, 1, h, w) if self.masks is None else region_weights(self.masks, features)
+        return self.from_moments(*masked_moments(features, masks))
+
+    def from_moments(self, gram: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss, (B,), from the layer's Gram (B, K, C, C) and mean (B, K, C) per region: all it depends on,
+        which is what lets a tiled evaluation sum these over tiles first (`model.tiles`). `mean` only for moments."""
         if self.kind == "gram":
             loss = _relative_mse_k(gram, self.target, self.norm)
         else:
+            if mean is None:
+                raise ValueError("the moments style loss needs the features' mean")
             # In float64: the square root's eigendecomposition of a 512x512 covariance in float32 gives a gradient
             # too inexact for L-BFGS (measured: the loss climbed from 42 to 400 in 30 iterations at 128 px).
             cov = (gram - mean[..., :, None] * mean[..., None, :]).double() + self.ridge

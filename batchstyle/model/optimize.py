@@ -126,7 +126,7 @@ def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch
 LBFGS_HISTORY_BYTES = 1 << 30
 
 
-def lbfgs_history(numel: int) -> int:
+def lbfgs_history(numel: int, budget: int = LBFGS_HISTORY_BYTES) -> int:
     """L-BFGS correction pairs per image: 100 (neural-style's choice) while they fit in 1 GiB, fewer for big images.
 
     Each pair holds two image-sized float32 vectors, so at 2048x1536 a history of 100 alone takes 7.5 GB, more than
@@ -134,7 +134,7 @@ def lbfgs_history(numel: int) -> int:
     image, not per batch, so that a row comes out of a batch as it would alone; `--batch-size auto` counts the
     history in what each image of a batch needs.
     """
-    return max(5, min(100, LBFGS_HISTORY_BYTES // (2 * 4 * numel)))
+    return max(5, min(100, budget // (2 * 4 * numel)))
 
 
 class BatchLBFGS(torch.optim.Optimizer):
@@ -323,6 +323,8 @@ def optimize_batch(
     snapshot_every: int = 0,
     precision: str = "fp32",
     extra: Sequence[nn.Module] = (),
+    objective: Callable[..., Objective] = Objective,
+    history_bytes: int = LBFGS_HISTORY_BYTES,
 ) -> list[Outcome]:
     """Optimises B images of one size in one forward/backward per iteration; one Outcome per image.
 
@@ -347,13 +349,16 @@ def optimize_batch(
     a copy per iteration would stall the queue of kernels each time. `precision` "tf32" is the caller's cuDNN flag
     and changes nothing here; "bf16" runs the network's convolutions in bf16 (as autocast would, see
     `VGGFeatures.lowered`), the Grams, losses and optimiser staying fp32.
+
+    `objective` builds the objective from (model, targets, settings, autocast, extra): `tiles.tiled(px)` evaluates
+    it tile by tile in bounded memory. `history_bytes` caps each image's L-BFGS history (see `lbfgs_history`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     batch, device = contents.shape[0], contents.device
     torch.manual_seed(settings.seed)
     autocast = torch.bfloat16 if precision == "bf16" else None
-    objective = Objective(model, targets, settings, autocast, extra).to(device)
+    evaluate = objective(model, targets, settings, autocast, extra).to(device)
     if starts is not None:
         if starts.shape != contents.shape:
             raise ValueError(f"starts {tuple(starts.shape)} do not match contents {tuple(contents.shape)}")
@@ -369,7 +374,9 @@ def optimize_batch(
     pixels = first.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     lr = settings.step_size()
     if settings.optimizer == "lbfgs":
-        optimizer: torch.optim.Optimizer = BatchLBFGS(pixels, lr=lr, history_size=lbfgs_history(pixels[0].numel()))
+        optimizer: torch.optim.Optimizer = BatchLBFGS(
+            pixels, lr=lr, history_size=lbfgs_history(pixels[0].numel(), history_bytes)
+        )
     else:
         optimizer = torch.optim.Adam([pixels], lr=lr)
 
@@ -415,7 +422,7 @@ def optimize_batch(
             frozen = torch.tensor([b is not None for b in stopped_at], device=device)
             if bool(frozen.all()):
                 break
-        total, content, style, tv = objective.gradient(pixels)
+        total, content, style, tv = evaluate.gradient(pixels)
         with torch.no_grad():
             values = torch.stack([content, style, tv, total])
             if recorded is None:
@@ -448,7 +455,7 @@ def optimize_batch(
 
     with torch.no_grad():
         final_images = result_images()
-        total, content, style, tv = objective(final_images)
+        total, content, style, tv = evaluate(final_images)
         keep_last = (total <= best_total) | torch.tensor(average, device=device)
         images = torch.where(keep_last[:, None, None, None], final_images, best_image)
         final = torch.stack([content, style, tv, total]).cpu().tolist()

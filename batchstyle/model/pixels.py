@@ -35,6 +35,9 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous().unsqueeze(0).to(torch.float32).div_(255.0)
 
 
+ENCODE_ROWS = 256
+
+
 def tensor_to_image(t: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) or (3, H, W) tensor in [0, 1] -> RGB image, rounding to the nearest 8-bit value.
 
@@ -44,8 +47,14 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
         t = t[0]
     if t.dim() != 3 or t.shape[0] != 3:
         raise ValueError(f"expected a (1, 3, H, W) or (3, H, W) tensor, got shape {tuple(t.shape)}")
-    values = torch.nan_to_num(t.detach().to("cpu", torch.float32), nan=0.0).clamp(0.0, 1.0)
-    array = values.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    _, height, width = t.shape
+    array = np.empty((height, width, 3), np.uint8)
+    # A band of rows at a time: converting the whole image at once would hold three float copies of it beside the
+    # tensor (1.8 GB at 8192x6144), more than a tiled row's network needs.
+    for top in range(0, height, ENCODE_ROWS):
+        band = t[:, top : top + ENCODE_ROWS].detach().to("cpu", torch.float32)
+        values = torch.nan_to_num(band, nan=0.0).clamp(0.0, 1.0)
+        array[top : top + ENCODE_ROWS] = values.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array)
 
 

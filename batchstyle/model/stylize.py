@@ -30,15 +30,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from batchstyle.images import resize_long_side
+from batchstyle.images import output_size, resize_long_side
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.colour import match_colours
 from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
-from batchstyle.model.optimize import Losses, optimize_batch, upsample
+from batchstyle.model.optimize import Losses, Objective, lbfgs_history, optimize_batch, upsample
 from batchstyle.model.pixels import image_to_tensor, luminance_image, recombine_color
 from batchstyle.model.scales import scale_plan, style_long_side
 from batchstyle.model.targets import Targets, TargetStore, TorchBackend, stack_targets, style_targets
+from batchstyle.model.tiles import MemoryPolicy, Tiling, choose_tiling, tiled, tiled_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import CONTENT_MASK_GAIN, Settings
 
@@ -103,6 +104,7 @@ class Stylized:
     stops: list[str] = field(default_factory=list)  # per scale, why it stopped: "iterations" or "converged"
     kept_iteration: int = 0  # at the last scale: which iterate was kept (0 the start, iterations the last)
     targets: str = ""  # where each scale's targets came from, e.g. "content=hit style=miss | ..."
+    tilings: list[Tiling] = field(default_factory=list)  # per scale: the tile size (0: untiled), L-BFGS pairs
 
     @property
     def iterations(self) -> int:
@@ -124,20 +126,45 @@ class Stylizer:
     """The weights on one device, a trunk per tap set, and where targets come from: everything a stylization
     needs that outlives one image. Cheap to call many times; the trunks and the target store stay warm."""
 
-    def __init__(self, weights: Weights, device: torch.device, targets: TargetStore, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        weights: Weights,
+        device: torch.device,
+        targets: TargetStore,
+        precision: str = "fp32",
+        memory: MemoryPolicy | None = None,
+    ) -> None:
         self.weights = weights
         self.device = device
         self.targets = targets
         self.precision = precision
+        self.memory = memory or MemoryPolicy()  # the budget every scale is fitted in, tiled where it must be
         self._trunks: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
 
     @classmethod
     def local(
-        cls, weights: Weights, device: torch.device, precision: str = "fp32", cache: TargetCache | None = None
+        cls,
+        weights: Weights,
+        device: torch.device,
+        precision: str = "fp32",
+        cache: TargetCache | None = None,
+        memory: MemoryPolicy | None = None,
     ) -> Stylizer:
         """Targets computed with torch on the stylization's own device, kept in `cache` when one is given: the
         set-up of the Python facade and the benchmarks (a run's workers use ONNX Runtime graphs exported first)."""
-        return cls(weights, device, TargetStore(lambda graph: TorchBackend(weights, graph, device), cache), precision)
+        store = TargetStore(lambda graph: TorchBackend(weights, graph, device), cache)
+        return cls(weights, device, store, precision, memory)
+
+    def tiling(self, items: Sequence[Inputs], settings: Settings, size: int) -> Tiling:
+        """How a scale of this long side runs within the memory budget: untiled if it fits, else tiled."""
+        w, h = output_size(*items[0].content.size, size)
+        regions = len(items[0].style_masks) + (items[0].content_mask is not None)
+        history = lbfgs_history(3 * w * h) if settings.optimizer == "lbfgs" else 0
+        s = settings
+        chosen = choose_tiling(
+            self.memory, self.weights.arch, s.content_layers, s.style_layers, w, h, len(items), history, regions
+        )
+        return chosen if settings.optimizer == "lbfgs" else dataclasses.replace(chosen, history=0)
 
     def trunk(self, settings: Settings) -> VGGFeatures:
         taps = tuple(dict.fromkeys((*settings.content_layers, *settings.style_layers)))
@@ -159,10 +186,12 @@ class Stylizer:
 
     def scale_targets(self, item: Inputs, settings: Settings, size: int) -> tuple[torch.Tensor, Targets]:
         """One image's content pixels and targets at one long side: what the objective at that scale is built of."""
-        scale = self._scale(item, settings, self.graph(settings), size)
+        scale = self._scale(item, settings, self.graph(settings), size, self.tiling([item], settings, size).tile)
         return scale.content, scale.targets
 
-    def _scale(self, item: Inputs, s: Settings, spec: GraphSpec, size: int) -> _Scale:
+    def _scale(self, item: Inputs, s: Settings, spec: GraphSpec, size: int, tile: int = 0) -> _Scale:
+        """`tile` > 0: targets computed tile by tile with torch (`tiles.tiled_targets`), within the budget the
+        optimisation is; the same values as the target graph's to float rounding, so cached under the same key."""
         dev = self.device
         content = image_to_tensor(resize_long_side(item.content, size)).to(dev)
         h, w = content.shape[-2:]
@@ -180,10 +209,15 @@ class Stylizer:
             # The styles in the content's palette; the content itself, and so its targets, stay as they are.
             styles = [match_colours(style, content, COLOUR_SPACE) for style in styles]
             style_variant = f"colours-of:{item.content_id}:{w}x{h}:{COLOUR_SPACE}"
-        content_targets, content_hit = self.targets.get(spec, "content", item.content_id, content_variant, content)
+        compute = None
+        if tile:
+            trunk = self.trunk(s)
+            compute = lambda pixels: tiled_targets(trunk, pixels, s.content_layers, s.style_layers, tile)  # noqa: E731
+        get = self.targets.get
+        content_targets, content_hit = get(spec, "content", item.content_id, content_variant, content, compute)
         found, style_hits = [], []
         for digest, pixels in zip(item.style_ids, styles):
-            got, hit = self.targets.get(spec, "style", digest, style_variant, pixels)
+            got, hit = get(spec, "style", digest, style_variant, pixels, compute)
             found.append(got)
             style_hits.append(hit)
         masks = _masks(item.style_masks, (w, h), dev) if item.style_masks else None
@@ -222,8 +256,11 @@ class Stylizer:
         done_before = 0
         per_image: list[_Scale] = []
         outcomes = []
+        tilings: list[Tiling] = []
         for k, (size, iterations) in enumerate(scales_plan):
-            per_image = [self._scale(item, settings, spec, size) for item in items]
+            tiling = self.tiling(items, settings, size)
+            tilings.append(tiling)
+            per_image = [self._scale(item, settings, spec, size, tiling.tile) for item in items]
             contents = torch.cat([p.content for p in per_image])
             h, w = contents.shape[-2:]
             if hooks.on_scale is not None:
@@ -257,6 +294,8 @@ class Stylizer:
                 snapshot_every=hooks.snapshot_every,
                 precision=self.precision,
                 extra=list(extra_terms(k, contents)) if extra_terms is not None else (),
+                objective=tiled(tiling.tile) if tiling.tile else Objective,
+                history_bytes=tiling.history * 2 * 4 * contents[0].numel(),
             )
             image = torch.cat([o.image for o in outcomes])
             for b, (outcome, p) in enumerate(zip(outcomes, per_image)):
@@ -269,7 +308,9 @@ class Stylizer:
         for p, outcome, history, found, done, why in zip(per_image, outcomes, histories, hits, scales, stops):
             final = recombine_color(outcome.image, p.original) if settings.color == "luminance" else outcome.image
             results.append(
-                Stylized(final, outcome.losses, history, done, why, outcome.kept_iteration, " | ".join(found))
+                Stylized(
+                    final, outcome.losses, history, done, why, outcome.kept_iteration, " | ".join(found), list(tilings)
+                )
             )
         return results
 

@@ -384,9 +384,16 @@ class TargetStore:
         return self.backends[spec]
 
     def get(
-        self, spec: GraphSpec, role: str, image_digest: str, variant: str, pixels: torch.Tensor
+        self,
+        spec: GraphSpec,
+        role: str,
+        image_digest: str,
+        variant: str,
+        pixels: torch.Tensor,
+        compute: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], bool]:
-        """Targets of one image for one role ('content' or 'style'), and whether they came from the cache."""
+        """Targets of one image for one role ('content' or 'style'), and whether they came from the cache.
+        `compute` computes them instead of the spec's backend on a miss (tile by tile, for large images)."""
         h, w = pixels.shape[-2:]
         key = target_key(spec, role, image_digest, (w, h), f"{variant}:{self.precision}")
         prefixes = ("content_",) if role == "content" else ("gram_", "mean_")
@@ -394,7 +401,7 @@ class TargetStore:
             cached = self.cache.get(key)
             if cached is not None:
                 return {name: t.to(pixels.device) for name, t in cached.items()}, True
-        outputs = self.backend(spec)(pixels)
+        outputs = (compute or self.backend(spec))(pixels)
         self.computed += 1
         # Content targets by layer name; style targets keep their kind: gram_<layer> and mean_<layer>.
         found = {name.removeprefix("content_"): t for name, t in outputs.items() if name.startswith(prefixes)}

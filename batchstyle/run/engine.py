@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import threading
 from collections import deque
@@ -34,6 +35,7 @@ from batchstyle.manifest import Manifest
 from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, graph_spec
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
+from batchstyle.model.tiles import CPU_MEMORY_SHARE, available_memory
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, default_cache_dir, resolve
 from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
@@ -102,6 +104,10 @@ class RunConfig:
     address: str | None = None  # Ray cluster address; None starts a local Ray
     shard: Shard | None = None
     clip_chunks: int = 0  # chunks a long clip is split into, run in parallel; 0: one per worker slot
+    # Bytes a worker's row may use (`--max-memory`); None: the device's free memory on a GPU, 60% of the machine's
+    # available memory on a CPU, shared among the workers there. A row that would not fit is tiled (`model.tiles`).
+    max_memory: int | None = None
+    tile: int | None = None  # None: tile only rows that would not fit; 0: never tile; N: tiles of N px
 
     @property
     def cache(self) -> Path:
@@ -131,6 +137,10 @@ class RunConfig:
             given["shard"] = (
                 given["shard"] if isinstance(given.get("shard"), Shard) else parse_shard(given.get("shard"))
             )
+        if isinstance(given.get("max_memory"), str):
+            given["max_memory"] = parse_size(given["max_memory"])
+        if given.get("tile", 0) < 0:
+            raise RunError(f"--tile {given['tile']}: give a tile size in pixels, or 0 for untiled")
         if given.get("cache_dir") is not None:
             given["cache_dir"] = Path(given["cache_dir"]).expanduser()
         if "argv" in given:
@@ -578,6 +588,10 @@ class _Execution:
                         "stops": result.stops,
                         "batch": result.batch,
                         **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
+                        # per scale [tile px (0: untiled), L-BFGS pairs]: a tile changes pixels within 1/255 only,
+                        # so it is recorded, not part of the key
+                        "tiling": [list(t) for t in result.tiling],
+                        "memory_budget": result.memory_budget,
                     }
                 ),
             )
@@ -738,6 +752,7 @@ def _worker_specs(
 ) -> list[WorkerSpec]:
     profile = shape_profile(jobs, sizes)
     threads = _threads(slots)
+    budgets = _memory_budgets(config, slots)
     specs = []
     for device in slots:
         precision = config.precision if device == "ray" else precision_for(torch.device(device), config.precision)
@@ -753,9 +768,42 @@ def _worker_specs(
                 save_every=config.save_every,
                 precision=precision,
                 threads=threads,
+                max_memory=budgets.get(device),
+                tile=config.tile,
             )
         )
     return specs
+
+
+def _memory_budgets(config: RunConfig, slots: Sequence[str]) -> dict[str, int]:
+    """Each local slot's memory budget: `--max-memory` as given, else its share of what its device has free (every
+    CPU slot shares the machine, GPU slots their GPU). A Ray actor, on a node this process cannot see, asks its own."""
+    if config.backend == "ray":
+        return {}
+    if config.max_memory is not None:
+        return {slot: config.max_memory for slot in slots}
+    budgets = {}
+    cpus = sum(1 for slot in slots if slot == "cpu")
+    if cpus:
+        budgets["cpu"] = int(CPU_MEMORY_SHARE * available_memory()) // cpus
+    gpus = [slot for slot in slots if slot.startswith("cuda")]
+    for name, free in (free_gpu_memory(gpus) if gpus else {}).items():
+        budgets[name] = free // slots.count(name)
+    return budgets
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
+SIZE_UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """`3GiB`, `3.5G`, `800MB`, `2048MiB` or plain bytes -> bytes (k, M, G, T are powers of 1000, KiB .. TiB of
+    1024)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise RunError(f"--max-memory {text!r}: give a size such as 3GiB, 800MB or 12G")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def _make_pool(

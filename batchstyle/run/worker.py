@@ -30,6 +30,7 @@ from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
+from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import Weights, resolve
 from batchstyle.run.devices import (
     DEVICE_FAULT_EXIT,
@@ -65,6 +66,8 @@ class Result:
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
     frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
     temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
+    tiling: list[tuple[int, int]] = field(default_factory=list)  # per scale: tile px (0: untiled), L-BFGS pairs
+    memory_budget: int | None = None  # bytes the row was fitted in
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class WorkerSpec:
     torch_targets: frozenset[GraphSpec] = frozenset()  # graphs whose export failed: computed with torch
     save_every: int = 0
     precision: str = "fp32"  # fp32 | tf32 | bf16, as `precision_for` resolved it for this device
+    max_memory: int | None = None  # bytes a row may use; None: `tiles.default_budget` of the device, asked here
+    tile: int | None = None  # None: tiled only where a row would not fit; 0: never; N: tiles of N px
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
@@ -188,7 +193,9 @@ class Worker:
             torch_graphs=spec.torch_targets,
         )
         store = TargetStore(backends, cache, precision, warn)
-        return cls(Stylizer(weights, device, store, spec.precision), spec.save_every, spec.cache_dir)
+        budget = spec.max_memory if spec.max_memory is not None else default_budget(device)
+        memory = MemoryPolicy(budget, spec.tile)
+        return cls(Stylizer(weights, device, store, spec.precision, memory), spec.save_every, spec.cache_dir)
 
     def close(self) -> None:
         self.stylizer.targets.close()
@@ -307,6 +314,8 @@ class Worker:
                     stops=out.stops,
                     batch=len(batch),
                     precision=self.stylizer.precision,
+                    tiling=[(t.tile, t.history) for t in out.tilings],
+                    memory_budget=self.stylizer.memory.budget,
                 )
             )
         return results
