@@ -711,5 +711,6 @@ def test_help_states_each_options_default() -> None:
     """Options whose default depends on another say so in their own words, never a made-up one."""
     text = " ".join(cli("run", "--help").stdout.split())
     assert "[default: 512]" in text and "[default: relu4_2]" in text
-    assert "(default: iterations)" in text and "(default: equal)" in text and "0.02 for Adam" in text
+    assert "(default: iterations / 4" in text and "(default: equal)" in text and "0.02 for Adam" in text
+    assert "when there are several (0: as many as iterations). [default: 100]" in text
     assert "per optimizer" not in text and "[default: ]" not in text

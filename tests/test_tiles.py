@@ -250,7 +250,9 @@ def test_a_run_records_its_tiling_in_the_ledger(tmp_path, images) -> None:  # no
 def test_a_tiled_stylization_is_the_untiled_one_across_scales_with_colour_kept(images) -> None:  # noqa: ANN001
     """Through `Stylizer`: targets tiled too, two scales, luminance-only transfer."""
     weights = SOURCES["random"].load()
-    settings = make_settings({**default_values(), "size": 96, "min_size": 64, "iterations": 3, "color": "luminance"})
+    settings = make_settings(
+        {**default_values(), "size": 96, "min_size": 64, "iterations": 3, "scale_iterations": 3, "color": "luminance"}
+    )
     item = Inputs(load_image(images["photo2"]), [load_image(images["painting"])])
     results = {}
     for tile in (0, 32):
