@@ -134,10 +134,15 @@ def load_image(path: Path) -> Image.Image:
 
 
 @functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@functools.cache
 def srgb_profile() -> bytes:
     """The profile every output is tagged with: LittleCMS's built-in sRGB, the space the network was trained in
     and the one a viewer assumes for untagged files, so tagging changes no pixel, only removes the guess."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return _srgb().tobytes()
 
 
 # Image modes LittleCMS converts, by the profile's colour space. Anything else (16-bit, float, palette) is left
@@ -165,7 +170,7 @@ def to_srgb(img: Image.Image) -> Image.Image:
         converted = ImageCms.profileToProfile(
             img,
             source,
-            ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")),
+            _srgb(),
             renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
             outputMode=out_mode,
         )
@@ -262,14 +267,23 @@ def _metadata_options(fmt: str, metadata: dict[str, str]) -> dict[str, object]:
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         for key, value in metadata.items():
-            # PNG keywords are 1-79 Latin-1 characters; Pillow would fail or write an unreadable chunk.
-            if not 1 <= len(key) <= 79 or any(ord(char) > 255 for char in key):
-                raise ValueError(f"PNG metadata key {key!r} must be 1-79 Latin-1 characters")
-            info.add_text(key, value)
+            info.add_text(_png_keyword(key), value)
         return {"pnginfo": info}
     exif = Image.Exif()
-    exif[_DESCRIPTION_TAG] = json.dumps(metadata, ensure_ascii=True, sort_keys=True)
+    exif[_DESCRIPTION_TAG] = _description(metadata)
     return {"exif": exif}
+
+
+def _png_keyword(key: str) -> str:
+    # PNG keywords are 1-79 Latin-1 characters; Pillow would fail or write an unreadable chunk.
+    if not 1 <= len(key) <= 79 or any(ord(char) > 255 for char in key):
+        raise ValueError(f"PNG metadata key {key!r} must be 1-79 Latin-1 characters")
+    return key
+
+
+def _description(metadata: dict[str, str]) -> str:
+    """The metadata as one ImageDescription (JPEG, WebP and TIFF, 8- or 16-bit), which `read_metadata` reads."""
+    return json.dumps(metadata, ensure_ascii=True, sort_keys=True)
 
 
 def save_image_atomic(img: Image.Image | np.ndarray, path: Path, metadata: dict[str, str]) -> None:
@@ -312,10 +326,8 @@ def _write_png16(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
     chunks = [_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))]
     chunks.append(_png_chunk(b"iCCP", b"sRGB\0\0" + zlib.compress(srgb_profile())))
     for key, value in metadata.items():
-        if not 1 <= len(key) <= 79 or any(ord(char) > 255 for char in key):
-            raise ValueError(f"PNG metadata key {key!r} must be 1-79 Latin-1 characters")
         # iTXt (UTF-8) rather than tEXt (Latin-1): paths in the metadata may be any text. Pillow reads both.
-        chunks.append(_png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")))
+        chunks.append(_png_chunk(b"iTXt", _png_keyword(key).encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")))
     chunks.append(_png_chunk(b"IDAT", zlib.compress(raw, 6)))
     chunks.append(_png_chunk(b"IEND", b""))
     return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
@@ -326,7 +338,7 @@ def _write_tiff16(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
     the 8-bit formats carry it) and the sRGB profile, so every reader that opens 16-bit RGB TIFF opens it."""
     height, width, _ = pixels.shape
     strip = zlib.compress(pixels.astype("<u2").tobytes(), 6)
-    description = json.dumps(metadata, ensure_ascii=True, sort_keys=True).encode("ascii") + b"\0"
+    description = _description(metadata).encode("ascii") + b"\0"
     icc = srgb_profile()
     # (tag, type, count, value-or-bytes): type 3 SHORT, 4 LONG, 2 ASCII, 7 UNDEFINED. Tags in ascending order.
     entries: list[tuple[int, int, int, int | bytes]] = [

@@ -43,30 +43,29 @@ def tensor_to_image(t: torch.Tensor) -> Image.Image:
 
     NaNs (a diverged optimisation) become black instead of undefined bytes.
     """
-    if t.dim() == 4 and t.shape[0] == 1:
-        t = t[0]
-    if t.dim() != 3 or t.shape[0] != 3:
-        raise ValueError(f"expected a (1, 3, H, W) or (3, H, W) tensor, got shape {tuple(t.shape)}")
-    _, height, width = t.shape
-    array = np.empty((height, width, 3), np.uint8)
-    # A band of rows at a time: converting the whole image at once would hold three float copies of it beside the
-    # tensor (1.8 GB at 8192x6144), more than a tiled row's network needs.
-    for top in range(0, height, ENCODE_ROWS):
-        band = t[:, top : top + ENCODE_ROWS].detach().to("cpu", torch.float32)
-        values = torch.nan_to_num(band, nan=0.0).clamp(0.0, 1.0)
-        array[top : top + ENCODE_ROWS] = values.mul(255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+    return Image.fromarray(_quantised(t, 255, np.uint8))
 
 
 def tensor_to_deep(t: torch.Tensor) -> np.ndarray:
     """The same, to an (H, W, 3) uint16 array (bit_depth 16): the optimiser's pixels are floats, and 8 bits band
     the smooth gradients of skies and skin once an output is graded or printed large."""
+    return _quantised(t, 65535, np.uint16)
+
+
+def _quantised(t: torch.Tensor, top: int, dtype: type[np.integer]) -> np.ndarray:
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
     if t.dim() != 3 or t.shape[0] != 3:
         raise ValueError(f"expected a (1, 3, H, W) or (3, H, W) tensor, got shape {tuple(t.shape)}")
-    values = torch.nan_to_num(t.detach().to("cpu", torch.float64), nan=0.0).clamp(0.0, 1.0)
-    return values.mul(65535.0).round().to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
+    _, height, width = t.shape
+    array = np.empty((height, width, 3), dtype)
+    # A band of rows at a time: converting the whole image at once would hold three float copies of it beside the
+    # tensor (1.8 GB at 8192x6144), more than a tiled row's network needs.
+    for first in range(0, height, ENCODE_ROWS):
+        band = t[:, first : first + ENCODE_ROWS].detach().to("cpu", torch.float32)
+        values = torch.nan_to_num(band, nan=0.0).clamp(0.0, 1.0)
+        array[first : first + ENCODE_ROWS] = values.mul(top).round().to(torch.int32).permute(1, 2, 0).numpy()
+    return array
 
 
 def _apply_colour_matrix(matrix: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
