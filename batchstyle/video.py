@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from batchstyle.images import SUPPORTED_SUFFIXES, TEMP_MARKER, ImageError, _fsync_directory, load_image
+from batchstyle.images import (
+    SUPPORTED_SUFFIXES,
+    TEMP_MARKER,
+    ImageError,
+    _fsync_directory,
+    load_image,
+    write_file_atomic,
+)
 
 VIDEO_SUFFIXES: frozenset[str] = frozenset({".mp4", ".mov", ".mkv", ".webm", ".gif"})
 FOLDER_RATE = Fraction(25)  # a folder of frames has no rate of its own; a video made from one plays at 25 fps
@@ -218,31 +225,24 @@ def assemble(frames: Sequence[Path], source: Path, indices: Sequence[int], outpu
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix:
+        write_file_atomic(output, lambda handle: _encode(frames, Path(source), indices, handle, output.suffix.lower()))
+        return
     temp = output.with_name(f".{output.name}{TEMP_MARKER}{secrets.token_hex(8)}")
     try:
-        if output.suffix == "":
-            temp.mkdir()
-            for position, frame in enumerate(frames):
-                shutil.copyfile(frame, frame_path(temp, position))
-            if output.exists():
-                old = output.with_name(f".{output.name}{TEMP_MARKER}old-{secrets.token_hex(8)}")
-                os.replace(output, old)
-                os.replace(temp, output)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(temp, output)
+        temp.mkdir()
+        for position, frame in enumerate(frames):
+            shutil.copyfile(frame, frame_path(temp, position))
+        if output.exists():
+            old = output.with_name(f".{output.name}{TEMP_MARKER}old-{secrets.token_hex(8)}")
+            os.replace(output, old)
+            os.replace(temp, output)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            with open(temp, "wb") as handle:
-                _encode(frames, Path(source), indices, handle, output.suffix.lower())
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(temp, output)
         _fsync_directory(output.parent)
     except BaseException:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
+        shutil.rmtree(temp, ignore_errors=True)
         raise
 
 
