@@ -352,8 +352,21 @@ def _memory_child(
         save_image_atomic(tensor_to_image(result.image), Path(folder) / "out.png", {})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     used = result.tilings[-1]
-    tiling = f"tile {used.tile}, {used.history} pairs" if used.tile else f"untiled, {used.history} pairs"
+    pairs = f"{used.history} pairs" + ("" if used.store == "fp32" else f" {used.store}")
+    tiling = f"tile {used.tile}, {pairs}" if used.tile else f"untiled, {pairs}"
     queue.put(MemoryFigures(long_side, tuple(sizes), peak, baseline, per_iteration, tiling, used.predicted / 2**20))
+
+
+def untiled_bytes(model: str, cache_dir: Path, long_side: int) -> int:
+    """What the memory model predicts a single-scale untiled 4:3 row of this long side needs, default options."""
+    from batchstyle.model.optimize import lbfgs_history
+    from batchstyle.model.tiles import scale_bytes
+    from batchstyle.model.weights import resolve
+
+    source, _ = resolve(model, cache_dir)
+    s = make_settings(default_values())
+    w, h = long_side, long_side * 3 // 4
+    return scale_bytes(source.arch, s.content_layers, s.style_layers, w, h, history=lbfgs_history(3 * w * h))
 
 
 def memory_figures(

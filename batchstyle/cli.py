@@ -687,7 +687,13 @@ def cache_clear(cache_dir: Path | None) -> None:
     help="Iterations at the final scale instead (1 is enough for the largest sizes).",
 )
 @click.option("--max-memory", default=None, metavar="SIZE", help="The budget rows are fitted in, as for run.")
-@click.option("--tile", type=click.IntRange(min=0), default=None, metavar="PX", help="Force a tile size, as for run.")
+@click.option(
+    "--tilings",
+    default="auto",
+    show_default=True,
+    help="Rows per size, comma-separated: auto (as the budget chooses, as run does), untiled (skipped where the "
+    "memory model says it would not fit this machine), or a tile size in px.",
+)
 @CACHE_DIR
 def bench_memory(
     model: str,
@@ -696,32 +702,43 @@ def bench_memory(
     iterations: int,
     final_iterations: int,
     max_memory: str | None,
-    tile: int | None,
+    tilings: str,
     cache_dir: Path | None,
 ) -> None:
-    """Peak memory (CPU) per output size, single-scale and coarse-to-fine, each in a fresh process; tiled where
-    the budget (--max-memory, default none) or --tile says."""
-    from batchstyle.bench import memory_figures
-    from batchstyle.model.tiles import MemoryPolicy
+    """Peak memory (CPU) and seconds per iteration per output size and tiling, single-scale and coarse-to-fine, each
+    in a fresh process."""
+    from batchstyle.bench import memory_figures, untiled_bytes
+    from batchstyle.model.tiles import MemoryPolicy, available_memory
     from batchstyle.run.engine import parse_size
 
+    kinds = [k.strip() for k in tilings.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in ("auto", "untiled") and not kind.isdigit():
+            raise click.BadParameter(f"{kind!r} is not auto, untiled or a tile size in px", param_hint="--tilings")
+    budget = parse_size(max_memory) if max_memory else None
     cache = cache_dir or weights.default_cache_dir()
-    memory = MemoryPolicy(parse_size(max_memory) if max_memory else None, tile)
     final = f"{final_iterations} iterations" if final_iterations else "until its L-BFGS history is full"
-    click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run {final}")
+    click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run {final}, budget {max_memory or 'none'}")
     click.echo(
-        f"{'size':>6} {'scales':<28} {'final scale':<22} {'peak MiB':>9} {'working MiB':>11} {'predicted':>9} "
+        f"{'size':>6} {'scales':<28} {'final scale':<30} {'peak MiB':>9} {'working MiB':>11} {'predicted':>9} "
         f"{'MiB/Mpx':>8} {'s/it (last)':>11}"
     )
     for long_side in (int(s) for s in sizes.split(",")):
-        for min_ in dict.fromkeys((0, min_size)):  # --min-size 0 measures single-scale only
-            fig = memory_figures(model, cache, long_side, min_, iterations, memory, final_iterations)
-            mpx = long_side * (long_side * 3 // 4) / 1e6
-            scales = ",".join(map(str, fig.scales))
-            click.echo(
-                f"{long_side:>6} {scales:<28} {fig.tiling:<22} {fig.peak_mib:>9.0f} {fig.working_mib:>11.0f} "
-                f"{fig.predicted_mib:>9.0f} {fig.working_mib / mpx:>8.0f} {fig.seconds_per_iteration:>11.2f}"
-            )
+        for kind in kinds:
+            tile = None if kind == "auto" else 0 if kind == "untiled" else int(kind)
+            need = untiled_bytes(model, cache, long_side)
+            if kind == "untiled" and need > 0.9 * available_memory():
+                click.echo(f"{long_side:>6} untiled would need {need / 2**30:.1f} GiB, more than is free here: skipped")
+                continue
+            memory = MemoryPolicy(budget, tile)
+            for min_ in dict.fromkeys((0, min_size)):  # --min-size 0 measures single-scale only
+                fig = memory_figures(model, cache, long_side, min_, iterations, memory, final_iterations)
+                mpx = long_side * (long_side * 3 // 4) / 1e6
+                scales = ",".join(map(str, fig.scales))
+                click.echo(
+                    f"{long_side:>6} {scales:<28} {fig.tiling:<30} {fig.peak_mib:>9.0f} {fig.working_mib:>11.0f} "
+                    f"{fig.predicted_mib:>9.0f} {fig.working_mib / mpx:>8.0f} {fig.seconds_per_iteration:>11.2f}"
+                )
 
 
 SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"

@@ -3,6 +3,7 @@ and runs are reproducible from their seed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from conftest import compute_targets, make_painting, make_photo, optimize_one
 
 from batchstyle.images import load_image
+from batchstyle.model import history
+from batchstyle.model.history import STORES, pair_store
 from batchstyle.model.features import VGGFeatures, build
 from batchstyle.model.optimize import (
     BatchLBFGS,
@@ -231,6 +234,60 @@ def test_batch_lbfgs_never_reads_a_value_on_the_host() -> None:
     for _ in range(4):
         pixels.grad = torch.empty_like(pixels)
         optimizer.step()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_every_history_store_gives_the_products_of_the_pairs_it_holds(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history, "CHUNK", 7)  # vectors of 50 floats: eight slices, the last one short
+    b, h, n = 2, 3, 50
+    gen = torch.Generator().manual_seed(0)
+    like = torch.zeros(b, n)
+    pairs = pair_store(store, b, h, n, like, tmp_path)
+    held = torch.zeros(b, h, 2, n)
+    rounded = (lambda v: v.bfloat16().float()) if store != "fp32" else (lambda v: v)
+    # image 0 fills slots 2 then 0, image 1 stores into slot 1, then skips a pair (the scratch row)
+    for rows0, rows1 in (((4, 5), (2 * h + 2, 2 * h + 3)), ((0, 1), (pairs.scratch, pairs.scratch))):
+        s, y = torch.randn(b, n, generator=gen), torch.randn(b, n, generator=gen)
+        pairs.write(torch.tensor([rows0[0], rows1[0]]), torch.tensor([rows0[1], rows1[1]]), s, y)
+        for image, (row_s, _) in enumerate((rows0, rows1)):
+            if row_s != pairs.scratch:
+                slot = (row_s - image * 2 * h) // 2
+                held[image, slot] = torch.stack([rounded(s[image]), rounded(y[image])])
+    assert list(tmp_path.iterdir()) == []  # a file store's file has no name: nothing to leave behind
+    vectors = torch.randn(b, 3, n, generator=gen)
+    stacked = held.view(b, 2 * h, n)
+    assert torch.allclose(pairs.dots(h, vectors), torch.bmm(stacked, vectors.transpose(1, 2)), atol=1e-5)
+    coefficients, base = torch.randn(b, 2 * h, generator=gen), torch.randn(b, n, generator=gen)
+    expected = base + torch.bmm(coefficients[:, None, :], stacked)[:, 0]
+    assert torch.allclose(pairs.combine(h, coefficients, base), expected, atol=1e-5)
+    assert torch.allclose(pairs.dots(2, vectors), torch.bmm(stacked[:, :4], vectors.transpose(1, 2)), atol=1e-5)
+
+
+def test_a_bf16_or_file_history_converges_as_the_fp32_one_does(
+    hed_weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history, "CHUNK", 1000)  # 32x24 RGB is 2304 floats: three slices
+    objective, start = _shallow_problem(hed_weights, pictures, torch.float32)
+
+    def run(store: str) -> tuple[torch.Tensor, float]:
+        pixels = start.clone().requires_grad_(True)
+        optimizer = BatchLBFGS(pixels, history_size=5, store=store, folder=tmp_path)
+        for _ in range(20):
+            optimizer.zero_grad()
+            objective(pixels)[0].sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                pixels.clamp_(0, 1)
+        return pixels.detach(), float(objective(pixels.detach())[0].sum())
+
+    (fp32, fp32_loss), (bf16, bf16_loss), (file, file_loss) = run("fp32"), run("bf16"), run("file")
+    first = float(objective(start)[0].sum())
+    assert fp32_loss < 0.2 * first
+    assert abs(bf16_loss - fp32_loss) < 0.05 * fp32_loss
+    assert torch.equal(file, bf16)  # the same bf16 pairs and the same sliced arithmetic, read from disk
+    assert not torch.equal(bf16, fp32)  # the store did change what was kept
 
 
 def test_lbfgs_history_is_bounded_per_image() -> None:

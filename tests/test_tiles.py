@@ -202,11 +202,27 @@ def test_a_tight_budget_shortens_the_lbfgs_history_before_it_shrinks_tiles_below
     budget = 8 << 30
     chosen = choose_tiling(MemoryPolicy(budget), "vgg16", *LAYERS, 4096, 3072, history=100)
     assert 5 < chosen.history < 100 and chosen.tile > MIN_TILE and chosen.predicted <= budget
-    # Where nothing fits: 5 pairs, and tiles whose network takes a quarter of the budget; predicted over it.
+    assert chosen.store == "fp32"
+    # Where nothing fits: 5 pairs in a file, and tiles whose network takes a quarter of the budget; predicted over it.
     least = choose_tiling(MemoryPolicy(1 << 30), "vgg16", *LAYERS, 4096, 3072, history=100)
-    assert least.history == 5 and least.predicted > 1 << 30
+    assert (least.history, least.store) == (5, "file") and least.predicted > 1 << 30
     assert network_bytes("vgg16", "relu5_1", 4096, 3072, least.tile) <= 1 << 28
     assert network_bytes("vgg16", "relu5_1", 4096, 3072, least.tile + 16) > 1 << 28
+
+
+def test_a_history_that_does_not_fit_in_fp32_goes_to_bf16_then_to_a_file() -> None:
+    w, h = 8192, 6144
+    beside = scale_bytes("vgg16", *LAYERS, w, h, tile=512)  # what a 512 px tile and the image's vectors take
+    pair_fp32 = 2 * 4 * 3 * w * h
+    roomy = choose_tiling(MemoryPolicy(beside + 7 * pair_fp32), "vgg16", *LAYERS, w, h, history=100)
+    assert (roomy.history, roomy.store) == (7, "fp32")
+    half = choose_tiling(MemoryPolicy(beside + 3 * pair_fp32), "vgg16", *LAYERS, w, h, history=100)
+    assert (half.history, half.store) == (6, "bf16")  # 6 bf16 pairs in the room of 3 fp32 ones
+    assert half.predicted <= beside + 3 * pair_fp32
+    disk = choose_tiling(MemoryPolicy(beside + 2 * pair_fp32), "vgg16", *LAYERS, w, h, history=100)
+    assert (disk.history, disk.store) == (5, "file")
+    assert disk.predicted == scale_bytes("vgg16", *LAYERS, w, h, tile=disk.tile)  # the file costs no memory
+    assert disk.tile >= 512  # the room the history would have taken goes to the tiles
 
 
 def test_the_memory_model_is_the_measured_one_within_a_quarter() -> None:
@@ -239,10 +255,10 @@ def test_a_run_records_its_tiling_in_the_ledger(tmp_path, images) -> None:  # no
     common = ("--out", out, "--model", "random", "--device", "cpu", "--size", 48, "--min-size", 0)
     assert cli("run", manifest, *common, "--iterations", 2, "-q", "--tile", 32).exit_code == 0
     (record,) = read_records(out)[0]
-    assert json.loads(record.params)["tiling"] == [[32, 100]]
+    assert json.loads(record.params)["tiling"] == [[32, 100, "fp32"]]
     assert cli("run", manifest, *common, "--iterations", 2, "-q", "--max-memory", "2GiB", "--force").exit_code == 0
     (record,) = read_records(out)[0]
-    assert json.loads(record.params)["tiling"] == [[0, 100]]
+    assert json.loads(record.params)["tiling"] == [[0, 100, "fp32"]]
     assert json.loads(record.params)["memory_budget"] == 2 << 30
     assert "--max-memory '1x': give a size" in cli("run", manifest, *common, "--max-memory", "1x").output
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from batchstyle.model.features import VGGFeatures
+from batchstyle.model.history import pair_store
 from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss
 from batchstyle.model.targets import Targets
 from batchstyle.options import STOP_WINDOW, Settings
@@ -124,6 +126,7 @@ def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch
 
 
 LBFGS_HISTORY_BYTES = 1 << 30
+MIN_PAIRS = 5  # L-BFGS pairs an image keeps at the least, however large it is
 
 
 def lbfgs_history(numel: int, budget: int = LBFGS_HISTORY_BYTES) -> int:
@@ -134,7 +137,7 @@ def lbfgs_history(numel: int, budget: int = LBFGS_HISTORY_BYTES) -> int:
     image, not per batch, so that a row comes out of a batch as it would alone; `--batch-size auto` counts the
     history in what each image of a batch needs.
     """
-    return max(5, min(100, budget // (2 * 4 * numel)))
+    return max(MIN_PAIRS, min(100, budget // (2 * 4 * numel)))
 
 
 class BatchLBFGS(torch.optim.Optimizer):
@@ -155,7 +158,8 @@ class BatchLBFGS(torch.optim.Optimizer):
     order, so the images' ring buffers need not line up.
 
     The state is B * (2h + 5) image-sized vectors: the (s, y) pairs, the last direction and gradient, and the
-    step's g, y and s.
+    step's g, y and s. `store` keeps the pairs in fp32 beside the image, in bf16, or in a file in `folder`
+    (`history.py`): at the largest sizes the pairs are most of the memory.
     """
 
     def __init__(
@@ -165,6 +169,8 @@ class BatchLBFGS(torch.optim.Optimizer):
         history_size: int = 100,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
+        store: str = "fp32",
+        folder: Path | None = None,
     ) -> None:
         if pixels.dim() < 1 or pixels.shape[0] < 1:
             raise ValueError("BatchLBFGS needs a (B, ...) tensor with B >= 1")
@@ -180,11 +186,10 @@ class BatchLBFGS(torch.optim.Optimizer):
         b, n, h = pixels.shape[0], pixels[0].numel(), history_size
         like = {"device": pixels.device, "dtype": pixels.dtype}
         self.batch, self.numel, self.history_size = b, n, h
-        # Image b's pair in slot k is rows b*2h + 2k (s) and b*2h + 2k + 1 (y); a pair not taken in is written to the
-        # extra last row instead, so storing or not is a choice of index, not a branch.
-        self._rows = torch.zeros(b * 2 * h + 1, n, **like)
-        self._pairs = self._rows[:-1].view(b, h, 2, n)
-        self._scratch = b * 2 * h
+        # Image b's pair in slot k is rows b*2h + 2k (s) and b*2h + 2k + 1 (y) of the store (history.py: fp32 or bf16
+        # on the device, or a file); a pair not taken in goes to its scratch row, so storing is an index, not a branch.
+        self._store = pair_store(store, b, h, n, pixels.detach(), folder)
+        self._scratch = self._store.scratch
         self._base = torch.arange(b, device=pixels.device) * (2 * h)
         self._slots = torch.arange(h, device=pixels.device)
         self._stamp = torch.full((b, h), -1, dtype=torch.long, device=pixels.device)  # step a slot was written; -1
@@ -228,17 +233,16 @@ class BatchLBFGS(torch.optim.Optimizer):
         # one pair, so only the first min(h, steps) slots can hold one: known here without asking the device, it
         # keeps the work proportional to the pairs held, as in torch's loops, while the history fills up.
         m = max(1, min(h, self._steps))
-        pairs = self._pairs[:, :m].reshape(b, 2 * m, n)  # s_0, y_0, s_1, y_1, ...: a view, nothing copied
-        # Every stored vector against g, y and s in one pass over the history, before the new pair replaces a slot.
-        old = torch.bmm(pairs, vectors.transpose(1, 2)).view(b, m, 2, 3)
+        # Every stored vector (s_0, y_0, s_1, ...) against g, y and s in one pass over the history, before the new
+        # pair replaces a slot.
+        old = self._store.dots(m, vectors).view(b, m, 2, 3)
         own = torch.bmm(vectors, vectors.transpose(1, 2))  # (b, 3, 3)
         ys, yy, sg, yg = own[:, 1, 2], own[:, 1, 1], own[:, 2, 0], own[:, 1, 0]
 
         store = active & self._started & (ys > 1e-10)
         slot = self._stamp.argmin(dim=1)  # an empty slot if there is one, else the oldest pair (dropped)
         row_s = torch.where(store, self._base + 2 * slot, self._scratch)
-        self._rows.index_copy_(0, row_s, s)
-        self._rows.index_copy_(0, torch.where(store, row_s + 1, self._scratch), y)
+        self._store.write(row_s, torch.where(store, row_s + 1, self._scratch), s, y)
         new = (self._slots[:m] == slot[:, None]) & store[:, None]  # (b, m): the slot each storing image writes
         row, col = new[:, :, None], new[:, None, :]
         both = row & col
@@ -277,7 +281,7 @@ class BatchLBFGS(torch.optim.Optimizer):
         by_slot[:, :, 0].scatter_(1, order, coef[:, :, 0])
         by_slot[:, :, 1].scatter_(1, order, -h_diag[:, None] * alpha[:, :, 0])
         # For an image's first step (empty history, H0 = 1) this is exactly -g.
-        d = torch.baddbmm((-h_diag[:, None] * grad)[:, None, :], by_slot.view(b, 1, 2 * m), pairs).view(b, n)
+        d = self._store.combine(m, by_slot.view(b, 2 * m), -h_diag[:, None] * grad)
 
         t = torch.where(first, (1.0 / grad.abs().sum(dim=1)).clamp(max=1.0) * lr, torch.full_like(self._t, lr))
         descent = torch.bmm(grad[:, None, :], d[:, :, None]).view(b) <= -tolerance_change
@@ -324,7 +328,9 @@ def optimize_batch(
     precision: str = "fp32",
     extra: Sequence[nn.Module] = (),
     objective: Callable[..., Objective] = Objective,
-    history_bytes: int = LBFGS_HISTORY_BYTES,
+    history_pairs: int | None = None,
+    history_store: str = "fp32",
+    history_folder: Path | None = None,
 ) -> list[Outcome]:
     """Optimises B images of one size in one forward/backward per iteration; one Outcome per image.
 
@@ -351,7 +357,8 @@ def optimize_batch(
     `VGGFeatures.lowered`), the Grams, losses and optimiser staying fp32.
 
     `objective` builds the objective from (model, targets, settings, autocast, extra): `tiles.tiled(px)` evaluates
-    it tile by tile in bounded memory. `history_bytes` caps each image's L-BFGS history (see `lbfgs_history`).
+    it tile by tile in bounded memory. `history_pairs` is each image's L-BFGS pairs (default `lbfgs_history`), kept in
+    `history_store` (`history.STORES`; a "file" in `history_folder`, default the system's temporary folder).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -374,8 +381,9 @@ def optimize_batch(
     pixels = first.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True)
     lr = settings.step_size()
     if settings.optimizer == "lbfgs":
+        pairs = history_pairs if history_pairs is not None else lbfgs_history(pixels[0].numel())
         optimizer: torch.optim.Optimizer = BatchLBFGS(
-            pixels, lr=lr, history_size=lbfgs_history(pixels[0].numel(), history_bytes)
+            pixels, lr=lr, history_size=pairs, store=history_store, folder=history_folder
         )
     else:
         optimizer = torch.optim.Adam([pixels], lr=lr)

@@ -295,7 +295,9 @@ class Stylizer:
                 precision=self.precision,
                 extra=list(extra_terms(k, contents)) if extra_terms is not None else (),
                 objective=tiled(tiling.tile) if tiling.tile else Objective,
-                history_bytes=tiling.history * 2 * 4 * contents[0].numel(),
+                history_pairs=tiling.history,
+                history_store=tiling.store,
+                history_folder=self.memory.scratch,
             )
             image = torch.cat([o.image for o in outcomes])
             for b, (outcome, p) in enumerate(zip(outcomes, per_image)):

@@ -31,15 +31,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from batchstyle.model.features import VGGFeatures
+from batchstyle.model.history import bytes_per_float
 from batchstyle.model.layout import activation_floats, halo, layer_names, layer_shape, stride
 from batchstyle.model.losses import region_weights
-from batchstyle.model.optimize import Objective
+from batchstyle.model.optimize import MIN_PAIRS, Objective
 from batchstyle.model.targets import Targets
 from batchstyle.options import Settings
 
@@ -351,19 +353,23 @@ MIN_TILE = 128  # px: below this the halo is most of what a tile computes (a 128
 @dataclass(frozen=True)
 class MemoryPolicy:
     """A worker's memory: `budget` bytes a row may use (None: no limit known), and `tile`: None to choose, 0 to force
-    untiled, or a tile size in px to force."""
+    untiled, or a tile size in px to force. `scratch` is the folder an L-BFGS history too large for the budget is
+    kept in (a run's output folder; None: the system's temporary folder)."""
 
     budget: int | None = None
     tile: int | None = None
+    scratch: Path | None = None
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """What one scale runs with: `tile` px (0: untiled), `history` L-BFGS pairs, and the predicted peak bytes."""
+    """What one scale runs with: `tile` px (0: untiled), `history` L-BFGS pairs kept in `store` (`history.STORES`),
+    and the predicted peak bytes."""
 
     tile: int
     history: int
     predicted: int
+    store: str = "fp32"
 
 
 def scale_bytes(
@@ -376,15 +382,17 @@ def scale_bytes(
     history: int = 0,
     tile: int = 0,
     regions: int = 0,
+    store: str = "fp32",
 ) -> int:
     """Predicted peak bytes of optimising `batch` images of width x height: the network over the whole image, or
-    over one tile with its halo, plus the image-sized vectors (`history` L-BFGS pairs among them), the content
-    targets at their layers' sizes and `regions` mask planes (style masks and the content mask)."""
+    over one tile with its halo, plus the image-sized vectors (`history` L-BFGS pairs in `store` among them), the
+    content targets at their layers' sizes and `regions` mask planes (style masks and the content mask)."""
     deepest = max((*content_layers, *style_layers), key=layer_names(arch).index)
     network = network_bytes(arch, deepest, width, height, tile)
-    floats = (IMAGE_VECTORS + 2 * history + 6) * 3 * width * height + regions * width * height
+    floats = (IMAGE_VECTORS + 6) * 3 * width * height + regions * width * height
     floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
-    return int(batch * (network + 4 * floats) + FIXED_BYTES)
+    pairs = 2 * history * 3 * width * height * bytes_per_float(store)
+    return int(batch * (network + 4 * floats + pairs) + FIXED_BYTES)
 
 
 def network_bytes(arch: str, deepest: str, width: int, height: int, tile: int = 0) -> int:
@@ -410,12 +418,13 @@ def choose_tiling(
     regions: int = 0,
 ) -> Tiling:
     """How to run one scale within `policy.budget`: untiled with `history` L-BFGS pairs when that fits; else tiled,
-    the history cut to what fits beside a PREFERRED_TILE tile (never below 5 pairs), then the largest tile that fits
-    beside it. A forced tile (`policy.tile`) is taken as given, its history fitted the same way. What fits nowhere
-    runs with the smallest tile and 5 pairs: the least memory there is."""
+    the history cut to what fits beside a PREFERRED_TILE tile (never below MIN_PAIRS: in bf16 when those do not fit
+    in fp32, in a file when they do not fit in bf16), then the largest tile that fits beside it. A forced tile
+    (`policy.tile`) is taken as given, its history fitted the same way. What fits nowhere runs with tiles whose
+    network takes a quarter of the budget."""
 
-    def cost(tile: int, pairs: int) -> int:
-        return scale_bytes(arch, content_layers, style_layers, width, height, batch, pairs, tile, regions)
+    def cost(tile: int, pairs: int, store: str = "fp32") -> int:
+        return scale_bytes(arch, content_layers, style_layers, width, height, batch, pairs, tile, regions, store)
 
     budget = policy.budget
     if policy.tile == 0 or (policy.tile is None and (budget is None or cost(0, history) <= budget)):
@@ -425,25 +434,29 @@ def choose_tiling(
     smallest = max(step, MIN_TILE // step * step)
     forced = policy.tile
     largest = -(-max(width, height) // step) * step
-    pairs = history
+    pairs, store = history, "fp32"
     if budget is not None:
         # Pairs beyond 5 cost little convergence (README: 5 pairs ended 2% above 100 at 256 px), tiles below 512 px
-        # cost time in halo: the history gets what is left beside a 512 px tile, if anything.
+        # cost time in halo: the history gets what is left beside a 512 px tile, in fp32 while MIN_PAIRS fit, in
+        # bf16 while they fit so, else in a file, where they cost no memory (README: what bf16 costs).
         spare = budget - cost(forced or min(largest, max(smallest, PREFERRED_TILE)), 0)
-        pairs = max(5, min(history, spare // (batch * 2 * 4 * 3 * width * height)))
+        floats = batch * 2 * 3 * width * height  # per pair
+        store = next((s for s in ("fp32", "bf16") if spare >= MIN_PAIRS * floats * bytes_per_float(s)), "file")
+        # A file's pairs are read twice a step: MIN_PAIRS keep that within what the page cache can serve.
+        pairs = MIN_PAIRS if store == "file" else min(history, spare // (floats * bytes_per_float(store)))
     if forced:
-        return Tiling(forced, pairs, cost(forced, pairs))
+        return Tiling(forced, pairs, cost(forced, pairs, store), store)
     candidates = range(largest, smallest - 1, -step)
     # Tiles as large as fit: fewer of them read less halo twice over (pass 1 and pass 2). Where none does (the
     # image-sized vectors alone overflow), tiles whose network takes a quarter of the budget: the smallest would
     # save little memory there and cost up to 5x the time in halo.
-    fitting = [t for t in candidates if budget is None or cost(t, pairs) <= budget]
+    fitting = [t for t in candidates if budget is None or cost(t, pairs, store) <= budget]
     if not fitting:
         quarter = (budget or 0) // 4
         fitting = [t for t in candidates if batch * network_bytes(arch, deepest, width, height, t) <= quarter]
         fitting = fitting or [smallest]
     tile = fitting[0]
-    return Tiling(tile, pairs, cost(tile, pairs))
+    return Tiling(tile, pairs, cost(tile, pairs, store), store)
 
 
 def default_budget(device: torch.device) -> int:

@@ -686,7 +686,9 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             if to_do:
                 weights = _load_weights(source, config.model, config.cache, events)
                 torch_targets = _export_graphs(weights, config, to_do, events)
-                specs = _worker_specs(source, config, slots, to_do, manifest.image_sizes, torch_targets)
+                specs = _worker_specs(
+                    source, config, slots, to_do, manifest.image_sizes, torch_targets, manifest.out_dir
+                )
                 batch_size = config.batch_size or _auto_batch_size(slots, to_do, manifest.image_sizes, source.arch)
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
@@ -749,6 +751,7 @@ def _worker_specs(
     jobs: Sequence[Job],
     sizes: dict[Path, tuple[int, int]],
     torch_targets: frozenset[GraphSpec],
+    scratch: Path | None = None,
 ) -> list[WorkerSpec]:
     profile = shape_profile(jobs, sizes)
     threads = _threads(slots)
@@ -770,6 +773,7 @@ def _worker_specs(
                 threads=threads,
                 max_memory=budgets.get(device),
                 tile=config.tile,
+                scratch=scratch,
             )
         )
     return specs
