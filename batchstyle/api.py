@@ -62,7 +62,8 @@ class StyleTransfer:
     differences between ONNX Runtime's and torch's targets (measured: up to 95 of 255 levels apart after 60
     iterations at 128 px), so the same targets are needed, not merely equivalent ones. `max_memory` (bytes, or
     "3GiB") and `tile` mean what `batchstyle run --max-memory/--tile` mean: an image that would not fit is
-    optimised in tiles, exactly.
+    optimised in tiles, exactly. `tile_devices` (e.g. ["cuda:1", "cuda:2"]) are more devices its tiles are dealt
+    to, as `batchstyle run --spread-tiles` deals them to every device after the first.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class StyleTransfer:
         targets: str = "ort",
         max_memory: str | int | None = None,
         tile: int | None = None,
+        tile_devices: Sequence[str] = (),
     ) -> None:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         source, self.model_reason = resolve(model, cache)
@@ -88,7 +90,7 @@ class StyleTransfer:
         self.messages: list[str] = []  # what a run would print: the targets' provider, fallbacks
         backends = backend_factory(weights, dev, cache, targets, self.messages.append, export=True)
         budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
-        memory = MemoryPolicy(default_budget(dev) if budget is None else budget, tile)
+        memory = MemoryPolicy(default_budget(dev) if budget is None else budget, tile, devices=tuple(tile_devices))
         store = TargetStore(backends, target_cache, "fp32", self.messages.append)
         self.stylizer = Stylizer(weights, dev, store, precision, memory)
 

@@ -253,6 +253,12 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
     metavar="PX",
     help="Force tiles of PX pixels (0: never tile) [default: tiles only where a row would not fit, as large as fit].",
 )
+@click.option(
+    "--spread-tiles",
+    is_flag=True,
+    default=None,
+    help="One worker drives all --devices: rows run on the first, a tiled row's tiles are dealt to all of them.",
+)
 @CACHE_DIR
 def run(
     manifest_path: Path,

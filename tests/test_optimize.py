@@ -12,8 +12,8 @@ from conftest import compute_targets, make_painting, make_photo, optimize_one
 
 from batchstyle.images import load_image
 from batchstyle.model import history
-from batchstyle.model.history import STORES, pair_store
 from batchstyle.model.features import VGGFeatures, build
+from batchstyle.model.history import STORES, pair_store
 from batchstyle.model.optimize import (
     BatchLBFGS,
     Losses,
@@ -282,7 +282,7 @@ def test_a_bf16_or_file_history_converges_as_the_fp32_one_does(
                 pixels.clamp_(0, 1)
         return pixels.detach(), float(objective(pixels.detach())[0].sum())
 
-    (fp32, fp32_loss), (bf16, bf16_loss), (file, file_loss) = run("fp32"), run("bf16"), run("file")
+    (fp32, fp32_loss), (bf16, bf16_loss), (file, _) = run("fp32"), run("bf16"), run("file")
     first = float(objective(start)[0].sum())
     assert fp32_loss < 0.2 * first
     assert abs(bf16_loss - fp32_loss) < 0.05 * fp32_loss

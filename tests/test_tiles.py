@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import cli, compute_targets, optimize_one, write_manifest
+from PIL import Image
 
 from batchstyle.images import load_image
 from batchstyle.model.export import graph_spec, target_graph
@@ -89,20 +91,23 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "style_loss, masked, dtype",
+    "style_loss, masked, dtype, spread",
     [
-        ("gram", False, torch.float32),
-        ("moments", False, torch.float32),
-        ("gram", True, torch.float32),
+        ("gram", False, torch.float32, ()),
+        ("moments", False, torch.float32, ()),
+        ("gram", True, torch.float32, ()),
+        # Tiles dealt to two more copies of the objective (as to two more GPUs; here the same CPU), in threads.
+        ("gram", True, torch.float32, ("cpu", "cpu")),
+        ("moments", False, torch.float32, ("cpu", "cpu")),
         # Guided moments in float64: there the untiled gradient itself is not defined to 1e-4 by fp32 features. Its
         # 142-position regions at relu4_1 leave R cov R (the Wasserstein cross term) with eigenvalues of 4e-8 that
         # fp32 rounding of the Gram (~5e-5 after R) swamps, so fp32 and float64 features give untiled gradients
         # 50x their size apart (measured); in float64 tiled and untiled agree to 2e-6.
-        ("moments", True, torch.float64),
+        ("moments", True, torch.float64, ()),
     ],
 )
 def test_tiled_values_and_gradient_equal_the_whole_images(
-    trunk: VGGFeatures, style_loss: str, masked: bool, dtype: torch.dtype
+    trunk: VGGFeatures, style_loss: str, masked: bool, dtype: torch.dtype, spread: tuple[str, ...]
 ) -> None:
     settings = make_settings({**default_values(), "style_loss": style_loss, "tv_weight": 10.0})
     content = smooth_image(HEIGHT, WIDTH, 1)
@@ -114,7 +119,7 @@ def test_tiled_values_and_gradient_equal_the_whole_images(
     trunk = copy_module(trunk).to(dtype)
     pixels = smooth_image(HEIGHT, WIDTH, 3).to(dtype)  # not the content: every loss and its gradient are far from 0
     whole_values, whole_grad = gradients(Objective(trunk, targets, settings), pixels)
-    tiled_objective = TiledObjective(trunk, targets, settings, tile=48)
+    tiled_objective = TiledObjective(trunk, targets, settings, tile=48, devices=spread)
     assert len(tile_grid(HEIGHT, WIDTH, 48, tiled_objective.margin, tiled_objective.step)) == 12  # 3 x 4 tiles
     tiled_values, tiled_grad = gradients(tiled_objective, pixels)
     assert relative(tiled_grad, whole_grad) <= 1e-4
@@ -122,6 +127,7 @@ def test_tiled_values_and_gradient_equal_the_whole_images(
     assert whole_values.min() > 0  # every loss counted, content and TV included
     with torch.no_grad():  # the value alone, as the kept iterate is chosen by
         assert torch.allclose(torch.stack(tiled_objective(pixels)), whole_values, rtol=1e-5, atol=0)
+    assert len(tiled_objective._shares()) == 1 + len(spread)
 
 
 def test_a_batch_tiled_keeps_its_images_apart(trunk: VGGFeatures) -> None:
@@ -255,12 +261,42 @@ def test_a_run_records_its_tiling_in_the_ledger(tmp_path, images) -> None:  # no
     common = ("--out", out, "--model", "random", "--device", "cpu", "--size", 48, "--min-size", 0)
     assert cli("run", manifest, *common, "--iterations", 2, "-q", "--tile", 32).exit_code == 0
     (record,) = read_records(out)[0]
-    assert json.loads(record.params)["tiling"] == [[32, 100, "fp32"]]
+    assert json.loads(record.params)["tiling"] == [[32, 100, "fp32", 1]]
     assert cli("run", manifest, *common, "--iterations", 2, "-q", "--max-memory", "2GiB", "--force").exit_code == 0
     (record,) = read_records(out)[0]
-    assert json.loads(record.params)["tiling"] == [[0, 100, "fp32"]]
+    assert json.loads(record.params)["tiling"] == [[0, 100, "fp32", 1]]
     assert json.loads(record.params)["memory_budget"] == 2 << 30
     assert "--max-memory '1x': give a size" in cli("run", manifest, *common, "--max-memory", "1x").output
+
+
+def test_spread_tiles_runs_one_worker_that_deals_tiles_to_every_device(tmp_path, images) -> None:  # noqa: ANN001
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
+    common = ("--model", "random", "--size", 48, "--min-size", 0, "--iterations", 2, "--tile", 32, "-q")
+    alone = cli("run", manifest, *common, "--out", tmp_path / "alone", "--devices", "cpu")
+    spread = cli("run", manifest, *common, "--out", tmp_path / "spread", "--devices", "cpu,cpu", "--spread-tiles")
+    assert alone.exit_code == 0 and spread.exit_code == 0, spread.output
+    (one,), (two,) = read_records(tmp_path / "alone")[0], read_records(tmp_path / "spread")[0]
+    assert two.device == "cpu"  # one worker, not one per listed device
+    assert json.loads(two.params)["tiling"] == [[32, 100, "fp32", 2]]  # its tiles dealt to both
+    pictures = [
+        np.asarray(Image.open(tmp_path / out / r.output), dtype=np.int16)
+        for out, r in (("alone", one), ("spread", two))
+    ]
+    assert np.abs(pictures[0] - pictures[1]).max() <= 1
+    refused = cli("run", manifest, *common, "--out", tmp_path / "x", "--spread-tiles", "--workers-per-device", 2)
+    assert refused.exit_code != 0 and "--spread-tiles runs one worker" in refused.output
+
+
+def test_a_spread_tiled_objective_copies_a_bf16_trunk_in_its_precision(trunk: VGGFeatures) -> None:
+    settings = make_settings(default_values())
+    content, style = smooth_image(HEIGHT, WIDTH, 1), smooth_image(96, 96, 2)
+    targets = compute_targets(trunk, content, [style], [1.0], settings.content_layers, settings.style_layers)
+    pixels = smooth_image(HEIGHT, WIDTH, 3)
+    alone = TiledObjective(trunk, targets, settings, torch.bfloat16, tile=48)
+    spread = TiledObjective(trunk, targets, settings, torch.bfloat16, tile=48, devices=("cpu",))
+    (_, grad_alone), (_, grad_spread) = gradients(alone, pixels), gradients(spread, pixels)
+    assert spread._shares()[1].model.conv_dtype == torch.bfloat16
+    assert relative(grad_spread, grad_alone) <= 1e-5  # the same tiles in the same precision, summed in another order
 
 
 def test_a_tiled_stylization_is_the_untiled_one_across_scales_with_colour_kept(images) -> None:  # noqa: ANN001

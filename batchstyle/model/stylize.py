@@ -164,6 +164,8 @@ class Stylizer:
         chosen = choose_tiling(
             self.memory, self.weights.arch, s.content_layers, s.style_layers, w, h, len(items), history, regions
         )
+        if chosen.tile:
+            chosen = dataclasses.replace(chosen, devices=1 + len(self.memory.devices))
         return chosen if settings.optimizer == "lbfgs" else dataclasses.replace(chosen, history=0)
 
     def trunk(self, settings: Settings) -> VGGFeatures:
@@ -294,7 +296,9 @@ class Stylizer:
                 snapshot_every=hooks.snapshot_every,
                 precision=self.precision,
                 extra=list(extra_terms(k, contents)) if extra_terms is not None else (),
-                objective=tiled(tiling.tile) if tiling.tile else Objective,
+                objective=tiled(tiling.tile, [torch.device(d) for d in self.memory.devices])
+                if tiling.tile
+                else Objective,
                 history_pairs=tiling.history,
                 history_store=tiling.store,
                 history_folder=self.memory.scratch,

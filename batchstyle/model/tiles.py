@@ -28,8 +28,11 @@ the value); memory is the whole image's few vectors (pixels, gradient, L-BFGS hi
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,11 +132,16 @@ class TiledObjective(Objective):
         extra: Sequence[nn.Module] = (),
         *,
         tile: int,
+        devices: Sequence[torch.device] = (),
     ) -> None:
         super().__init__(model, targets, settings, autocast, extra)
         deepest = deepest_tap(model)
         self.step, self.margin, self.tile = stride(deepest), halo(model.arch, deepest), tile
         self._layers: dict[tuple[int, int, int], dict[str, _Layer]] = {}
+        # More devices the tiles are dealt to, each with a copy of this objective (network and targets; no extra
+        # terms, which stay whole on this one), made when first used.
+        self._spread = (targets, settings, autocast, tuple(torch.device(d) for d in devices))
+        self._copies: list[TiledObjective] | None = None
 
     def _style_layers(self, pixels: torch.Tensor) -> dict[str, _Layer]:
         """Per style layer, the region weights and areas at the layer's whole size: computed as the untiled loss
@@ -154,6 +162,30 @@ class TiledObjective(Objective):
     def _tiles(self, pixels: torch.Tensor) -> list[Tile]:
         h, w = pixels.shape[-2:]
         return tile_grid(h, w, self.tile, self.margin, self.step)
+
+    def _shares(self) -> list[TiledObjective]:
+        """This objective and its copies on the other devices: each computes the tiles dealt to it."""
+        if self._copies is None:
+            targets, settings, autocast, devices = self._spread
+            self._copies = [
+                TiledObjective(_model_on(self.model, d), _targets_on(targets, d), settings, autocast, tile=self.tile)
+                for d in devices
+            ]
+        return [self, *self._copies]
+
+    def _deal(self, pixels: torch.Tensor, work: Callable[..., Any]) -> list[Any]:
+        """`work(share, its pixels, its tiles)` on every share, concurrently when there are several (one thread a
+        device: the kernels run while Python waits), tile k going to share k mod n. Results in share order."""
+        shares, tiles = self._shares(), self._tiles(pixels)
+        if len(shares) == 1:
+            return [work(self, pixels, tiles)]
+        jobs = [(s, pixels.to(s.device), tiles[k :: len(shares)]) for k, s in enumerate(shares)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            return list(pool.map(lambda job: work(*job), jobs))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @staticmethod
     def _read(pixels: torch.Tensor, tile: Tile) -> torch.Tensor:
@@ -199,17 +231,37 @@ class TiledObjective(Objective):
             return flat, None
         return flat, layer.regions[..., gy, gx].reshape(b, layer.regions.shape[1], -1).to(flat.dtype)
 
-    @torch.no_grad()
     def _gather(
         self, pixels: torch.Tensor
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """Pass 1: every style layer's global Gram and mean per region, and the content and TV losses."""
+        parts = self._deal(pixels, lambda share, own, tiles: share._gather_tiles(own, tiles))
+        here = pixels.device
+        sums, content, tv = parts[0]
+        for other_sums, other_content, other_tv in parts[1:]:
+            for name, (gram, mean) in other_sums.items():
+                sums[name][0] += gram.to(here)
+                sums[name][1] += mean.to(here)
+            content += other_content.to(here)
+            tv += other_tv.to(here)
+        layers = self._style_layers(pixels)
+        stats = {
+            name: (g / layers[name].area[..., None, None], m / layers[name].area[..., None])
+            for name, (g, m) in sums.items()
+        }
+        return stats, content, tv
+
+    @torch.no_grad()
+    def _gather_tiles(
+        self, pixels: torch.Tensor, tiles: Sequence[Tile]
+    ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """Pass 1 over some tiles: the sums of m F F^T and m F per style layer and region, content and TV shares."""
         b, _, height, width = pixels.shape
         layers = self._style_layers(pixels)
         sums: dict[str, list[torch.Tensor]] = {}
         content = pixels.new_zeros(b)
         tv = pixels.new_zeros(b)
-        for tile in self._tiles(pixels):
+        for tile in tiles:
             read = self._read(pixels, tile)
             feats = self.model(read)
             for name in self.content:
@@ -229,11 +281,7 @@ class TiledObjective(Objective):
                     sums[name] = [gram, mean]
             tv += self._tv_share(read, tile, height, width)
             del feats
-        stats = {
-            name: (g / layers[name].area[..., None, None], m / layers[name].area[..., None])
-            for name, (g, m) in sums.items()
-        }
-        return stats, content, tv
+        return sums, content, tv  # sums empty for a share dealt no tiles
 
     def _style_values(
         self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor, need_grad: bool
@@ -256,33 +304,18 @@ class TiledObjective(Objective):
             style = style + value.detach()
         return style, grads
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The losses, exactly as `Objective.forward` gives them, from one pass over the tiles; no graph."""
-        with torch.no_grad():
-            stats, content, tv = self._gather(pixels)
-            style, _ = self._style_values(stats, pixels, need_grad=False)
-            a, b, c = self.weights
-            total = a * content + b * style + c * tv
-            for term in self.extra:
-                total = total + term(pixels)
-            return total, content, style, tv
-
-    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pass 1 for the global statistics and the values, pass 2 for the gradient, left in `pixels.grad`."""
-        stats, content, tv = self._gather(pixels.detach())
-        style, grads = self._style_values(stats, pixels, need_grad=True)
+    def _surrogate_gradient(
+        self,
+        source: torch.Tensor,
+        tiles: Sequence[Tile],
+        coefficients: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> torch.Tensor:
+        """Pass 2 over some tiles: the surrogate's pixel gradient, each tile's (halo included) added in place."""
         a, b, c = self.weights
-        height, width = pixels.shape[-2:]
-        layers = self._style_layers(pixels)
-        # The surrogate's coefficients: sym(dL/dG) / area, so that sum_p m_p F_p^T A F_p over all tiles has the
-        # gradient of L; dL/dmean / area likewise for the means.
-        coefficients = {
-            name: ((d_gram + d_gram.transpose(-1, -2)) / 2 / layers[name].area[..., None, None], d_mean)
-            for name, (d_gram, d_mean) in grads.items()
-        }
-        grad = torch.zeros_like(pixels)
-        source = pixels.detach()
-        for tile in self._tiles(source):
+        height, width = source.shape[-2:]
+        layers = self._style_layers(source)
+        grad = torch.zeros_like(source)
+        for tile in tiles:
             read = self._read(source, tile).clone().requires_grad_(True)
             with torch.enable_grad():
                 feats = self.model(read)
@@ -309,6 +342,42 @@ class TiledObjective(Objective):
                 surrogate.sum().backward()
             ry0, ry1, rx0, rx1 = tile.read
             grad[..., ry0:ry1, rx0:rx1] += read.grad
+        return grad
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The losses, exactly as `Objective.forward` gives them, from one pass over the tiles; no graph."""
+        with torch.no_grad():
+            stats, content, tv = self._gather(pixels)
+            style, _ = self._style_values(stats, pixels, need_grad=False)
+            a, b, c = self.weights
+            total = a * content + b * style + c * tv
+            for term in self.extra:
+                total = total + term(pixels)
+            return total, content, style, tv
+
+    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pass 1 for the global statistics and the values, pass 2 for the gradient, left in `pixels.grad`."""
+        stats, content, tv = self._gather(pixels.detach())
+        style, grads = self._style_values(stats, pixels, need_grad=True)
+        a, b, c = self.weights
+        layers = self._style_layers(pixels)
+        # The surrogate's coefficients: sym(dL/dG) / area, so that sum_p m_p F_p^T A F_p over all tiles has the
+        # gradient of L; dL/dmean / area likewise for the means.
+        coefficients = {
+            name: ((d_gram + d_gram.transpose(-1, -2)) / 2 / layers[name].area[..., None, None], d_mean)
+            for name, (d_gram, d_mean) in grads.items()
+        }
+        source = pixels.detach()
+
+        def gradient_of(share: TiledObjective, own: torch.Tensor, tiles: Sequence[Tile]) -> torch.Tensor:
+            there = own.device
+            moved = {n: (g.to(there), m.to(there) if m is not None else None) for n, (g, m) in coefficients.items()}
+            return share._surrogate_gradient(own, tiles, moved)
+
+        parts = self._deal(source, gradient_of)
+        grad = parts[0]
+        for part in parts[1:]:
+            grad += part.to(grad.device)
         pixels.grad = grad
         total = a * content + b * style + c * tv
         if self.extra:
@@ -319,14 +388,35 @@ class TiledObjective(Objective):
         return total, content, style, tv
 
 
+def _model_on(model: VGGFeatures, device: torch.device) -> VGGFeatures:
+    """A copy of the network (in the precision it runs in) on another device, without its cached lowered copies."""
+    copied = copy.deepcopy(model)
+    copied.__dict__.pop("_lowered", None)
+    return copied.to(device)
+
+
+def _targets_on(targets: Targets, device: torch.device) -> Targets:
+    """A copy of `targets` on another device."""
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {name: tensor.to(device) for name, tensor in value.items()}
+        return value
+
+    return Targets(**{f.name: moved(getattr(targets, f.name)) for f in dataclasses.fields(targets)})
+
+
 TiledObjectiveFactory = Callable[..., Objective]
 
 
-def tiled(tile: int) -> TiledObjectiveFactory:
-    """What `optimize_batch(objective=...)` takes: an Objective evaluated over tiles of `tile` px."""
+def tiled(tile: int, devices: Sequence[torch.device] = ()) -> TiledObjectiveFactory:
+    """What `optimize_batch(objective=...)` takes: an Objective evaluated over tiles of `tile` px, spread over
+    `devices` beside its own when given."""
 
     def make(*args: Any, **kwargs: Any) -> Objective:
-        return TiledObjective(*args, **kwargs, tile=tile)
+        return TiledObjective(*args, **kwargs, tile=tile, devices=devices)
 
     return make
 
@@ -354,22 +444,25 @@ MIN_TILE = 128  # px: below this the halo is most of what a tile computes (a 128
 class MemoryPolicy:
     """A worker's memory: `budget` bytes a row may use (None: no limit known), and `tile`: None to choose, 0 to force
     untiled, or a tile size in px to force. `scratch` is the folder an L-BFGS history too large for the budget is
-    kept in (a run's output folder; None: the system's temporary folder)."""
+    kept in (a run's output folder; None: the system's temporary folder). `devices`: more devices a tiled scale's
+    tiles are dealt to, beside the worker's own."""
 
     budget: int | None = None
     tile: int | None = None
     scratch: Path | None = None
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Tiling:
     """What one scale runs with: `tile` px (0: untiled), `history` L-BFGS pairs kept in `store` (`history.STORES`),
-    and the predicted peak bytes."""
+    the predicted peak bytes (of the worker's own device), and how many devices compute the tiles."""
 
     tile: int
     history: int
     predicted: int
     store: str = "fp32"
+    devices: int = 1  # the tiles are dealt to this many devices (`MemoryPolicy.devices` and the worker's own)
 
 
 def scale_bytes(

@@ -108,6 +108,9 @@ class RunConfig:
     # available memory on a CPU, shared among the workers there. A row that would not fit is tiled (`model.tiles`).
     max_memory: int | None = None
     tile: int | None = None  # None: tile only rows that would not fit; 0: never tile; N: tiles of N px
+    # One worker drives every device given: it runs the rows on the first, and deals a tiled row's tiles to all of
+    # them. For a few huge rows (prints) on several GPUs, where one row per GPU would leave GPUs idle or take long.
+    spread_tiles: bool = False
 
     @property
     def cache(self) -> Path:
@@ -588,7 +591,8 @@ class _Execution:
                         "stops": result.stops,
                         "batch": result.batch,
                         **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
-                        # per scale [tile px (0: untiled), L-BFGS pairs]: a tile changes pixels within 1/255 only,
+                        # per scale [tile px (0: untiled), L-BFGS pairs, their store, devices]: a tile changes pixels
+                        # within 1/255 only,
                         # so it is recorded, not part of the key
                         "tiling": [list(t) for t in result.tiling],
                         "memory_budget": result.memory_budget,
@@ -729,9 +733,21 @@ def _chunked(jobs: list[Job], config: RunConfig, slots: Sequence[str]) -> list[J
 def _slots(config: RunConfig) -> list[str]:
     if config.workers_per_device < 1:
         raise RunError("--workers-per-device must be at least 1")
+    if config.spread_tiles and (config.backend == "ray" or config.workers_per_device > 1):
+        raise RunError(
+            "--spread-tiles runs one worker over this machine's devices: drop --workers-per-device and --backend ray"
+        )
     if config.backend == "ray":
         return ["ray"]
-    return [device for device in parse_devices(config.devices) for _ in range(config.workers_per_device)]
+    devices = parse_devices(config.devices)
+    if config.spread_tiles:
+        return devices[:1]  # the others take tiles (`_tile_devices`), not rows
+    return [device for device in devices for _ in range(config.workers_per_device)]
+
+
+def _tile_devices(config: RunConfig) -> tuple[str, ...]:
+    """The devices beside its own that a --spread-tiles worker deals tiles to."""
+    return tuple(parse_devices(config.devices)[1:]) if config.spread_tiles else ()
 
 
 def _threads(slots: Sequence[str]) -> int | None:
@@ -774,6 +790,7 @@ def _worker_specs(
                 max_memory=budgets.get(device),
                 tile=config.tile,
                 scratch=scratch,
+                tile_devices=_tile_devices(config),
             )
         )
     return specs

@@ -66,7 +66,8 @@ class Result:
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
     frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
     temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
-    tiling: list[tuple[int, int, str]] = field(default_factory=list)  # per scale: tile px (0: untiled), pairs, store
+    # per scale: tile px (0: untiled), L-BFGS pairs, where they were kept, devices the tiles were dealt to
+    tiling: list[tuple[int, int, str, int]] = field(default_factory=list)
     memory_budget: int | None = None  # bytes the row was fitted in
 
 
@@ -86,6 +87,7 @@ class WorkerSpec:
     max_memory: int | None = None  # bytes a row may use; None: `tiles.default_budget` of the device, asked here
     tile: int | None = None  # None: tiled only where a row would not fit; 0: never; N: tiles of N px
     scratch: Path | None = None  # the run's output folder: an L-BFGS history too large for memory goes there
+    tile_devices: tuple[str, ...] = ()  # --spread-tiles: more devices a tiled row's tiles are dealt to
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
@@ -197,7 +199,7 @@ class Worker:
         budget = spec.max_memory if spec.max_memory is not None else default_budget(device)
         # A Ray worker on another machine may not see the output folder: the system's temporary folder serves then.
         scratch = spec.scratch if spec.scratch is not None and spec.scratch.is_dir() else None
-        memory = MemoryPolicy(budget, spec.tile, scratch)
+        memory = MemoryPolicy(budget, spec.tile, scratch, spec.tile_devices)
         return cls(Stylizer(weights, device, store, spec.precision, memory), spec.save_every, spec.cache_dir)
 
     def close(self) -> None:
@@ -317,7 +319,7 @@ class Worker:
                     stops=out.stops,
                     batch=len(batch),
                     precision=self.stylizer.precision,
-                    tiling=[(t.tile, t.history, t.store) for t in out.tilings],
+                    tiling=[(t.tile, t.history, t.store, t.devices) for t in out.tilings],
                     memory_budget=self.stylizer.memory.budget,
                 )
             )
