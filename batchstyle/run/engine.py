@@ -592,8 +592,7 @@ class _Execution:
                         "batch": result.batch,
                         **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
                         # per scale [tile px (0: untiled), L-BFGS pairs, their store, devices]: a tile changes pixels
-                        # within 1/255 only,
-                        # so it is recorded, not part of the key
+                        # within 1/255 only, so it is recorded, not part of the key
                         "tiling": [list(t) for t in result.tiling],
                         "memory_budget": result.memory_budget,
                     }
