@@ -692,7 +692,12 @@ def cache_clear(cache_dir: Path | None) -> None:
     default=0,
     help="Iterations at the final scale instead (1 is enough for the largest sizes).",
 )
-@click.option("--max-memory", default=None, metavar="SIZE", help="The budget rows are fitted in, as for run.")
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="The budget auto rows are fitted in, as for run [default: as run's, 60% of the available memory].",
+)
 @click.option(
     "--tilings",
     default="auto",
@@ -713,18 +718,23 @@ def bench_memory(
 ) -> None:
     """Peak memory (CPU) and seconds per iteration per output size and tiling, single-scale and coarse-to-fine, each
     in a fresh process."""
+    import torch
+
     from batchstyle.bench import memory_figures, untiled_bytes
-    from batchstyle.model.tiles import MemoryPolicy, available_memory
+    from batchstyle.model.tiles import MemoryPolicy, available_memory, default_budget
     from batchstyle.run.engine import parse_size
 
     kinds = [k.strip() for k in tilings.split(",") if k.strip()]
     for kind in kinds:
         if kind not in ("auto", "untiled") and not kind.isdigit():
             raise click.BadParameter(f"{kind!r} is not auto, untiled or a tile size in px", param_hint="--tilings")
-    budget = parse_size(max_memory) if max_memory else None
+    budget = parse_size(max_memory) if max_memory else default_budget(torch.device("cpu"))
     cache = cache_dir or weights.default_cache_dir()
     final = f"{final_iterations} iterations" if final_iterations else "until its L-BFGS history is full"
-    click.echo(f"model {model}, CPU, {torch_threads()} threads, final scale run {final}, budget {max_memory or 'none'}")
+    click.echo(
+        f"model {model}, CPU, {torch_threads()} threads, final scale run {final}, auto rows' budget "
+        f"{budget / 2**30:.1f} GiB"
+    )
     click.echo(
         f"{'size':>6} {'scales':<28} {'final scale':<30} {'peak MiB':>9} {'working MiB':>11} {'predicted':>9} "
         f"{'MiB/Mpx':>8} {'s/it (last)':>11}"
@@ -736,7 +746,7 @@ def bench_memory(
             if kind == "untiled" and need > 0.9 * available_memory():
                 click.echo(f"{long_side:>6} untiled would need {need / 2**30:.1f} GiB, more than is free here: skipped")
                 continue
-            memory = MemoryPolicy(budget, tile)
+            memory = MemoryPolicy(budget if kind == "auto" else None, tile)
             for min_ in dict.fromkeys((0, min_size)):  # --min-size 0 measures single-scale only
                 fig = memory_figures(model, cache, long_side, min_, iterations, memory, final_iterations)
                 mpx = long_side * (long_side * 3 // 4) / 1e6
