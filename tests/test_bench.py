@@ -120,3 +120,16 @@ def test_seconds_per_iteration_on_a_gpu_come_from_whole_bursts() -> None:
     assert _per_iteration({k: bursts[k] for k in range(1, LOSS_CHUNK + 1)}, gpu) is None  # one burst: no figure
     steady = {k: 0.02 * k for k in range(1, 6)}
     assert _per_iteration(steady, torch.device("cpu")) == pytest.approx(0.02)
+
+
+def test_bench_memory_prints_a_row_per_size_and_tiling_and_skips_bad_tilings(tmp_path: Path) -> None:
+    common = ("bench", "memory", "--model", "random", "--min-size", "0", "--final-iterations", "1")
+    result = cli(*common, "--sizes", "64", "--tilings", "untiled,32,auto", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.strip().startswith("64 ")]
+    assert len(rows) == 3
+    assert "untiled, 100 pairs" in rows[0] and "tile 32, 100 pairs" in rows[1]
+    assert "untiled" in rows[2]  # 64 px fits any budget: auto leaves it whole
+    assert float(rows[0].split()[-1]) > 0  # seconds per iteration measured
+    refused = cli(*common, "--sizes", "64", "--tilings", "small")
+    assert refused.exit_code != 0 and "'small' is not auto, untiled or a tile size" in refused.output
