@@ -24,6 +24,7 @@ from batchstyle.model.tiles import (
     FIXED_BYTES,
     IMAGE_VECTORS,
     MIN_TILE,
+    PREFERRED_TILE,
     MemoryPolicy,
     TiledObjective,
     available_memory,
@@ -218,7 +219,7 @@ def test_a_tight_budget_shortens_the_lbfgs_history_before_it_shrinks_tiles_below
 
 def test_a_history_that_does_not_fit_in_fp32_goes_to_bf16_then_to_a_file() -> None:
     w, h = 8192, 6144
-    beside = scale_bytes("vgg16", *LAYERS, w, h, tile=512)  # what a 512 px tile and the image's vectors take
+    beside = scale_bytes("vgg16", *LAYERS, w, h, tile=PREFERRED_TILE)  # a preferred tile and the image's vectors
     pair_fp32 = 2 * 4 * 3 * w * h
     roomy = choose_tiling(MemoryPolicy(beside + 7 * pair_fp32), "vgg16", *LAYERS, w, h, history=100)
     assert (roomy.history, roomy.store) == (7, "fp32")
@@ -228,7 +229,7 @@ def test_a_history_that_does_not_fit_in_fp32_goes_to_bf16_then_to_a_file() -> No
     disk = choose_tiling(MemoryPolicy(beside + 2 * pair_fp32), "vgg16", *LAYERS, w, h, history=100)
     assert (disk.history, disk.store) == (5, "file")
     assert disk.predicted == scale_bytes("vgg16", *LAYERS, w, h, tile=disk.tile)  # the file costs no memory
-    assert disk.tile >= 512  # the room the history would have taken goes to the tiles
+    assert disk.tile >= PREFERRED_TILE  # the room the history would have taken goes to the tiles
 
 
 def test_the_memory_model_is_the_measured_one_within_a_quarter() -> None:

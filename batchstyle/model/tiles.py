@@ -426,8 +426,13 @@ def tiled(tile: int, devices: Sequence[torch.device] = ()) -> TiledObjectiveFact
 # Bytes of a forward+backward per float of `layout.activation_floats` (fp32; conv and in-place ReLU outputs are both
 # counted there though they share memory, and the backward's temporaries come on top). Measured as the peak resident
 # memory of one `Objective.gradient` in a fresh process less what was resident before it, vgg16 to relu5_1 on a CPU
-# (README, "Large outputs"): 342 MiB at 512x384 and MEASURED_1024 at 1024x768, against 421 and 1686 MiB of floats.
+# (README, "Large outputs"): 342 MiB at 512x384 and 1584 MiB at 1024x768, against 421 and 1686 MiB of floats.
 NET_BYTES_PER_FLOAT = 1.0
+# A tile keeps more per float: pass 2's surrogate keeps its A F products (`_Quadratic`) beside the features, and the
+# tile's pixel gradient is added into the whole image's. Measured with `bench memory` at 1024x768 (the image's vectors
+# taken out as the untiled row gives them): 512 px tiles 954 MiB for 752 MiB of floats read (1.27), 832 px tiles
+# 1821 MiB for 1500 (1.21); and at 2048x1536 560 px tiles worked 12% above a prediction made with 1.0.
+TILED_NET_BYTES_PER_FLOAT = 1.3
 # Image-sized float32 vectors a scale keeps per image besides BatchLBFGS's 2h + 6: the pixels, their gradient, the
 # lowest-loss iterate, the content twice (the scale's and the batch's), the start, and ~3 temporaries of an L-BFGS
 # step and the lowest-loss update; and bytes beyond the network and the vectors (the target graph's copy of the
@@ -436,7 +441,7 @@ NET_BYTES_PER_FLOAT = 1.0
 IMAGE_VECTORS = 10
 FIXED_BYTES = 256 << 20
 CPU_MEMORY_SHARE = 0.6  # of the machine's available memory: the default budget on a CPU
-PREFERRED_TILE = 512  # px: a 512 px tile reads 672 px, 1.7x its area; the L-BFGS history gives way to it
+PREFERRED_TILE = 768  # px: a 768 px tile reads 928 px, 1.46x its area; the L-BFGS history gives way to it
 MIN_TILE = 128  # px: below this the halo is most of what a tile computes (a 128 px tile reads 288 px, 5x its area)
 
 
@@ -496,7 +501,8 @@ def network_bytes(arch: str, deepest: str, width: int, height: int, tile: int = 
         margin, step = halo(arch, deepest), stride(deepest)
         tile = max(step, tile // step * step)
         side_h, side_w = min(height, tile + 2 * margin), min(width, tile + 2 * margin)
-    return int(NET_BYTES_PER_FLOAT * 4 * activation_floats(arch, deepest, side_h, side_w))
+    per_float = TILED_NET_BYTES_PER_FLOAT if tile else NET_BYTES_PER_FLOAT
+    return int(per_float * 4 * activation_floats(arch, deepest, side_h, side_w))
 
 
 def choose_tiling(
