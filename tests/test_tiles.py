@@ -297,7 +297,9 @@ def test_a_spread_tiled_objective_copies_a_bf16_trunk_in_its_precision(trunk: VG
     spread = TiledObjective(trunk, targets, settings, torch.bfloat16, tile=48, devices=("cpu",))
     (_, grad_alone), (_, grad_spread) = gradients(alone, pixels), gradients(spread, pixels)
     assert spread._shares()[1].model.conv_dtype == torch.bfloat16
-    assert relative(grad_spread, grad_alone) <= 1e-5  # the same tiles in the same precision, summed in another order
+    # The same tiles in the same precision, summed in another order; and each share's last tile comes from a forward
+    # with its graph kept (oneDNN's training kernels), where alone that tile ran without: bf16 rounding apart.
+    assert relative(grad_spread, grad_alone) <= 4e-3
 
 
 def test_a_tiled_stylization_is_the_untiled_one_across_scales_with_colour_kept(images) -> None:  # noqa: ANN001
