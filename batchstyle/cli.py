@@ -760,6 +760,15 @@ def bench_memory(
 SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"
 
 
+def _sample_pair(content: Path | None, style: Path | None, flag: str) -> tuple[Path, Path]:
+    """A benchmark's content (or clip, given as `flag`) and style, by default the cat and the strokes of the
+    checkout's samples; an installed package has no samples, and then both must be given."""
+    content, style = content or SAMPLES / "chelsea.jpg", style or SAMPLES / "strokes.png"
+    if not (content.exists() and style.is_file()):
+        raise click.UsageError(f"no sample images here: pass {flag} and --style")
+    return content, style
+
+
 @bench.command("quality")
 @click.option("--model", default="vgg16-hed", show_default=True)
 @click.option(
@@ -790,10 +799,7 @@ def bench_quality(
     """batchstyle's loop against a plain reference loop from the paper: final losses and time per iteration."""
     from batchstyle.reference import format_quality, quality_figures
 
-    content_path = content_path or SAMPLES / "chelsea.jpg"
-    style_path = style_path or SAMPLES / "strokes.png"
-    if not (content_path.is_file() and style_path.is_file()):
-        raise click.UsageError("no sample images here: pass --content and --style")
+    content_path, style_path = _sample_pair(content_path, style_path, "--content")
     source, _ = weights.resolve(model, cache_dir)
     figures = quality_figures(source.load(cache_dir), content_path, style_path, size, iterations, device)
     click.echo(f"model {source.name}, {size} px, {iterations} L-BFGS iterations, device {device}")
@@ -929,10 +935,7 @@ def bench_video(
     from batchstyle.images import load_image
     from batchstyle.options import default_values, make_settings
 
-    clip_path = clip_path or SAMPLES / "chelsea.jpg"
-    style_path = style_path or SAMPLES / "strokes.png"
-    if not (clip_path.exists() and style_path.is_file()):
-        raise click.UsageError("no sample images here: pass --clip and --style")
+    clip_path, style_path = _sample_pair(clip_path, style_path, "--clip")
     try:
         coherent = [float(w) for w in weights_text.split(",") if w.strip()]
         laters: list[int | None] = [int(n) for n in later_text.split(",") if n.strip()] or [None]

@@ -6,6 +6,8 @@ without loading a network (or importing torch).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # torchvision's VGG configurations: channel counts of the 3x3 convs, "M" for a 2x2 pooling.
 ARCHS: dict[str, tuple[int | str, ...]] = {
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
@@ -126,6 +128,11 @@ def conv_flops(arch: str, deepest: str, height: int, width: int) -> int:
             flops += 2 * channels * out * 9 * h * w
             channels = out
     return flops
+
+
+def deepest(arch: str, taps: Sequence[str]) -> str:
+    """The tap furthest into the network: where a forward pass for these taps can stop."""
+    return max(taps, key=layer_names(arch).index)
 
 
 def halo(arch: str, deepest: str) -> int:

@@ -42,7 +42,7 @@ from torch import nn
 
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.history import bytes_per_float
-from batchstyle.model.layout import activation_floats, halo, layer_names, layer_shape, stride
+from batchstyle.model.layout import activation_floats, deepest, halo, layer_shape, stride
 from batchstyle.model.losses import region_weights
 from batchstyle.model.optimize import MIN_PAIRS, Objective
 from batchstyle.model.targets import Targets
@@ -83,8 +83,7 @@ def tile_grid(height: int, width: int, tile: int, margin: int, step: int) -> lis
 
 
 def deepest_tap(model: VGGFeatures) -> str:
-    names = layer_names(model.arch)
-    return max(model.taps, key=names.index)
+    return deepest(model.arch, model.taps)
 
 
 class _Quadratic(torch.autograd.Function):
@@ -135,8 +134,8 @@ class TiledObjective(Objective):
         devices: Sequence[torch.device] = (),
     ) -> None:
         super().__init__(model, targets, settings, autocast, extra)
-        deepest = deepest_tap(model)
-        self.step, self.margin, self.tile = stride(deepest), halo(model.arch, deepest), tile
+        last = deepest_tap(model)
+        self.step, self.margin, self.tile = stride(last), halo(model.arch, last), tile
         self._layers: dict[tuple[int, int, int], dict[str, _Layer]] = {}
         self._kept: tuple[Tile, torch.Tensor, dict[str, torch.Tensor]] | None = None  # pass 1's last tile, with graph
         # More devices the tiles are dealt to, each with a copy of this objective (network and targets; no extra
@@ -506,8 +505,8 @@ def scale_bytes(
     """Predicted peak bytes of optimising `batch` images of width x height: the network over the whole image, or
     over one tile with its halo, plus the image-sized vectors (`history` L-BFGS pairs in `store` among them), the
     content targets at their layers' sizes and `regions` mask planes (style masks and the content mask)."""
-    deepest = max((*content_layers, *style_layers), key=layer_names(arch).index)
-    network = network_bytes(arch, deepest, width, height, tile)
+    last = deepest(arch, (*content_layers, *style_layers))
+    network = network_bytes(arch, last, width, height, tile)
     floats = (IMAGE_VECTORS + 6) * 3 * width * height + regions * width * height
     floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
     pairs = 2 * history * 3 * width * height * bytes_per_float(store)
@@ -549,8 +548,8 @@ def choose_tiling(
     budget = policy.budget
     if policy.tile == 0 or (policy.tile is None and (budget is None or cost(0, history) <= budget)):
         return Tiling(0, history, cost(0, history))
-    deepest = max((*content_layers, *style_layers), key=layer_names(arch).index)
-    step = stride(deepest)
+    last = deepest(arch, (*content_layers, *style_layers))
+    step = stride(last)
     smallest = max(step, MIN_TILE // step * step)
     forced = policy.tile
     largest = -(-max(width, height) // step) * step
@@ -573,7 +572,7 @@ def choose_tiling(
     fitting = [t for t in candidates if budget is None or cost(t, pairs, store) <= budget]
     if not fitting:
         quarter = (budget or 0) // 4
-        fitting = [t for t in candidates if batch * network_bytes(arch, deepest, width, height, t) <= quarter]
+        fitting = [t for t in candidates if batch * network_bytes(arch, last, width, height, t) <= quarter]
         fitting = fitting or [smallest]
     tile = fitting[0]
     return Tiling(tile, pairs, cost(tile, pairs, store), store)
@@ -612,8 +611,8 @@ def tiled_targets(
     images too large to run whole: the content features put together from the tiles' own positions, the Grams and
     means summed over them. `model` taps at least these layers, in fp32."""
     b, _, height, width = pixels.shape
-    deepest = deepest_tap(model)
-    tiles = tile_grid(height, width, tile, halo(model.arch, deepest), stride(deepest))
+    last = deepest_tap(model)
+    tiles = tile_grid(height, width, tile, halo(model.arch, last), stride(last))
     out: dict[str, torch.Tensor] = {}
     for name in content_layers:
         out[f"content_{name}"] = pixels.new_empty(b, *layer_shape(model.arch, name, height, width))

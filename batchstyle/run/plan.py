@@ -17,7 +17,7 @@ from pathlib import Path
 from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
-from batchstyle.model.layout import layer_names, layer_shape
+from batchstyle.model.layout import activation_floats, deepest, layer_names, layer_shape
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
@@ -267,12 +267,7 @@ def image_bytes(arch: str, taps: Sequence[str], width: int, height: int, lbfgs_p
     """Rough device memory one image needs while optimised: every activation up to the deepest tap is kept for the
     backward pass and about as much again is live during it, plus the L-BFGS history (two image-sized vectors per
     pair). What `--batch-size auto` divides the free memory by."""
-    names = layer_names(arch)
-    deepest = max(names.index(t) for t in taps)
-    floats = 0
-    for name in names[: deepest + 1]:
-        c, h, w = layer_shape(arch, name, height, width)
-        floats += c * h * w
+    floats = activation_floats(arch, deepest(arch, taps), height, width)
     return 4 * (2 * floats + (2 * lbfgs_pairs + 8) * 3 * width * height)
 
 
@@ -289,9 +284,8 @@ STALL_ITERATIONS = 3  # slowest iterations allowed beyond that
 def conv_work(arch: str, taps: Sequence[str], width: int, height: int) -> int:
     """Multiply-adds of the convolutions one forward pass runs (the network is cut after the deepest tap)."""
     names = layer_names(arch)
-    deepest = max(names.index(t) for t in taps)
     work, channels = 0, 3
-    for name in names[: deepest + 1]:
+    for name in names[: names.index(deepest(arch, taps)) + 1]:
         if name.startswith("conv"):
             c, h, w = layer_shape(arch, name, height, width)
             work += 9 * channels * c * h * w
