@@ -22,7 +22,7 @@ from PIL import Image
 
 from batchstyle import video
 from batchstyle.manifest import read_manifest
-from batchstyle.model.temporal import consistency, flow_pair, warp, warp_numpy
+from batchstyle.model.temporal import consistency, entering_band, flow_pair, warp, warp_numpy
 from batchstyle.options import default_values
 from batchstyle.run.ledger import read_records
 from batchstyle.video import frames_folder
@@ -96,6 +96,12 @@ def test_warp_with_a_known_translation_is_exact_away_from_the_border_and_the_mas
     assert np.array_equal(warp_numpy(before, exact)[inner], after[inner])
     warped = warp(torch.from_numpy(before).permute(2, 0, 1)[None].double(), torch.from_numpy(exact)[None].double())
     assert np.array_equal(warped[0].permute(1, 2, 0).round().byte().numpy()[inner], after[inner])
+    cubic = warp(
+        torch.from_numpy(before).permute(2, 0, 1)[None].double() / 255,
+        torch.from_numpy(exact)[None].double(),
+        mode="bicubic",
+    )
+    assert np.array_equal((cubic[0].permute(1, 2, 0) * 255).round().byte().numpy()[inner], after[inner])
 
     backward, forward = flow_pair(before, after)
     interior = np.s_[8:-8, 8:-8]
@@ -106,6 +112,16 @@ def test_warp_with_a_known_translation_is_exact_away_from_the_border_and_the_mas
     assert mask[interior].mean() > 0.9
     assert consistency(exact, -exact)[:, -STEP:].sum() == 0
     assert consistency(exact, -exact)[:, : 64 - STEP].min() == 1
+
+
+def test_the_entering_band_frees_the_new_strip_and_fades_into_what_the_previous_frame_carried() -> None:
+    exact = np.zeros((48, 64, 2), np.float32)
+    exact[..., 0] = STEP
+    band = entering_band(exact, 10)
+    assert band[:, -STEP:].min() == 1  # the uncovered strip is wholly repainted
+    assert band[:, : 64 - STEP - 10].max() == 0  # beyond the band the previous output holds
+    assert np.all(np.diff(band[24]) >= 0) and 0 < band[24, 64 - STEP - 5] < 1  # a ramp, not a step
+    assert entering_band(np.zeros_like(exact), 10).max() == 0  # a still camera uncovers nothing
 
 
 # -- check: the header, and every bad input as a row error --------------------------------------------------------

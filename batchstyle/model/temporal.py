@@ -93,15 +93,35 @@ def consistency(backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
     dv = np.gradient(backward[..., 1])
     gradient = du[0] ** 2 + du[1] ** 2 + dv[0] ** 2 + dv[1] ** 2
     boundary = gradient > BOUNDARY_RELATIVE * (backward**2).sum(-1) + BOUNDARY_ABSOLUTE
+    return (~(occluded | boundary | (uncovered(backward) > 0))).astype(np.float32)
+
+
+def uncovered(backward: np.ndarray) -> np.ndarray:
+    """(H, W) float32 in {0, 1}: 1 where the backward flow points off the previous frame, the strip a pan or zoom
+    brings into view. Nothing of the previous output can be carried there, so the frame must paint it anew."""
+    h, w = backward.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     x, y = xs + backward[..., 0], ys + backward[..., 1]
-    outside = (x < 0) | (x > w - 1) | (y < 0) | (y > h - 1)
-    return (~(occluded | boundary | outside)).astype(np.float32)
+    return ((x < 0) | (x > w - 1) | (y < 0) | (y > h - 1)).astype(np.float32)
 
 
-def warp(image: torch.Tensor, flow: torch.Tensor, padding: str = "border") -> torch.Tensor:
+def entering_band(backward: np.ndarray, width: float) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: 1 on the pixels a frame brings into view (`uncovered`), falling linearly to 0 at
+    `width` pixels into what the previous frame carried over. A pan uncovers a sliver of a pixel or two a frame,
+    too narrow to hold any texture: painted alone, sliver after sliver, it came out as vertical stripes. Freed
+    over a band, the sliver is painted together with its neighbours, and each pixel is held a little harder every
+    frame as the pan carries it inwards."""
+    new = uncovered(backward)
+    if not new.any():
+        return new
+    distance = _cv2().distanceTransform((new == 0).astype(np.uint8), _cv2().DIST_L2, 3)
+    return np.clip(1 - distance / max(width, 1.0), 0, 1).astype(np.float32)
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor, padding: str = "border", mode: str = "bilinear") -> torch.Tensor:
     """Backward warp of (B, C, H, W) by (B, H, W, 2) pixel flows, bilinear, borders replicated (or `padding`
-    "reflection"): the torch twin of `warp_numpy`, on the pixels' own device."""
+    "reflection"): the torch twin of `warp_numpy`, on the pixels' own device. `mode` "bicubic" (clamped to
+    [0, 1]) blurs less: a video frame is warped from the one before, which was warped from the one before that."""
     b, _, h, w = image.shape
     ys, xs = torch.meshgrid(
         torch.arange(h, device=image.device, dtype=image.dtype),
@@ -111,7 +131,8 @@ def warp(image: torch.Tensor, flow: torch.Tensor, padding: str = "border") -> to
     x = (xs + flow[..., 0]) * (2 / max(w - 1, 1)) - 1
     y = (ys + flow[..., 1]) * (2 / max(h - 1, 1)) - 1
     grid = torch.stack([x, y], dim=-1).expand(b, h, w, 2)
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    warped = F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    return warped.clamp(0, 1) if mode == "bicubic" else warped  # a cubic overshoots at edges
 
 
 class TemporalLoss(nn.Module):
