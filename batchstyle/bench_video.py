@@ -136,11 +136,12 @@ def chunk_figures(
     style: Image.Image,
     settings: Settings,
     overlap: int = 4,
+    keep: Path | None = None,
     say: Callable[[str], None] = lambda text: None,
 ) -> ChunkFigures:
     """Two chunks as `--clip-chunks 2` runs them: the second starts `overlap` frames early and is blended into the
     first over those frames (run.clip.final_frames' ramp). Temporal error at the border against the rest, and
-    against a cold start with no overlap."""
+    against a cold start with no overlap. With `keep`, the joined clip's frames are written to `keep`/chunked."""
     from batchstyle.run.clip import blend_weight
 
     stylizer = Stylizer.local(weights, device)
@@ -156,6 +157,10 @@ def chunk_figures(
         a = blend_weight(p, start - overlap, start)
         final[p] = (1 - a) * final[p] + a * second[k]
     final += second[overlap:]
+    if keep is not None:
+        (keep / "chunked").mkdir(parents=True, exist_ok=True)
+        for t, frame in enumerate(final):
+            Image.fromarray(frame.round().clip(0, 255).astype(np.uint8)).save(keep / "chunked" / f"frame-{t:03d}.png")
     errors = [temporal_error(final[t], final[t + 1], flows[t][0], masks[t]) for t in range(n - 1)]
     border = set(range(start - overlap - 1, start))  # pairs (t, t+1) that touch a blended or the first owned frame
     cold = _coherent_run(stylizer, contents[start : start + 1], [], style, settings)[0]

@@ -905,7 +905,11 @@ def report(out_dir: Path, all_rows: bool) -> None:
     default="",
     help="Iterations of coherent frames after the first, comma-separated [default: the option's default].",
 )
-@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), help="Write every variant's frames here.")
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write every variant's frames here (with --chunks, the joined clip's).",
+)
 @click.option(
     "--chunks",
     is_flag=True,
@@ -955,7 +959,7 @@ def bench_video(
 
         weight = next((w for w in coherent if w > 0), 200.0)
         coherent_settings = dataclasses.replace(settings, temporal_weight=weight, frame_iterations=laters[0])
-        chunk_figures(loaded, torch.device(device), clip, style, coherent_settings, CLIP_OVERLAP, say=click.echo)
+        chunk_figures(loaded, torch.device(device), clip, style, coherent_settings, CLIP_OVERLAP, keep, say=click.echo)
         return
     click.echo(video_header())
     video_figures(loaded, torch.device(device), clip, style, settings, variants, keep, say=click.echo)

@@ -79,8 +79,11 @@ def test_ort_and_torch_runs_give_the_same_output(tmp_path: Path, images: dict[st
         assert record.provider == ("CPUExecutionProvider" if backend == "ort" else "torch:cpu")
         assert record.targets == "content=miss style=miss"
         outputs[backend] = np.asarray(Image.open(tmp_path / backend / "out.png"), np.int16)
+    # The targets agree to float rounding; L-BFGS amplifies that, most where its projected steps put pixels on 0
+    # or 1, which random weights' large first steps do to many (measured: 10 levels at most, 1.0 on average; 3 and
+    # under 0.5 when the steps were clamped afterwards instead).
     diff = np.abs(outputs["ort"] - outputs["torch"])
-    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    assert diff.max() <= 24 and diff.mean() < 2, (diff.max(), diff.mean())
 
 
 # --- provider selection ---------------------------------------------------------------------------------------
