@@ -38,20 +38,12 @@ from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Losses, Objective, lbfgs_history, optimize_batch, upsample
 from batchstyle.model.pixels import image_to_tensor, luminance_image, recombine_color
 from batchstyle.model.scales import scale_plan, style_long_side
-from batchstyle.model.targets import (
-    Targets,
-    TargetStore,
-    TorchBackend,
-    stack_targets,
-    style_targets,
-    with_region,
-)
+from batchstyle.model.targets import Targets, TargetStore, TorchBackend, stack_targets, style_targets
 from batchstyle.model.tiles import MemoryPolicy, Tiling, choose_tiling, tiled, tiled_targets
 from batchstyle.model.weights import Weights
 from batchstyle.options import CONTENT_MASK_GAIN, Settings
 
 COLOUR_SPACE = "oklab"  # where color=transfer matches the styles' colours to the content's
-REPAINT_GAIN = 1.0  # Inputs.repaint's own style loss against the whole image's: as strong (looked at, see clip.py)
 
 
 def pixels_digest(image: Image.Image) -> str:
@@ -73,9 +65,6 @@ class Inputs:
     style_masks: Sequence[Image.Image] = ()  # one per style (spatial control), any size: white is where it goes
     content_mask: Image.Image | None = None  # white is where the content holds more
     start: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1], any size: overrides settings.init (a video frame)
-    # (1, 1, H, W) in [0, 1], any size: a region whose style is also matched on its own (`targets.with_region`),
-    # the strip a video frame brings into view, which its start cannot carry over from the previous frame
-    repaint: torch.Tensor | None = None
     content_id: str = ""
     style_ids: Sequence[str] = ()
 
@@ -169,10 +158,7 @@ class Stylizer:
     def tiling(self, items: Sequence[Inputs], settings: Settings, size: int) -> Tiling:
         """How a scale of this long side runs within the memory budget: untiled if it fits, else tiled."""
         w, h = output_size(*items[0].content.size, size)
-        styles = len(items[0].style_masks)
-        if items[0].repaint is not None:  # every style region twice, the whole image one of them if unmasked
-            styles = 2 * max(1, styles)
-        regions = styles + (items[0].content_mask is not None)
+        regions = len(items[0].style_masks) + (items[0].content_mask is not None)
         history = lbfgs_history(3 * w * h) if settings.optimizer == "lbfgs" else 0
         s = settings
         chosen = choose_tiling(
@@ -241,9 +227,6 @@ class Stylizer:
         if item.content_mask is not None:
             weights = 1 + (CONTENT_MASK_GAIN - 1) * _masks([item.content_mask], (w, h), dev)
         grams, means, shares, masks = style_targets(found, item.blend, s.style_layers, masks)
-        if item.repaint is not None:
-            region = torch.nn.functional.interpolate(item.repaint.to(dev), size=(h, w), mode="area")
-            grams, means, shares, masks = with_region(grams, means, shares, masks, region, REPAINT_GAIN)
         targets = Targets(content_targets, grams, means, shares, masks, weights)
         hits = f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}"
         return _Scale(content, original, init, targets, hits)

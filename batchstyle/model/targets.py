@@ -63,26 +63,6 @@ def style_targets(
     return grams, means, torch.ones(1, 1), None
 
 
-def with_region(
-    grams: dict[str, torch.Tensor],
-    means: dict[str, torch.Tensor],
-    shares: torch.Tensor,
-    masks: torch.Tensor | None,
-    region: torch.Tensor,
-    gain: float,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """One image's style targets (`style_targets`' output) with each style region matched once more over its part
-    of `region` (1, 1, H, W), weighted `gain` times its share. A Gram over the whole image barely moves where a
-    small part of it is still unstyled (the rest already meets the target); a guided Gram over just that part
-    pulls it as hard as a whole image is pulled (Gatys et al. 2017's guided Grams, used on a region of time)."""
-    if masks is None:
-        masks = region.new_ones(1, shares.shape[1], *region.shape[-2:])
-    doubled = {name: torch.cat([g, g], dim=1) for name, g in grams.items()}
-    doubled_means = {name: torch.cat([m, m], dim=1) for name, m in means.items()}
-    shares = shares.to(masks.device)
-    return doubled, doubled_means, torch.cat([shares, gain * shares], dim=1), torch.cat([masks, masks * region], dim=1)
-
-
 def stack_targets(targets: Sequence[Targets]) -> Targets:
     """One row's targets each (batch 1) -> the targets of a batch, image b's along dim 0 at index b.
 

@@ -107,10 +107,10 @@ def uncovered(backward: np.ndarray) -> np.ndarray:
 
 def entering_band(backward: np.ndarray, width: float) -> np.ndarray:
     """(H, W) float32 in [0, 1]: 1 on the pixels a frame brings into view (`uncovered`), falling linearly to 0 at
-    `width` pixels into what the previous frame carried over. A pan uncovers a sliver of a pixel or two a frame,
-    too narrow to hold any texture: painted alone, sliver after sliver, it came out as vertical stripes. Freed
-    over a band, the sliver is painted together with its neighbours, and each pixel is held a little harder every
-    frame as the pan carries it inwards."""
+    `width` pixels into what the previous frame carried over; the temporal loss is weighted by 1 minus this. A pan
+    uncovers a sliver of a pixel or two a frame, too narrow to hold any texture: freed alone, sliver after sliver,
+    it came out as stripes. Freed over a band it is painted together with its neighbours, and each pixel is held a
+    little harder every frame as the pan carries it inwards."""
     new = uncovered(backward)
     if not new.any():
         return new

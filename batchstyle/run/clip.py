@@ -30,7 +30,15 @@ from batchstyle.images import ImageError, load_image, read_metadata, resize_long
 from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import image_to_tensor, luminance_image, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
-from batchstyle.model.temporal import FlowCache, TemporalLoss, consistency, entering_band, temporal_error, warp
+from batchstyle.model.temporal import (
+    FlowCache,
+    TemporalLoss,
+    consistency,
+    entering_band,
+    temporal_error,
+    uncovered,
+    warp,
+)
 from batchstyle.options import Settings
 from batchstyle.run.plan import Job
 from batchstyle.video import assemble, frames_folder, read_frames, select
@@ -132,9 +140,11 @@ def run_clip(
 
 
 CONTENT_BATCH = 8  # frames whose content targets go through the target backend (ONNX Runtime) in one call
-# The band a pan's new strip is repainted over, as a fraction of the frame's short side: at 128x96 (tubingen,
-# Starry Night, 12 iterations a frame) a band of 0.1 still left vertical stripes at the entering edge, 0.25 did not.
-BAND_FRACTION = 0.25
+# The band beside a pan's new strip that the temporal loss lets go of: the pixels a pan brings in over BAND_FRAMES
+# frames, at least BAND_MIN_PX and at most BAND_MAX of the frame's short side (looked at: see stylize_frame).
+BAND_FRAMES = 8
+BAND_MIN_PX = 4.0
+BAND_MAX = 0.25
 
 
 def _prefetched(
@@ -184,20 +194,28 @@ def stylize_frame(
     device = stylizer.device
     mask = torch.from_numpy(consistency(backward, forward))[None, None].to(device)
     flow = torch.from_numpy(backward)[None].to(device)
-    # Pixels the flow takes off the previous frame (the strip a pan uncovers) start from its mirror image: stylized
-    # texture the content loss reshapes. Replicated borders smeared that strip into streaks that grew frame by frame;
-    # starting it from the content left it a photograph, as the style loss is already met by the rest of the frame
-    # (both seen frame by frame in `bench video --keep` at 6 and 12 iterations). So the strip, widened into a band
-    # that fades into the carried-over image, also gets a style loss of its own (`Inputs.repaint`), and the
-    # temporal loss lets go of it in proportion.
-    # Bicubic: bilinear warps, one a frame, blurred a pan of 10 frames visibly by the last.
+    # Bicubic: bilinear warps, one a frame, each from the last, visibly softened a 10-frame pan by its end.
     warped = warp(output.to(device), flow, padding="reflection", mode="bicubic")
     if settings.color == "luminance":  # what is optimised there is the grey image; colour is put back after
         warped = luminance_image(warped)
-    band = entering_band(backward, BAND_FRACTION * min(backward.shape[:2]))
-    if band.any():
-        inputs.repaint = torch.from_numpy(band)[None, None].to(device)
-        mask = mask * (1 - inputs.repaint)
+    new = uncovered(backward)
+    if new.any():
+        # What a pan brings into view starts from the content, and the temporal loss lets go of a band beside it
+        # (`entering_band`), so that it is painted together with its neighbours. Looked at frame by frame
+        # (`bench video --keep`, chelsea panned under strokes, 12 frames at 192 px): mirroring the previous output
+        # there gave horizontal bands; the content alone stayed a photograph, as the rest of the frame already meets
+        # the style loss; a Gram matrix over the band alone (a guided Gram) painted it over-saturated in the style's
+        # dominant red, as a region carries only part of a style's statistics; a band of 4 frames of motion left
+        # vertical stripes, 8 frames did not.
+        start = image_to_tensor(inputs.content).to(device)
+        if settings.color == "luminance":
+            start = luminance_image(start)
+        if start.shape[-2:] != warped.shape[-2:]:
+            start = torch.nn.functional.interpolate(start, size=warped.shape[-2:], mode="bilinear", antialias=True)
+        warped = torch.where(torch.from_numpy(new)[None, None].to(device) > 0, start, warped)
+        speed = float(np.median(np.hypot(backward[..., 0], backward[..., 1])[new > 0]))
+        width = min(BAND_MAX * min(backward.shape[:2]), max(BAND_MIN_PX, BAND_FRAMES * speed))
+        mask = mask * (1 - torch.from_numpy(entering_band(backward, width))[None, None].to(device))
     inputs.start = warped
     temporal = TemporalLoss(warped, mask, settings.temporal_weight)
     return stylizer.stylize(
