@@ -122,6 +122,33 @@ def _open(path: Path) -> Iterator[Any]:
         container.close()
 
 
+def _quarter_turns(frame: Any) -> int:
+    """Counterclockwise quarter turns that show `frame` upright: its display matrix's rotation (phones record
+    portrait clips on their side and say so there), 0 without one."""
+    return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+
+
+def upright(frame: Any) -> Image.Image:
+    """A decoded frame as RGB, turned as its display matrix says, so that a portrait phone clip is stylized (and
+    written) standing up, as every player shows it."""
+    image = frame.to_image().convert("RGB")
+    turns = _quarter_turns(frame)
+    if turns:
+        image = image.transpose(
+            (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[turns - 1]
+        )
+    return image
+
+
+def _first_frame(path: Path, container: Any, stream: Any) -> Any:
+    try:
+        return next(iter(container.decode(stream)))
+    except StopIteration:
+        return None
+    except Exception as exc:  # noqa: BLE001 - FFmpeg raises many kinds for a bad stream
+        raise VideoError(f"{path}: its first frame cannot be decoded ({exc}); re-export the clip") from exc
+
+
 def probe_clip(path: Path) -> ClipInfo:
     """The clip's header, checked: frame count, size, rate, audio. Raises VideoError for what cannot be used."""
     path = Path(path)
@@ -147,6 +174,9 @@ def probe_clip(path: Path) -> ClipInfo:
             raise VideoError(f"{path} has no video stream (audio only?); give a video file")
         stream = videos[0]
         width, height = stream.codec_context.width, stream.codec_context.height
+        if _quarter_turns(_first_frame(path, container, stream)) % 2:
+            width, height = height, width  # shown upright: a phone's portrait clip is stored on its side
+        container.seek(0)
         frames = stream.frames
         if not frames:
             # Matroska, WebM and GIF headers carry no count: count the packets (demuxing only, no decoding).
@@ -192,7 +222,7 @@ def read_frames(path: Path, indices: Sequence[int]) -> Iterator[tuple[int, Image
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
-                yield wanted[index], frame.to_image().convert("RGB")
+                yield wanted[index], upright(frame)
             if index >= last:
                 return
     raise VideoError(f"{path} ended after {index + 1} frames, before frame {last}; the file is truncated")

@@ -127,6 +127,30 @@ def test_the_entering_band_frees_the_new_strip_and_fades_into_what_the_previous_
 # -- check: the header, and every bad input as a row error --------------------------------------------------------
 
 
+def test_a_phone_clip_recorded_on_its_side_is_read_standing_up(tmp_path: Path) -> None:
+    # A 64x48 clip whose display matrix says "turn 90 degrees counterclockwise", as phones write portrait video; a
+    # white block in its top-left corner is at the bottom-left once upright.
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for t in range(3):
+            pixels = np.zeros((48, 64, 3), np.uint8)
+            pixels[:16, :16] = 255
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = t
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    info = video.probe_clip(path)
+    assert (info.width, info.height, info.frames) == (48, 64, 3)
+    frames = [np.asarray(image) for _, image in video.read_frames(path, [0, 2])]
+    assert [f.shape for f in frames] == [(64, 48, 3)] * 2
+    assert frames[0][-8:, :8].mean() > 200 and frames[0][:8, :8].mean() < 50
+
+
 def test_check_reads_the_header(clip_dir: Path) -> None:
     info = video.probe_clip(clip_dir / "pan.mp4")
     assert (info.frames, info.width, info.height, info.rate, info.audio) == (12, 64, 48, 24, True)
