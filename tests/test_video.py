@@ -40,14 +40,27 @@ def pan(width: int = 64, height: int = 48, frames: int = 12, step: int = STEP) -
     return [np.ascontiguousarray(pixels[:, t * step : t * step + width]) for t in range(frames)]
 
 
-def make_clip(path: Path, frames: int = 12, audio: bool = True, rate: int = 24) -> Path:
+def make_clip(
+    path: Path,
+    frames: int = 12,
+    audio: bool = True,
+    rate: int = 24,
+    images: list[np.ndarray] | None = None,
+    rotation: int = 0,
+) -> Path:
+    """`images` (64x48 RGB; default the pan) as H.264, with a tone unless `audio` is False; `rotation` goes into the
+    display matrix, as a phone writes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    images = pan(frames=frames) if images is None else images
+    frames = len(images)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"crf": "10"}
+        if rotation:
+            stream.set_display_rotation(rotation)
         sound = out.add_stream("aac", rate=44100) if audio else None
-        for t, pixels in enumerate(pan(frames=frames)):
+        for t, pixels in enumerate(images):
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts = t
             for packet in stream.encode(frame):
@@ -130,20 +143,9 @@ def test_the_entering_band_frees_the_new_strip_and_fades_into_what_the_previous_
 def test_a_phone_clip_recorded_on_its_side_is_read_standing_up(tmp_path: Path) -> None:
     # A 64x48 clip whose display matrix says "turn 90 degrees counterclockwise", as phones write portrait video; a
     # white block in its top-left corner is at the bottom-left once upright.
-    path = tmp_path / "phone.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.set_display_rotation(90)
-        for t in range(3):
-            pixels = np.zeros((48, 64, 3), np.uint8)
-            pixels[:16, :16] = 255
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-            frame.pts = t
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    block = np.zeros((48, 64, 3), np.uint8)
+    block[:16, :16] = 255
+    path = make_clip(tmp_path / "phone.mp4", audio=False, images=[block] * 3, rotation=90)
     info = video.probe_clip(path)
     assert (info.width, info.height, info.frames) == (48, 64, 3)
     frames = [np.asarray(image) for _, image in video.read_frames(path, [0, 2])]
