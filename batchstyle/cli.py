@@ -757,12 +757,11 @@ def bench_memory(
                 )
 
 
-SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"
-
-
 def _sample_pair(content: Path | None, style: Path | None, flag: str) -> tuple[Path, Path]:
     """A benchmark's content (or clip, given as `flag`) and style, by default the cat and the strokes of the
     checkout's samples; an installed package has no samples, and then both must be given."""
+    from batchstyle.panel import SAMPLES
+
     content, style = content or SAMPLES / "chelsea.jpg", style or SAMPLES / "strokes.png"
     if not (content.exists() and style.is_file()):
         raise click.UsageError(f"no sample images here: pass {flag} and --style")
