@@ -503,11 +503,10 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 def iteration_flops(arch: str, settings: Settings, width: int, height: int, batch: int = 1) -> int:
     """FLOPs of one optimisation iteration, from the layout: the convolutions' forward up to the deepest tapped layer
     and their backward to the pixels, which costs as much again (see `layout.conv_flops`)."""
-    from batchstyle.model.layout import conv_flops, layer_names
+    from batchstyle.model.layout import conv_flops, deepest
 
-    names = layer_names(arch)
-    deepest = max((*settings.content_layers, *settings.style_layers), key=names.index)
-    return 2 * conv_flops(arch, deepest, height, width) * batch
+    last = deepest(arch, (*settings.content_layers, *settings.style_layers))
+    return 2 * conv_flops(arch, last, height, width) * batch
 
 
 @dataclass(frozen=True)

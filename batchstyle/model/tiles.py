@@ -82,10 +82,6 @@ def tile_grid(height: int, width: int, tile: int, margin: int, step: int) -> lis
     return tiles
 
 
-def deepest_tap(model: VGGFeatures) -> str:
-    return deepest(model.arch, model.taps)
-
-
 class _Quadratic(torch.autograd.Function):
     """sum_p F_p^T (sum_k m_kp A_k) F_p per image, for symmetric A_k: the Gram surrogate, with a one-product backward
     (2 sum_k m_kp A_k F_p, kept from the forward) where autograd through A F and the product would run three."""
@@ -134,7 +130,7 @@ class TiledObjective(Objective):
         devices: Sequence[torch.device] = (),
     ) -> None:
         super().__init__(model, targets, settings, autocast, extra)
-        last = deepest_tap(model)
+        last = deepest(model.arch, model.taps)
         self.step, self.margin, self.tile = stride(last), halo(model.arch, last), tile
         self._layers: dict[tuple[int, int, int], dict[str, _Layer]] = {}
         self._kept: tuple[Tile, torch.Tensor, dict[str, torch.Tensor]] | None = None  # pass 1's last tile, with graph
@@ -611,7 +607,7 @@ def tiled_targets(
     images too large to run whole: the content features put together from the tiles' own positions, the Grams and
     means summed over them. `model` taps at least these layers, in fp32."""
     b, _, height, width = pixels.shape
-    last = deepest_tap(model)
+    last = deepest(model.arch, model.taps)
     tiles = tile_grid(height, width, tile, halo(model.arch, last), stride(last))
     out: dict[str, torch.Tensor] = {}
     for name in content_layers:

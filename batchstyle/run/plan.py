@@ -17,7 +17,7 @@ from pathlib import Path
 from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
-from batchstyle.model.layout import activation_floats, deepest, layer_names, layer_shape
+from batchstyle.model.layout import activation_floats, conv_flops, deepest, layer_names
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
@@ -281,18 +281,6 @@ STALL_BASE_SECONDS = 180.0  # what may precede an iteration: decoding the images
 STALL_ITERATIONS = 3  # slowest iterations allowed beyond that
 
 
-def conv_work(arch: str, taps: Sequence[str], width: int, height: int) -> int:
-    """Multiply-adds of the convolutions one forward pass runs (the network is cut after the deepest tap)."""
-    names = layer_names(arch)
-    work, channels = 0, 3
-    for name in names[: names.index(deepest(arch, taps)) + 1]:
-        if name.startswith("conv"):
-            c, h, w = layer_shape(arch, name, height, width)
-            work += 9 * channels * c * h * w
-            channels = c
-    return work
-
-
 def iteration_seconds(job: Job, sizes: Mapping[Path, tuple[int, int]], arch: str) -> float:
     """A conservative guess at one iteration of the job's last (largest) scale on a small CPU: the per-megapixel
     figure above, scaled by the convolution work of this network, these taps and this size against vgg16 to relu5_1.
@@ -300,8 +288,8 @@ def iteration_seconds(job: Job, sizes: Mapping[Path, tuple[int, int]], arch: str
     size = job.scales()[-1][0]
     w, h = output_size(*sizes[job.row.content], size) if job.row.content in sizes else (size, size)
     taps = (*job.settings.content_layers, *job.settings.style_layers)
-    reference = conv_work("vgg16", ("relu5_1",), 1000, 1000)
-    return ITERATION_SECONDS_PER_MEGAPIXEL * conv_work(arch, taps, w, h) / reference
+    reference = conv_flops("vgg16", "relu5_1", 1000, 1000)
+    return ITERATION_SECONDS_PER_MEGAPIXEL * conv_flops(arch, deepest(arch, taps), h, w) / reference
 
 
 def default_stall_timeout(
