@@ -22,7 +22,7 @@ from PIL import Image
 
 from batchstyle import video
 from batchstyle.manifest import read_manifest
-from batchstyle.model.temporal import consistency, entering_band, flow_pair, warp, warp_numpy
+from batchstyle.model.temporal import consistency, entering_band, flow_pair, uncovered, warp, warp_numpy
 from batchstyle.options import default_values
 from batchstyle.run.ledger import read_records
 from batchstyle.video import frames_folder
@@ -130,11 +130,11 @@ def test_warp_with_a_known_translation_is_exact_away_from_the_border_and_the_mas
 def test_the_entering_band_frees_the_new_strip_and_fades_into_what_the_previous_frame_carried() -> None:
     exact = np.zeros((48, 64, 2), np.float32)
     exact[..., 0] = STEP
-    band = entering_band(exact, 10)
+    band = entering_band(uncovered(exact), 10)
     assert band[:, -STEP:].min() == 1  # the uncovered strip is wholly repainted
     assert band[:, : 64 - STEP - 10].max() == 0  # beyond the band the previous output holds
     assert np.all(np.diff(band[24]) >= 0) and 0 < band[24, 64 - STEP - 5] < 1  # a ramp, not a step
-    assert entering_band(np.zeros_like(exact), 10).max() == 0  # a still camera uncovers nothing
+    assert entering_band(uncovered(np.zeros_like(exact)), 10).max() == 0  # a still camera uncovers nothing
 
 
 # -- check: the header, and every bad input as a row error --------------------------------------------------------

@@ -105,15 +105,14 @@ def uncovered(backward: np.ndarray) -> np.ndarray:
     return ((x < 0) | (x > w - 1) | (y < 0) | (y > h - 1)).astype(np.float32)
 
 
-def entering_band(backward: np.ndarray, width: float) -> np.ndarray:
-    """(H, W) float32 in [0, 1]: 1 on the pixels a frame brings into view (`uncovered`), falling linearly to 0 at
-    `width` pixels into what the previous frame carried over; the temporal loss is weighted by 1 minus this. A pan
-    uncovers a sliver of a pixel or two a frame, too narrow to hold any texture: freed alone, sliver after sliver,
-    it came out as stripes. Freed over a band it is painted together with its neighbours, and each pixel is held a
-    little harder every frame as the pan carries it inwards."""
-    new = uncovered(backward)
+def entering_band(new: np.ndarray, width: float) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: 1 on the pixels a frame brings into view (`new`, from `uncovered`), falling linearly
+    to 0 at `width` pixels into what the previous frame carried over; the temporal loss is weighted by 1 minus this.
+    A pan uncovers a sliver of a pixel or two a frame, too narrow to hold any texture: freed alone, sliver after
+    sliver, it came out as stripes. Freed over a band it is painted together with its neighbours, and each pixel is
+    held a little harder every frame as the pan carries it inwards."""
     if not new.any():
-        return new
+        return np.zeros_like(new, dtype=np.float32)
     distance = _cv2().distanceTransform((new == 0).astype(np.uint8), _cv2().DIST_L2, 3)
     return np.clip(1 - distance / max(width, 1.0), 0, 1).astype(np.float32)
 

@@ -215,7 +215,7 @@ def stylize_frame(
         warped = torch.where(torch.from_numpy(new)[None, None].to(device) > 0, start, warped)
         speed = float(np.median(np.hypot(backward[..., 0], backward[..., 1])[new > 0]))
         width = min(BAND_MAX * min(backward.shape[:2]), max(BAND_MIN_PX, BAND_FRAMES * speed))
-        mask = mask * (1 - torch.from_numpy(entering_band(backward, width))[None, None].to(device))
+        mask = mask * (1 - torch.from_numpy(entering_band(new, width))[None, None].to(device))
     inputs.start = warped
     temporal = TemporalLoss(warped, mask, settings.temporal_weight)
     return stylizer.stylize(
