@@ -128,6 +128,7 @@ def test_reference_loop_lowers_the_objective(hed_weights: Weights, pictures: dic
     assert 1 <= run.evaluations <= 12 and len(run.totals) == run.evaluations
     assert run.image.shape == content.shape
     assert float(run.image.min()) >= 0.0 and float(run.image.max()) <= 1.0
+    assert torch.equal(run.image, run.last_iterate.clamp(0, 1))  # the clamp is the only step between them
     targets = reference_targets(model, content, style, settings)
     with torch.no_grad():
         start = float(reference_losses(model, content, targets, settings)[0])
@@ -168,6 +169,10 @@ def test_quality_figures_are_consistent(figures: QualityFigures) -> None:
         figures.batchstyle.seconds_per_iteration / figures.reference.seconds_per_iteration
     )
     assert 0 <= figures.kept_iteration <= 10
+    raw = figures.reference_unclamped
+    recomposed = d["content_weight"] * raw.content + d["style_weight"] * raw.style + d["tv_weight"] * raw.tv
+    assert raw.total == pytest.approx(recomposed, rel=1e-5, abs=1e-9)
+    assert 0 <= figures.reference_outside <= 1
 
 
 def test_quality_figures_score_both_images_with_the_same_objective(figures: QualityFigures) -> None:
@@ -183,3 +188,4 @@ def test_format_quality_has_both_rows(figures: QualityFigures) -> None:
     assert all(len(line.split()) == 6 for line in lines[1:4])
     assert len({len(line) for line in lines[:4]}) == 1  # aligned
     assert f"{figures.loss_ratio:.4g}" in lines[3]
+    assert f"{100 * figures.reference_outside:.1f}% of its values outside [0, 1]" in lines[-1]
