@@ -144,7 +144,7 @@ class Option:
 
 
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-COLORS = ("style", "luminance", "transfer")
+COLORS = ("auto", "style", "luminance", "transfer")
 STOP_WINDOW = 20  # iterations over which a scale's relative improvement is measured for stop_tolerance
 CONTENT_MASK_GAIN = 10.0  # content loss weight where a content mask is white, relative to where it is black
 TEMPORAL_WEIGHT = 200.0  # see the README's Video section for the measurement behind it
@@ -251,10 +251,11 @@ OPTIONS: dict[str, Option] = {
         ),
         Option(
             "color",
-            "style",
+            "auto",
             _choice(*COLORS),
             "Colours: style (the painting's), luminance (style the brightness only, keep the content's colours), "
-            "transfer (recolour the style to the content's palette first, keep its strokes).",
+            "transfer (recolour the style to the content's palette first, keep its strokes), auto (the painting's, "
+            "unless its tones are far from the content's, as a near-black photo's are from daylight: then transfer).",
             metavar="|".join(COLORS),
         ),
         Option(

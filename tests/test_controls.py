@@ -11,13 +11,14 @@ from conftest import cli, make_painting, make_photo, write_manifest
 from PIL import Image
 
 from batchstyle.images import load_image
-from batchstyle.model.colour import colour_moments, match_colours, oklab_to_srgb, srgb_to_oklab
+from batchstyle.model.colour import TONE_GAP, colour_moments, match_colours, oklab_to_srgb, srgb_to_oklab, tone_gap
 from batchstyle.model.losses import StyleLoss, gram_matrix, masked_moments, sqrtm_psd, wasserstein2
 from batchstyle.model.optimize import EMA_DECAY, converged
 from batchstyle.model.pixels import image_to_tensor
-from batchstyle.model.stylize import Hooks, Inputs, Stylizer
+from batchstyle.model.stylize import Hooks, Inputs, Stylizer, style_colours
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
+from batchstyle.panel import SAMPLES
 
 
 def _features(seed: int, shape: tuple[int, ...] = (2, 6, 5, 7)) -> torch.Tensor:
@@ -131,6 +132,48 @@ def test_colour_transfer_matches_mean_and_covariance(space: str, tmp_path: Path)
 def test_oklab_round_trips() -> None:
     rgb = torch.rand(1, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(oklab_to_srgb(srgb_to_oklab(rgb)), rgb)
+
+
+def test_color_auto_recolours_only_a_style_whose_tones_are_far_from_the_contents() -> None:
+    """The panel's finding, on its own images: the near-black deep field is far from a daylight portrait, the
+    strokes are not."""
+    face, strokes, deep_field = (load_image(SAMPLES / name) for name in ("astronaut.jpg", "strokes.png", "hubble.jpg"))
+    as_tensor = [image_to_tensor(image.resize((64, 64))) for image in (face, strokes, deep_field)]
+    assert tone_gap(as_tensor[0], as_tensor[0]) == 0
+    assert tone_gap(as_tensor[0], as_tensor[2]) == pytest.approx(tone_gap(as_tensor[2], as_tensor[0]))
+    assert tone_gap(as_tensor[0], as_tensor[1]) < TONE_GAP < tone_gap(as_tensor[0], as_tensor[2])
+    assert style_colours("auto", face, [strokes, deep_field]) == ("style", "transfer")
+    assert style_colours("style", face, [strokes, deep_field]) == ("style", "style")
+
+
+def test_color_auto_compares_a_masked_style_with_the_content_under_its_mask() -> None:
+    """Left half the deep field itself, right half the portrait: the deep field painted over the left keeps its own
+    palette, over the right it is recoloured."""
+    face, deep_field = (load_image(SAMPLES / name).resize((64, 64)) for name in ("astronaut.jpg", "hubble.jpg"))
+    content = Image.new("RGB", (128, 64))
+    content.paste(deep_field, (0, 0))
+    content.paste(face, (64, 0))
+    left = Image.new("L", (128, 64))
+    left.paste(255, (0, 0, 64, 64))
+    right = Image.eval(left, lambda v: 255 - v)
+    assert style_colours("auto", content, [deep_field, deep_field], [left, right]) == ("style", "transfer")
+
+
+def test_color_auto_makes_exactly_what_the_choice_it_records_makes() -> None:
+    weights = SOURCES["random"].load()
+    values = {**default_values(), "size": 24, "min_size": 0, "iterations": 3}
+    face, strokes, deep_field = (load_image(SAMPLES / name) for name in ("astronaut.jpg", "strokes.png", "hubble.jpg"))
+    stylizer = Stylizer.local(weights, torch.device("cpu"))
+
+    def run(style: Image.Image, color: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+        (out,) = stylizer.stylize([Inputs(face, [style])], make_settings(values | {"color": color}))
+        return out.image, out.colours
+
+    for style, chosen, other in ((deep_field, "transfer", "style"), (strokes, "style", "transfer")):
+        auto, colours = run(style, "auto")
+        assert colours == (chosen,)
+        torch.testing.assert_close(auto, run(style, chosen)[0], rtol=0, atol=0)
+        assert (auto - run(style, other)[0]).abs().max() > 0.05
 
 
 # --- EMA and the stop rule ----------------------------------------------------------------------------------------

@@ -308,3 +308,23 @@ def test_bench_video_prints_independent_and_coherent_figures(clip_dir: Path) -> 
     for line in (independent, coherent):
         error, per_frame, later = (float(x) for x in line.split()[-3:])
         assert error >= 0 and per_frame > 0 and later > 0
+
+
+def test_color_auto_decides_once_per_clip_on_its_first_frame(tmp_path: Path) -> None:
+    """A clip that starts in daylight and goes dark: the deep field is recoloured (far from the first frame's tones)
+    for every frame, though the dark frames alone would keep its own black, so the palette never flips mid-clip."""
+    from batchstyle.model.stylize import style_colours
+    from batchstyle.panel import SAMPLES
+
+    frames = pan(frames=3)
+    frames[1:] = [(frame * 0.15).astype(np.uint8) for frame in frames[1:]]
+    make_clip(tmp_path / "dusk.mp4", images=frames, audio=False)
+    deep_field = Image.open(SAMPLES / "hubble.jpg").convert("RGB")
+    assert style_colours("auto", Image.fromarray(frames[0]), [deep_field]) == ("transfer",)
+    assert style_colours("auto", Image.fromarray(frames[2]), [deep_field]) == ("style",)
+    deep_field.save(tmp_path / "deep.png")
+    manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "dusk.mp4,deep.png,out.mp4")
+    result = cli("run", manifest, *TINY)
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(tmp_path / "m")[0]
+    assert json.loads(record.params)["colours"] == ["transfer"]  # as the last, dark frame was made

@@ -32,7 +32,7 @@ from torch import nn
 
 from batchstyle.images import output_size, resize_long_side
 from batchstyle.model.cache import TargetCache
-from batchstyle.model.colour import match_colours
+from batchstyle.model.colour import TONE_SIZE, auto_colour, match_colours
 from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Losses, Objective, lbfgs_history, optimize_batch, upsample
@@ -67,6 +67,9 @@ class Inputs:
     start: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1], any size: overrides settings.init (a video frame)
     content_id: str = ""
     style_ids: Sequence[str] = ()
+    # Under color=auto, "style" or "transfer" per style, decided by the caller (a clip decides on its first frame, so
+    # the palette never flips mid-clip); empty: decided from this content (`style_colours`).
+    colours: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not self.styles:
@@ -105,6 +108,7 @@ class Stylized:
     kept_iteration: int = 0  # at the last scale: which iterate was kept (0 the start, iterations the last)
     targets: str = ""  # where each scale's targets came from, e.g. "content=hit style=miss | ..."
     tilings: list[Tiling] = field(default_factory=list)  # per scale: the tile size (0: untiled), L-BFGS pairs
+    colours: tuple[str, ...] = ()  # per style, how its colours were taken: style | luminance | transfer
 
     @property
     def iterations(self) -> int:
@@ -188,29 +192,37 @@ class Stylizer:
 
     def scale_targets(self, item: Inputs, settings: Settings, size: int) -> tuple[torch.Tensor, Targets]:
         """One image's content pixels and targets at one long side: what the objective at that scale is built of."""
-        scale = self._scale(item, settings, self.graph(settings), size, self.tiling([item], settings, size).tile)
+        tile = self.tiling([item], settings, size).tile
+        colours = tuple(item.colours) or style_colours(settings.color, item.content, item.styles, item.style_masks)
+        scale = self._scale(item, settings, self.graph(settings), size, tile, colours)
         return scale.content, scale.targets
 
-    def _scale(self, item: Inputs, s: Settings, spec: GraphSpec, size: int, tile: int = 0) -> _Scale:
+    def _scale(
+        self, item: Inputs, s: Settings, spec: GraphSpec, size: int, tile: int, colours: Sequence[str]
+    ) -> _Scale:
         """`tile` > 0: targets computed tile by tile with torch (`tiles.tiled_targets`), within the budget the
-        optimisation is; the same values as the target graph's to float rounding, so cached under the same key."""
+        optimisation is; the same values as the target graph's to float rounding, so cached under the same key.
+        `colours`: per style, style | luminance | transfer (`style_colours`)."""
         dev = self.device
         content = image_to_tensor(resize_long_side(item.content, size)).to(dev)
         h, w = content.shape[-2:]
         style_size = style_long_side(size, s.style_scale)
         styles = [image_to_tensor(resize_long_side(style, style_size)).to(dev) for style in item.styles]
         init = image_to_tensor(item.init).to(dev) if item.init is not None else None
-        original, content_variant, style_variant = content, "rgb", "rgb"
+        original, content_variant = content, "rgb"
+        variants = ["rgb"] * len(styles)
         if s.color == "luminance":
             # Luminance-only transfer (Gatys et al. 2016): style the Y channel, keep the content's chroma.
             styles = [luminance_image(style, match=content) for style in styles]
             content = luminance_image(content)
             init = luminance_image(init) if init is not None else None
-            content_variant, style_variant = "luma", f"luma-matched:{item.content_id}:{w}x{h}"
-        elif s.color == "transfer":
-            # The styles in the content's palette; the content itself, and so its targets, stay as they are.
-            styles = [match_colours(style, content, COLOUR_SPACE) for style in styles]
-            style_variant = f"colours-of:{item.content_id}:{w}x{h}:{COLOUR_SPACE}"
+            content_variant = "luma"
+            variants = [f"luma-matched:{item.content_id}:{w}x{h}"] * len(styles)
+        for k, colour in enumerate(colours):
+            if colour == "transfer":
+                # The style in the content's palette; the content itself, and so its targets, stay as they are.
+                styles[k] = match_colours(styles[k], content, COLOUR_SPACE)
+                variants[k] = f"colours-of:{item.content_id}:{w}x{h}:{COLOUR_SPACE}"
         compute = None
         if tile:
             trunk = self.trunk(s)
@@ -218,8 +230,8 @@ class Stylizer:
         get = self.targets.get
         content_targets, content_hit = get(spec, "content", item.content_id, content_variant, content, compute)
         found, style_hits = [], []
-        for digest, pixels in zip(item.style_ids, styles):
-            got, hit = get(spec, "style", digest, style_variant, pixels, compute)
+        for digest, variant, pixels in zip(item.style_ids, variants, styles):
+            got, hit = get(spec, "style", digest, variant, pixels, compute)
             found.append(got)
             style_hits.append(hit)
         masks = _masks(item.style_masks, (w, h), dev) if item.style_masks else None
@@ -259,10 +271,16 @@ class Stylizer:
         per_image: list[_Scale] = []
         outcomes = []
         tilings: list[Tiling] = []
+        colours = [
+            tuple(item.colours) or style_colours(settings.color, item.content, item.styles, item.style_masks)
+            for item in items
+        ]
         for k, (size, iterations) in enumerate(scales_plan):
             tiling = self.tiling(items, settings, size)
             tilings.append(tiling)
-            per_image = [self._scale(item, settings, spec, size, tiling.tile) for item in items]
+            per_image = [
+                self._scale(item, settings, spec, size, tiling.tile, chosen) for item, chosen in zip(items, colours)
+            ]
             contents = torch.cat([p.content for p in per_image])
             h, w = contents.shape[-2:]
             if hooks.on_scale is not None:
@@ -311,14 +329,42 @@ class Stylizer:
                 stops[b].append(outcome.stop)
             done_before += max(outcome.iterations for outcome in outcomes)
         results = []
-        for p, outcome, history, found, done, why in zip(per_image, outcomes, histories, hits, scales, stops):
+        for p, outcome, history, found, done, why, chosen in zip(
+            per_image, outcomes, histories, hits, scales, stops, colours
+        ):
             final = recombine_color(outcome.image, p.original) if settings.color == "luminance" else outcome.image
             results.append(
                 Stylized(
-                    final, outcome.losses, history, done, why, outcome.kept_iteration, " | ".join(found), list(tilings)
+                    final,
+                    outcome.losses,
+                    history,
+                    done,
+                    why,
+                    outcome.kept_iteration,
+                    " | ".join(found),
+                    list(tilings),
+                    chosen,
                 )
             )
         return results
+
+
+def style_colours(
+    color: str, content: Image.Image, styles: Sequence[Image.Image], masks: Sequence[Image.Image] = ()
+) -> tuple[str, ...]:
+    """How each style's colours are taken: `color` itself, or under color=auto "transfer" for a style whose tones
+    are far from the content's (`colour.auto_colour`; with style masks, the content under that style's mask) and
+    "style" for the rest. Measured on the whole images at TONE_SIZE, once per image, so every scale (and every tile)
+    of it makes the same choice."""
+    if color != "auto":
+        return (color,) * len(styles)
+    measured = image_to_tensor(resize_long_side(content, TONE_SIZE))
+    h, w = measured.shape[-2:]
+    where = _masks(masks, (w, h), measured.device).split(1, dim=1) if masks else [None] * len(styles)
+    return tuple(
+        auto_colour(measured, image_to_tensor(resize_long_side(style, TONE_SIZE)), region)
+        for style, region in zip(styles, where)
+    )
 
 
 def _offset(callback: Callable[[int, list[Losses]], None], before: int) -> Callable[[int, list[Losses]], None]:

@@ -29,7 +29,7 @@ from PIL import Image
 from batchstyle.images import ImageError, load_image, read_metadata, resize_long_side, save_image_atomic
 from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import image_to_tensor, luminance_image, tensor_to_image
-from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
+from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer, style_colours
 from batchstyle.model.temporal import (
     FlowCache,
     TemporalLoss,
@@ -86,6 +86,8 @@ def run_clip(
     resume, pending = todo[0], set(todo)
     indices = indices_of(job)
     styles = [load_image(path) for path in job.row.styles]
+    # color=auto decides once, on the clip's first frame: every chunk and every frame then keeps the same palette.
+    colours = style_colours(s.color, _first_frame(job, indices), styles) if s.color == "auto" else ()
     coherent = s.temporal_weight > 0
     wanted = range(resume - 1 if resume > part.first else resume, part.end)
     previous: torch.Tensor | None = None
@@ -110,6 +112,7 @@ def run_clip(
             blend=job.row.blend,
             content_id=f"{job.content_digest}:frame{indices[position]}",
             style_ids=job.style_digests,
+            colours=colours,
         )
         finished = part.frames - len(todo) + stylized
         hooks = Hooks(
@@ -137,6 +140,14 @@ def run_clip(
         stylized += 1
         previous, previous_frame = image, pixels
     return last, stylized, done_iterations
+
+
+def _first_frame(job: Job, indices: list[int]) -> Image.Image:
+    frames = read_frames(job.row.content, indices[:1])
+    try:
+        return next(frames)[1]
+    finally:
+        frames.close()  # the decoder's container closes now, not when the generator is collected
 
 
 CONTENT_BATCH = 8  # frames whose content targets go through the target backend (ONNX Runtime) in one call

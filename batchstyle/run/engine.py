@@ -589,6 +589,7 @@ class _Execution:
                         **job.settings.as_dict(),
                         "scales": [list(x) for x in result.scales],
                         "stops": result.stops,
+                        "colours": result.colours,  # per style: what color=auto chose
                         "batch": result.batch,
                         **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
                         # per scale [tile px (0: untiled), L-BFGS pairs, their store, devices]: a tile changes pixels

@@ -28,7 +28,7 @@ from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
-from batchstyle.model.stylize import Hooks, Inputs, Stylizer
+from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import Weights, resolve
@@ -61,6 +61,7 @@ class Result:
     provider: str | None = None
     scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
     stops: list[str] = field(default_factory=list)  # why each scale stopped: "iterations" or "converged"
+    colours: list[str] = field(default_factory=list)  # per style, how its colours were taken (color=auto decides)
     batch: int = 1  # images optimised together with this one
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
@@ -286,6 +287,7 @@ class Worker:
             provider=self.stylizer.provider(job.settings),
             scales=last.scales if last is not None else [],
             stops=last.stops if last is not None else [],
+            colours=list(last.colours) if last is not None else [],
             precision=self.stylizer.precision,
             frames=frames,
         )
@@ -304,7 +306,7 @@ class Worker:
         for job, out in zip(jobs, stylized):
             job.output.parent.mkdir(parents=True, exist_ok=True)
             pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
-            save_image_atomic(pixels, job.output, self.metadata(job, out.losses, out.scales, len(batch)))
+            save_image_atomic(pixels, job.output, self.metadata(job, out, len(batch)))
             results.append(
                 Result(
                     job.row.number,
@@ -317,6 +319,7 @@ class Worker:
                     provider=provider,
                     scales=out.scales,
                     stops=out.stops,
+                    colours=list(out.colours),
                     batch=len(batch),
                     precision=self.stylizer.precision,
                     tiling=[(t.tile, t.history, t.store, t.devices) for t in out.tilings],
@@ -340,10 +343,12 @@ class Worker:
 
         return save
 
-    def metadata(self, job: Job, losses: Losses, scales: list[tuple[int, int, int]], batch: int = 1) -> dict[str, str]:
+    def metadata(self, job: Job, out: Stylized, batch: int = 1) -> dict[str, str]:
         """Enough to know, from the file alone, how it was made and to make it again."""
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.as_dict().items()}
-        params["scales"] = [list(scale) for scale in scales]
+        params["scales"] = [list(scale) for scale in out.scales]
+        params["colours"] = list(out.colours)  # what color=auto chose, per style
+        losses = out.losses
         return {
             "Software": f"batchstyle {__version__}",
             "batchstyle:content": job.row.content.name,
