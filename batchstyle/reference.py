@@ -2,9 +2,11 @@
 
 `reference_stylize` is written the textbook way (the paper plus the PyTorch tutorial idiom) and deliberately shares
 none of batchstyle's loss modules or loop: its own Gram matrix and loss arithmetic, targets taken under
-`torch.no_grad()`, and ONE `torch.optim.LBFGS(max_iter=iterations)` call driven by a closure, with no line search
-and no clamping until the end. Only the VGG trunk (`VGGFeatures`: same weights, preprocessing and pooling) is shared,
-so both paths optimise the same objective:
+`torch.no_grad()`, and ONE `torch.optim.LBFGS(max_iter=iterations)` call driven by a closure, with no line search.
+It comes in the two textbook ways of keeping pixels in [0, 1]: `clamp="end"`, the paper's plain loop, clamps once
+at the end; `clamp="every"`, as the PyTorch tutorial does, also clamps the pixels in place at the start of every
+closure evaluation ("correct the values of updated input image"). Only the VGG trunk (`VGGFeatures`: same weights,
+preprocessing and pooling) is shared, so both paths optimise the same objective:
 
     total = content_weight * content + style_weight * style + tv_weight * tv
     content = mean over content layers of  mean((F - P)^2) / (mean(P^2) + eps)
@@ -133,11 +135,18 @@ class ReferenceRun:
     totals: tuple[float, ...]  # the total loss at every evaluation, unclamped iterates
 
 
-def reference_run(model: VGGFeatures, content: torch.Tensor, style: torch.Tensor, settings: Settings) -> ReferenceRun:
+CLAMPS = ("end", "every")
+
+
+def reference_run(
+    model: VGGFeatures, content: torch.Tensor, style: torch.Tensor, settings: Settings, clamp: str = "end"
+) -> ReferenceRun:
     """`reference_stylize` with its bookkeeping. The time covers the initial image, the optimiser and its one
     `step` call, and the final clamp; target computation is left out (batchstyle's `stylize` gets its targets)."""
     if settings.optimizer != "lbfgs":
         raise ValueError("the reference loop is L-BFGS only")
+    if clamp not in CLAMPS:
+        raise ValueError(f"the reference clamps at the end or at every evaluation, not {clamp!r}")
     targets = reference_targets(model, content, style, settings)
     device = content.device
     torch.manual_seed(settings.seed)
@@ -148,6 +157,9 @@ def reference_run(model: VGGFeatures, content: torch.Tensor, style: torch.Tensor
     totals: list[float] = []
 
     def closure() -> torch.Tensor:
+        if clamp == "every":
+            with torch.no_grad():
+                x.clamp_(0, 1)
         optimizer.zero_grad()
         total = reference_losses(model, x, targets, settings)[0].sum()
         total.backward()
@@ -163,15 +175,15 @@ def reference_run(model: VGGFeatures, content: torch.Tensor, style: torch.Tensor
 
 
 def reference_stylize(
-    model: VGGFeatures, content: torch.Tensor, style: torch.Tensor, settings: Settings
+    model: VGGFeatures, content: torch.Tensor, style: torch.Tensor, settings: Settings, clamp: str = "end"
 ) -> tuple[torch.Tensor, float]:
     """Gatys et al. the textbook way: (final image clamped to [0, 1], wall seconds per closure evaluation).
 
     `model` must tap `settings.content_layers` and `settings.style_layers`. Starts from the content (or seeded
     noise), runs ONE `LBFGS(lr=settings.step_size(), max_iter=settings.iterations, history_size=100)` call with
-    no line search and no clamping inside, and clamps once at the end.
+    no line search, and clamps once at the end (`clamp="end"`) or before every evaluation too (`"every"`).
     """
-    run = reference_run(model, content, style, settings)
+    run = reference_run(model, content, style, settings, clamp)
     return run.image, run.seconds_per_iteration
 
 
@@ -204,6 +216,7 @@ class QualityFigures:
     # (1.308 / 0.0059), and the clamp took it to 1.176 / 0.0155: a little content back for 2.6x the style loss.
     reference_unclamped: PathFigures
     reference_outside: float
+    tutorial: PathFigures  # the reference clamping before every evaluation, as the PyTorch tutorial does
 
 
 def _ratio(a: float, b: float) -> float:
@@ -285,6 +298,8 @@ def quality_figures(
     theirs = _score(evaluator, ref.image, ref.seconds_per_iteration, ref.evaluations)
     unclamped = _score(evaluator, ref.last_iterate, ref.seconds_per_iteration, ref.evaluations, clamp=False)
     outside = float(((ref.last_iterate < 0) | (ref.last_iterate > 1)).float().mean())
+    tut = reference_run(model, content, style, settings, clamp="every")
+    tutorial = _score(evaluator, tut.image, tut.seconds_per_iteration, tut.evaluations)
     h, w = content.shape[-2:]
     return QualityFigures(
         size=(w, h),
@@ -295,29 +310,40 @@ def quality_figures(
         kept_iteration=outcome.kept_iteration,
         reference_unclamped=unclamped,
         reference_outside=outside,
+        tutorial=tutorial,
     )
 
 
 def format_quality(fig: QualityFigures) -> str:
-    """A small aligned table: batchstyle, reference and their ratio, by loss term and seconds per iteration."""
+    """A small aligned table: batchstyle and the two reference loops by loss term and seconds per iteration, and
+    batchstyle's ratio to each."""
     columns = ("content", "style", "tv", "total", "s/iteration")
 
     def cells(p: PathFigures) -> list[float]:
         return [p.content, p.style, p.tv, p.total, p.seconds_per_iteration]
 
-    ours, theirs = cells(fig.batchstyle), cells(fig.reference)
+    ours, theirs, tutorial = cells(fig.batchstyle), cells(fig.reference), cells(fig.tutorial)
     ratios = [_ratio(a, b) for a, b in zip(ours, theirs)]
     ratios[3], ratios[4] = fig.loss_ratio, fig.time_ratio
-    label = max(len("batchstyle"), len("reference"), len("ratio"))
+    rows = (
+        ("batchstyle", ours),
+        ("reference", theirs),
+        ("ratio", ratios),
+        ("tutorial", tutorial),
+        ("ratio", [_ratio(a, b) for a, b in zip(ours, tutorial)]),
+    )
+    label = max(len(name) for name, _ in rows)
     width = 12
     lines = [" " * label + "".join(f"{c:>{width}}" for c in columns)]
-    for name, row in (("batchstyle", ours), ("reference", theirs), ("ratio", ratios)):
+    for name, row in rows:
         lines.append(f"{name:<{label}}" + "".join(f"{v:>{width}.4g}" for v in row))
     w, h = fig.size
     raw = fig.reference_unclamped
     lines.append(
         f"{w}x{h} px, {fig.batchstyle.iterations} iterations (reference: {fig.reference.iterations} evaluations); "
-        f"batchstyle kept iterate {fig.kept_iteration}; ratio = batchstyle / reference"
+        f"batchstyle kept iterate {fig.kept_iteration}; ratio = batchstyle / the row above; reference: the paper's "
+        "loop, clamped once at the end; tutorial: the same clamping before every evaluation, as the PyTorch "
+        "tutorial does"
     )
     lines.append(
         f"the reference's last iterate before its final clamp: content {raw.content:.4g}, style {raw.style:.4g}, "

@@ -139,6 +139,21 @@ def test_reference_loop_lowers_the_objective(hed_weights: Weights, pictures: dic
     assert image.shape == content.shape and seconds > 0
 
 
+def test_the_tutorial_reference_clamps_before_every_evaluation(hed_weights: Weights, pictures: dict[str, Path]) -> None:
+    """With clamping at the end only, the iterates leave [0, 1]; clamped before every evaluation, as the PyTorch
+    tutorial does, every evaluated image is inside, so only the last step (never evaluated) can leave it."""
+    content, style = _tensors(pictures)
+    settings = _settings(iterations=12)
+    model = _model(hed_weights.arch, hed_weights.state_dict, hed_weights.preprocess, settings)
+    plain = reference_run(model, content, style, settings)
+    assert ((plain.last_iterate < 0) | (plain.last_iterate > 1)).any()
+    tutorial = reference_run(model, content, style, settings, clamp="every")
+    assert tutorial.totals != plain.totals  # the clamp changed what was evaluated
+    assert tutorial.totals[-1] < 0.8 * tutorial.totals[0]
+    with pytest.raises(ValueError, match="every evaluation"):
+        reference_run(model, content, style, settings, clamp="never")
+
+
 def test_reference_is_lbfgs_only(pictures: dict[str, Path]) -> None:
     content, style = _tensors(pictures)
     settings = _settings(optimizer="adam", iterations=2)
@@ -158,7 +173,7 @@ def figures(hed_weights: Weights, pictures: dict[str, Path]) -> QualityFigures:
 def test_quality_figures_are_consistent(figures: QualityFigures) -> None:
     d = default_values()
     assert figures.size == (32, 24)
-    for path in (figures.batchstyle, figures.reference):
+    for path in (figures.batchstyle, figures.reference, figures.tutorial):
         recomposed = d["content_weight"] * path.content + d["style_weight"] * path.style + d["tv_weight"] * path.tv
         assert path.total == pytest.approx(recomposed, rel=1e-5, abs=1e-9)
         assert path.total > 0 and path.seconds_per_iteration > 0
@@ -184,8 +199,10 @@ def test_format_quality_has_both_rows(figures: QualityFigures) -> None:
     text = format_quality(figures)
     lines = text.splitlines()
     assert lines[0].split() == ["content", "style", "tv", "total", "s/iteration"]
-    assert [line.split()[0] for line in lines[1:4]] == ["batchstyle", "reference", "ratio"]
-    assert all(len(line.split()) == 6 for line in lines[1:4])
-    assert len({len(line) for line in lines[:4]}) == 1  # aligned
+    assert [line.split()[0] for line in lines[1:6]] == ["batchstyle", "reference", "ratio", "tutorial", "ratio"]
+    assert all(len(line.split()) == 6 for line in lines[1:6])
+    assert len({len(line) for line in lines[:6]}) == 1  # aligned
+    assert f"{figures.tutorial.content:.4g}" in lines[4]
+    assert f"{figures.batchstyle.content / figures.tutorial.content:.4g}" in lines[5]
     assert f"{figures.loss_ratio:.4g}" in lines[3]
     assert f"{100 * figures.reference_outside:.1f}% of its values outside [0, 1]" in lines[-1]
