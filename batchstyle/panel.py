@@ -9,13 +9,14 @@ folder given (the project's development images), the rest from the package's own
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 SAMPLES = Path(__file__).resolve().parent.parent / "manifests" / "samples"
 
@@ -69,10 +70,12 @@ def run_panel(
     on_cell: Callable[[Cell], None] = lambda cell: None,
 ) -> Path:
     """Stylizes every (content, style) of the panel with `transfer` (a `StyleTransfer`) and `options`, writes each
-    result and `panel.png`, the contact sheet; returns the sheet's path."""
+    result and `panel.png`, the contact sheet; returns the sheet's path. The sheet also shows the cells an earlier
+    run left in `out_dir` with the same options (each cell file carries them), so a panel made a row at a time
+    (`only`) ends in one sheet, and never a sheet that mixes options."""
     contents, styles = panel_files(images)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells: dict[tuple[str, str], Cell] = {}
+    cells = earlier_cells(out_dir, options)
     for c_label, c_path in contents:
         for s_label, s_path in styles:
             if not only(c_label, s_label):
@@ -84,14 +87,51 @@ def run_panel(
             )
             seconds = time.perf_counter() - start
             path = out_dir / f"{c_label.replace(' ', '-')}--{s_label.replace(' ', '-')}.png"
-            image.save(path)
             cell = Cell(c_label, s_label, path, seconds, losses[-1].total if losses else float("nan"), len(losses))
+            image.save(path, pnginfo=_cell_info(cell, options))
             cells[(c_label, s_label)] = cell
             on_cell(cell)
     sheet = contact_sheet(contents, styles, cells, options)
     target = out_dir / "panel.png"
     sheet.save(target)
     return target
+
+
+CELL_KEY = "batchstyle:panel-cell"  # a cell file's PNG text: its labels, time, loss and the options it was made with
+
+
+def _cell_info(cell: Cell, options: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    record = {
+        "content": cell.content,
+        "style": cell.style,
+        "seconds": cell.seconds,
+        "loss": cell.total_loss,
+        "iterations": cell.iterations,
+        "options": _comparable(options),
+    }
+    info.add_text(CELL_KEY, json.dumps(record))
+    return info
+
+
+def _comparable(options: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in sorted(options.items())}
+
+
+def earlier_cells(out_dir: Path, options: Mapping[str, Any]) -> dict[tuple[str, str], Cell]:
+    """The cells in `out_dir` made with exactly `options`, by (subject, style) label; other files are left alone."""
+    found: dict[tuple[str, str], Cell] = {}
+    for path in sorted(out_dir.glob("*--*.png")):
+        try:
+            with Image.open(path) as image:
+                record = json.loads(image.info.get(CELL_KEY, "null"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or record.get("options") != _comparable(options):
+            continue
+        cell = Cell(record["content"], record["style"], path, record["seconds"], record["loss"], record["iterations"])
+        found[(cell.content, cell.style)] = cell
+    return found
 
 
 def contact_sheet(

@@ -261,5 +261,29 @@ def test_bench_panel_writes_its_cells_and_contact_sheet(tmp_path: Path) -> None:
     ]
     with Image.open(tmp_path / "panel" / "panel.png") as sheet:
         assert sheet.width > 400 and sheet.height > 400
+        first = sheet.convert("L")
+    # A second run over another subject, same options: its sheet shows the first run's cells too.
+    again = cli(
+        "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
+        "--only", "animal", "--set", "iterations=2", "--set", "min_size=0", "--images", tmp_path / "none",
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    with Image.open(tmp_path / "panel" / "panel.png") as sheet:
+        both = sheet.convert("L")
+    # Rows of 220 px thumbnails, 34 px captions and 6 px gaps under a 20 px title; the photographs' column first.
+    portrait_row = (232, 286, both.width, 546)  # the portrait's cells
+    animal_row = (232, 546, both.width, 806)  # the animal's: new in this sheet
+    assert both.crop(portrait_row).tobytes() == first.crop(portrait_row).tobytes()
+    assert first.crop(animal_row).getextrema() == (255, 255)
+    assert both.crop(animal_row).getextrema()[0] < 200
+    # Other options: the earlier cells are not this panel's, so they are left off its sheet.
+    other = cli(
+        "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
+        "--only", "animal", "--set", "iterations=3", "--set", "min_size=0", "--images", tmp_path / "none",
+    )  # fmt: skip
+    assert other.exit_code == 0, other.output
+    with Image.open(tmp_path / "panel" / "panel.png") as sheet:
+        assert sheet.convert("L").crop(portrait_row).getextrema() == (255, 255)
+        assert sheet.convert("L").crop(animal_row).getextrema()[0] < 200
     bad = cli("bench", "panel", "--model", "random", "--set", "style_weigth=3", "--out", tmp_path / "p2")
     assert bad.exit_code == 2 and "style_weight" in bad.output
