@@ -27,6 +27,7 @@ from PIL import Image
 from batchstyle.images import TEMP_MARKER, is_temp_file, load_image, read_metadata, resize_long_side
 from batchstyle.model import weights
 from batchstyle.model.pixels import image_to_tensor, rgb_to_yiq
+from batchstyle.model.stylize import style_colours
 from batchstyle.run import devices, engine
 from batchstyle.run.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
 
@@ -98,6 +99,7 @@ def three_rows(tmp_path: Path, images: dict[str, Path]) -> Path:
 
 
 THREE_OUTPUTS = {1: "photo-painting.png", 2: "photo2-painting2.png", 3: "three.png"}
+THREE_INPUTS = {1: ("photo.png", "painting.png"), 2: ("photo2.jpg", "painting2.png"), 3: ("photo.png", "painting2.png")}
 # photo is 48x36 and photo2 40x56: long side 32, aspect ratio kept.
 THREE_SIZES = {1: (32, 24), 2: (23, 32), 3: (32, 24)}
 
@@ -125,6 +127,10 @@ def test_run_writes_outputs_metadata_and_ledger(three_rows: Path, tmp_path: Path
         assert all(isinstance(v, float) for v in losses.values())
         params = json.loads(meta["batchstyle:params"])
         assert (params["size"], params["iterations"], params["preserve_color"]) == (32, 2, False)
+        content, style = (tmp_path / "in" / name for name in THREE_INPUTS[number])
+        # color=auto's choice for this pair, as the model layer makes it, is what the file says was made
+        assert params["color"] == "auto"
+        assert params["colours"] == list(style_colours("auto", load_image(content), [load_image(style)]))
     assert read_metadata(out / "three.png")["batchstyle:content"] == "photo.png"
     assert read_metadata(out / "three.png")["batchstyle:styles"] == "painting2.png"
 
