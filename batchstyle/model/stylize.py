@@ -193,8 +193,7 @@ class Stylizer:
     def scale_targets(self, item: Inputs, settings: Settings, size: int) -> tuple[torch.Tensor, Targets]:
         """One image's content pixels and targets at one long side: what the objective at that scale is built of."""
         tile = self.tiling([item], settings, size).tile
-        colours = tuple(item.colours) or style_colours(settings.color, item.content, item.styles, item.style_masks)
-        scale = self._scale(item, settings, self.graph(settings), size, tile, colours)
+        scale = self._scale(item, settings, self.graph(settings), size, tile, _colours(item, settings))
         return scale.content, scale.targets
 
     def _scale(
@@ -271,10 +270,7 @@ class Stylizer:
         per_image: list[_Scale] = []
         outcomes = []
         tilings: list[Tiling] = []
-        colours = [
-            tuple(item.colours) or style_colours(settings.color, item.content, item.styles, item.style_masks)
-            for item in items
-        ]
+        colours = [_colours(item, settings) for item in items]
         for k, (size, iterations) in enumerate(scales_plan):
             tiling = self.tiling(items, settings, size)
             tilings.append(tiling)
@@ -365,6 +361,10 @@ def style_colours(
         auto_colour(measured, image_to_tensor(resize_long_side(style, TONE_SIZE)), region)
         for style, region in zip(styles, where)
     )
+
+
+def _colours(item: Inputs, settings: Settings) -> tuple[str, ...]:
+    return tuple(item.colours) or style_colours(settings.color, item.content, item.styles, item.style_masks)
 
 
 def _offset(callback: Callable[[int, list[Losses]], None], before: int) -> Callable[[int, list[Losses]], None]:
