@@ -249,41 +249,34 @@ def test_check_names_mask_problems(tmp_path: Path) -> None:
 
 
 def test_bench_panel_writes_its_cells_and_contact_sheet(tmp_path: Path) -> None:
-    result = cli(
-        "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
-        "--only", "portrait", "--set", "iterations=2", "--set", "min_size=0", "--images", tmp_path / "none",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    def panel(subject: str, iterations: int) -> Image.Image:
+        """One run over `subject`'s row (the package's samples), and the contact sheet it leaves, in grey."""
+        result = cli(
+            "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
+            "--only", subject, "--set", f"iterations={iterations}", "--set", "min_size=0", "--images", tmp_path / "no",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / "panel" / "panel.png") as sheet:
+            return sheet.convert("L")
+
+    first = panel("portrait", 2)
     # Without the development images the panel is the package's samples: portrait x strokes and x photo texture.
     assert sorted(p.name for p in (tmp_path / "panel").glob("*--*.png")) == [
         "portrait--photo-texture.png",
         "portrait--strokes.png",
     ]
-    with Image.open(tmp_path / "panel" / "panel.png") as sheet:
-        assert sheet.width > 400 and sheet.height > 400
-        first = sheet.convert("L")
-    # A second run over another subject, same options: its sheet shows the first run's cells too.
-    again = cli(
-        "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
-        "--only", "animal", "--set", "iterations=2", "--set", "min_size=0", "--images", tmp_path / "none",
-    )  # fmt: skip
-    assert again.exit_code == 0, again.output
-    with Image.open(tmp_path / "panel" / "panel.png") as sheet:
-        both = sheet.convert("L")
+    assert first.width > 400 and first.height > 400
     # Rows of 220 px thumbnails, 34 px captions and 6 px gaps under a 20 px title; the photographs' column first.
-    portrait_row = (232, 286, both.width, 546)  # the portrait's cells
-    animal_row = (232, 546, both.width, 806)  # the animal's: new in this sheet
-    assert both.crop(portrait_row).tobytes() == first.crop(portrait_row).tobytes()
+    portrait_row = (232, 286, first.width, 546)  # the portrait's cells
+    animal_row = (232, 546, first.width, 806)  # the animal's
     assert first.crop(animal_row).getextrema() == (255, 255)
+    # A second run over another subject, same options: its sheet shows the first run's cells too.
+    both = panel("animal", 2)
+    assert both.crop(portrait_row).tobytes() == first.crop(portrait_row).tobytes()
     assert both.crop(animal_row).getextrema()[0] < 200
     # Other options: the earlier cells are not this panel's, so they are left off its sheet.
-    other = cli(
-        "bench", "panel", "--model", "random", "--device", "cpu", "--size", "24", "--out", tmp_path / "panel",
-        "--only", "animal", "--set", "iterations=3", "--set", "min_size=0", "--images", tmp_path / "none",
-    )  # fmt: skip
-    assert other.exit_code == 0, other.output
-    with Image.open(tmp_path / "panel" / "panel.png") as sheet:
-        assert sheet.convert("L").crop(portrait_row).getextrema() == (255, 255)
-        assert sheet.convert("L").crop(animal_row).getextrema()[0] < 200
+    other = panel("animal", 3)
+    assert other.crop(portrait_row).getextrema() == (255, 255)
+    assert other.crop(animal_row).getextrema()[0] < 200
     bad = cli("bench", "panel", "--model", "random", "--set", "style_weigth=3", "--out", tmp_path / "p2")
     assert bad.exit_code == 2 and "style_weight" in bad.output
