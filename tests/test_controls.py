@@ -144,6 +144,9 @@ def test_color_auto_recolours_only_a_style_whose_tones_are_far_from_the_contents
     assert tone_gap(as_tensor[0], as_tensor[1]) < TONE_GAP < tone_gap(as_tensor[0], as_tensor[2])
     assert style_colours("auto", face, [strokes, deep_field]) == ("style", "transfer")
     assert style_colours("style", face, [strokes, deep_field]) == ("style", "style")
+    # The gallery's masked row keeps both paintings' palettes: the deep field in the sky, the fiery strokes on the pad.
+    rocket, sky, ground = (load_image(SAMPLES / n) for n in ("rocket.jpg", "rocket-sky.png", "rocket-ground.png"))
+    assert style_colours("auto", rocket, [deep_field, strokes], [sky, ground]) == ("style", "style")
 
 
 def test_color_auto_compares_a_masked_style_with_the_content_under_its_mask() -> None:
