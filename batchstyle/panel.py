@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +101,10 @@ CELL_KEY = "batchstyle:panel-cell"  # a cell file's PNG text: its labels, time, 
 
 
 def _cell_info(cell: Cell, options: Mapping[str, Any]) -> PngImagePlugin.PngInfo:
+    """The cell's fields but its path (the file it is written to), and the options."""
+    fields = {k: v for k, v in asdict(cell).items() if k != "path"}
     info = PngImagePlugin.PngInfo()
-    record = {
-        "content": cell.content,
-        "style": cell.style,
-        "seconds": cell.seconds,
-        "loss": cell.total_loss,
-        "iterations": cell.iterations,
-        "options": _comparable(options),
-    }
-    info.add_text(CELL_KEY, json.dumps(record))
+    info.add_text(CELL_KEY, json.dumps({**fields, "options": _comparable(options)}))
     return info
 
 
@@ -127,9 +121,9 @@ def earlier_cells(out_dir: Path, options: Mapping[str, Any]) -> dict[tuple[str, 
                 record = json.loads(image.info.get(CELL_KEY, "null"))
         except (OSError, ValueError):
             continue
-        if not isinstance(record, dict) or record.get("options") != _comparable(options):
+        if not isinstance(record, dict) or record.pop("options", None) != _comparable(options):
             continue
-        cell = Cell(record["content"], record["style"], path, record["seconds"], record["loss"], record["iterations"])
+        cell = Cell(path=path, **record)
         found[(cell.content, cell.style)] = cell
     return found
 
