@@ -228,6 +228,15 @@ def read_frames(path: Path, indices: Sequence[int]) -> Iterator[tuple[int, Image
     raise VideoError(f"{path} ended after {index + 1} frames, before frame {last}; the file is truncated")
 
 
+def read_frame(path: Path, index: int) -> Image.Image:
+    """One frame, decoded to RGB; the decoder's container is closed on return, not when a generator is collected."""
+    frames = read_frames(path, [index])
+    try:
+        return next(frames)[1]
+    finally:
+        frames.close()
+
+
 def _timestamps(container: Any, stream: Any) -> list[int]:
     """Presentation timestamps of every frame, in display order (demuxed, not decoded)."""
     stamps = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)

@@ -41,7 +41,7 @@ from batchstyle.model.temporal import (
 )
 from batchstyle.options import Settings
 from batchstyle.run.plan import Job
-from batchstyle.video import assemble, frames_folder, read_frames, select
+from batchstyle.video import assemble, frames_folder, read_frame, read_frames, select
 
 OnFrameIteration = Callable[[int, Losses], None]  # frames of the job finished, losses: every iteration (a heartbeat)
 _LEAD = re.compile(r"lead-(\d{6})\.png$")
@@ -87,7 +87,7 @@ def run_clip(
     indices = indices_of(job)
     styles = [load_image(path) for path in job.row.styles]
     # color=auto decides once, on the clip's first frame: every chunk and every frame then keeps the same palette.
-    colours = style_colours(s.color, _first_frame(job, indices), styles) if s.color == "auto" else ()
+    colours = style_colours(s.color, read_frame(job.row.content, indices[0]), styles) if s.color == "auto" else ()
     coherent = s.temporal_weight > 0
     wanted = range(resume - 1 if resume > part.first else resume, part.end)
     previous: torch.Tensor | None = None
@@ -140,14 +140,6 @@ def run_clip(
         stylized += 1
         previous, previous_frame = image, pixels
     return last, stylized, done_iterations
-
-
-def _first_frame(job: Job, indices: list[int]) -> Image.Image:
-    frames = read_frames(job.row.content, indices[:1])
-    try:
-        return next(frames)[1]
-    finally:
-        frames.close()  # the decoder's container closes now, not when the generator is collected
 
 
 CONTENT_BATCH = 8  # frames whose content targets go through the target backend (ONNX Runtime) in one call

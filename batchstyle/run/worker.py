@@ -348,7 +348,6 @@ class Worker:
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.as_dict().items()}
         params["scales"] = [list(scale) for scale in out.scales]
         params["colours"] = list(out.colours)  # what color=auto chose, per style
-        losses = out.losses
         return {
             "Software": f"batchstyle {__version__}",
             "batchstyle:content": job.row.content.name,
@@ -358,7 +357,7 @@ class Worker:
             "batchstyle:model": self.weights.source.name,
             "batchstyle:weights": self.weights.sha256,
             "batchstyle:seed": str(job.settings.seed),
-            "batchstyle:losses": json.dumps(losses.__dict__),
+            "batchstyle:losses": json.dumps(out.losses.__dict__),
             "batchstyle:key": job.key,
             "batchstyle:device": str(self.device),
             "batchstyle:precision": self.stylizer.precision,
