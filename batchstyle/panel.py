@@ -123,7 +123,10 @@ def earlier_cells(out_dir: Path, options: Mapping[str, Any]) -> dict[tuple[str, 
             continue
         if not isinstance(record, dict) or record.pop("options", None) != _comparable(options):
             continue
-        cell = Cell(path=path, **record)
+        try:
+            cell = Cell(path=path, **record)
+        except TypeError:  # written by another version, with other fields: not this panel's
+            continue
         found[(cell.content, cell.style)] = cell
     return found
 
