@@ -649,7 +649,10 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
     with Ledger(manifest.out_dir, shard.ledger_suffix if shard else None) as ledger, _signals(stop):
         # A run killed mid-save leaves hidden temp files; nothing else writes them while we hold the lock (shards
         # share the folder, so a shard removes only its own rows' temp files).
-        remove_stale_temp_files(manifest.out_dir, [row.output for row in rows] if shard else None)
+        def sweep() -> None:
+            remove_stale_temp_files(manifest.out_dir, [row.output for row in rows] if shard else None)
+
+        sweep()
         run_id = ledger.start_run(manifest.path, list(config.argv), source.name, source.sha256)
         ledger.forget_invalid_rows()
         for number, problems in manifest.problem_rows().items():
@@ -711,6 +714,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             if pool is not None:
                 pool.close(now=True)
                 pool = None
+            # A worker stopped mid-save leaves its temp file: swept now its process is gone, not at the next run.
+            sweep()
             execution.interrupt_running()
             raise
         finally:
