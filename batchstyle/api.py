@@ -29,8 +29,9 @@ from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import default_cache_dir, resolve, sha256_file
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values, settings_problem
+from batchstyle.run.config import RunConfig, parse_size
 from batchstyle.run.devices import configure_device, pick_device, precision_for
-from batchstyle.run.engine import RunConfig, RunSummary, parse_size, run
+from batchstyle.run.engine import RunSummary, run
 from batchstyle.run.progress import Events, Silent, Terminal
 
 ImageInput = str | Path | Image.Image

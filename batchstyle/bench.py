@@ -444,7 +444,8 @@ def throughput_figures(
     from batchstyle.manifest import read_manifest
     from batchstyle.model.export import export_graph, graph_matches
     from batchstyle.model.weights import resolve
-    from batchstyle.run.engine import RunConfig, run
+    from batchstyle.run.config import RunConfig
+    from batchstyle.run.engine import run
 
     source, _ = resolve(model, cache_dir)
     spec = graph_spec(source, make_settings(default_values()))

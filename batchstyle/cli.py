@@ -722,7 +722,7 @@ def bench_memory(
 
     from batchstyle.bench import memory_figures, untiled_bytes
     from batchstyle.model.tiles import MemoryPolicy, available_memory, default_budget
-    from batchstyle.run.engine import parse_size
+    from batchstyle.run.config import parse_size
 
     kinds = [k.strip() for k in tilings.split(",") if k.strip()]
     for kind in kinds:

@@ -12,8 +12,9 @@ from batchstyle.errors import RunError
 from batchstyle.manifest import read_manifest
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
+from batchstyle.run.config import RunConfig
 from batchstyle.run.devices import parse_devices
-from batchstyle.run.engine import RunConfig, Scheduler, _stall_timeout
+from batchstyle.run.engine import Scheduler, _stall_timeout
 from batchstyle.run.plan import (
     STALL_BASE_SECONDS,
     Job,

@@ -37,7 +37,7 @@ from batchstyle.model.tiles import (
 )
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
-from batchstyle.run.engine import parse_size
+from batchstyle.run.config import parse_size
 from batchstyle.run.ledger import read_records
 
 HEIGHT, WIDTH = 117, 150  # neither a multiple of the total stride 16: the last pooling windows are partial
