@@ -94,7 +94,7 @@ def match_colours(style: torch.Tensor, content: torch.Tensor, space: str = "okla
 # color=auto: a style whose tones are this far from the content's is recoloured (as color=transfer) instead of
 # painting its own palette over the subject. The gap is the Wasserstein-2 distance between the two images' OkLab
 # lightness, taken as Gaussians: sqrt((mean difference)^2 + (spread difference)^2). Chosen on the panel at 512 px
-# and the gallery (README, Benchmarks), each pair's own palette against the recoloured one, side by side:
+# and the gallery (docs/benchmarks.md#the-panel), each pair's own palette against the recoloured one, side by side:
 # - above it, recoloured was plainly better: the near-black Hubble deep field on the five daylight subjects
 #   (0.36-0.46: the face, the cat, the street, the bridge and the cup come back from black) and the strokes on the
 #   night scene (0.28: the arches and the roofline come back);

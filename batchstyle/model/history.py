@@ -11,7 +11,7 @@ working memory. So the pairs can be stored
            memory but a slice's; the page cache serves the reads while the machine has room, the disk when not
 
 and `BatchLBFGS` only ever asks a store for two products with the stored vectors, so each is a drop-in for the
-others. What each costs in convergence is measured in the README ("Any output size in bounded memory").
+others. What each costs in convergence is measured in docs/large-outputs.md#the-l-bfgs-history.
 """
 
 from __future__ import annotations
