@@ -3,7 +3,7 @@
     clip frames (a video file, or a pan-and-zoom made from a still)
         -> for each variant: temporal_weight 0 (independent frames: every frame a still, every scale) and the
            coherent ones (warped start + temporal loss, frame_iterations per frame after the first)
-           every frame through run.clip.stylize_frame, the worker's own per-frame step
+           every frame through model.frames.stylize_frame, the worker's own per-frame step
         -> temporal error: mean |output t+1 - output t warped by the content's flow| over consistent pixels, in
            8-bit levels, and seconds per frame (first frame included)
 
@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 
 from batchstyle.images import load_image, resize_long_side
+from batchstyle.model.frames import blend_weight, stylize_frame
 from batchstyle.model.pixels import tensor_to_image
 from batchstyle.model.stylize import Inputs, Stylizer
 from batchstyle.model.temporal import consistency, flow_pair, temporal_error
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings
-from batchstyle.run.clip import stylize_frame
 
 
 @dataclass(frozen=True)
@@ -140,10 +140,9 @@ def chunk_figures(
     say: Callable[[str], None] = lambda text: None,
 ) -> ChunkFigures:
     """Two chunks as `--clip-chunks 2` runs them: the second starts `overlap` frames early and is blended into the
-    first over those frames (run.clip.final_frames' ramp). Temporal error at the border against the rest, and
-    against a cold start with no overlap. With `keep`, the joined clip's frames are written to `keep`/chunked."""
-    from batchstyle.run.clip import blend_weight
-
+    first over those frames (`blend_weight`, the ramp the run's assembly uses). Temporal error at the border against
+    the rest, and against a cold start with no overlap. With `keep`, the joined clip's frames are written to
+    `keep`/chunked."""
     stylizer = Stylizer.local(weights, device)
     contents = [resize_long_side(frame, settings.size) for frame in frames]
     pixels = [np.asarray(c) for c in contents]

@@ -1,4 +1,5 @@
-"""The package's shape, checked: no import circles, and the model layer knows nothing of runs.
+"""The package's shape, checked: no import circles, the model layer knows nothing of runs, and the run layer
+builds no losses.
 
 Imports are read from the source (every one, at module level or inside a function, except those under
 `if TYPE_CHECKING:`), so a circle hidden in a function-level import is still a circle.
@@ -26,6 +27,39 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
+# The model layer's entry points, the only model modules the run layer may import: a stylizer built (`build`,
+# `numerics`), a stylization (`stylize`) and a clip's frames (`frames`), where targets come from and are kept
+# (`targets`, `cache`, `export`), the network's layout and weights, planning (`scales`, `tiles`, `memory`,
+# `precision`), pixels to files (`pixels`), and from `optimize` the losses a stylization reports and the L-BFGS
+# memory it plans with (never its Objective: `_is_loss_builder`). Losses, the temporal loss and its flows, the VGG
+# trunk, colour transfer and the L-BFGS history are the model's own.
+RUN_MAY_IMPORT = {
+    f"batchstyle.model.{name}"
+    for name in [
+        "build",
+        "cache",
+        "export",
+        "frames",
+        "layout",
+        "memory",
+        "numerics",
+        "optimize",
+        "pixels",
+        "precision",
+        "scales",
+        "stylize",
+        "targets",
+        "tiles",
+        "weights",
+    ]
+}
+
+
+def _is_loss_builder(name: str) -> bool:
+    """A name that builds a loss: the objective, or a loss module (ContentLoss, TemporalLoss, ...)."""
+    return name == "Objective" or name.endswith("Loss")
+
+
 def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
     """The package modules a source imports, `from batchstyle.x import y` counting y when y is a module."""
     found: set[str] = set()
@@ -48,8 +82,22 @@ def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
     return found
 
 
+def _names_from(tree: ast.AST, prefix: str) -> set[str]:
+    """The names a source imports from modules under `prefix` (`from batchstyle.model.x import Name` -> Name)."""
+    return {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(prefix)
+        for alias in node.names
+    }
+
+
+def _sources() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
 def import_graph() -> dict[str, set[str]]:
-    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    paths = _sources()
     modules = set(paths)
     graph = {}
     for name, path in paths.items():
@@ -94,7 +142,49 @@ def test_the_walk_sees_circles_and_function_level_imports() -> None:
 
 def test_the_model_layer_knows_nothing_of_runs_manifests_or_the_cli() -> None:
     graph = import_graph()
-    outside = ("batchstyle.run", "batchstyle.manifest", "batchstyle.cli", "batchstyle.api", "batchstyle.report")
-    for name, imported in graph.items():
-        if name.startswith("batchstyle.model"):
-            assert not [m for m in imported if m.startswith(outside)], name
+    outside = (
+        "batchstyle.run",
+        "batchstyle.manifest",
+        "batchstyle.cli",
+        "batchstyle.api",
+        "batchstyle.report",
+        "batchstyle.bench",
+        "batchstyle.panel",
+    )
+    model = [name for name in graph if name.startswith("batchstyle.model.")]
+    assert "batchstyle.model.frames" in model
+    for name in model:
+        assert not [m for m in graph[name] if m.startswith(outside)], name
+
+
+def test_the_run_layer_builds_no_losses() -> None:
+    """It reaches the model through its entry points only: no loss, temporal, feature or colour module, and no
+    loss class by name from an entry point that also defines one (optimize's Objective)."""
+    graph = import_graph()
+    run = [name for name in graph if name.startswith("batchstyle.run.")]
+    assert "batchstyle.run.clip" in run
+    for name in run:
+        model = {m for m in graph[name] if m.startswith("batchstyle.model")}
+        assert model <= RUN_MAY_IMPORT, f"{name} imports {sorted(model - RUN_MAY_IMPORT)}"
+        tree = ast.parse(_sources()[name].read_text(encoding="utf-8"))
+        builders = sorted(n for n in _names_from(tree, "batchstyle.model") if _is_loss_builder(n))
+        assert not builders, f"{name} imports {builders}"
+    # The whitelist names modules that exist, so a renamed one cannot quietly widen or empty the rule.
+    assert set(graph) >= RUN_MAY_IMPORT
+
+
+def test_the_run_rule_sees_a_loss_module_and_a_loss_by_name() -> None:
+    modules = {"batchstyle.model.temporal", "batchstyle.model.optimize", "batchstyle.run.x"}
+    tree = ast.parse(
+        "from batchstyle.model import temporal\ndef f():\n    from batchstyle.model.optimize import Objective, Losses\n"
+    )
+    assert _imports(tree, modules) - RUN_MAY_IMPORT == {"batchstyle.model.temporal"}
+    assert {n for n in _names_from(tree, "batchstyle.model") if _is_loss_builder(n)} == {"Objective"}
+
+
+def test_the_video_bench_measures_the_model_layers_frame_step_not_the_runs() -> None:
+    """`bench video` times and measures frames as a worker makes them, through the model layer's own entry point, so
+    its figures hold for any caller of it, and it needs no run, job or ledger to make them."""
+    imported = import_graph()["batchstyle.bench_video"]
+    assert "batchstyle.model.frames" in imported
+    assert not [m for m in imported if m.startswith("batchstyle.run")]
