@@ -194,11 +194,13 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     if duplicated:
         raise ManifestError(f"{path}: column {', '.join(duplicated)} appears twice in the header")
     rows = []
+    # A row is named by the line it starts on: a quoted cell may run over several, and reader.line_num is the last.
+    starts = reader.line_num + 1
     try:
         for cells in reader:
+            line, starts = starts, reader.line_num + 1
             if not any(cell.strip() for cell in cells) or cells[0].lstrip().startswith("#"):
                 continue
-            line = reader.line_num
             while len(cells) > len(columns) and not cells[-1].strip():
                 cells = cells[:-1]  # trailing empty cells, as spreadsheets write them, say nothing
             if len(cells) > len(columns):

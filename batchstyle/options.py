@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,13 +33,30 @@ def _parse_bool(raw: str) -> bool:
     raise OptionError(f"{raw!r} is not a yes/no value (use true or false)")
 
 
+FINITE_FIX = "give a finite number"
+
+
+class NotFinite(OptionError):
+    """A number that is not finite: nan, inf, or one too large for a float (1e400). Python reads them all as
+    floats, and no range check refuses nan (every comparison with it is false), so each would reach the loss and
+    make every iterate nan. `Option.from_text` completes the fix with an example of the option's own."""
+
+    def __init__(self, raw: str, example: str = "") -> None:
+        fix = f"{FINITE_FIX}, e.g. {example}" if example else FINITE_FIX
+        super().__init__(f"{raw.strip()!r} is not a finite number; {fix}")
+        self.raw = raw
+
+
 def _parse_number(kind: type) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         try:
-            return kind(raw.strip())
+            value = kind(raw.strip())
         except ValueError:
             name = "an integer" if kind is int else "a number"
             raise OptionError(f"{raw!r} is not {name}") from None
+        if not math.isfinite(value):
+            raise NotFinite(raw)
+        return value
 
     return parse
 
@@ -56,12 +74,15 @@ def _parse_layers(raw: str) -> tuple[str, ...]:
 
 
 def parse_weight_list(raw: str) -> tuple[float, ...]:
-    """Weights as in `0.7;0.3` (a comma works too): positive numbers, at least one."""
+    """Weights as in `0.7;0.3` (a comma works too): finite non-negative numbers, at least one, not all zero."""
     parts = [part.strip() for part in raw.replace(",", ";").split(";") if part.strip()]
     try:
         weights = tuple(float(part) for part in parts)
     except ValueError:
         raise OptionError(f"{raw!r} is not a list of numbers such as 0.7;0.3") from None
+    bad = [part for part, weight in zip(parts, weights) if not math.isfinite(weight)]
+    if bad:
+        raise OptionError(f"{raw!r}: {bad[0]!r} is not a finite number; {FINITE_FIX} for each weight, e.g. 0.7;0.3")
     if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise OptionError(f"{raw!r}: weights must be non-negative numbers, not all zero")
     return weights
@@ -120,11 +141,19 @@ class Option:
 
     def from_text(self, raw: str) -> Any:
         """Parses and range-checks a manifest cell or command-line string."""
-        value = self.parse(raw)
+        try:
+            value = self.parse(raw)
+        except NotFinite as exc:
+            raise NotFinite(exc.raw, self.example()) from None
         problem = self.check(value)
         if problem:
             raise OptionError(f"{raw.strip()!r} {problem}")
         return value
+
+    def example(self) -> str:
+        """A value the option takes, for a message's fix: its default where that is a number, else 1."""
+        number = isinstance(self.default, (int, float)) and not isinstance(self.default, bool)
+        return f"{self.default:g}" if number else "1"
 
     def coerce(self, value: Any) -> Any:
         """A value from Python (`512`, `("relu1_1", "relu2_1")`, `True`) or text, parsed and checked exactly as a
@@ -147,8 +176,8 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 COLORS = ("auto", "style", "luminance", "transfer")
 STOP_WINDOW = 20  # iterations over which a scale's relative improvement is measured for stop_tolerance
 CONTENT_MASK_GAIN = 10.0  # content loss weight where a content mask is white, relative to where it is black
-TEMPORAL_WEIGHT = 200.0  # see the README's Video section for the measurement behind it
-FRAME_ITERATIONS_DIVISOR = 4  # frames after the first: iterations / this (measured, README's Video section)
+TEMPORAL_WEIGHT = 200.0  # measured: docs/video.md#temporal-weight
+FRAME_ITERATIONS_DIVISOR = 4  # frames after the first: iterations / this (measured: docs/video.md#temporal-weight)
 
 
 def _parse_frames(raw: str) -> str:

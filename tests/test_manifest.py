@@ -456,7 +456,8 @@ def test_malformed_manifest_is_refused_naming_the_line(tmp_path: Path, images: d
 
 
 def test_a_cell_spanning_lines_in_closed_quotes_is_fine(tmp_path: Path, images: dict[str, Path]) -> None:
-    """Closed quotes may hold commas and line breaks; a later row keeps its own line number."""
+    """Closed quotes may hold commas and line breaks; a row spanning lines is named by the line it starts on, and a
+    later row keeps its own line number."""
     path = write_manifest(
         tmp_path / "m.csv",
         "content,style,output,style_layers",
@@ -468,6 +469,7 @@ def test_a_cell_spanning_lines_in_closed_quotes_is_fine(tmp_path: Path, images: 
     assert manifest.problems == []
     a, b = manifest.rows
     assert a.values["style_layers"] == ("relu1_1", "relu2_1")
+    assert a.line == 2
     assert (b.line, b.output.name) == (4, 'b ".png')
 
 
