@@ -18,14 +18,19 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from av.container import InputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 from batchstyle.images import (
     SUPPORTED_SUFFIXES,
@@ -58,12 +63,12 @@ class VideoError(ImageError):
     """A clip that cannot be used; the message names the file and says what to do."""
 
 
-def _av() -> Any:
+def _need_av() -> None:
+    """PyAV is an extra: its absence is a VideoError naming the install, raised before the first `import av`."""
     try:
-        import av
+        import av  # noqa: F401
     except ImportError as exc:
         raise VideoError(f"video rows need PyAV and OpenCV, which are not installed: {INSTALL}") from exc
-    return av
 
 
 def is_clip(path: Path) -> bool:
@@ -105,8 +110,10 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[Any]:
-    av = _av()
+def _open(path: Path) -> Iterator[InputContainer]:
+    _need_av()
+    import av
+
     if not path.exists():
         raise VideoError(f"{path}: no such file; check the path")
     try:
@@ -122,13 +129,13 @@ def _open(path: Path) -> Iterator[Any]:
         container.close()
 
 
-def _quarter_turns(frame: Any) -> int:
+def _quarter_turns(frame: VideoFrame | None) -> int:
     """Counterclockwise quarter turns that show `frame` upright: its display matrix's rotation (phones record
     portrait clips on their side and say so there), 0 without one."""
     return round((getattr(frame, "rotation", 0) or 0) / 90) % 4
 
 
-def upright(frame: Any) -> Image.Image:
+def upright(frame: VideoFrame) -> Image.Image:
     """A decoded frame as RGB, turned as its display matrix says, so that a portrait phone clip is stylized (and
     written) standing up, as every player shows it."""
     image = frame.to_image().convert("RGB")
@@ -140,7 +147,7 @@ def upright(frame: Any) -> Image.Image:
     return image
 
 
-def _first_frame(path: Path, container: Any, stream: Any) -> Any:
+def _first_frame(path: Path, container: InputContainer, stream: VideoStream) -> VideoFrame | None:
     try:
         return next(iter(container.decode(stream)))
     except StopIteration:
@@ -205,7 +212,7 @@ def select(total: int, span: tuple[int, int | None] = (0, None), every: int = 1)
     return list(range(start, min(total, end if end is not None else total), max(1, every)))
 
 
-def read_frames(path: Path, indices: Sequence[int]) -> Iterator[tuple[int, Image.Image]]:
+def read_frames(path: Path, indices: Sequence[int]) -> Generator[tuple[int, Image.Image], None, None]:
     """The selected frames, decoded to RGB, in order, as (position in `indices`, image)."""
     path = Path(path)
     wanted = {index: position for position, index in enumerate(indices)}
@@ -237,7 +244,7 @@ def read_frame(path: Path, index: int) -> Image.Image:
         frames.close()
 
 
-def _timestamps(container: Any, stream: Any) -> list[int]:
+def _timestamps(container: InputContainer, stream: VideoStream) -> list[int]:
     """Presentation timestamps of every frame, in display order (demuxed, not decoded)."""
     stamps = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
     container.seek(0)
@@ -285,15 +292,17 @@ def assemble(frames: Sequence[Path], source: Path, indices: Sequence[int], outpu
         raise
 
 
-def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle: Any, suffix: str) -> None:
-    av = _av()
+def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle: BinaryIO, suffix: str) -> None:
+    _need_av()
+    import av
+
     codec, pix_fmt, options = _CODECS[suffix]
     first = Image.open(frames[0])
     # 4:2:0 chroma needs even sides: an odd row or column is dropped (a pixel at the edge, not a resize).
     even = pix_fmt == "yuv420p"
     width, height = (first.width // 2 * 2, first.height // 2 * 2) if even else first.size
     first.close()
-    source_box: contextlib.AbstractContextManager[Any] = (
+    source_box: contextlib.AbstractContextManager[InputContainer | None] = (
         contextlib.nullcontext(None) if source.is_dir() else _open(source)
     )
     with source_box as src, av.open(handle, "w", format=_CONTAINERS[suffix]) as out:
@@ -301,13 +310,15 @@ def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle
             video_in = src.streams.video[0]
             stamps = _timestamps(src, video_in)
             time_base = video_in.time_base
+            if time_base is None:  # FFmpeg's demuxers always set one: a stream without is damaged
+                raise VideoError(f"{source}: its video stream has no time base; re-export the clip")
             rate = video_in.average_rate or video_in.guessed_rate or FOLDER_RATE
             if len(stamps) <= max(indices):  # a header without timestamps: frames at the average rate
                 stamps = [round(i / rate / time_base) for i in range(max(indices) + 1)]
             pts = [stamps[i] for i in indices]
         else:
             rate, time_base = FOLDER_RATE, Fraction(1, int(FOLDER_RATE))
-            pts = list(indices)
+            pts, stamps = list(indices), []  # only copying audio reads stamps, and a folder has no audio
         stream = out.add_stream(codec, rate=Fraction(rate))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.time_base = time_base
@@ -326,7 +337,7 @@ def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-        if audio_in is not None and audio_out is not None:
+        if src is not None and audio_in is not None and audio_out is not None:
             # The whole clip's audio when the row keeps its ends (priming packets before 0 included), else the
             # packets that start within the kept span.
             begin = pts[0] * time_base if indices[0] > 0 else None
@@ -335,7 +346,7 @@ def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle
             for packet in src.demux(audio_in):
                 if packet.dts is None or packet.pts is None:
                     continue
-                at = packet.pts * audio_in.time_base
+                at = packet.pts * packet.time_base  # a demuxed packet's is its stream's
                 if (begin is not None and at < begin) or (end is not None and at >= end):
                     continue
                 packet.stream = audio_out

@@ -132,6 +132,7 @@ def _export_dynamo(graph: TargetGraph, spec: GraphSpec, path: Path) -> None:
             dynamic_shapes={"pixels": {0: batch, 2: height, 3: width}},
             verbose=False,
         )
+    assert program is not None  # None only from the legacy exporter (dynamo=False)
     program.save(str(path))
 
 
@@ -169,6 +170,7 @@ class ExportResult:
 
 def validate(path: Path, graph: TargetGraph, spec: GraphSpec) -> dict[tuple[int, ...], dict[str, float]]:
     """Full onnx.checker pass, then ONNX Runtime against PyTorch at two image sizes; raises past TOLERANCE."""
+    import numpy as np
     import onnx
     import onnxruntime as ort
 
@@ -186,6 +188,8 @@ def validate(path: Path, graph: TargetGraph, spec: GraphSpec) -> dict[tuple[int,
         got = session.run(spec.output_names, {INPUT_NAME: pixels.numpy()})
         errors[shape] = {}
         for name, ref, out in zip(spec.output_names, expected, got):
+            if not isinstance(out, np.ndarray):  # run's other kinds (sparse, sequence, map) are none of this graph's
+                raise ExportError(f"{path}: output {name} is a {type(out).__name__}, not a dense tensor")
             if tuple(out.shape) != tuple(ref.shape):
                 raise ExportError(f"{path}: output {name} has shape {out.shape}, PyTorch gives {tuple(ref.shape)}")
             worst = float((torch.from_numpy(out) - ref).abs().max() / ref.abs().max().clamp_min(1e-12))

@@ -7,7 +7,7 @@ deepest tapped ReLU: for the default taps that saves the last three convs of VGG
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,12 @@ class VGGFeatures(nn.Module):
     transposed around every convolution). Only the normalised copy is converted, inside `forward`: the caller's pixel
     tensor stays contiguous NCHW, which L-BFGS's flat per-image views rely on.
     """
+
+    # Buffers, declared so that the checker sees tensors (nn.Module's __getattr__ says "Tensor | Module").
+    channel_order: torch.Tensor
+    scale: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -58,8 +64,7 @@ class VGGFeatures(nn.Module):
                 # image, and 8 L-BFGS iterations amplified that to 37 of 255 levels on a test row, so a batched row
                 # no longer came out as it would alone. The band along edges had another cause (see the pooling).
                 conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-                conv.weight.data.copy_(state_dict[f"{name}.weight"])
-                conv.bias.data.copy_(state_dict[f"{name}.bias"])
+                conv.load_state_dict({"weight": state_dict[f"{name}.weight"], "bias": state_dict[f"{name}.bias"]})
                 self.layers[name] = conv
                 in_ch = out_ch
             elif name.startswith("relu"):
@@ -89,7 +94,7 @@ class VGGFeatures(nn.Module):
 
     @property
     def conv_dtype(self) -> torch.dtype:
-        return self.layers["conv1_1"].weight.dtype
+        return cast(nn.Conv2d, self.layers["conv1_1"]).weight.dtype
 
     def lowered(self, dtype: torch.dtype) -> VGGFeatures:
         """This trunk with its convolutions in `dtype` (bf16), made once and kept: what autocast would compute,

@@ -281,7 +281,7 @@ def random_state_dict(arch: str, seed: int = RANDOM_SEED) -> dict[str, torch.Ten
     state, in_ch = {}, 3
     names = iter(conv_names(arch))
     for item in ARCHS[arch]:
-        if item == "M":
+        if isinstance(item, str):  # "M", a pool
             continue
         name = next(names)
         std = (2.0 / (in_ch * 9)) ** 0.5
@@ -298,6 +298,7 @@ def _read_local(path: Path) -> dict[str, torch.Tensor]:
     """Canonical state dict from a `.safetensors` or `.pth` in canonical or torchvision naming; never unpickled."""
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    state: object  # a .pth may hold anything: checked below
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
