@@ -50,7 +50,8 @@ def _one_device(name: str, gpus: int, mps: bool = False) -> str:
         raise RunError(f"device {name} is not supported: use auto, all, cpu, cuda, cuda:N or mps")
     if not gpus:
         raise RunError(f"device {name} asked for, but torch sees no CUDA GPU; use --devices cpu")
-    index = 0 if device.index is None else device.index
+    # torch's stub says `index: int`, but torch.device("cuda").index is None.
+    index = 0 if device.index is None else device.index  # type: ignore[redundant-expr]
     if index >= gpus:
         raise RunError(f"device {name} asked for, but torch sees {gpus} GPU(s)")
     return f"cuda:{index}"
