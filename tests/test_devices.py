@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from batchstyle.errors import RunError
-from batchstyle.run import devices, engine
+from batchstyle.run import devices, resources
 from batchstyle.run.devices import cpu_has_native_bf16, parse_devices, pick_device, precision_for
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda:0"), torch.device("mps")
@@ -82,10 +82,10 @@ def test_auto_batch_size_asks_free_memory_without_a_cuda_context_here(monkeypatc
         return {name: 80 << 30 for name in dict.fromkeys(names)}
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
-    monkeypatch.setattr(engine, "free_gpu_memory", free)
-    assert engine._auto_batch_size(["cuda:0", "cuda:1", "cuda:1"], [], {}, "vgg19") == 1  # no job: nothing to fit
+    monkeypatch.setattr(resources, "free_gpu_memory", free)
+    assert resources.auto_batch_size(["cuda:0", "cuda:1", "cuda:1"], [], {}, "vgg19") == 1  # no job: nothing to fit
     assert asked == [["cuda:0", "cuda:1", "cuda:1"]]
-    assert engine._auto_batch_size(["cpu"], [], {}, "vgg19") == 1
-    assert engine._auto_batch_size(["mps"], [], {}, "vgg19") == 1  # unified memory: one image, as on a CPU
+    assert resources.auto_batch_size(["cpu"], [], {}, "vgg19") == 1
+    assert resources.auto_batch_size(["mps"], [], {}, "vgg19") == 1  # unified memory: one image, as on a CPU
     assert len(asked) == 1
     assert devices.free_gpu_memory([]) == {}

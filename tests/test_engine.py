@@ -28,11 +28,15 @@ from batchstyle.images import ImageError, is_temp_file, load_image, read_metadat
 from batchstyle.manifest import read_manifest
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
-from batchstyle.run.engine import SLOT_FAILURES, RunConfig, RunSummary, Scheduler, Stop, _Execution, _mark_pending, run
+from batchstyle.run.config import RunConfig
+from batchstyle.run.engine import RunSummary, run
+from batchstyle.run.execution import SLOT_FAILURES, Execution, mark_pending
 from batchstyle.run.ledger import Ledger, ledger_files, read_records
 from batchstyle.run.plan import plan
 from batchstyle.run.pools import ENGINE_BUILD_ALLOWANCE, START_ALLOWANCE, stall_limit
 from batchstyle.run.progress import Silent
+from batchstyle.run.scheduler import Scheduler
+from batchstyle.run.signals import Stop
 from batchstyle.run.worker import Result as RowResult
 from batchstyle.run.worker import WorkerSpec, failure_cause
 
@@ -225,8 +229,8 @@ def test_a_slot_is_taken_out_after_failures_in_a_row_for_one_cause_not_the_rows(
     with Ledger(manifest.out_dir) as ledger:
         run_id = ledger.start_run(rows6, [], "random", "")
         for job in jobs:
-            _mark_pending(ledger, job, run_id)
-        execution = _Execution(
+            mark_pending(ledger, job, run_id)
+        execution = Execution(
             ledger, run_id, SOURCES["random"], RunConfig(), events, RunSummary(manifest.out_dir, "random"), Stop()
         )
         pool = execution.pool = _TwoSlots()

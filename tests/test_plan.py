@@ -14,20 +14,9 @@ from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
 from batchstyle.run.config import RunConfig
 from batchstyle.run.devices import parse_devices
-from batchstyle.run.engine import Scheduler, _stall_timeout
-from batchstyle.run.plan import (
-    STALL_BASE_SECONDS,
-    Job,
-    Shard,
-    ShardError,
-    auto_batch_size,
-    default_stall_timeout,
-    image_bytes,
-    iteration_seconds,
-    make_batches,
-    parse_shard,
-    plan,
-)
+from batchstyle.run.plan import Job, Shard, ShardError, auto_batch_size, image_bytes, make_batches, parse_shard, plan
+from batchstyle.run.resources import STALL_BASE_SECONDS, default_stall_timeout, iteration_seconds, stall_timeout
+from batchstyle.run.scheduler import Scheduler
 
 
 def _jobs(tmp_path: Path, *rows: str, header: str = "content,style,output") -> tuple[list[Job], dict]:
@@ -147,10 +136,10 @@ def test_default_stall_timeout_is_minutes_beyond_the_slowest_expected_iteration(
     assert iteration_seconds(jobs[0], {}, "vgg16") == pytest.approx(big * 4 / 3, rel=0.01)
     assert default_stall_timeout([], sizes, "vgg16") == STALL_BASE_SECONDS
     # What a run uses: the default, the timeout asked for, or none at all with 0; CPU slots share the cores.
-    assert _stall_timeout(RunConfig(), ["cpu"], jobs, sizes, "vgg16", 1) == pytest.approx(180 + 3 * big)
-    assert _stall_timeout(RunConfig(), ["cpu", "cpu"], jobs, sizes, "vgg16", 1) == pytest.approx(180 + 6 * big)
-    assert _stall_timeout(RunConfig(stall_timeout=42), ["cpu"], jobs, sizes, "vgg16", 1) == 42
-    assert _stall_timeout(RunConfig(stall_timeout=0), ["cpu"], jobs, sizes, "vgg16", 1) is None
+    assert stall_timeout(RunConfig(), ["cpu"], jobs, sizes, "vgg16", 1) == pytest.approx(180 + 3 * big)
+    assert stall_timeout(RunConfig(), ["cpu", "cpu"], jobs, sizes, "vgg16", 1) == pytest.approx(180 + 6 * big)
+    assert stall_timeout(RunConfig(stall_timeout=42), ["cpu"], jobs, sizes, "vgg16", 1) == 42
+    assert stall_timeout(RunConfig(stall_timeout=0), ["cpu"], jobs, sizes, "vgg16", 1) is None
 
 
 # --- scheduling ------------------------------------------------------------------------------------------------

@@ -322,7 +322,8 @@ def test_a_failed_export_falls_back_to_torch_targets(tmp_path: Path, images: dic
 
 def test_the_tensorrt_profile_spans_every_image_of_the_run_at_every_scale(tmp_path: Path) -> None:
     from batchstyle.manifest import read_manifest
-    from batchstyle.run.engine import plan, shape_profile
+    from batchstyle.run.plan import plan
+    from batchstyle.run.resources import shape_profile
 
     Image.new("RGB", (400, 300), "gray").save(tmp_path / "wide.png")
     Image.new("RGB", (300, 600), "gray").save(tmp_path / "tall.png")

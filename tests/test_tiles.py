@@ -322,9 +322,10 @@ def test_a_tiled_stylization_is_the_untiled_one_across_scales_with_colour_kept(i
 
 
 def test_workers_on_one_machine_share_its_default_budget() -> None:
-    from batchstyle.run.engine import RunConfig, _memory_budgets
+    from batchstyle.run.config import RunConfig
+    from batchstyle.run.resources import memory_budgets
 
-    shared = _memory_budgets(RunConfig(), ["cpu", "cpu"])["cpu"]
+    shared = memory_budgets(RunConfig(), ["cpu", "cpu"])["cpu"]
     assert shared == pytest.approx(0.6 * available_memory() / 2, rel=0.05)
-    assert _memory_budgets(RunConfig(max_memory=3 << 30), ["cpu", "cpu"]) == {"cpu": 3 << 30}
-    assert _memory_budgets(RunConfig(backend="ray"), ["ray"]) == {}  # an actor asks its own node
+    assert memory_budgets(RunConfig(max_memory=3 << 30), ["cpu", "cpu"]) == {"cpu": 3 << 30}
+    assert memory_budgets(RunConfig(backend="ray"), ["ray"]) == {}  # an actor asks its own node

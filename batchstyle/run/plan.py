@@ -17,7 +17,7 @@ from pathlib import Path
 from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
-from batchstyle.model.layout import activation_floats, conv_flops, deepest, layer_names
+from batchstyle.model.layout import activation_floats, deepest, layer_names
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
@@ -269,34 +269,3 @@ def image_bytes(arch: str, taps: Sequence[str], width: int, height: int, lbfgs_p
     pair). What `--batch-size auto` divides the free memory by."""
     floats = activation_floats(arch, deepest(arch, taps), height, width)
     return 4 * (2 * floats + (2 * lbfgs_pairs + 8) * 3 * width * height)
-
-
-# -- how long a worker may stay silent -----------------------------------------------------------------------------
-
-# One L-BFGS iteration of vgg16-hed up to relu5_1, one process on the whole of a 2-core CPU (no GPU): 38.5 s at
-# 2048x1536 and 1.7 s at 512x384 in the README's table, i.e. 12.2 and 8.6 s per megapixel: the higher figure, rounded
-# up, is the conservative one. A GPU runs the same iteration tens of times faster, so there the default is generous.
-ITERATION_SECONDS_PER_MEGAPIXEL = 13.0
-STALL_BASE_SECONDS = 180.0  # what may precede an iteration: decoding the images, computing a scale's targets
-STALL_ITERATIONS = 3  # slowest iterations allowed beyond that
-
-
-def iteration_seconds(job: Job, sizes: Mapping[Path, tuple[int, int]], arch: str) -> float:
-    """A conservative guess at one iteration of the job's last (largest) scale on a small CPU: the per-megapixel
-    figure above, scaled by the convolution work of this network, these taps and this size against vgg16 to relu5_1.
-    A content whose size was not checked counts as a square of the long side."""
-    size = job.scales()[-1][0]
-    w, h = output_size(*sizes[job.row.content], size) if job.row.content in sizes else (size, size)
-    taps = (*job.settings.content_layers, *job.settings.style_layers)
-    reference = conv_flops("vgg16", "relu5_1", 1000, 1000)
-    return ITERATION_SECONDS_PER_MEGAPIXEL * conv_flops(arch, deepest(arch, taps), h, w) / reference
-
-
-def default_stall_timeout(
-    jobs: Sequence[Job], sizes: Mapping[Path, tuple[int, int]], arch: str, batch_size: int = 1, sharing: int = 1
-) -> float:
-    """Seconds a worker holding a batch may go without a sign of life (progress, or a beat between phases) before
-    it is taken as hung: STALL_BASE_SECONDS plus STALL_ITERATIONS of the slowest iteration the run expects. A batch
-    of N images iterates N times slower; `sharing` workers on one CPU each get that share of its cores."""
-    slowest = max((iteration_seconds(job, sizes, arch) for job in jobs), default=0.0)
-    return STALL_BASE_SECONDS + STALL_ITERATIONS * slowest * max(1, batch_size) * max(1, sharing)

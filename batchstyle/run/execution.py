@@ -1,0 +1,396 @@
+"""The parent's side of a run: the ledger's only writer, reacting to what the pool reports.
+
+A row is marked `running` when its batch is handed out and `done` only after its worker reports the file renamed
+into place, so a crash anywhere leaves the ledger saying what is still to do. One failing row is recorded with its
+error and never costs other rows their work; a worker that dies, or hangs (silent for the stall timeout), has its rows
+handed out again, up to `retries` times, on a fresh worker. A slot whose rows fail SLOT_FAILURES times in a row for
+one cause that is not theirs (its worker cannot read the inputs, its device or driver is broken) is taken out of the
+run, and those rows go to the other slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchstyle.errors import RunError
+from batchstyle.images import read_metadata
+from batchstyle.model.weights import WeightSource
+from batchstyle.run.clip import assemble_clip, clip_temporal_error
+from batchstyle.run.config import RunConfig
+from batchstyle.run.ledger import Ledger, pack_history
+from batchstyle.run.plan import Job
+from batchstyle.run.pools import Pool
+from batchstyle.run.progress import Events
+from batchstyle.run.scheduler import Scheduler
+from batchstyle.run.signals import Stop
+from batchstyle.run.worker import Result
+
+if TYPE_CHECKING:
+    from batchstyle.run.engine import RunSummary
+
+SLOT_FAILURES = 3  # rows in a row failed with one cause that is not theirs: the slot is taken out of the run
+
+
+@dataclass
+class _Streak:
+    """A slot's latest failures for causes not the rows' own, `count` of them in a row with `cause`; their rows are
+    held, not yet recorded, until the slot is taken out (they go elsewhere) or does something else (they stand)."""
+
+    cause: str
+    count: int = 0  # failed batches (or device faults) in a row
+    held: list[tuple[Job, Result]] = field(default_factory=list)
+
+
+class Execution:
+    """The parent's side of a run: owns the ledger and the summary, reacts to what the pool reports."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        run_id: int,
+        source: WeightSource,
+        config: RunConfig,
+        events: Events,
+        summary: RunSummary,
+        stop: Stop,
+    ) -> None:
+        self.stop = stop
+        self.ledger = ledger
+        self.run_id = run_id
+        self.source = source
+        self.config = config
+        self.events = events
+        self.summary = summary
+        self.pool: Pool | None = None
+        self.scheduler = Scheduler([])
+        self.in_flight: dict[int, list[Job]] = {}
+        self.attempts: dict[Path, int] = {}
+        self.messages: set[str] = set()
+        self.streaks: dict[int, _Streak] = {}
+        self.retired: dict[int, str] = {}  # slot -> why it was taken out
+        self.last_errors: dict[Path, str] = {}  # a row's error on a slot taken out, for when no slot is left
+        self.clip_parts: dict[Path, set[int]] = {}  # a clip row's chunks not finished yet
+        self.clip_failed: set[Path] = set()
+        self.clip_frames: dict[Path, dict[int, int]] = {}  # a clip row's frames finished, per chunk (its bar)
+        self.clip_totals: dict[Path, int] = {}  # a clip row's frames to stylize, lead-ins of every chunk included
+
+    # PoolEvents
+    def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
+        jobs = self.in_flight.get(slot, [])
+        if len(jobs) == 1 and jobs[0].clip is not None:
+            # A clip reports its frames finished; the chunks of one row add up to one bar, in frames.
+            job = jobs[0]
+            done = self.clip_frames.setdefault(job.output, {})
+            if done.get(job.clip.chunk) != iteration:
+                done[job.clip.chunk] = iteration
+                with self.stop.shielded():
+                    self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals[job.output])
+            iteration = sum(done.values())
+        self.events.iteration(row, iteration, losses)
+
+    def results(self, slot: int, results: list[Result]) -> None:
+        with self.stop.shielded():
+            jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
+            self.scheduler.finished(slot)
+            causes = {result.cause for result in results}
+            if len(causes) == 1 and None not in causes:
+                # Every row of the batch failed for one reason not their own: the slot's fault, perhaps.
+                self._suspect(slot, causes.pop(), [(jobs[result.row], result) for result in results])
+                return
+            self._settle(slot)
+            for result in results:
+                self._record(jobs[result.row], result)
+
+    def _suspect(self, slot: int, cause: str, failures: list[tuple[Job, Result]]) -> None:
+        streak = self.streaks.get(slot)
+        if streak is None or streak.cause != cause:
+            # A new cause starts the count again, but rows held for another cause that is not theirs stay held: one
+            # trouble often shows two faces (no file descriptor left fails an image read and a model load alike).
+            streak = self.streaks[slot] = _Streak(cause, held=streak.held if streak else [])
+        streak.count += 1
+        streak.held += failures
+        if streak.count >= SLOT_FAILURES:
+            self._take_out(slot)
+
+    def _settle(self, slot: int) -> None:
+        """The slot did something else (a row done, or failing for a reason of its own): its held failures stand."""
+        streak = self.streaks.pop(slot, None)
+        for job, result in streak.held if streak else ():
+            self._record(job, result)
+
+    def _take_out(self, slot: int) -> None:
+        """Takes the slot out of the run for good; the rows it failed go to the other slots, or fail if none is
+        left (see `_fail_rest`)."""
+        assert self.pool is not None
+        streak = self.streaks.pop(slot)
+        device = self._device(slot)
+        self.retired[slot] = f"worker on {device}: {streak.cause}"
+        self.pool.retire(slot, f"taken out of the run ({streak.cause})")
+        where = "its rows go to the other workers" if self.pool.usable() else "no worker is left to run the rest"
+        times = f"{streak.count} times in a row" if streak.count > 1 else "once"
+        self.events.message(
+            f"worker on {device} taken out of the run: its rows failed {times} with {streak.cause}, which is not "
+            f"about the rows; {where}"
+        )
+        again = []
+        for job, result in streak.held:
+            self.last_errors[job.output] = result.error or streak.cause
+            self.ledger.mark_finished(
+                job.output, status="pending", error=f"worker on {device} taken out ({streak.cause}); retried"
+            )
+            self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
+            again.append(job)
+        self.scheduler.again(again)
+
+    def _fail_rest(self) -> None:
+        """Every slot was taken out: the rows still to do fail with the causes, so the run ends (exit 1) and the
+        ledger says why; a rerun, once the cause is fixed, does them."""
+        causes = "; ".join(dict.fromkeys(self.retired.values()))
+        for batch in self.scheduler.queue:
+            for job in batch:
+                error = f"row {job.row.number}: not done: every worker was taken out of the run ({causes})"
+                if job.output in self.last_errors:
+                    error += f"; its last try: {without_row(job.row.number, self.last_errors[job.output])}"
+                self._record(job, Result(job.row.number, "failed", 0.0, error=error))
+        self.scheduler.clear()
+
+    def lost(self, slot: int, reason: str, counts: bool, hung: bool = False, cause: str | None = None) -> None:
+        with self.stop.shielded():
+            self._lost(slot, reason, counts, hung)
+            if cause is not None and slot not in self.retired:
+                self._suspect(slot, cause, [])  # a device that keeps faulting is taken out like any other cause
+
+    def _lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
+        jobs = self.in_flight.pop(slot, [])
+        self.scheduler.finished(slot)
+        # Which row of a batch killed the worker is unknown: its rows go back alone and free, and only a row that
+        # kills a worker on its own is charged a retry.
+        counts = counts and len(jobs) == 1
+        again = []
+        for job in jobs:
+            tries = self.attempts.get(job.output, 0) + (1 if counts else 0)
+            self.attempts[job.output] = tries
+            if tries > self.config.retries:
+                times = "once" if tries == 1 else f"{tries} times"
+                if hung:
+                    error = (
+                        f"row {job.row.number}: its worker hung {times} ({reason}); if its iterations are just that "
+                        "slow, raise --stall-timeout"
+                    )
+                else:
+                    error = (
+                        f"row {job.row.number}: its worker died {times} ({reason}); lower size for this row, "
+                        "or give it a device with more memory"
+                    )
+                self._record(job, Result(job.row.number, "failed", 0.0, error=error))
+            else:
+                if counts:
+                    self.events.message(
+                        f"row {job.row.number}: worker on {self._device(slot)} {reason}; retrying "
+                        f"({tries} of {self.config.retries})"
+                    )
+                else:
+                    self.events.message(
+                        f"row {job.row.number}: worker on {self._device(slot)} {reason}; handing the row out again"
+                    )
+                self.ledger.mark_finished(job.output, status="pending", error=f"worker {reason}; retried")
+                self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
+                again.append(job)
+        self.scheduler.again(again)
+
+    def message(self, text: str) -> None:
+        if text not in self.messages:  # every worker says what its ONNX Runtime runs on; once is enough
+            self.messages.add(text)
+            self.events.message(text)
+
+    def _device(self, slot: int) -> str:
+        return self.pool.slots[slot] if self.pool is not None else "?"
+
+    def execute(self, pool: Pool, batches: list[list[Job]]) -> None:
+        stop = self.stop
+        self.pool = pool
+        self.scheduler = Scheduler(batches)
+        announced = False
+        while True:
+            for slot in pool.idle():
+                if stop.requested:
+                    break
+                with stop.shielded():
+                    batch = self.scheduler.next_for(slot)
+                    if batch is None:
+                        break
+                    self._hand_out(slot, batch)
+            if stop.requested and not announced:
+                # Said here, not in the signal handler: writing to a stream from a handler can re-enter the write
+                # it interrupted.
+                announced = True
+                pool.drain()
+                self.events.message("stopping: running rows finish, no new ones start; Ctrl-C again to stop at once")
+            if not pool.busy():
+                if stop.requested or not len(self.scheduler):
+                    break
+                if not pool.usable():
+                    if self.retired:
+                        with stop.shielded():
+                            self._fail_rest()
+                        break
+                    raise RunError(
+                        "no worker could start (see the messages above); the rows stay pending for the next run"
+                    )
+            pool.wait(0.5)
+        with stop.shielded():
+            for slot in list(self.streaks):
+                self._settle(slot)
+        self._leave_rest()
+
+    def _hand_out(self, slot: int, batch: list[Job]) -> None:
+        device = self._device(slot)
+        self.in_flight[slot] = batch
+        for job in batch:
+            self.ledger.mark_running(
+                job.output, run_id=self.run_id, device=device, model=self.source.name, weights=self.source.sha256
+            )
+            if job.clip is None:
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
+            elif job.output not in self.clip_frames:  # a clip's bar counts frames, lead-ins of every chunk included
+                self.clip_frames[job.output] = {}
+                self.events.row_started(job.row.number, self.ledger.relative(job.output), self.clip_totals[job.output])
+        assert self.pool is not None
+        self.pool.submit(slot, batch)
+
+    def _record(self, job: Job, result: Result) -> None:
+        if job.clip is not None and not self._clip_settled(job, result):
+            return
+        if job.clip is not None and result.status == "done":
+            try:
+                frames = assemble_clip(job)
+            except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone
+                result = dataclasses.replace(
+                    result, status="failed", error=f"row {job.row.number}: assembling {job.output.name}: {exc}"
+                )
+            else:
+                try:
+                    error = clip_temporal_error(job, frames, self.config.cache)
+                except Exception as exc:  # noqa: BLE001 - a figure for the report, never the row's failure
+                    self.events.message(f"row {job.row.number}: no temporal error measured ({exc})")
+                    error = None
+                result = dataclasses.replace(result, temporal_error=error, frames=len(frames))
+        self._write_record(job, result)
+
+    def _clip_settled(self, job: Job, result: Result) -> bool:
+        """A chunk of a clip row finished: True when the row is settled (every chunk done, or the first failure)."""
+        assert job.clip is not None
+        if job.output in self.clip_failed:
+            return False
+        if result.status != "done":
+            self.clip_failed.add(job.output)
+            return True
+        left = self.clip_parts.setdefault(job.output, set(range(job.clip.chunks)))
+        left.discard(job.clip.chunk)
+        done = self.clip_frames.setdefault(job.output, {})
+        done[job.clip.chunk] = job.clip.frames  # the last frame's file landed after its last progress report
+        self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals.get(job.output, job.clip.frames))
+        if left:
+            self.events.message(
+                f"row {job.row.number}: chunk {job.clip.chunk + 1} of {job.clip.chunks} of {job.output.name} done "
+                f"({job.clip.end - job.clip.first} frames)"
+            )
+        return not left
+
+    def _write_record(self, job: Job, result: Result) -> None:
+        fields: dict[str, Any] = {
+            "seconds": result.seconds,
+            "iterations": result.iterations,
+            "error": result.error,
+            "targets": result.targets,
+            "provider": result.provider,
+            "precision": result.precision,
+            "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
+        }
+        if result.losses is not None:
+            fields.update(
+                content_loss=result.losses.content,
+                style_loss=result.losses.style,
+                tv_loss=result.losses.tv,
+                total_loss=result.losses.total,
+                params=json.dumps(
+                    {
+                        **job.settings.as_dict(),
+                        "scales": [list(x) for x in result.scales],
+                        "stops": result.stops,
+                        "colours": result.colours,  # per style: what color=auto chose
+                        "batch": result.batch,
+                        **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
+                        # per scale [tile px (0: untiled), L-BFGS pairs, their store, devices]: a tile changes pixels
+                        # within 1/255 only, so it is recorded, not part of the key
+                        "tiling": [list(t) for t in result.tiling],
+                        "memory_budget": result.memory_budget,
+                    }
+                ),
+            )
+        self.ledger.mark_finished(job.output, status=result.status, **fields)
+        info = {"seconds": round(result.seconds, 3), "error": result.error}
+        if result.losses is not None:
+            info.update(result.losses.__dict__)
+        self.events.row_finished(job.row.number, self.ledger.relative(job.output), result.status, info)
+        if result.status == "done":
+            self.summary.done.append(job.row.number)
+        else:
+            self.summary.failed[job.row.number] = without_row(job.row.number, result.error or "failed")
+
+    def _leave_rest(self) -> None:
+        """Rows still queued (a stop was asked for) stay pending; the next run does them. A stop that came when
+        nothing was left to start is no stop at all."""
+        left = self.scheduler.rows()
+        if self.stop.requested and left:
+            self.summary.stopped = True
+            self.summary.interrupted += left
+
+    def interrupt_running(self) -> None:
+        held = [[job for job, _ in streak.held] for streak in self.streaks.values()]
+        for jobs in [*self.in_flight.values(), *held]:
+            for job in jobs:
+                self.ledger.mark_finished(job.output, status="pending", error="interrupted")
+                self.summary.interrupted.append(job.row.number)
+        self.in_flight.clear()
+        self.streaks.clear()
+        self.summary.stopped = True
+        self.summary.interrupted += self.scheduler.rows()
+        self.scheduler.clear()
+
+
+def finished_before(job: Job, ledger: Ledger, run_id: int) -> bool:
+    """An output carrying this job's key in its metadata is finished work whose `done` never reached the ledger (a
+    kill between the rename and the ledger write, or a lost ledger): record it rather than redo it."""
+    if not job.output.is_file():
+        return False
+    try:
+        if read_metadata(job.output).get("batchstyle:key") != job.key:
+            return False
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
+        return False
+    mark_pending(ledger, job, run_id)
+    ledger.mark_finished(job.output, status="done", error=None)
+    return True
+
+
+def mark_pending(ledger: Ledger, job: Job, run_id: int) -> None:
+    row = job.row
+    ledger.mark_pending(
+        job.output,
+        row=row.number,
+        content=str(row.content),
+        styles=";".join(map(str, row.styles)),
+        key=job.key,
+        run_id=run_id,
+    )
+
+
+def without_row(number: int, error: str) -> str:
+    """The summary prints `row N: ...` itself; the ledger keeps the full text."""
+    prefix = f"row {number}"
+    return error[len(prefix) :].lstrip(": ") if error.startswith(prefix) else error
