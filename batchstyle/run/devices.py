@@ -15,8 +15,7 @@ from batchstyle.errors import RunError
 
 def mps_available() -> bool:
     """Whether torch can run on an Apple GPU here (Apple silicon, macOS 12.3+, a torch built with MPS)."""
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
+    return torch.backends.mps.is_available()
 
 
 def pick_device(name: str = "auto", gpus: int | None = None, mps: bool | None = None) -> torch.device:
