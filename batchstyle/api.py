@@ -8,8 +8,6 @@ checked by the same table.
 
 from __future__ import annotations
 
-import dataclasses
-import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,17 +18,15 @@ from PIL import Image
 
 from batchstyle.images import load_image, to_rgb
 from batchstyle.manifest import read_manifest
-from batchstyle.model.cache import TargetCache
+from batchstyle.model.build import build_stylizer
 from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.scales import scale_plan
-from batchstyle.model.stylize import Hooks, Inputs, Stylizer
-from batchstyle.model.targets import TargetStore, backend_factory
-from batchstyle.model.tiles import MemoryPolicy, default_budget
-from batchstyle.model.weights import default_cache_dir, resolve, sha256_file
+from batchstyle.model.stylize import Hooks, Inputs
+from batchstyle.model.weights import resolve, sha256_file
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values, settings_problem
-from batchstyle.run.config import RunConfig, parse_size
-from batchstyle.run.devices import configure_device, pick_device, precision_for
+from batchstyle.run.config import RUN_SETTINGS, RunConfig
+from batchstyle.run.devices import pick_device, precision_for
 from batchstyle.run.engine import RunSummary, run
 from batchstyle.run.progress import Events, Silent, Terminal
 
@@ -61,7 +57,8 @@ class StyleTransfer:
     on a graph exported on first use, and are kept in the content-addressed cache runs use (`cache_dir`, default
     $BATCHSTYLE_CACHE). That is what makes `stylize` give a one-row run's pixels: L-BFGS amplifies even the last-bit
     differences between ONNX Runtime's and torch's targets (measured: up to 95 of 255 levels apart after 60
-    iterations at 128 px), so the same targets are needed, not merely equivalent ones. `max_memory` (bytes, or
+    iterations at 128 px), so the same targets are needed, not merely equivalent ones; a run's workers build their
+    stylizers with the same factory (`model.build.build_stylizer`), so nothing else can differ. `max_memory` (bytes, or
     "3GiB") and `tile` mean what `batchstyle run --max-memory/--tile` mean: an image that would not fit is
     optimised in tiles, exactly. `tile_devices` (e.g. ["cuda:1", "cuda:2"]) are more devices its tiles are dealt
     to, as `batchstyle run --spread-tiles` deals them to every device after the first.
@@ -78,22 +75,32 @@ class StyleTransfer:
         tile: int | None = None,
         tile_devices: Sequence[str] = (),
     ) -> None:
-        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        source, self.model_reason = resolve(model, cache)
-        weights = source.load(cache)
+        # Checked, and read from their written forms ("3GiB"), as `batchstyle run`'s flags and `run_manifest`'s are.
+        config = RunConfig.from_values(
+            {
+                "model": model,
+                "precision": precision,
+                "cache_dir": cache_dir,
+                "targets": targets,
+                "max_memory": max_memory,
+                "tile": tile,
+            }
+        )
+        source, self.model_reason = resolve(config.model, config.cache)
         dev = pick_device(device)
-        precision = precision_for(dev, precision)
-        configure_device(dev, precision)
-        try:
-            target_cache: TargetCache | None = TargetCache(cache)
-        except (OSError, sqlite3.Error):
-            target_cache = None  # a read-only cache costs reuse, never the image
         self.messages: list[str] = []  # what a run would print: the targets' provider, fallbacks
-        backends = backend_factory(weights, dev, cache, targets, self.messages.append, export=True)
-        budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
-        memory = MemoryPolicy(default_budget(dev) if budget is None else budget, tile, devices=tuple(tile_devices))
-        store = TargetStore(backends, target_cache, "fp32", self.messages.append)
-        self.stylizer = Stylizer(weights, dev, store, precision, memory)
+        self.stylizer = build_stylizer(
+            source.load(config.cache),
+            dev,
+            config.cache,
+            precision_for(dev, config.precision),
+            self.messages.append,
+            targets=config.targets,
+            export=True,
+            max_memory=config.max_memory,
+            tile=config.tile,
+            tile_devices=tile_devices,
+        )
 
     @property
     def model(self) -> str:
@@ -174,15 +181,14 @@ def run_manifest(
     row's own cells override. Progress goes to the terminal only when `quiet=False`, or to your `events` sink.
     An unusable manifest or setting raises `UnusableInput` (a failing row does not: it is in the summary).
     """
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(name for name in settings if name not in OPTIONS and name not in run_fields)
+    unknown = sorted(name for name in settings if name not in OPTIONS and name not in RUN_SETTINGS)
     if unknown:
         raise TypeError(
             f"run_manifest got unknown setting {', '.join(unknown)}: use option names ({', '.join(OPTIONS)}) "
-            f"or run settings ({', '.join(sorted(run_fields))})"
+            f"or run settings ({', '.join(RUN_SETTINGS)})"
         )
     options = {name: value for name, value in settings.items() if name in OPTIONS}
-    config = RunConfig.from_values({name: value for name, value in settings.items() if name in run_fields})
+    config = RunConfig.from_values({name: value for name, value in settings.items() if name in RUN_SETTINGS})
     manifest = read_manifest(Path(path), option_values(options), Path(out) if out is not None else None, fmt)
     sink = events if events is not None else (Silent() if quiet else Terminal())
     return run(manifest, config, sink)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from batchstyle.model.export import graph_spec
+from batchstyle.model.numerics import PRECISIONS, configure_device
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.tiles import MemoryPolicy
 from batchstyle.model.weights import Weights
@@ -43,9 +44,9 @@ def precisions_to_measure(device: torch.device, asked: str = "auto") -> list[str
     from batchstyle.run.devices import precision_for
 
     names = [name.strip().lower() for name in asked.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ("auto", "fp32", "tf32", "bf16")]
+    unknown = [name for name in names if name not in PRECISIONS]
     if unknown:
-        raise ValueError(f"unknown precision {', '.join(unknown)}: use fp32, tf32, bf16 or auto")
+        raise ValueError(f"unknown precision {', '.join(unknown)}: use {', '.join(PRECISIONS)}")
     defaults = {"cuda": ["tf32", "bf16"], "cpu": ["bf16"]}.get(device.type, [])
     found = ["fp32"]
     for name in names:
@@ -107,7 +108,7 @@ def iteration_figures(
 ) -> IterationFigures:
     """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
     forward+backward floor at the same batch and precision, through the `Stylizer` a worker uses."""
-    from batchstyle.run.devices import configure_device, precision_for
+    from batchstyle.run.devices import precision_for
 
     dev = torch.device(device)
     precision = precision_for(dev, precision)
@@ -529,7 +530,7 @@ def image_figures(
 ) -> ImageFigures:
     """One stylization of `batch` 4:3 images at one scale, `iterations` L-BFGS iterations, timed whole, through the
     `Stylizer` a worker uses (targets with torch, uncached)."""
-    from batchstyle.run.devices import configure_device, precision_for
+    from batchstyle.run.devices import precision_for
 
     dev = torch.device(device)
     precision = precision_for(dev, precision)
@@ -566,8 +567,6 @@ def cudnn_figures(
 ) -> list[CudnnFigures]:
     """What cudnn.benchmark costs and gains: the first forward+backward at a new shape and the median after it, with
     the search off and on, each at a shape of its own (so neither finds the other's tuning)."""
-    from batchstyle.run.devices import configure_device
-
     dev = torch.device(device)
     settings = make_settings({**default_values(), "size": long_side, "min_size": 0})
     model = Stylizer.local(weights, dev, precision).trunk(settings)
@@ -745,7 +744,7 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
         skip("auto batch", f"--batch-size auto is 1 on {dev.type}: the figure is batch 1's")
 
     # 4. cudnn.benchmark: what the algorithm search costs at a new shape and gains after it.
-    echo("\n4. cudnn.benchmark (off in runs: see run/devices.py CUDNN_BENCHMARK)")
+    echo("\n4. cudnn.benchmark (off in runs: see model/numerics.py CUDNN_BENCHMARK)")
     if dev.type != "cuda":
         skip("cudnn.benchmark", f"cuDNN runs on NVIDIA GPUs only, not on {dev.type}")
     elif not spent("cudnn.benchmark"):

@@ -21,7 +21,9 @@ import click
 
 from batchstyle.errors import UnusableInput
 from batchstyle.model import weights
+from batchstyle.model.numerics import PRECISIONS
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values
+from batchstyle.run.config import RUN_SETTINGS, RunConfig
 from batchstyle.version import __version__
 
 if TYPE_CHECKING:
@@ -51,10 +53,11 @@ class _Group(click.Group):
             raise Unusable(str(exc)) from exc
 
 
+# Every command's cache folder; for `run` it is also a run setting, whose record gives the help.
 CACHE_DIR = click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Cache for weights, targets and ONNX graphs [default: $BATCHSTYLE_CACHE or ~/.cache/batchstyle].",
+    help=RUN_SETTINGS["cache_dir"].help,
 )
 
 
@@ -69,6 +72,28 @@ def _option_decorators(func: Any) -> Any:
             func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
         else:
             func = click.option(flag, name, default=None, metavar=option.metavar, help=help_text)(func)
+    return func
+
+
+def _run_flags(func: Any) -> Any:
+    """Every run setting that has a flag, as its record in `RUN_SETTINGS` says. Click passes the values on as
+    written; `RunConfig.from_values` reads and checks them, as it does `run_manifest`'s keywords."""
+    for setting in reversed([setting for setting in RUN_SETTINGS.values() if setting.flag]):
+        if isinstance(setting.default, bool):
+            func = click.option(
+                setting.flag_name, setting.name, is_flag=True, default=setting.default, help=setting.help
+            )(func)
+            continue
+        func = click.option(
+            setting.flag_name,
+            *setting.aliases,
+            setting.name,
+            type=click.STRING,  # not a type inferred from the default: the table reads the text ("auto" batches)
+            default=setting.default,
+            show_default=setting.default is not None,
+            metavar=setting.metavar,
+            help=setting.help,
+        )(func)
     return func
 
 
@@ -141,124 +166,14 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
 
 @main.command()
 @_common
-@click.option(
-    "--model",
-    default="auto",
-    show_default=True,
-    help="auto, vgg19, vgg16, vgg16-hed, random, or a .safetensors/.pth file.",
-)
-@click.option(
-    "--devices",
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (every CUDA GPU, else the Apple GPU, else the CPU), all (every GPU), cpu, mps, or a list: "
-    "cuda:0,cuda:1 or cpu,cpu.",
-)
-@click.option(
-    "--workers-per-device",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes per device: more than one keeps a big GPU busy while another worker loads or saves.",
-)
-@click.option(
-    "--batch-size",
-    default="1",
-    show_default=True,
-    metavar="N|auto",
-    help="Rows of the same size and settings optimised together; auto fills the GPU's free memory (1 on CPU).",
-)
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=2,
-    show_default=True,
-    help="Times a row is handed out again after its worker died (out of memory, crash, killed).",
-)
-@click.option(
-    "--stall-timeout",
-    type=click.FloatRange(min=0),
-    default=None,
-    metavar="SECONDS",
-    help="A worker process or Ray actor silent this long while it holds rows is killed as hung and replaced, its "
-    "rows retried; 0 never [default: 3 minutes plus 3 of the run's slowest predicted iterations].",
-)
-@click.option(
-    "--precision",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "fp32", "tf32", "bf16"]),
-    help="The network's precision. auto: TF32 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16, AMX), else "
-    "fp32. Gram matrices, losses and the optimiser stay fp32.",
-)
-@click.option(
-    "--backend",
-    default="local",
-    show_default=True,
-    type=click.Choice(["local", "ray"]),
-    help="local: a process per device slot on this machine; ray: Ray actors, one per GPU, across a cluster.",
-)
-@click.option("--address", default=None, help="Ray cluster address (auto: the cluster this node belongs to).")
-@click.option(
-    "--shard",
-    default=None,
-    metavar="I/N",
-    help="Run slice I of N (0-based) of the manifest; auto/N takes I from SLURM or Kubernetes "
-    "[default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set].",
-)
-@click.option(
-    "--clip-chunks",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="Split each video row into N chunks that run in parallel, blended over a few overlapping frames; 0: one "
-    "chunk per worker (a clip stays whole on one worker).",
-)
-@click.option("--force", is_flag=True, help="Redo every row, even those already done.")
+@_run_flags
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the summary and errors.")
 @click.option(
     "--log-json",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Append machine-readable JSON-lines events to FILE.",
 )
-@click.option(
-    "--targets",
-    default="ort",
-    show_default=True,
-    type=click.Choice(["ort", "torch"]),
-    help="Compute content/style targets with ONNX Runtime (TensorRT -> CUDA -> CPU) or PyTorch.",
-)
-@click.option("--trt-fp16", is_flag=True, help="Let TensorRT build fp16 engines for targets.")
 @click.option("--report", "make_report", is_flag=True, help="Write contact-sheet.png and report.html at the end.")
-@click.option(
-    "--save-every",
-    type=click.IntRange(min=0),
-    default=0,
-    metavar="N",
-    help="Also write every N-th iterate, into <output stem>.iterates/ beside the output.",
-)
-@click.option(
-    "--max-memory",
-    default=None,
-    metavar="SIZE",
-    help="Memory a worker's row may use, e.g. 3GiB or 800MB: a row that would not fit is optimised in tiles, exactly "
-    "[default: the GPU's free memory; on a CPU 60% of the machine's available memory, shared by its workers].",
-)
-@click.option(
-    "--tile",
-    type=click.IntRange(min=0),
-    default=None,
-    metavar="PX",
-    help="Force tiles of PX pixels (0: never tile) [default: tiles only where a row would not fit, as large as fit].",
-)
-@click.option(
-    "--spread-tiles",
-    is_flag=True,
-    default=None,
-    help="One worker drives all --devices: rows run on the first, a tiled row's tiles are dealt to all of them.",
-)
 @CACHE_DIR
 def run(
     manifest_path: Path,
@@ -274,7 +189,7 @@ def run(
     from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
 
     options, settings = _split(params)
-    config = engine.RunConfig.from_values({**settings, "argv": sys.argv})
+    config = RunConfig.from_values({**settings, "argv": sys.argv})
     manifest = _read(manifest_path, out_dir, fmt, options)
     sinks: list[Any] = [] if quiet else [Terminal()]
     try:
@@ -400,7 +315,7 @@ def bench() -> None:
     default="auto",
     show_default=True,
     metavar="LIST",
-    help="Precisions to measure, comma-separated (fp32, tf32, bf16, auto); auto: fp32 and bf16 on a CPU, fp32, "
+    help=f"Precisions to measure, comma-separated ({', '.join(PRECISIONS)}); auto: fp32 and bf16 on a CPU, fp32, "
     "tf32 and bf16 on CUDA, fp32 on an Apple GPU. fp32 is always measured: its floor is the yardstick.",
 )
 @CACHE_DIR
@@ -722,13 +637,12 @@ def bench_memory(
 
     from batchstyle.bench import memory_figures, untiled_bytes
     from batchstyle.model.tiles import MemoryPolicy, available_memory, default_budget
-    from batchstyle.run.config import parse_size
 
     kinds = [k.strip() for k in tilings.split(",") if k.strip()]
     for kind in kinds:
         if kind not in ("auto", "untiled") and not kind.isdigit():
             raise click.BadParameter(f"{kind!r} is not auto, untiled or a tile size in px", param_hint="--tilings")
-    budget = parse_size(max_memory) if max_memory else default_budget(torch.device("cpu"))
+    budget = RUN_SETTINGS["max_memory"].read(max_memory) if max_memory else default_budget(torch.device("cpu"))
     cache = cache_dir or weights.default_cache_dir()
     final = f"{final_iterations} iterations" if final_iterations else "until its L-BFGS history is full"
     click.echo(

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import cli, write_manifest
 from PIL import Image
 
 from batchstyle import StyleTransfer, run_manifest
-from batchstyle.options import OptionError
+from batchstyle.errors import RunError
+from batchstyle.images import load_image
+from batchstyle.model.export import graph_spec
+from batchstyle.model.stylize import Inputs, Stylizer
+from batchstyle.options import OptionError, default_values, make_settings
+from batchstyle.run.config import RUN_SETTINGS
+from batchstyle.run.devices import precision_for
 from batchstyle.run.ledger import read_records
+from batchstyle.run.worker import Worker, WorkerSpec
 
 # Coarse-to-fine on purpose (scales 24, 34, 48): the facade must run the same scale loop a row does.
 OPTIONS = {"size": 48, "min_size": 24, "iterations": 3, "scale_iterations": 4, "seed": 3}
@@ -92,3 +101,61 @@ def test_the_facade_returns_16_bit_pixels_when_asked(tmp_path: Path) -> None:
     flat = st.stylize(content, style, size=32, iterations=3, min_size=0)
     assert deep.dtype == np.uint16 and deep.shape == (24, 32, 3)
     assert np.abs(deep / 257.0 - np.asarray(flat)).max() <= 0.5 + 1e-6  # the same picture, finer levels
+
+
+def test_a_worker_and_the_facade_build_the_same_stylizer(images: dict[str, Path], tmp_path: Path) -> None:
+    """Both go through `model.build.build_stylizer`: for the same settings, the same stylizer, to the last pixel."""
+    cache = tmp_path / "cache"
+    facade = StyleTransfer(
+        model="random", device="cpu", cache_dir=cache, targets="torch", max_memory="1GiB", tile=0
+    ).stylizer
+    spec = WorkerSpec(
+        model="random",
+        cache_dir=cache,
+        device="cpu",
+        targets="torch",
+        precision=precision_for(torch.device("cpu"), "auto"),  # as the engine resolves it for a slot
+        max_memory=1 << 30,
+        tile=0,
+    )
+    worker = Worker.build(spec, warn=lambda text: None).stylizer
+    settings = make_settings(default_values() | {"size": 32, "min_size": 0, "iterations": 3})
+
+    def built(stylizer: Stylizer) -> tuple[object, ...]:
+        backend = stylizer.targets.backend(graph_spec(stylizer.weights.source, settings))
+        store = stylizer.targets
+        return (
+            stylizer.weights.sha256,
+            stylizer.device,
+            stylizer.precision,
+            stylizer.memory,
+            store.precision,
+            store.cache is not None,
+            type(backend),
+        )
+
+    assert built(facade) == built(worker)
+    item = Inputs(content=load_image(images["photo"]), styles=[load_image(images["painting"])])
+    (a,), (b,) = facade.stylize([item], settings), worker.stylize([item], settings)
+    assert torch.equal(a.image, b.image)
+
+
+def test_the_facade_takes_the_run_settings_it_shares_by_name_and_default() -> None:
+    """The table marks which run settings `StyleTransfer` takes; its signature keeps their names and defaults."""
+    parameters = inspect.signature(StyleTransfer).parameters
+    shared = {name: setting for name, setting in RUN_SETTINGS.items() if setting.facade}
+    assert set(shared) == set(parameters) & set(RUN_SETTINGS)
+    assert {name: parameters[name].default for name in shared} == {name: s.default for name, s in shared.items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("precision", "fp16", "--precision 'fp16': give one of auto, fp32, tf32, bf16"),
+        ("max_memory", "1x", "--max-memory '1x': give a size"),
+        ("tile", -1, "--tile -1: give a tile size in pixels, or 0 for untiled"),
+    ],
+)
+def test_the_facade_refuses_a_run_setting_as_the_flag_does(name: str, value: object, message: str) -> None:
+    with pytest.raises(RunError, match=message):
+        StyleTransfer(model="random", device="cpu", **{name: value})

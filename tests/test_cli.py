@@ -24,11 +24,16 @@ from click.testing import Result
 from conftest import MALFORMED, cli, make_photo, write_manifest
 from PIL import Image
 
+from batchstyle.api import run_manifest
+from batchstyle.cli import main
+from batchstyle.errors import RunError
 from batchstyle.images import TEMP_MARKER, is_temp_file, load_image, read_metadata, resize_long_side
 from batchstyle.model import weights
 from batchstyle.model.pixels import image_to_tensor, rgb_to_yiq
 from batchstyle.model.stylize import style_colours
+from batchstyle.options import OPTIONS
 from batchstyle.run import devices, engine
+from batchstyle.run.config import RUN_SETTINGS
 from batchstyle.run.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
 
 # --device cpu keeps ledger and metadata the same on a GPU host; -q keeps progress bars out of the output.
@@ -698,6 +703,45 @@ def test_unusable_run_settings_exit_2_before_any_work(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "night").exists() or not visible_files(tmp_path / "night")
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("workers_per_device", "0"),
+        ("batch_size", "many"),
+        ("retries", "-1"),
+        ("stall_timeout", "soon"),
+        ("precision", "fp16"),
+        ("backend", "slurm"),
+        ("clip_chunks", "-2"),
+        ("max_memory", "1x"),
+        ("tile", "-1"),
+    ],
+)
+def test_a_bad_run_setting_is_refused_in_the_same_words_by_the_flag_and_the_keyword(
+    tmp_path: Path, three_rows: Path, name: str, text: str
+) -> None:
+    """One check per setting (`RunConfig`), whichever surface the value came in by."""
+    with pytest.raises(RunError) as refused:
+        run_manifest(three_rows, out=tmp_path / "py", **{name: text})
+    assert str(refused.value).startswith(RUN_SETTINGS[name].flag_name)
+    result = cli("run", three_rows, *FAST, RUN_SETTINGS[name].flag_name, text)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {refused.value}\n"
+    assert not (tmp_path / "night").exists() and not (tmp_path / "py").exists()
+
+
+def test_the_run_commands_flags_are_the_run_settings_table() -> None:
+    """Names, aliases and defaults come from `RUN_SETTINGS`; nothing else is a run-level flag."""
+    params = {param.name: param for param in main.commands["run"].params}
+    flagged = {name: setting for name, setting in RUN_SETTINGS.items() if setting.flag}
+    assert set(flagged) <= set(params)
+    for name, setting in flagged.items():
+        assert params[name].opts + params[name].secondary_opts == [setting.flag_name, *setting.aliases], name
+        assert params[name].default == setting.default, name
+    own = {"manifest_path", "out_dir", "fmt", "quiet", "log_json", "make_report", "cache_dir"}
+    assert set(params) - set(OPTIONS) - own == set(flagged)
 
 
 def test_an_output_whose_done_never_reached_the_ledger_is_not_redone(three_rows: Path) -> None:

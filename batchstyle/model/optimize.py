@@ -19,6 +19,7 @@ from torch import nn
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.history import pair_store
 from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss
+from batchstyle.model.numerics import NETWORK_PRECISIONS
 from batchstyle.model.targets import Targets
 from batchstyle.options import STOP_WINDOW, Settings
 
@@ -315,7 +316,6 @@ def upsample(image: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(image, size=like.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 LOSS_CHUNK = 20  # iterations between host copies of the losses on an asynchronous device
 EMA_DECAY = 0.9  # average=ema: each iterate's weight decays by this per iteration (about the last 10 count)
 
@@ -375,8 +375,8 @@ def optimize_batch(
     it tile by tile in bounded memory. `history_pairs` is each image's L-BFGS pairs (default `lbfgs_history`), kept in
     `history_store` (`history.STORES`; a "file" in `history_folder`, default the system's temporary folder).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in NETWORK_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(NETWORK_PRECISIONS)}")
     batch, device = contents.shape[0], contents.device
     torch.manual_seed(settings.seed)
     autocast = torch.bfloat16 if precision == "bf16" else None

@@ -31,8 +31,8 @@ import torch
 
 from batchstyle.images import write_file_atomic
 from batchstyle.model.features import VGGFeatures
+from batchstyle.model.numerics import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")  # what --precision takes; the last three are what a network runs in
 # What `auto` chooses among on each kind of device; the first is the baseline a faster one must beat. TF32 and bf16
 # exist only where the hardware computes them (Ampere and later, bf16-capable CPUs); elsewhere they are emulated and
 # the measurement says so. Apple GPUs run fp32: torch's MPS backend has no TF32, and its bf16 is not faster.

@@ -149,7 +149,7 @@ def ort_providers(
         if "CUDAExecutionProvider" in available:
             # Each target is computed once at its shape, and a run meets many shapes: the exhaustive cuDNN search
             # ORT does by default for every new one would cost more than the convolutions it tunes (see
-            # run.devices.CUDNN_BENCHMARK). The arena grows by what is asked, not to the next power of two, so the
+            # numerics.CUDNN_BENCHMARK). The arena grows by what is asked, not to the next power of two, so the
             # memory `--batch-size auto` counted on is not taken by targets.
             cuda_options = {
                 "device_id": device_id,

@@ -1,5 +1,5 @@
-"""Devices, in one place: what `--devices` names, which precision runs where, how a device is set up, and which
-failures mean the device (not the row) is at fault.
+"""Devices, in one place: what `--devices` names, which precision runs where, and which failures mean the device
+(not the row) is at fault. What a precision switches on a device is the model layer's (`model.numerics`).
 
 Both the engine (which plans slots) and the pools (which host workers) import this; nothing here imports either.
 """
@@ -113,25 +113,6 @@ def precision_for(device: torch.device, asked: str, cpu_has_bf16: bool | None = 
     if device.type == "cpu":
         return "bf16" if (cpu_has_native_bf16() if cpu_has_bf16 is None else cpu_has_bf16) else "fp32"
     return "fp32"
-
-
-# cuDNN's exhaustive algorithm search (cudnn.benchmark) runs once per new input shape. A run meets many shapes: every
-# scale of coarse-to-fine is a new one, and so is every aspect ratio among the photos, and each target is computed
-# once at its shape. With the search on, every one of those shapes pays for trying every convolution algorithm of
-# the ~13 layers forward and backward, a cost of the order of a second, while a 256 px scale of 200 iterations takes
-# about as long on a modern GPU; for VGG's plain 3x3 convolutions cuDNN's heuristics pick the same or a close
-# algorithm. So it stays off; `batchstyle bench device` prints the first-iteration cost and per-iteration gain of
-# both settings, which is what would justify turning it on.
-CUDNN_BENCHMARK = False
-
-
-def configure_device(device: torch.device, precision: str, cudnn_benchmark: bool = CUDNN_BENCHMARK) -> None:
-    """Convolutions may use TF32; matrix products stay fp32, because they compute the Gram matrices."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
-        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def free_gpu_memory(names: Sequence[str]) -> dict[str, int]:

@@ -24,18 +24,15 @@ from typing import Any
 import torch
 
 from batchstyle.images import ImageError, load_image, save_image_atomic
-from batchstyle.model.cache import TargetCache
+from batchstyle.model.build import build_stylizer
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
-from batchstyle.model.targets import TargetStore, backend_factory
-from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import Weights, resolve
 from batchstyle.run.devices import (
     DEVICE_FAULT_EXIT,
     DeviceFault,
-    configure_device,
     empty_cache,
     is_device_fault,
     is_out_of_memory,
@@ -175,33 +172,25 @@ class Worker:
         own worker may pass the weights it already holds."""
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        device = torch.device(spec.device)
-        configure_device(device, spec.precision)
         if weights is None:
             source, _ = resolve(spec.model, spec.cache_dir)
             weights = source.load(spec.cache_dir, fetch=False)
-        try:
-            cache: TargetCache | None = TargetCache(spec.cache_dir)
-        except (OSError, sqlite3.Error) as exc:
-            warn(f"no target cache ({exc}): every target is computed")
-            cache = None
-        precision = "trt-fp16" if spec.trt_fp16 and spec.targets == "ort" else "fp32"
-        backends = backend_factory(
+        stylizer = build_stylizer(
             weights,
-            device,
+            torch.device(spec.device),
             spec.cache_dir,
-            spec.targets,
+            spec.precision,
             warn,
+            targets=spec.targets,
             trt_fp16=spec.trt_fp16,
             profile=spec.profile,
             torch_graphs=spec.torch_targets,
+            max_memory=spec.max_memory,
+            tile=spec.tile,
+            scratch=spec.scratch,
+            tile_devices=spec.tile_devices,
         )
-        store = TargetStore(backends, cache, precision, warn)
-        budget = spec.max_memory if spec.max_memory is not None else default_budget(device)
-        # A Ray worker on another machine may not see the output folder: the system's temporary folder serves then.
-        scratch = spec.scratch if spec.scratch is not None and spec.scratch.is_dir() else None
-        memory = MemoryPolicy(budget, spec.tile, scratch, spec.tile_devices)
-        return cls(Stylizer(weights, device, store, spec.precision, memory), spec.save_every, spec.cache_dir)
+        return cls(stylizer, spec.save_every, spec.cache_dir)
 
     def close(self) -> None:
         self.stylizer.targets.close()
