@@ -102,9 +102,7 @@ def run_clip(
             colours=colours,
         )
         finished = part.frames - len(todo) + stylized
-        hooks = Hooks(
-            on_iteration=None if on_iteration is None else (lambda i, losses, n=finished: on_iteration(n, losses[0]))
-        )
+        hooks = Hooks(on_iteration=None if on_iteration is None else _heard(on_iteration, finished))
         last = chain.stylize(position, inputs, hooks)
         save_image_atomic(
             tensor_to_image(last.image.clamp(0, 1)),
@@ -119,6 +117,11 @@ def run_clip(
         done_iterations += last.iterations
         stylized += 1
     return last, stylized, done_iterations
+
+
+def _heard(on_iteration: OnFrameIteration, finished: int) -> Callable[[int, list[Losses]], None]:
+    """A frame's iterations as the job's heartbeat: (frames of the job finished before this one, the losses)."""
+    return lambda iteration, losses: on_iteration(finished, losses[0])
 
 
 CONTENT_BATCH = 8  # frames whose content targets go through the target backend (ONNX Runtime) in one call
