@@ -100,8 +100,8 @@ def precision_for(device: torch.device, asked: str, cpu_has_bf16: bool | None = 
 
     - CUDA: TF32 convolutions (Ampere and later run them ~8x faster than fp32, within the noise of the optimisation).
     - CPU with native bf16 (`cpu_has_bf16`, default: what `cpu_has_native_bf16` reports): bf16 autocast for the
-      network, about half the time of fp32 per iteration, with final losses within a few percent (README). Without
-      it, fp32: there TF32 does not exist and emulated bf16 is slower.
+      network, about half the time of fp32 per iteration, with final losses within a few percent
+      (docs/benchmarks.md#bf16-on-a-cpu). Without it, fp32: there TF32 does not exist and emulated bf16 is slower.
     - Apple GPUs (mps): fp32.
 
     Only the network runs in the lower precision: Gram matrices, losses and the optimiser stay fp32 everywhere.
