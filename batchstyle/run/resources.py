@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from batchstyle.errors import RunError
 from batchstyle.images import output_size
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.layout import conv_flops, deepest
@@ -34,13 +33,8 @@ Sizes = Mapping[Path, tuple[int, int]]  # image file -> (width, height), as the 
 
 
 def worker_slots(config: RunConfig) -> list[str]:
-    """One device name per worker: each device of --devices, --workers-per-device times; "ray" for a Ray run."""
-    if config.workers_per_device < 1:
-        raise RunError("--workers-per-device must be at least 1")
-    if config.spread_tiles and (config.backend == "ray" or config.workers_per_device > 1):
-        raise RunError(
-            "--spread-tiles runs one worker over this machine's devices: drop --workers-per-device and --backend ray"
-        )
+    """One device name per worker: each device of --devices, --workers-per-device times; "ray" for a Ray run.
+    (`RunConfig` has checked the counts and that --spread-tiles goes with neither.)"""
     if config.backend == "ray":
         return ["ray"]
     devices = parse_devices(config.devices)
