@@ -76,12 +76,15 @@ def options_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _subcommands(group: click.Group, ctx: click.Context) -> list[tuple[str, click.Command]]:
+    """The group's visible commands by name, in click's own (alphabetical) order."""
+    found = ((name, group.get_command(ctx, name)) for name in group.list_commands(ctx))
+    return [(name, command) for name, command in found if command is not None and not command.hidden]
+
+
 def _commands(group: click.Group, ctx: click.Context) -> Iterator[tuple[click.Command, click.Context]]:
-    """Every command under `group`, depth first in click's own (alphabetical) order, each with its context."""
-    for name in group.list_commands(ctx):
-        command = group.get_command(ctx, name)
-        if command is None or command.hidden:
-            continue
+    """Every command under `group`, depth first, each with its context."""
+    for name, command in _subcommands(group, ctx):
         sub = click.Context(command, info_name=name, parent=ctx)
         yield command, sub
         if isinstance(command, click.Group):
@@ -99,13 +102,13 @@ def _command_section(command: click.Command, ctx: click.Context) -> list[str]:
     usage = " ".join([ctx.command_path, *command.collect_usage_pieces(ctx)])
     lines = [f"## {ctx.command_path}", "", _help_text(command), "", "```text", usage, "```", ""]
     if isinstance(command, click.Group):
-        names = [name for name in command.list_commands(ctx) if not command.get_command(ctx, name).hidden]
+        names = [name for name, _ in _subcommands(command, ctx)]
         lines += ["Commands: " + ", ".join(f"[`{name}`](#{_anchor(f'{ctx.command_path} {name}')})" for name in names)]
         lines.append("")
     # `--help` is on every command: said once, at the top of the page, rather than in every table.
     help_option = command.get_help_option(ctx)
-    records = [param.get_help_record(ctx) for param in command.get_params(ctx) if param is not help_option]
-    records = [record for record in records if record]
+    params = [param for param in command.get_params(ctx) if param is not help_option]
+    records = [record for param in params if (record := param.get_help_record(ctx))]
     if records:
         lines += ["| flag | meaning |", "| --- | --- |"]
         lines += [f"| {_code(flags)} | {_cell(meaning)} |" for flags, meaning in records]

@@ -76,6 +76,14 @@ def test_code_comments_point_at_doc_sections_that_exist() -> None:
     assert checked >= 10  # the references this test was written for; fewer means the pattern stopped matching
 
 
+def test_the_architecture_page_maps_every_module() -> None:
+    page = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    for folder in ("batchstyle", "batchstyle/run", "batchstyle/model"):
+        for module in sorted(ROOT.joinpath(folder).glob("*.py")):
+            if not module.name.startswith("__"):
+                assert f"| `{module.stem}` |" in page, f"{folder}/{module.name}: add a line to docs/architecture.md"
+
+
 def test_the_readme_is_a_front_page_whose_links_resolve() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) <= 150
