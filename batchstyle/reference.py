@@ -229,8 +229,9 @@ def _score(
     objective: Objective, image: torch.Tensor, seconds: float, iterations: int, clamp: bool = True
 ) -> PathFigures:
     with torch.no_grad():
-        total, content, style, tv = objective(image.clamp(0, 1) if clamp else image)
-    c, s, t, tot = torch.stack([content.sum(), style.sum(), tv.sum(), total.sum()]).double().cpu().tolist()
+        total, terms = objective(image.clamp(0, 1) if clamp else image)
+    content, style, tv = (terms[name].sum() for name in ("content", "style", "tv"))
+    c, s, t, tot = torch.stack([content, style, tv, total.sum()]).double().cpu().tolist()
     return PathFigures(c, s, t, tot, seconds, iterations)
 
 

@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
 from batchstyle.run.ledger import (
-    HISTORY_COLUMNS,
     LEDGER_NAME,
     STATUSES,
     Record,
@@ -45,7 +44,10 @@ HTML_NAME = "report.html"
 # Inputs are cached at this multiple of the thumbnail box, so a wide image still has pixels left for the sheet.
 _MAX_ASPECT = 2.0
 _STATUS_COLOURS = {"done": (30, 130, 60), "failed": (190, 40, 40), "pending": (170, 120, 0), "running": (40, 90, 180)}
-_CURVE_COLOURS = {"content": "#1f77b4", "style": "#d62728", "tv": "#2ca02c"}
+# One curve per recorded term; a term with no colour of its own here takes the next of _SPARE_COLOURS.
+_CURVE_COLOURS = {"content": "#1f77b4", "style": "#d62728", "tv": "#2ca02c", "temporal": "#9467bd"}
+_SPARE_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+_FINAL_COLUMNS = ("content", "style", "tv")  # the terms whose kept-iterate values have ledger columns of their own
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class _Row:
     strip: Image.Image | None = None  # a clip: evenly spaced finished frames side by side
 
     @property
-    def history(self) -> np.ndarray:
+    def history(self) -> dict[str, np.ndarray]:
         return unpack_history(self.record.history)
 
 
@@ -460,8 +462,10 @@ def _data_uri(img: Image.Image, thumb: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _loss_curve(history: np.ndarray, params: dict[str, Any]) -> str | None:
-    """Each loss times its weight, as the optimiser saw them, on a log axis: the terms span orders of magnitude.
+def _loss_curve(history: dict[str, np.ndarray], params: dict[str, Any]) -> str | None:
+    """Each recorded term times its weight (its `{name}_weight` parameter), as the optimiser saw them, on a log
+    axis: the terms span orders of magnitude. Whatever terms the row recorded are drawn: a video row's temporal
+    term too, and any term added later.
 
     The figure is built with matplotlib's object API rather than pyplot, so no global backend is switched and no
     figure registry grows in a process that also uses matplotlib for something else.
@@ -469,24 +473,27 @@ def _loss_curve(history: np.ndarray, params: dict[str, Any]) -> str | None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    weights = [_number(params.get(f"{name}_weight"), 1.0) for name in HISTORY_COLUMNS]
-    steps = np.arange(1, len(history) + 1)
+    iterations = _iterations(history)
+    weights = {name: _number(params.get(f"{name}_weight"), 1.0) for name in history}
+    steps = np.arange(1, iterations + 1)
     fig = Figure(figsize=(5, 2.2), dpi=100)
     ax = fig.add_subplot()
     plotted = 0
-    weighted = history.astype(np.float64) * np.asarray(weights)
-    for column, name in enumerate(HISTORY_COLUMNS):
+    weighted = np.stack([history[name].astype(np.float64) * weight for name, weight in weights.items()], axis=1)
+    spare = iter(_SPARE_COLOURS * len(weights))
+    for column, (name, weight) in enumerate(weights.items()):
         values = weighted[:, column]
         values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
         if np.all(np.isnan(values)):
             continue
         marker = "o" if len(steps) <= 25 else None
-        ax.plot(steps, values, lw=1.3, marker=marker, ms=2.5, color=_CURVE_COLOURS[name])
-        ax.lines[-1].set_label(f"{name} \N{MULTIPLICATION SIGN}{weights[column]:g}")
+        ax.plot(steps, values, lw=1.3, marker=marker, ms=2.5, color=_CURVE_COLOURS.get(name) or next(spare))
+        ax.lines[-1].set_label(f"{name} \N{MULTIPLICATION SIGN}{weight:g}")
         plotted += 1
     if not plotted:
         return None
-    total = weighted.sum(axis=1)
+    # A term missing at some iterations (NaN there: recorded at some scales only) adds nothing to their total.
+    total = np.where(np.isnan(weighted).all(axis=1), np.nan, np.nansum(weighted, axis=1))
     ax.plot(steps, np.where(total > 0, total, np.nan), lw=1, ls="--", color="#555555", label="total")
     ax.set_yscale("log")
     # Initialised from the content, the content loss starts near 1e-13: left alone, that one point would squash
@@ -496,7 +503,7 @@ def _loss_curve(history: np.ndarray, params: dict[str, Any]) -> str | None:
     if np.isfinite(top) and top > 0 and low < top * 1e-6:
         ax.set_ylim(top * 1e-6, high)
     scales = params.get("scales") or []
-    if len(scales) > 1 and sum(int(s[2]) for s in scales) == len(history):
+    if len(scales) > 1 and sum(int(s[2]) for s in scales) == iterations:
         # Labelled by long side ("px" on the first only), alternately high and low: at 2048 px a scale may get
         # 20 of 320 iterations, and full "WxH" labels side by side ran into each other.
         edge = 0
@@ -512,7 +519,7 @@ def _loss_curve(history: np.ndarray, params: dict[str, Any]) -> str | None:
                 color="#666666",
             )
             edge += int(scale[2])
-    ax.set_xlim(0.5, len(history) + 0.5)
+    ax.set_xlim(0.5, iterations + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration", fontsize=8, labelpad=1)
     ax.set_ylabel("weighted loss", fontsize=8)
@@ -524,6 +531,11 @@ def _loss_curve(history: np.ndarray, params: dict[str, Any]) -> str | None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _iterations(history: dict[str, np.ndarray]) -> int:
+    """How many iterations a recorded history spans (every term has a value, or NaN, at each)."""
+    return max((len(values) for values in history.values()), default=0)
 
 
 def _number(value: Any, default: float) -> float:
@@ -589,12 +601,12 @@ def _row_html(row: _Row, thumb: int) -> str:
     # The curve sits beside the pictures, where a row of three thumbnails leaves room for it.
     done = record.status == "done"
     history = row.history
-    curve = _loss_curve(history, row.params if done else {}) if len(history) else None
+    curve = _loss_curve(history, row.params if done else {}) if _iterations(history) else None
     note = ""
     if curve is not None:
         parts.append(f'<figure class="curve"><img class="curve" alt="loss curve of row {_e(number)}" src="{curve}">')
         parts.append("<figcaption>losses per iteration, each times its weight (log scale)</figcaption></figure>")
-    elif len(history):
+    elif _iterations(history):
         note = "no loss curve: no positive losses were recorded."
     else:
         note = "no loss curve: this row recorded no per-iteration losses."
@@ -643,12 +655,12 @@ def _row_html(row: _Row, thumb: int) -> str:
 
     finals = (record.content_loss, record.style_loss, record.tv_loss)
     if done and any(v is not None for v in (*finals, record.total_loss)):
-        weights = [_number(row.params.get(f"{name}_weight"), 1.0) for name in HISTORY_COLUMNS]
+        weights = [_number(row.params.get(f"{name}_weight"), 1.0) for name in _FINAL_COLUMNS]
         parts.append(
             '<table class="losses"><caption>final losses</caption><tr><th></th><th>recorded</th><th>weight</th>'
             "<th>weighted</th></tr>"
         )
-        for name, value, weight in zip(HISTORY_COLUMNS, finals, weights):
+        for name, value, weight in zip(_FINAL_COLUMNS, finals, weights):
             weighted = _fmt(value * weight) if value is not None and row.params else "-"
             shown_weight = f"{weight:g}" if row.params else "-"
             parts.append(f"<tr><th>{name}</th><td>{_fmt(value)}</td><td>{shown_weight}</td><td>{weighted}</td></tr>")

@@ -11,11 +11,14 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from batchstyle.run import ledger as ledger_module
 from batchstyle.run.ledger import (
     LEDGER_NAME,
     LOCK_NAME,
@@ -24,8 +27,10 @@ from batchstyle.run.ledger import (
     Ledger,
     LedgerBusy,
     LedgerError,
+    pack_history,
     read_records,
     summarise,
+    unpack_history,
 )
 
 # Holds the folder's ledger (and writes some rows) until killed; prints "ready" once the lock is held.
@@ -320,3 +325,128 @@ def test_a_version_1_ledger_is_migrated_and_keeps_its_rows(tmp_path: Path) -> No
         ledger.mark_running(output, run_id=1, device="cpu", model="m", weights="w")
         ledger.mark_finished(output, status="done", precision="bf16")
         assert ledger.get(output).precision == "bf16"
+
+
+def test_history_is_recorded_per_iteration_by_term_name(tmp_path: Path) -> None:
+    """Whatever terms a row has, a video row's temporal among them, come back by name, as float32."""
+    output = tmp_path / "clip.mp4"
+    history = [
+        {"content": 0.0, "style": 2.0, "tv": 0.1, "temporal": 0.3},
+        {"content": 0.25, "style": 1.5, "tv": 0.09, "temporal": 0.2},
+    ]
+    with Ledger(tmp_path) as ledger:
+        run_id = start(ledger, output)
+        ledger.mark_running(output, run_id=run_id, device="cpu", model="m", weights="w")
+        ledger.mark_finished(output, status="done", history=pack_history(history))
+        stored = ledger.get(output)
+    assert stored is not None
+    got = unpack_history(stored.history)
+    assert list(got) == ["content", "style", "tv", "temporal"]
+    for name, values in got.items():
+        assert values.dtype == np.float32
+        assert values.tolist() == np.float32([h[name] for h in history]).tolist()
+    [record], _ = read_records(tmp_path)
+    assert record.as_dict(history=True)["history"]["temporal"] == pytest.approx([0.3, 0.2])
+    # A term some iterations lack (added at some scales only) is NaN there, not a shifted column.
+    ragged = unpack_history(pack_history([{"content": 1.0, "style": 2.0}, {"content": 1.0, "style": 2.0, "x": 3.0}]))
+    assert np.isnan(ragged["x"][0]) and ragged["x"][1] == 3.0
+    assert unpack_history(None) == {} and unpack_history(pack_history([])) == {}
+
+
+# Schema 5, as batchstyle wrote it before loss terms were named: its history blobs are bare (iterations, 3) float32.
+SCHEMA_5 = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, manifest TEXT, argv TEXT,
+                   model TEXT, weights TEXT, outcome TEXT);
+CREATE TABLE rows (output TEXT PRIMARY KEY, row INTEGER, content TEXT, styles TEXT, key TEXT NOT NULL,
+                   status TEXT NOT NULL, run_id INTEGER, started REAL, finished REAL, seconds REAL,
+                   iterations INTEGER, content_loss REAL, style_loss REAL, tv_loss REAL, total_loss REAL,
+                   device TEXT, model TEXT, weights TEXT, params TEXT, error TEXT, targets TEXT, provider TEXT,
+                   history BLOB, precision TEXT, frames INTEGER, frames_done INTEGER);
+INSERT INTO runs (id, started) VALUES (1, 0);
+PRAGMA user_version = 5;
+"""
+OLD_HISTORY = [[1e-13, 2.0, 0.1], [0.25, 1.5, 0.09], [0.3, 1.25, 0.08]]
+
+
+def _schema_5_ledger(folder: Path) -> None:
+    old = sqlite3.connect(folder / LEDGER_NAME)
+    old.executescript(SCHEMA_5)
+    blob = zlib.compress(np.asarray(OLD_HISTORY, dtype="<f4").tobytes(), 6)  # schema 5's pack_history
+    old.execute(
+        "INSERT INTO rows (output, row, key, status, run_id, total_loss, history) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ("old.png", 1, "k", "done", 1, 2.5, blob),
+    )
+    old.execute("INSERT INTO rows (output, row, key, status, run_id) VALUES ('none.png', 2, 'k', 'done', 1)")
+    old.commit()
+    old.close()
+
+
+def _old_terms(record_history: bytes | None) -> dict[str, list[float]]:
+    return {name: values.tolist() for name, values in unpack_history(record_history).items()}
+
+
+def test_a_schema_5_ledger_reads_and_migrates_its_unnamed_history(tmp_path: Path) -> None:
+    """Ledgers written before loss terms had names: read as they are (status, report: read-only, never upgraded),
+    and upgraded on open by a run, both giving the same values under the names content, style and tv."""
+    _schema_5_ledger(tmp_path)
+    expected = {
+        name: np.float32(column).tolist() for name, column in zip(("content", "style", "tv"), zip(*OLD_HISTORY))
+    }
+
+    records, _ = read_records(tmp_path)
+    assert [r.output for r in records] == ["old.png", "none.png"]
+    assert _old_terms(records[0].history) == expected and records[1].history is None
+    assert records[0].as_dict(history=True)["history"] == expected
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5  # reading changed nothing
+    conn.close()
+
+    with Ledger(tmp_path) as ledger:
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        old, none = ledger.records()
+        assert _old_terms(old.history) == expected and none.history is None
+        assert (old.status, old.total_loss) == ("done", 2.5)
+    with Ledger(tmp_path) as ledger:  # a second open finds nothing to upgrade: the blobs are not rewritten twice
+        assert _old_terms(ledger.records()[0].history) == expected
+    assert _old_terms(read_records(tmp_path)[0][0].history) == expected
+
+
+def test_an_unreadable_old_history_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
+    """A history blob schema 5 could not read either costs that row its loss curve, not the folder its ledger."""
+    _schema_5_ledger(tmp_path)
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    conn.execute("INSERT INTO rows (output, row, key, status, history) VALUES ('bad.png', 3, 'k', 'done', x'00')")
+    conn.commit()
+    conn.close()
+    assert [(r.output, r.history is None) for r in read_records(tmp_path, all_rows=True)[0]] == [
+        ("old.png", False),
+        ("none.png", True),
+        ("bad.png", True),
+    ]
+    with Ledger(tmp_path) as ledger:
+        assert [r.history is None for r in ledger.records()] == [False, True, True]
+
+
+def test_a_failed_upgrade_leaves_the_old_ledger_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upgrade is one transaction: a step that fails after the blobs were rewritten leaves the ledger schema 5
+    with every blob as it was, so the next open upgrades it from the start rather than renaming named blobs."""
+    _schema_5_ledger(tmp_path)
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    before = conn.execute("SELECT output, history FROM rows ORDER BY output").fetchall()
+    conn.close()
+
+    def interrupted(conn: sqlite3.Connection) -> None:
+        raise KeyboardInterrupt
+
+    steps = ledger_module._MIGRATIONS[SCHEMA_VERSION]
+    monkeypatch.setitem(ledger_module._MIGRATIONS, SCHEMA_VERSION, [*steps, interrupted])
+    with pytest.raises(KeyboardInterrupt):
+        Ledger(tmp_path)
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert conn.execute("SELECT output, history FROM rows ORDER BY output").fetchall() == before
+    conn.close()
+    monkeypatch.undo()
+    with Ledger(tmp_path) as ledger:  # the lock was let go, and the upgrade now runs whole
+        assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert list(unpack_history(ledger.records()[0].history)) == ["content", "style", "tv"]

@@ -12,6 +12,8 @@ from batchstyle.model import losses
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss, gram_matrix
 from batchstyle.model.optimize import Objective
+from batchstyle.model.temporal import TemporalLoss
+from batchstyle.model.tiles import TiledObjective, tile_grid
 from batchstyle.model.weights import IMAGENET, random_state_dict
 from batchstyle.options import default_values, make_settings
 
@@ -306,7 +308,9 @@ def test_objective_weights_losses_and_normalises_layer_weights() -> None:
     targets = compute_targets(model, content, [style], [1.0], content_layers, style_layers)
     pixels = torch.rand(2, 3, 16, 20, generator=gen)
 
-    total, c, s, t = Objective(model, targets, settings)(pixels)
+    total, terms = Objective(model, targets, settings)(pixels)
+    assert list(terms) == ["content", "style", "tv"]
+    c, s, t = terms.values()
 
     with torch.no_grad():
         feats, content_feats, style_feats = model(pixels), model(content), model(style)
@@ -323,3 +327,70 @@ def test_objective_weights_losses_and_normalises_layer_weights() -> None:
     # The per-layer style terms really differ, so a wrong (e.g. unnormalised or uniform) weighting would show.
     per_layer = [float(_relative_mse(_gram_einsum(feats[n]), _gram_einsum(style_feats[n]))[0]) for n in style_layers]
     assert max(per_layer) > 1.2 * min(per_layer)
+
+
+def test_an_extra_term_is_named_weighted_by_its_option_and_summed_as_before() -> None:
+    """A named extra term (a video frame's temporal loss) comes back unweighted under its name, weighted by the
+    option named after it; the total is the positional objective's to the bit: a change of representation only."""
+    layers = ("relu1_1", "relu2_1")
+    settings = make_settings(
+        default_values()
+        | {"content_weight": 2.5, "style_weight": 40.0, "tv_weight": 7.0, "temporal_weight": 300.0}
+        | {"content_layers": layers[1:], "style_layers": layers}
+    )
+    model = VGGFeatures("vgg16", random_state_dict("vgg16", seed=3), IMAGENET, layers)
+    gen = torch.Generator().manual_seed(4)
+    content, style, previous = (torch.rand(2, 3, 16, 20, generator=gen) for _ in range(3))
+    mask = (torch.rand(2, 1, 16, 20, generator=gen) > 0.3).float()
+    targets = compute_targets(model, content, [style], [1.0], layers[1:], layers)
+    pixels = torch.rand(2, 3, 16, 20, generator=gen)
+    temporal = TemporalLoss(previous, mask)
+    objective = Objective(model, targets, settings, extra={"temporal": temporal})
+
+    total, terms = objective(pixels)
+
+    assert list(terms) == ["content", "style", "tv", "temporal"]
+    torch.testing.assert_close(terms["temporal"], (mask * (pixels - previous) ** 2).mean(dim=(1, 2, 3)))
+    c, s, t, m = terms.values()
+    assert torch.equal(total, 2.5 * c + 40.0 * s + 7.0 * t + 300.0 * m)  # the sum as it was written before names
+    pixels.requires_grad_(True)
+    value, detached = objective.gradient(pixels)
+    assert torch.equal(value, total) and all(torch.equal(detached[n], terms[n]) for n in terms)
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="laplacian_weight"):
+        Objective(model, targets, settings, extra={"laplacian": temporal})
+    with pytest.raises(ValueError, match="own"):
+        Objective(model, targets, settings, extra={"tv": temporal})
+
+
+def test_a_tiled_objective_gives_the_extra_term_by_name_as_the_whole_image_does() -> None:
+    """Tiles change how content, style and tv are gathered, never the names or the extra terms (evaluated whole)."""
+    layers = ("relu1_1", "relu2_1")
+    settings = make_settings(
+        default_values() | {"temporal_weight": 300.0, "content_layers": layers[1:], "style_layers": layers}
+    )
+    model = VGGFeatures("vgg16", random_state_dict("vgg16", seed=3), IMAGENET, layers)
+    gen = torch.Generator().manual_seed(6)
+    content, style, previous, pixels = (torch.rand(1, 3, 40, 56, generator=gen) for _ in range(4))
+    targets = compute_targets(model, content, [style], [1.0], layers[1:], layers)
+    extra = {"temporal": TemporalLoss(previous, torch.ones(1, 1, 40, 56))}
+    whole = Objective(model, targets, settings, extra=extra)
+    tiled = TiledObjective(model, targets, settings, extra=extra, tile=24)
+    assert len(tile_grid(40, 56, 24, tiled.margin, tiled.step)) > 1
+    grads = []
+    for objective in (whole, tiled):
+        x = pixels.clone().requires_grad_(True)
+        total, terms = objective.gradient(x)
+        assert list(terms) == ["content", "style", "tv", "temporal"]
+        grads.append((total, terms, x.grad))
+    (total, terms, grad), (tiled_total, tiled_terms, tiled_grad) = grads
+    assert torch.equal(tiled_terms["temporal"], terms["temporal"])
+    for name in terms:
+        torch.testing.assert_close(tiled_terms[name], terms[name], rtol=1e-5, atol=0)
+    torch.testing.assert_close(tiled_total, total, rtol=1e-5, atol=0)
+    torch.testing.assert_close(tiled_grad, grad, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        value, by_name = tiled(pixels)
+    torch.testing.assert_close(value, tiled_total, rtol=1e-6, atol=0)
+    assert list(by_name) == list(terms)

@@ -24,6 +24,7 @@ from batchstyle.model.optimize import (
 )
 from batchstyle.model.pixels import image_to_tensor
 from batchstyle.model.targets import Targets, stack_targets
+from batchstyle.model.temporal import TemporalLoss
 from batchstyle.model.weights import Weights
 from batchstyle.options import Settings, default_values, make_settings
 
@@ -77,9 +78,9 @@ def test_lbfgs_reduces_the_loss_and_records_each_iteration(lbfgs_run: tuple[Outc
     assert [i for i, _ in calls] == list(range(1, 16))
     assert [losses for _, losses in calls] == outcome.history
     first = outcome.history[0]
-    assert first.style > 0
+    assert first["style"] > 0
     assert outcome.losses.total < 0.5 * first.total
-    assert outcome.losses.style < 0.5 * first.style
+    assert outcome.losses["style"] < 0.5 * first["style"]
 
 
 def test_reported_losses_are_the_objective_of_the_returned_image(
@@ -88,13 +89,13 @@ def test_reported_losses_are_the_objective_of_the_returned_image(
     outcome, (model, targets, _) = lbfgs_run
     settings = _settings(optimizer="lbfgs", iterations=15)
     with torch.no_grad():
-        total, content, style, tv = Objective(model, targets, settings)(outcome.image)
+        total, terms = Objective(model, targets, settings)(outcome.image)
     assert outcome.losses.total == pytest.approx(float(total), rel=1e-4)
-    assert outcome.losses.content == pytest.approx(float(content), rel=1e-4)
-    assert outcome.losses.style == pytest.approx(float(style), rel=1e-4)
-    assert outcome.losses.tv == pytest.approx(float(tv), rel=1e-4)
+    assert list(outcome.losses) == list(terms) == ["content", "style", "tv"]
+    for name, value in terms.items():
+        assert outcome.losses[name] == pytest.approx(float(value), rel=1e-4)
     assert outcome.losses.total == pytest.approx(
-        1.0 * outcome.losses.content + 100.0 * outcome.losses.style + 10.0 * outcome.losses.tv, rel=1e-4
+        1.0 * outcome.losses["content"] + 100.0 * outcome.losses["style"] + 10.0 * outcome.losses["tv"], rel=1e-4
     )
 
 
@@ -143,8 +144,8 @@ def test_runs_are_reproducible_from_the_seed(hed_weights: Weights, pictures: tup
 
     from_content, _ = _run(hed_weights, pictures, _settings(init="content", seed=1, **SHALLOW))
     assert (first.image - from_content.image).abs().mean() > 0.05
-    assert from_content.history[0].content == 0.0  # starting at the content image, content loss starts at zero
-    assert first.history[0].content > 0.0
+    assert from_content.history[0]["content"] == 0.0  # starting at the content image, content loss starts at zero
+    assert first.history[0]["content"] > 0.0
 
 
 def test_init_image_is_resized_to_the_content(
@@ -158,6 +159,28 @@ def test_init_image_is_resized_to_the_content(
     assert outcome.image.shape == content.shape
     with pytest.raises(ValueError, match="needs its image"):
         optimize_one(model, content, targets, settings)
+
+
+def test_an_extra_term_is_recorded_by_name_at_every_iteration(
+    hed_weights: Weights, pictures: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    """A video frame's temporal term reaches every iteration's Losses and the kept one's, not only their totals."""
+    content, style = pictures
+    settings = _settings(temporal_weight=50.0, **SHALLOW)
+    model = build(hed_weights, ("relu1_1", "relu2_1", "relu2_2"))
+    targets = compute_targets(model, content, [style], [1.0], settings.content_layers, settings.style_layers)
+    previous = content.flip(-1)  # far from the content the run starts at
+    extra = {"temporal": TemporalLoss(previous, torch.ones_like(content[:, :1]))}
+    calls: list[Losses] = []
+    record = lambda _, losses: calls.append(losses)  # noqa: E731
+    outcome = optimize_one(model, content, targets, settings, extra=extra, on_iteration=record)
+    assert calls == outcome.history and len(outcome.history) == 3
+    for losses in [*outcome.history, outcome.losses]:
+        assert list(losses) == ["content", "style", "tv", "temporal"]
+        weighted = losses["content"] + 100.0 * losses["style"] + 10.0 * losses["tv"] + 50.0 * losses["temporal"]
+        assert losses.total == pytest.approx(weighted, rel=1e-5)
+        assert losses.as_dict() == {**losses, "total": losses.total}
+    assert len({losses["temporal"] for losses in outcome.history}) == 3 and outcome.losses["temporal"] > 0
 
 
 # --- batches and the per-image L-BFGS ---------------------------------------------------------------------------
@@ -388,8 +411,8 @@ def test_a_batch_gives_each_image_its_lone_result(
         assert len(batched.history) == len(lone.history) == 6
         for got, expected in zip(batched.history, lone.history):
             assert got.total == pytest.approx(expected.total, rel=1e-5)
-            assert got.style == pytest.approx(expected.style, rel=1e-5)
-            assert got.content == pytest.approx(expected.content, rel=1e-5)
+            assert got["style"] == pytest.approx(expected["style"], rel=1e-5)
+            assert got["content"] == pytest.approx(expected["content"], rel=1e-5)
         assert batched.losses.total == pytest.approx(lone.losses.total, rel=1e-5)
         assert batched.losses.total < batched.history[0].total
     # The rows' results differ by far more than the tolerance, so a batch that mixed them up would fail above.

@@ -96,8 +96,8 @@ def test_multi_scale_run_records_its_scales_and_one_loss_per_iteration(tmp_path:
     assert [max(w, h) for w, h, _ in scales] == [24, 34, 48]
     assert [n for _, _, n in scales] == [5, 3, 3]
     assert multi.iterations == 11 and single.iterations == 3
-    assert unpack_history(multi.history).shape == (11, 3)
-    assert unpack_history(single.history).shape == (3, 3)
+    assert [len(v) for v in unpack_history(multi.history).values()] == [11, 11, 11]
+    assert [len(v) for v in unpack_history(single.history).values()] == [3, 3, 3]
     assert json.loads(read_metadata(tmp_path / "m" / "multi.png")["batchstyle:params"])["scales"] == scales
     assert load_image(tmp_path / "m" / "multi.png").size == (48, 36)
     assert len(multi.targets.split(" | ")) == 3, "each scale has its own targets"
@@ -109,12 +109,12 @@ def test_loss_history_is_recorded_and_read_back(tmp_path: Path, images: dict[str
     assert cli("run", manifest, *FAST, "--size", "32", "--iterations", "6", "--precision", "fp32").exit_code == 0
     [record] = read_records(tmp_path / "m")[0]
     history = unpack_history(record.history)
-    assert history.shape == (6, 3)
-    assert history[0, 0] < 1e-6, "iteration 0 starts from the content: no content loss yet"
-    assert (history[:, 1] > 0).all() and (history[:, 2] > 0).all()
+    assert list(history) == ["content", "style", "tv"] and len(history["content"]) == 6
+    assert history["content"][0] < 1e-6, "iteration 0 starts from the content: no content loss yet"
+    assert (history["style"] > 0).all() and (history["tv"] > 0).all()
     as_json = json.loads(cli("status", tmp_path / "m", "--json").stdout)["rows"][0]
     assert "history" not in as_json
-    assert record.as_dict(history=True)["history"]["style"] == pytest.approx(history[:, 1].tolist())
+    assert record.as_dict(history=True)["history"]["style"] == pytest.approx(history["style"].tolist())
 
 
 def test_save_every_writes_iterates_a_rerun_never_takes_for_outputs(tmp_path: Path, images: dict[str, Path]) -> None:

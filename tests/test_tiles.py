@@ -83,8 +83,8 @@ def masked_targets(trunk: VGGFeatures, content: torch.Tensor, settings) -> Targe
 
 def gradients(objective: Objective, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = pixels.clone().requires_grad_(True)
-    values = objective.gradient(pixels)
-    return torch.stack(values), pixels.grad.clone()
+    total, terms = objective.gradient(pixels)
+    return torch.stack([total, *terms.values()]), pixels.grad.clone()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -127,7 +127,8 @@ def test_tiled_values_and_gradient_equal_the_whole_images(
     assert torch.allclose(tiled_values, whole_values, rtol=1e-5, atol=0)
     assert whole_values.min() > 0  # every loss counted, content and TV included
     with torch.no_grad():  # the value alone, as the kept iterate is chosen by
-        assert torch.allclose(torch.stack(tiled_objective(pixels)), whole_values, rtol=1e-5, atol=0)
+        total, terms = tiled_objective(pixels)
+        assert torch.allclose(torch.stack([total, *terms.values()]), whole_values, rtol=1e-5, atol=0)
     assert len(tiled_objective._shares()) == 1 + len(spread)
 
 

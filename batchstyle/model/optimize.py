@@ -9,7 +9,7 @@ would get alone: the losses are per image, Adam is elementwise and L-BFGS is kep
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +23,43 @@ from batchstyle.model.numerics import NETWORK_PRECISIONS
 from batchstyle.model.targets import Targets
 from batchstyle.options import STOP_WINDOW, Settings
 
+TERMS = ("content", "style", "tv")  # the terms every objective has, in the order they are summed and shown
+
 
 @dataclass(frozen=True)
-class Losses:
-    content: float
-    style: float
-    tv: float
+class Losses(Mapping[str, float]):
+    """One iterate's losses for one image: each term by name, unweighted (content, style, tv, then the extra terms
+    such as a video frame's temporal), and the weighted total the optimiser minimised. Keyed by name, so a new term
+    reaches the history, the ledger, the report's curves and the progress events without a tuple to widen anywhere;
+    each term's weight is the option named after it (`term_weights`)."""
+
+    terms: dict[str, float]
     total: float
+
+    def __getitem__(self, name: str) -> float:
+        return self.terms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.terms)
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def as_dict(self) -> dict[str, float]:
+        """The terms and the total in one flat, JSON-ready mapping: what progress events and metadata carry."""
+        return {**self.terms, "total": self.total}
+
+
+def term_weights(settings: Settings, names: Iterable[str]) -> dict[str, float]:
+    """Each term's weight: the option named after it (content_weight, style_weight, tv_weight, temporal_weight),
+    which is also how the report reads a row's weights back from its recorded parameters."""
+    weights = {}
+    for name in names:
+        weight = getattr(settings, f"{name}_weight", None)
+        if not isinstance(weight, (int, float)):
+            raise ValueError(f"loss term {name!r} has no weight: Settings needs a {name}_weight option")
+        weights[name] = float(weight)
+    return weights
 
 
 @dataclass
@@ -47,10 +77,13 @@ OnBatchIteration = Callable[[int, list[Losses]], None]  # one Losses per image o
 
 
 class Objective(nn.Module):
-    """alpha * content + beta * style + tv_weight * TV (+ extra terms), with per-layer weights; one value per image.
+    """content_weight * content + style_weight * style + tv_weight * TV (+ extra terms), with per-layer weights; one
+    value per image.
 
-    `extra` terms are modules mapping the pixels to one already weighted value per image (a video frame's temporal
-    loss); they count in the total, which the optimiser minimises and the kept iterate is chosen by.
+    `extra` terms, by name, are modules mapping the pixels to one unweighted value per image (a video frame's
+    "temporal" loss), weighted like the others by the option named after them (`term_weights`); they count in the
+    total, which the optimiser minimises and the kept iterate is chosen by. The objective gives its terms by name,
+    so the losses recorded and shown are whatever terms it has.
     """
 
     def __init__(
@@ -59,9 +92,12 @@ class Objective(nn.Module):
         targets: Targets,
         settings: Settings,
         autocast: torch.dtype | None = None,
-        extra: Sequence[nn.Module] = (),
+        extra: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        extra = dict(extra or {})
+        if clash := set(extra) & set(TERMS):
+            raise ValueError(f"extra loss terms may not reuse the names {sorted(clash)}: every term needs its own")
         # The network alone in low precision: Gram sums and loss means over ~1e5 terms stay in fp32. A copy of the
         # trunk with its convolutions in that dtype computes exactly what autocast would, without recasting every
         # weight on every forward.
@@ -84,25 +120,35 @@ class Objective(nn.Module):
         self.tv = TVLoss()
         self.content_layer_weight = 1.0 / max(1, len(self.content))
         self.style_layer_weights = dict(zip(settings.style_layers, settings.normalised_style_layer_weights()))
-        self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
+        self.weights = term_weights(settings, (*TERMS, *extra))  # by term name, in the order they are summed
         self.autocast = autocast
-        self.extra = nn.ModuleList(extra)
+        self.extra = nn.ModuleDict(extra)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def total(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of `terms` (name -> (B,)), added one at a time in their order: content, style and tv
+        first, as `a * content + b * style + c * tv (+ extra)` always was, so the totals are the same to the bit."""
+        weighted = [self.weights[name] * value for name, value in terms.items()]
+        total = weighted[0]
+        for value in weighted[1:]:
+            total = total + value
+        return total
+
+    def extra_terms(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The extra terms of `pixels`, unweighted, by name: per-pixel and image-sized, never tiled."""
+        return {name: term(pixels) for name, term in self.extra.items()}
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total (B,) and every term (B,) by name, unweighted: content, style, tv, then the extra terms."""
         feats = self.model(pixels)
         content = sum(self.content_layer_weight * loss(feats[name]) for name, loss in self.content.items())
         style = sum(self.style_layer_weights[name] * loss(feats[name]) for name, loss in self.style.items())
         zero = pixels.new_zeros(pixels.shape[0])
         content = content if isinstance(content, torch.Tensor) else zero
         style = style if isinstance(style, torch.Tensor) else zero
-        tv = self.tv(pixels)
-        a, b, c = self.weights
-        total = a * content + b * style + c * tv
-        for term in self.extra:
-            total = total + term(pixels)
-        return total, content, style, tv
+        terms = {"content": content, "style": style, "tv": self.tv(pixels), **self.extra_terms(pixels)}
+        return self.total(terms), terms
 
-    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The losses of `pixels` (detached, one per image), with their gradient left in `pixels.grad`.
 
         The one place an iteration evaluates the objective: evaluating it another way (tile by tile, with global
@@ -110,9 +156,9 @@ class Objective(nn.Module):
         they are.
         """
         pixels.grad = None
-        total, content, style, tv = self(pixels)
+        total, terms = self(pixels)
         total.sum().backward()
-        return total.detach(), content.detach(), style.detach(), tv.detach()
+        return total.detach(), {name: value.detach() for name, value in terms.items()}
 
 
 def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch.Tensor | None) -> torch.Tensor:
@@ -341,7 +387,7 @@ def optimize_batch(
     on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
     snapshot_every: int = 0,
     precision: str = "fp32",
-    extra: Sequence[nn.Module] = (),
+    extra: Mapping[str, nn.Module] | None = None,
     objective: Callable[..., Objective] = Objective,
     history_pairs: int | None = None,
     history_store: str = "fp32",
@@ -371,6 +417,7 @@ def optimize_batch(
     and changes nothing here; "bf16" runs the network's convolutions in bf16 (as autocast would, see
     `VGGFeatures.lowered`), the Grams, losses and optimiser staying fp32.
 
+    `extra` adds loss terms by name (`Objective`); every `Losses` then carries them, each iteration's included.
     `objective` builds the objective from (model, targets, settings, autocast, extra): `tiles.tiled(px)` evaluates
     it tile by tile in bounded memory. `history_pairs` is each image's L-BFGS pairs (default `lbfgs_history`), kept in
     `history_store` (`history.STORES`; a "file" in `history_folder`, default the system's temporary folder).
@@ -405,7 +452,8 @@ def optimize_batch(
 
     iterations = settings.iterations
     chunk = 1 if device.type == "cpu" else LOSS_CHUNK
-    recorded: torch.Tensor | None = None  # (iterations, 4, B): content, style, tv, total of iterate k
+    recorded: torch.Tensor | None = None  # (iterations, terms + 1, B): iterate k's terms, then its total
+    names: list[str] = []  # the terms, in the objective's order: fixed by its first evaluation
     best_total = torch.full((batch,), math.inf, device=device)
     best_iteration = torch.zeros(batch, dtype=torch.long, device=device)
     best_image = pixels.detach().clone()
@@ -422,7 +470,7 @@ def optimize_batch(
         if recorded is None or upto <= done:
             return
         for k, row in enumerate(recorded[done:upto].cpu().tolist(), start=done):
-            losses = [Losses(*(row[j][b] for j in range(4))) for b in range(batch)]
+            losses = [Losses({name: row[j][b] for j, name in enumerate(names)}, row[-1][b]) for b in range(batch)]
             for b in range(batch):
                 if stopped_at[b] is not None:
                     continue
@@ -445,11 +493,12 @@ def optimize_batch(
             frozen = torch.tensor([b is not None for b in stopped_at], device=device)
             if bool(frozen.all()):
                 break
-        total, content, style, tv = evaluate.gradient(pixels)
+        total, terms = evaluate.gradient(pixels)
         with torch.no_grad():
-            values = torch.stack([content, style, tv, total])
+            values = torch.stack([*terms.values(), total])
             if recorded is None:
-                recorded = values.new_empty(iterations, 4, batch)
+                names = list(terms)
+                recorded = values.new_empty(iterations, len(names) + 1, batch)
             recorded[i] = values
             # The losses are of the iterate before this step: recorded[k] is the loss of iterate k.
             improved = (total < best_total) & ~frozen
@@ -478,17 +527,18 @@ def optimize_batch(
 
     with torch.no_grad():
         final_images = result_images()
-        total, content, style, tv = evaluate(final_images)
+        total, terms = evaluate(final_images)
         keep_last = (total <= best_total) | torch.tensor(average, device=device)
         images = torch.where(keep_last[:, None, None, None], final_images, best_image)
-        final = torch.stack([content, style, tv, total]).cpu().tolist()
+        final = torch.stack([*terms.values(), total]).cpu().tolist()
     outcomes = []
     for b, (last, kept) in enumerate(zip(keep_last.tolist(), best_iteration.tolist())):
         image = images[b : b + 1]
         ran = stopped_at[b] if stopped_at[b] is not None else done
         stop = "converged" if stopped_at[b] is not None else "iterations"
         if last or not history[b]:
-            outcomes.append(Outcome(image, ran, Losses(*(v[b] for v in final)), history[b], ran, stop))
+            losses = Losses({name: v[b] for name, v in zip(terms, final)}, final[-1][b])
+            outcomes.append(Outcome(image, ran, losses, history[b], ran, stop))
         else:
             outcomes.append(Outcome(image, ran, history[b][kept], history[b], kept, stop))
     return outcomes

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +93,8 @@ class Hooks:
     snapshot_every: int = 0
 
 
-ExtraTerms = Callable[[int, torch.Tensor], Sequence[nn.Module]]  # (scale, contents) -> modules: pixels -> (B,)
+# (scale, contents) -> loss terms by name, each a module pixels -> (B,) unweighted, weighted by its {name}_weight option
+ExtraTerms = Callable[[int, torch.Tensor], Mapping[str, nn.Module]]
 
 
 @dataclass
@@ -253,7 +254,8 @@ class Stylizer:
         """Stylizes a batch of images of one output size under one `Settings`: one `Stylized` per image, in order.
 
         `plan` overrides the (long side, iterations) per scale that `settings` implies (a benchmark that runs the
-        last scale longer); `extra_terms` adds loss terms per scale (a video frame's temporal loss).
+        last scale longer); `extra_terms` adds loss terms by name per scale (a video frame's "temporal"), and every
+        `Losses` of the result, its history's included, then carries them beside content, style and tv.
         """
         if not items:
             return []
@@ -309,7 +311,7 @@ class Stylizer:
                 else _recoloured(hooks.on_snapshot, k, per_image, settings),
                 snapshot_every=hooks.snapshot_every,
                 precision=self.precision,
-                extra=list(extra_terms(k, contents)) if extra_terms is not None else (),
+                extra=extra_terms(k, contents) if extra_terms is not None else None,
                 objective=tiled(tiling.tile, [torch.device(d) for d in self.memory.devices])
                 if tiling.tile
                 else Objective,

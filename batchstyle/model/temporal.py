@@ -135,21 +135,21 @@ def warp(image: torch.Tensor, flow: torch.Tensor, padding: str = "border", mode:
 
 
 class TemporalLoss(nn.Module):
-    """weight * mean over pixels and channels of c * (x - warped previous output)^2, one value per image: Ruder et
-    al.'s short-term temporal loss, with c the consistency mask. Resized to the pixels' grid at each scale."""
+    """Mean over pixels and channels of c * (x - warped previous output)^2, one value per image: Ruder et al.'s
+    short-term temporal loss, with c the consistency mask. Resized to the pixels' grid at each scale. Unweighted,
+    like the other terms: the objective weights it by temporal_weight, and records it as the "temporal" term."""
 
-    def __init__(self, previous: torch.Tensor, mask: torch.Tensor, weight: float) -> None:
+    def __init__(self, previous: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("previous", previous)  # (B, 3, H, W), already warped onto this frame
         self.register_buffer("mask", mask)  # (B, 1, H, W)
-        self.weight = weight
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         previous, mask = self.previous, self.mask
         if previous.shape[-2:] != pixels.shape[-2:]:
             previous = F.interpolate(previous, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
             mask = F.interpolate(mask, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        return self.weight * (mask * (pixels.float() - previous) ** 2).mean(dim=(1, 2, 3))
+        return (mask * (pixels.float() - previous) ** 2).mean(dim=(1, 2, 3))
 
 
 def temporal_error(previous: np.ndarray, current: np.ndarray, backward: np.ndarray, mask: np.ndarray) -> float:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,7 @@ from batchstyle.model.features import VGGFeatures
 from batchstyle.model.history import bytes_per_float
 from batchstyle.model.layout import activation_floats, deepest, halo, layer_shape, stride
 from batchstyle.model.losses import region_weights
-from batchstyle.model.optimize import MIN_PAIRS, Objective
+from batchstyle.model.optimize import MIN_PAIRS, TERMS, Objective
 from batchstyle.model.targets import Targets
 from batchstyle.options import Settings
 
@@ -124,7 +124,7 @@ class TiledObjective(Objective):
         targets: Targets,
         settings: Settings,
         autocast: torch.dtype | None = None,
-        extra: Sequence[nn.Module] = (),
+        extra: Mapping[str, nn.Module] | None = None,
         *,
         tile: int,
         devices: Sequence[torch.device] = (),
@@ -320,7 +320,7 @@ class TiledObjective(Objective):
         coefficients: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     ) -> torch.Tensor:
         """Pass 2 over some tiles: the surrogate's pixel gradient, each tile's (halo included) added in place."""
-        a, b, c = self.weights
+        a, b, c = (self.weights[name] for name in TERMS)
         height, width = source.shape[-2:]
         layers = self._style_layers(source)
         grad = torch.zeros_like(source)
@@ -360,22 +360,18 @@ class TiledObjective(Objective):
             grad[..., ry0:ry1, rx0:rx1] += read.grad
         return grad
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The losses, exactly as `Objective.forward` gives them, from one pass over the tiles; no graph."""
         with torch.no_grad():
             stats, content, tv = self._gather(pixels)
             style, _ = self._style_values(stats, pixels, need_grad=False)
-            a, b, c = self.weights
-            total = a * content + b * style + c * tv
-            for term in self.extra:
-                total = total + term(pixels)
-            return total, content, style, tv
+            terms = {"content": content, "style": style, "tv": tv, **self.extra_terms(pixels)}
+            return self.total(terms), terms
 
-    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gradient(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Pass 1 for the global statistics and the values, pass 2 for the gradient, left in `pixels.grad`."""
         stats, content, tv = self._gather(pixels.detach(), keep=True)
         style, grads = self._style_values(stats, pixels, need_grad=True)
-        a, b, c = self.weights
         layers = self._style_layers(pixels)
         # The surrogate's coefficients: sym(dL/dG) / area, so that sum_p m_p F_p^T A F_p over all tiles has the
         # gradient of L; dL/dmean / area likewise for the means.
@@ -395,13 +391,13 @@ class TiledObjective(Objective):
         for part in parts[1:]:
             grad += part.to(grad.device)
         pixels.grad = grad
-        total = a * content + b * style + c * tv
+        terms = {"content": content, "style": style, "tv": tv}
         if self.extra:
             with torch.enable_grad():
-                extra = sum(term(pixels) for term in self.extra)
-                extra.sum().backward()  # type: ignore[union-attr]
-            total = total + extra.detach()  # type: ignore[union-attr]
-        return total, content, style, tv
+                extra = self.extra_terms(pixels)
+                self.total(extra).sum().backward()
+            terms.update({name: value.detach() for name, value in extra.items()})
+        return self.total(terms), terms
 
 
 def _model_on(model: VGGFeatures, device: torch.device) -> VGGFeatures:

@@ -309,13 +309,13 @@ class Execution:
             "targets": result.targets,
             "provider": result.provider,
             "precision": result.precision,
-            "history": pack_history([(h.content, h.style, h.tv) for h in result.history]) if result.history else None,
+            "history": pack_history(result.history) if result.history else None,
         }
         if result.losses is not None:
             fields.update(
-                content_loss=result.losses.content,
-                style_loss=result.losses.style,
-                tv_loss=result.losses.tv,
+                content_loss=result.losses["content"],
+                style_loss=result.losses["style"],
+                tv_loss=result.losses["tv"],
                 total_loss=result.losses.total,
                 params=json.dumps(
                     {
@@ -335,7 +335,7 @@ class Execution:
         self.ledger.mark_finished(job.output, status=result.status, **fields)
         info = {"seconds": round(result.seconds, 3), "error": result.error}
         if result.losses is not None:
-            info.update(result.losses.__dict__)
+            info.update(result.losses.as_dict())
         self.events.row_finished(job.row.number, self.ledger.relative(job.output), result.status, info)
         if result.status == "done":
             self.summary.done.append(job.row.number)

@@ -12,8 +12,8 @@ import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +23,7 @@ from batchstyle.errors import UnusableInput
 
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -60,35 +60,69 @@ CREATE TABLE IF NOT EXISTS rows (
     error TEXT,
     targets TEXT,                     -- where the row's targets came from: "content=hit style=miss,hit"
     provider TEXT,                    -- what computed them: an ONNX Runtime provider or torch:<device>
-    history BLOB,                     -- per-iteration losses, see pack_history
+    history BLOB,                     -- per-iteration losses by term name, see pack_history
     precision TEXT,                   -- what the network ran in: fp32, tf32 or bf16 (Grams and losses are fp32)
     frames INTEGER,                   -- a clip: frames to stylize (chunks' lead-ins included)
     frames_done INTEGER               -- a clip: of those, finished (written as each frame is)
 );
 """
 
-# Each entry upgrades a ledger from the version before it; an old output folder keeps its history.
-_MIGRATIONS = {
+HISTORY_VERSION = 6  # the schema whose history blobs name their terms; before it, always (content, style, tv)
+_UNNAMED_TERMS = ("content", "style", "tv")
+
+
+def pack_history(history: Sequence[Mapping[str, float]]) -> bytes:
+    """Per-iteration losses, each iteration's terms by name (a `Losses`, or any mapping), zlib-compressed: the term
+    names as a JSON list on the first line, then (iterations, terms) float32. 500 iterations of four terms take
+    ~6 KB. The blob names its own terms, so a new one (a video row's temporal, a term added later) needs no new
+    column; a term that some iterations lack is NaN there."""
+    names = list(dict.fromkeys(name for losses in history for name in losses))
+    array = np.array([[losses.get(name, np.nan) for name in names] for losses in history], dtype="<f4")
+    return zlib.compress(json.dumps(names).encode() + b"\n" + array.tobytes(), 6)
+
+
+def unpack_history(blob: bytes | None) -> dict[str, np.ndarray]:
+    """Each recorded term's per-iteration losses, (iterations,) float32 by name in the order recorded; empty when
+    the row recorded none."""
+    if not blob:
+        return {}
+    head, _, body = zlib.decompress(blob).partition(b"\n")
+    names = json.loads(head)
+    if not names:
+        return {}
+    array = np.frombuffer(body, dtype="<f4").reshape(-1, len(names))
+    return {name: array[:, column] for column, name in enumerate(names)}
+
+
+def _named_history(blob: bytes | None) -> bytes | None:
+    """A history blob of a ledger before HISTORY_VERSION ((iterations, 3) float32 of content, style, tv, nothing
+    else) as `pack_history` writes it now: the same float32 values, under their names. One that cannot be read
+    (never readable before either) becomes none: a row's loss curve is not worth refusing its ledger over."""
+    if not blob:
+        return blob
+    try:
+        array = np.frombuffer(zlib.decompress(blob), dtype="<f4").reshape(-1, len(_UNNAMED_TERMS))
+    except (zlib.error, ValueError):
+        return None
+    return pack_history([dict(zip(_UNNAMED_TERMS, row)) for row in array.tolist()])
+
+
+def _name_history_terms(conn: sqlite3.Connection) -> None:
+    rows = conn.execute("SELECT output, history FROM rows WHERE history IS NOT NULL").fetchall()
+    conn.executemany(
+        "UPDATE rows SET history = ? WHERE output = ?", [(_named_history(r["history"]), r["output"]) for r in rows]
+    )
+
+
+# Each entry upgrades a ledger from the version before it; an old output folder keeps its history. An entry is SQL,
+# or a function of the connection for what SQL cannot do (rewriting blobs).
+_MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     2: ["ALTER TABLE rows ADD COLUMN targets TEXT", "ALTER TABLE rows ADD COLUMN provider TEXT"],
     3: ["ALTER TABLE rows ADD COLUMN history BLOB"],
     4: ["ALTER TABLE rows ADD COLUMN precision TEXT"],
     5: ["ALTER TABLE rows ADD COLUMN frames INTEGER", "ALTER TABLE rows ADD COLUMN frames_done INTEGER"],
+    HISTORY_VERSION: [_name_history_terms],
 }
-
-HISTORY_COLUMNS = ("content", "style", "tv")
-
-
-def pack_history(history: Sequence[Sequence[float]]) -> bytes:
-    """Per-iteration (content, style, tv) losses as zlib-compressed float32: 500 iterations take ~4 KB."""
-    array = np.asarray(history, dtype="<f4").reshape(-1, len(HISTORY_COLUMNS))
-    return zlib.compress(array.tobytes(), 6)
-
-
-def unpack_history(blob: bytes | None) -> np.ndarray:
-    """(iterations, 3) array of content, style and TV loss; empty when the row recorded none."""
-    if not blob:
-        return np.zeros((0, len(HISTORY_COLUMNS)), np.float32)
-    return np.frombuffer(zlib.decompress(blob), dtype="<f4").reshape(-1, len(HISTORY_COLUMNS))
 
 
 class LedgerError(UnusableInput):
@@ -135,8 +169,7 @@ class Record:
         data.pop("history")
         data.pop("ledger")
         if history:
-            losses = unpack_history(self.history)
-            data["history"] = {name: losses[:, i].tolist() for i, name in enumerate(HISTORY_COLUMNS)}
+            data["history"] = {name: values.tolist() for name, values in unpack_history(self.history).items()}
         return data
 
 
@@ -240,11 +273,30 @@ class Ledger:
         fresh = self.conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'rows'").fetchone()[0] == 0
         if fresh:
             self.conn.executescript(_SCHEMA)
-        else:
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:
+            try:
+                self._migrate(version)
+            except BaseException:
+                self.close()
+                raise
+
+    def _migrate(self, version: int) -> None:
+        """Every step and the new version in one transaction: a run killed mid-upgrade leaves the old ledger as it
+        was, never history blobs rewritten under the old version number (the next open would rewrite them again)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
             for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target]:
-                    self.conn.execute(statement)
-        self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                for step in _MIGRATIONS[target]:
+                    if isinstance(step, str):
+                        self.conn.execute(step)
+                    else:
+                        step(self.conn)
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()
@@ -422,7 +474,11 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
 def _read_one(path: Path, all_rows: bool) -> tuple[list[Record], dict[str, Any] | None]:
     conn = _connect_read_only(path)
     try:
+        conn.execute("BEGIN")  # one snapshot: the version read is the version of the rows read, even mid-upgrade
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
         records = [Record(**dict(r), ledger=path.name) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
+        if version < HISTORY_VERSION:  # read-only, so not upgraded: its histories are named here as the upgrade would
+            records = [replace(r, history=_named_history(r.history)) for r in records]
         last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if last is not None and not all_rows:
             records = [r for r in records if r.run_id == last["id"]]

@@ -106,7 +106,7 @@ class InlinePool:
                 self.events.message(self.broken)
                 self.events.lost(0, self.broken, counts=False)
                 return
-        results = self.worker.run_batch(batch, lambda row, i, losses: self.events.progress(0, row, i, losses.__dict__))
+        results = self.worker.run_batch(batch, lambda row, i, losses: self.events.progress(0, row, i, losses.as_dict()))
         self.batch = None
         self.events.results(0, results)
 
@@ -439,7 +439,7 @@ class RayWorker:
 
     def _iteration(self, row: int, iteration: int, losses: Any) -> None:
         with self.lock:
-            self.rows[row] = (iteration, losses.__dict__)
+            self.rows[row] = (iteration, losses.as_dict())
             self.phase, self.sign = "working", time.monotonic()
 
 

@@ -21,6 +21,7 @@ class Events(Protocol):
     def run_started(self, total: int, to_do: int, model: str, reason: str, device: str) -> None: ...
     # A clip row (a video output) counts frames finished where an image row counts iterations.
     def row_started(self, row: int, output: str, iterations: int) -> None: ...
+    # losses: the iterate's terms by name (content, style, tv, a video row's temporal, ...) and its total
     def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None: ...
     def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None: ...
     def run_finished(self, counts: dict[str, int]) -> None: ...
@@ -79,7 +80,7 @@ class Terminal(Silent):
         bar = self.images.get(row)
         if bar is not None:
             bar.update(iteration - bar.n)
-            bar.set_postfix(loss=f"{losses['total']:.4g}", refresh=False)
+            bar.set_postfix_str(_terms(losses), refresh=False)
 
     def row_finished(self, row: int, output: str, status: str, info: dict[str, Any]) -> None:
         if status == "failed":
@@ -103,6 +104,13 @@ class Terminal(Silent):
         tqdm.write(text, file=self.stream)
 
 
+def _terms(losses: dict[str, float]) -> str:
+    """The total first (as `loss`), then every other term given, by name: a video row's temporal term too."""
+    shown = {"loss": losses["total"]} if "total" in losses else {}
+    shown |= {name: value for name, value in losses.items() if name != "total"}
+    return " ".join(f"{name} {value:.4g}" for name, value in shown.items())
+
+
 class JsonLog(Silent):
     """One JSON object per line, flushed as it happens, for schedulers and dashboards to tail."""
 
@@ -122,7 +130,8 @@ class JsonLog(Silent):
         self._emit("row_started", row=row, output=output, iterations=iterations)
 
     def iteration(self, row: int, iteration: int, losses: dict[str, float]) -> None:
-        # Once per value: a clip reports its frames finished on every iteration (a heartbeat), the same value often.
+        # Every term given, by name, beside the total. Once per value: a clip reports its frames finished on every
+        # iteration (a heartbeat), the same value often.
         if iteration % self.every == 0 and self.last.get(row) != iteration:
             self.last[row] = iteration
             self._emit("iteration", row=row, iteration=iteration, **losses)

@@ -51,9 +51,9 @@ class Result:
     status: str  # done | failed
     seconds: float
     iterations: int = 0
-    losses: Losses | None = None
+    losses: Losses | None = None  # the kept iterate's terms by name (a clip: its last frame's) and total
     error: str | None = None
-    history: list[Losses] = field(default_factory=list)
+    history: list[Losses] = field(default_factory=list)  # every iteration's, by term: the ledger's loss curves
     targets: str | None = None  # where the targets came from, e.g. "content=hit style=miss,hit"
     provider: str | None = None
     scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
@@ -346,7 +346,7 @@ class Worker:
             "batchstyle:model": self.weights.source.name,
             "batchstyle:weights": self.weights.sha256,
             "batchstyle:seed": str(job.settings.seed),
-            "batchstyle:losses": json.dumps(out.losses.__dict__),
+            "batchstyle:losses": json.dumps(out.losses.as_dict()),
             "batchstyle:key": job.key,
             "batchstyle:device": str(self.device),
             "batchstyle:precision": self.stylizer.precision,
@@ -403,7 +403,7 @@ class _Throttled:
         return self
 
     def __call__(self, row: int, iteration: int, losses: Losses) -> None:
-        self.pending[row] = (iteration, losses.__dict__)
+        self.pending[row] = (iteration, losses.as_dict())
         self.phase = "working"
         now = time.monotonic()
         if now - self.last >= PROGRESS_INTERVAL:
