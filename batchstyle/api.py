@@ -26,7 +26,7 @@ from batchstyle.model.stylize import Hooks, Inputs
 from batchstyle.model.weights import resolve, sha256_file
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values, settings_problem
 from batchstyle.run.config import RUN_SETTINGS, RunConfig
-from batchstyle.run.devices import pick_device, precision_for
+from batchstyle.run.devices import pick_device
 from batchstyle.run.engine import RunSummary, run
 from batchstyle.run.progress import Events, Silent, Terminal
 
@@ -93,7 +93,7 @@ class StyleTransfer:
             source.load(config.cache),
             dev,
             config.cache,
-            precision_for(dev, config.precision),
+            config.precision,
             self.messages.append,
             targets=config.targets,
             export=True,

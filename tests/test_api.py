@@ -18,7 +18,6 @@ from batchstyle.model.export import graph_spec
 from batchstyle.model.stylize import Inputs, Stylizer
 from batchstyle.options import OptionError, default_values, make_settings
 from batchstyle.run.config import RUN_SETTINGS
-from batchstyle.run.devices import precision_for
 from batchstyle.run.ledger import read_records
 from batchstyle.run.worker import Worker, WorkerSpec
 
@@ -114,7 +113,7 @@ def test_a_worker_and_the_facade_build_the_same_stylizer(images: dict[str, Path]
         cache_dir=cache,
         device="cpu",
         targets="torch",
-        precision=precision_for(torch.device("cpu"), "auto"),  # as the engine resolves it for a slot
+        precision="auto",  # as the engine hands it to a slot: the worker's factory decides, as the facade's does
         max_memory=1 << 30,
         tile=0,
     )

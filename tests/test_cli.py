@@ -30,9 +30,10 @@ from batchstyle.errors import RunError
 from batchstyle.images import TEMP_MARKER, is_temp_file, load_image, read_metadata, resize_long_side
 from batchstyle.model import weights
 from batchstyle.model.pixels import image_to_tensor, rgb_to_yiq
+from batchstyle.model.precision import decision_path, precision_decision
 from batchstyle.model.stylize import style_colours
 from batchstyle.options import OPTIONS
-from batchstyle.run import devices, engine
+from batchstyle.run import engine
 from batchstyle.run.config import RUN_SETTINGS
 from batchstyle.run.ledger import LEDGER_NAME, LOCK_NAME, Record, read_records
 
@@ -154,25 +155,31 @@ def test_run_writes_outputs_metadata_and_ledger(three_rows: Path, tmp_path: Path
         assert json.loads(record.params)["size"] == 32
 
 
-@pytest.mark.parametrize(("native_bf16", "asked", "expected"), [(True, "auto", "bf16"), (False, "auto", "fp32")])
-def test_the_precision_a_row_ran_in_is_in_the_ledger_and_the_metadata(
-    tmp_path: Path,
-    images: dict[str, Path],
-    monkeypatch: pytest.MonkeyPatch,
-    native_bf16: bool,
-    asked: str,
-    expected: str,
+@pytest.mark.parametrize(
+    ("measured", "expected"),
+    [({"fp32": 1.0, "bf16": 0.5}, "bf16"), ({"fp32": 0.37, "bf16": 1.31}, "fp32")],  # a Zen 4; a Xeon without AMX
+)
+def test_the_precision_a_row_ran_in_is_what_this_machine_measured(
+    tmp_path: Path, images: dict[str, Path], measured: dict[str, float], expected: str
 ) -> None:
-    """`--precision auto` on a CPU runs the network in bf16 only where the CPU computes bf16 natively (taken from
-    what torch reports, here given), and the row says which it ran in: the bf16 path runs for real here."""
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
+    """`--precision auto` runs what an earlier run measured faster on this machine (its decision is kept in the cache
+    folder; here it was made from the timings given), without measuring again, and the row says which it ran in, in
+    the ledger and the file: the bf16 path runs for real here."""
+    cache = tmp_path / "cache"
+
+    def timings(*_: object) -> dict[str, float]:
+        return measured
+
+    seeded = precision_decision(torch.device("cpu"), "auto", "vgg16", cache, timings)
+    kept = decision_path(cache, torch.device("cpu"), "vgg16").read_bytes()
     manifest = write_manifest(tmp_path / "m.csv", "content,style", "in/photo.png,in/painting.png")
-    result = cli("run", manifest, *FAST, "--precision", asked)
+    result = cli("run", manifest, *FAST, "--cache-dir", cache)
     assert result.exit_code == 0, result.output
     [record] = read_records(tmp_path / "m")[0]
-    assert record.precision == expected
+    assert seeded.chosen == record.precision == expected
     assert read_metadata(tmp_path / "m" / record.output)["batchstyle:precision"] == expected
     assert record.total_loss is not None and record.total_loss > 0
+    assert decision_path(cache, torch.device("cpu"), "vgg16").read_bytes() == kept  # reused, not measured again
 
 
 def test_output_in_a_subfolder(tmp_path: Path, images: dict[str, Path]) -> None:

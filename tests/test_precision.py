@@ -37,34 +37,26 @@ class Probe:
         self.seconds = seconds
         self.calls = 0
 
-    def __call__(self, trunk: VGGFeatures, device: torch.device, candidates: Sequence[str]) -> dict[str, float]:
+    def __call__(self, candidates: Sequence[str]) -> dict[str, float]:
         self.calls += 1
         assert tuple(candidates) == ("fp32", "bf16")
         return {name: self.seconds[name] for name in candidates}
 
 
-def no_trunk() -> VGGFeatures:
-    raise AssertionError("a trunk was built, but nothing was to be measured")
-
-
-def trunk_unused() -> VGGFeatures:
-    return None  # type: ignore[return-value]  # the Probe never looks at it
-
-
 def test_the_decision_is_recorded_and_reused_without_measuring_again(tmp_path: Path) -> None:
     probe = Probe({"fp32": 0.37, "bf16": 1.31})
-    first = precision_decision(CPU, "auto", trunk_unused, "vgg16", tmp_path, probe)
+    first = precision_decision(CPU, "auto", "vgg16", tmp_path, probe)
     assert (first.chosen, first.measured, probe.calls) == ("fp32", True, 1)
     assert decision_path(tmp_path, CPU, "vgg16").is_file()
     assert "bf16 1310 ms" in first.describe() and "fp32 370 ms" in first.describe()
 
-    again = precision_decision(CPU, "auto", no_trunk, "vgg16", tmp_path, probe)
+    again = precision_decision(CPU, "auto", "vgg16", tmp_path, probe)
     assert (again.chosen, again.measured, probe.calls) == ("fp32", False, 1)
     assert again.seconds == first.seconds
     assert "measured earlier" in again.describe()
 
     # Another trunk is another decision: its convolutions differ.
-    other = precision_decision(CPU, "auto", trunk_unused, "vgg19", tmp_path, Probe({"fp32": 1.0, "bf16": 0.5}))
+    other = precision_decision(CPU, "auto", "vgg19", tmp_path, Probe({"fp32": 1.0, "bf16": 0.5}))
     assert other.chosen == "bf16"
 
 
@@ -73,28 +65,28 @@ def test_an_unreadable_decision_is_measured_again(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     probe = Probe({"fp32": 1.0, "bf16": 0.5})
-    assert precision_decision(CPU, "auto", trunk_unused, "vgg16", tmp_path, probe).chosen == "bf16"
+    assert precision_decision(CPU, "auto", "vgg16", tmp_path, probe).chosen == "bf16"
     assert probe.calls == 1
 
 
 def test_bf16_asked_for_runs_but_says_this_machine_measured_it_slower(tmp_path: Path) -> None:
-    slow = precision_decision(CPU, "bf16", trunk_unused, "vgg16", tmp_path, Probe({"fp32": 0.37, "bf16": 1.31}))
+    slow = precision_decision(CPU, "bf16", "vgg16", tmp_path, Probe({"fp32": 0.37, "bf16": 1.31}))
     assert (slow.chosen, slow.fastest, slow.slower) == ("bf16", "fp32", True)
-    fast = precision_decision(CPU, "bf16", trunk_unused, "vgg16", tmp_path / "zen4", Probe({"fp32": 1.0, "bf16": 0.5}))
+    fast = precision_decision(CPU, "bf16", "vgg16", tmp_path / "zen4", Probe({"fp32": 1.0, "bf16": 0.5}))
     assert (fast.chosen, fast.slower) == ("bf16", False)
-    plain = precision_decision(CPU, "fp32", trunk_unused, "vgg16", tmp_path, Probe({"fp32": 0.37, "bf16": 1.31}))
+    plain = precision_decision(CPU, "fp32", "vgg16", tmp_path, Probe({"fp32": 0.37, "bf16": 1.31}))
     assert (plain.chosen, plain.slower) == ("fp32", False)
 
 
 def test_devices_with_one_candidate_measure_nothing(tmp_path: Path) -> None:
-    decision = precision_decision(torch.device("mps"), "auto", no_trunk, "vgg16", tmp_path, Probe({}))
+    decision = precision_decision(torch.device("mps"), "auto", "vgg16", tmp_path, Probe({}))
     assert decision == Decision(decision.device, "fp32", "fp32")
     assert not (tmp_path / "precision").exists()
 
 
 def test_unknown_precision_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fp16"):
-        precision_decision(CPU, "fp16", no_trunk, "vgg16", tmp_path, Probe({}))
+        precision_decision(CPU, "fp16", "vgg16", tmp_path, Probe({}))
 
 
 def test_the_probe_times_the_real_trunk_in_each_candidate(tmp_path: Path) -> None:

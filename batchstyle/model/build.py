@@ -19,11 +19,14 @@ import torch
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.numerics import configure_device
+from batchstyle.model.precision import measure, precision_decision
 from batchstyle.model.stylize import Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import Weights
+from batchstyle.options import default_values, make_settings
 
+DEFAULT_SETTINGS = make_settings(default_values())
 Profile = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # TensorRT's (min, opt, max) input shapes
 
 
@@ -44,7 +47,9 @@ def build_stylizer(
     scratch: Path | None = None,
     tile_devices: Sequence[str] = (),
 ) -> Stylizer:
-    """A stylizer on `device`, which is configured for `precision` (a resolved one: fp32, tf32 or bf16).
+    """A stylizer on `device`, configured for `precision`: `auto` is decided by timing the trunk here, once per
+    machine (`model.precision`; the decision is kept in `cache_dir`), and `warn` says what was measured and chosen,
+    and when a precision asked for was measured slower than another. The decision is `stylizer.precision_decision`.
 
     `targets` "ort" computes targets with ONNX Runtime on graphs exported into `cache_dir` (by the run's parent
     before its workers start, or here on first use with `export`), "torch" with torch; `torch_graphs` failed to
@@ -53,7 +58,6 @@ def build_stylizer(
     `tiles.MemoryPolicy` says; an L-BFGS history too large for memory goes to `scratch` where that folder exists
     (a Ray node may not see the run's output folder: then the system's temporary folder).
     """
-    configure_device(device, precision)
     try:
         cache: TargetCache | None = TargetCache(cache_dir)
     except (OSError, sqlite3.Error) as exc:
@@ -75,4 +79,22 @@ def build_stylizer(
     budget = max_memory if max_memory is not None else default_budget(device)
     scratch = scratch if scratch is not None and scratch.is_dir() else None
     memory = MemoryPolicy(budget, tile, scratch, tuple(tile_devices))
-    return Stylizer(weights, device, store, precision, memory)
+    stylizer = Stylizer(weights, device, store, "fp32", memory)
+    # The probe times the trunk the default options tap, built as every row's is, and kept for the rows that use it.
+    decision = precision_decision(
+        device,
+        precision,
+        weights.arch,
+        cache_dir,
+        lambda names: measure(stylizer.trunk(DEFAULT_SETTINGS), device, names),
+    )
+    if decision.measured:
+        warn(f"precision: {decision.describe()}")
+    if decision.slower:
+        warn(
+            f"--precision {decision.chosen} runs as asked, but this machine measured it slower than "
+            f"{decision.fastest} ({decision.describe()}); --precision auto would run {decision.fastest}"
+        )
+    configure_device(device, decision.chosen)
+    stylizer.precision, stylizer.precision_decision = decision.chosen, decision
+    return stylizer

@@ -2,7 +2,7 @@
 
 The names live here, torch-free, because `batchstyle run --help` lists them without importing torch, and the model
 layer checks them (`optimize.optimize_batch`) without knowing of runs. Which precision `auto` picks on a device is
-`run.devices.precision_for`; what bf16 changes in the network is `VGGFeatures.lowered`; what TF32 changes is cuDNN's
+measured (`model.precision`); what bf16 changes in the network is `VGGFeatures.lowered`; what TF32 changes is cuDNN's
 switch, set by `configure_device` here, which every stylizer is built after (`model.build.build_stylizer`).
 """
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
 
 NETWORK_PRECISIONS = ("fp32", "tf32", "bf16")  # what a network runs in
-PRECISIONS = ("auto", *NETWORK_PRECISIONS)  # what --precision takes: auto resolves per device (`precision_for`)
+PRECISIONS = ("auto", *NETWORK_PRECISIONS)  # what --precision takes: auto is measured per device (`model.precision`)
 
 # cuDNN's exhaustive algorithm search (cudnn.benchmark) runs once per new input shape. A run meets many shapes: every
 # scale of coarse-to-fine is a new one, and so is every aspect ratio among the photos, and each target is computed

@@ -6,10 +6,10 @@ report flags that say even less. So `auto` times one forward and backward pass o
 precision, keeps the faster only when it wins by a clear margin, and remembers the decision per machine, trunk and
 torch version in the cache folder, so that only the first run on a machine pays for it.
 
-    precision_decision(device, asked, trunk, cache_dir)
+    precision_decision(device, asked, arch, cache_dir, timings)
         -> the cache file for (device, threads, torch, trunk)  -- found: Decision(measured=False)
         -> else, under a file lock (workers starting together measure once, not at once):
-           measure(trunk, device, candidates) -> choose(seconds) -> write the file -> Decision(measured=True)
+           timings(candidates), i.e. measure(trunk, device, candidates) -> choose(seconds) -> write the file
 
 Only the network runs in the lower precision: Gram matrices, losses and the optimiser stay fp32 everywhere.
 """
@@ -188,14 +188,14 @@ def _read(path: Path, device: str, candidates: Sequence[str]) -> Decision | None
 def precision_decision(
     device: torch.device,
     asked: str,
-    trunk: Callable[[], VGGFeatures],
     arch: str,
     cache_dir: Path | None,
-    measure_fn: Callable[[VGGFeatures, torch.device, Sequence[str]], dict[str, float]] = measure,
+    timings: Callable[[Sequence[str]], dict[str, float]],
 ) -> Decision:
     """What `asked` runs as on `device`. `auto` is decided by measuring (once per machine: the decision is kept in
     `cache_dir`); an explicit precision runs as asked, and its decision says whether this machine measured it slower
-    (`Decision.slower`), so the caller can warn. `trunk` builds the network to time, only if a measurement is due."""
+    (`Decision.slower`), so the caller can warn. `timings` measures the candidates (`measure` on the trunk of
+    `arch`), called only when no decision is kept."""
     if asked not in PRECISIONS:
         raise ValueError(f"unknown precision {asked!r}: use one of {', '.join(PRECISIONS)}")
     candidates = CANDIDATES.get(device.type, ("fp32",))
@@ -211,11 +211,11 @@ def precision_decision(
             with _locked(path):
                 decision = _read(path, label, candidates)  # another worker may have measured while we waited
                 if decision is None:
-                    decision = _measured(label, measure_fn(trunk(), device, candidates))
+                    decision = _measured(label, timings(candidates))
                     data = asdict(decision) | {"torch": torch.__version__, "arch": arch, "pid": os.getpid()}
                     write_file_atomic(path, lambda handle: handle.write(json.dumps(data, indent=1).encode()))
     else:
-        decision = _measured(label, measure_fn(trunk(), device, candidates))
+        decision = _measured(label, timings(candidates))
     if asked == "auto":
         return decision
     return Decision(label, asked, decision.fastest, decision.seconds, decision.measured)

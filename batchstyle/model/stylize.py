@@ -37,6 +37,7 @@ from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.optimize import Losses, Objective, lbfgs_history, optimize_batch, upsample
 from batchstyle.model.pixels import image_to_tensor, luminance_image, recombine_color
+from batchstyle.model.precision import Decision
 from batchstyle.model.scales import scale_plan, style_long_side
 from batchstyle.model.targets import Targets, TargetStore, TorchBackend, stack_targets, style_targets
 from batchstyle.model.tiles import MemoryPolicy, Tiling, choose_tiling, tiled, tiled_targets
@@ -143,6 +144,7 @@ class Stylizer:
         self.device = device
         self.targets = targets
         self.precision = precision
+        self.precision_decision: Decision | None = None  # how `auto` chose `precision` (`model.build`)
         self.memory = memory or MemoryPolicy()  # the budget every scale is fitted in, tiled where it must be
         self._trunks: dict[tuple[tuple[str, ...], str], VGGFeatures] = {}
 
