@@ -68,7 +68,8 @@ def test_gram_matrix_matches_pairwise_loop_with_batch() -> None:
     gram = gram_matrix(feats)
     assert gram.shape == (3, 4, 4)
     torch.testing.assert_close(gram.double(), _gram_loops(feats), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gram.double(), _gram_einsum(feats))
+    # At float32's tolerances: the Gram is summed in float32, and float64's (1e-7) failed by 3e-7 on a 2-core CPU.
+    torch.testing.assert_close(gram, _gram_einsum(feats).float())
     # Each image's Gram depends on that image only.
     torch.testing.assert_close(gram[1:2], gram_matrix(feats[1:2]))
 

@@ -12,10 +12,13 @@ import html
 import io
 import json
 import shutil
+import sqlite3
+import zlib
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import cli, make_painting, make_photo, write_manifest
 from PIL import Image
@@ -23,7 +26,7 @@ from PIL import Image
 from batchstyle import images
 from batchstyle.images import is_temp_file
 from batchstyle.report import ReportFiles, write_report
-from batchstyle.run.ledger import Record, read_records
+from batchstyle.run.ledger import LEDGER_NAME, Ledger, Record, pack_history, read_records
 
 FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "-q")
 THUMB = 40  # below the test images' long sides, so thumbnails really are reduced
@@ -318,3 +321,96 @@ def test_report_command_and_run_report_write_both_files(tmp_path: Path) -> None:
     assert (out / "report.html").is_file()
     missing = cli("report", tmp_path / "nowhere")
     assert missing.exit_code == 2 and "nothing to report" in missing.output
+
+
+TEMPORAL_COLOUR = (0x94, 0x67, 0xBD)  # the report's colour for the temporal term's curve
+
+
+def _near(img: Image.Image, colour: tuple[int, int, int], tolerance: int = 12) -> int:
+    """Pixels of `img` within `tolerance` of `colour` in every channel: a curve's own line."""
+    pixels = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - np.asarray(colour)).max(axis=-1) <= tolerance).sum())
+
+
+def _ledger_with(out: Path, histories: dict[str, list[dict[str, float]]], params: dict[str, float]) -> None:
+    with Ledger(out) as ledger:
+        run_id = ledger.start_run(out / "m.csv", [], "random", "w")
+        for number, (name, history) in enumerate(histories.items(), start=1):
+            output = out / name
+            ledger.mark_pending(output, row=number, content="in/c.png", styles="in/s.png", key="k", run_id=run_id)
+            ledger.mark_running(output, run_id=run_id, device="cpu", model="random", weights="w")
+            last = history[-1]
+            ledger.mark_finished(
+                output,
+                status="done",
+                iterations=len(history),
+                content_loss=last["content"],
+                style_loss=last["style"],
+                tv_loss=last["tv"],
+                total_loss=sum(params[f"{term}_weight"] * value for term, value in last.items()),
+                params=json.dumps(params),
+                history=pack_history(history),
+            )
+
+
+def test_a_video_rows_temporal_term_is_drawn_as_a_curve_of_its_own(tmp_path: Path) -> None:
+    """Every recorded term gets a curve, weighted by its own option: a row whose only positive term is temporal
+    still has a curve, and a row with temporal draws it in the temporal colour; a still row has none of it."""
+    params = {"content_weight": 1.0, "style_weight": 100.0, "tv_weight": 10.0, "temporal_weight": 200.0}
+    falling = [{"content": 0.01 * k, "style": 1.0 / k, "tv": 0.02, "temporal": 0.05 / k} for k in range(1, 9)]
+    _ledger_with(
+        tmp_path,
+        {
+            "clip.mp4": falling,
+            "still.png": [{name: v for name, v in h.items() if name != "temporal"} for h in falling],
+            "only-temporal.mp4": [{"content": 0.0, "style": 0.0, "tv": 0.0, "temporal": 0.05 / k} for k in range(1, 9)],
+        },
+        params,
+    )
+    _, tree = parse(write_report(tmp_path, thumb=THUMB).html)
+    curves = {}
+    for section in sections(tree):
+        [curve] = section.find_all("img", "curve")
+        curves[section.find_all("span", "name")[0].text().strip()] = decode(curve.attrs["src"])
+    clip, still, only = curves["clip.mp4"], curves["still.png"], curves["only-temporal.mp4"]
+    assert _near(clip, TEMPORAL_COLOUR) > 50 and _near(only, TEMPORAL_COLOUR) > 50
+    assert _near(still, TEMPORAL_COLOUR) == 0
+
+
+def test_a_schema_5_ledger_still_reports_and_shows_its_status(tmp_path: Path) -> None:
+    """An output folder written before terms had names: `report` draws its curves and `status --json` reads it,
+    both read-only (the ledger stays schema 5 until a run opens it)."""
+    old = sqlite3.connect(tmp_path / LEDGER_NAME)
+    old.executescript(
+        """
+        CREATE TABLE runs (id INTEGER PRIMARY KEY, started REAL NOT NULL, finished REAL, manifest TEXT, argv TEXT,
+                           model TEXT, weights TEXT, outcome TEXT);
+        CREATE TABLE rows (output TEXT PRIMARY KEY, row INTEGER, content TEXT, styles TEXT, key TEXT NOT NULL,
+                           status TEXT NOT NULL, run_id INTEGER, started REAL, finished REAL, seconds REAL,
+                           iterations INTEGER, content_loss REAL, style_loss REAL, tv_loss REAL, total_loss REAL,
+                           device TEXT, model TEXT, weights TEXT, params TEXT, error TEXT, targets TEXT,
+                           provider TEXT, history BLOB, precision TEXT, frames INTEGER, frames_done INTEGER);
+        INSERT INTO runs (id, started, model) VALUES (1, 0, 'random');
+        PRAGMA user_version = 5;
+        """
+    )
+    history = np.asarray([[1e-13, 2.0, 0.1], [0.2, 1.5, 0.09], [0.3, 1.0, 0.08]], dtype="<f4")
+    old.execute(
+        "INSERT INTO rows (output, row, content, styles, key, status, run_id, iterations, total_loss, params, history)"
+        " VALUES ('a.png', 1, 'in/c.png', 'in/s.png', 'k', 'done', 1, 3, 1.2, ?, ?)",
+        (json.dumps({"style_weight": 100.0, "tv_weight": 10.0}), zlib.compress(history.tobytes(), 6)),
+    )
+    old.commit()
+    old.close()
+
+    _, tree = parse(write_report(tmp_path, thumb=THUMB).html)
+    [section] = sections(tree)
+    [curve] = section.find_all("img", "curve")
+    assert decode(curve.attrs["src"]).format == "PNG"
+    status = cli("status", tmp_path, "--json")
+    assert status.exit_code == 0, status.output
+    [row] = json.loads(status.stdout)["rows"]
+    assert (row["output"], row["status"], row["total_loss"]) == ("a.png", "done", 1.2)
+    conn = sqlite3.connect(tmp_path / LEDGER_NAME)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    conn.close()

@@ -24,7 +24,7 @@ from batchstyle import video
 from batchstyle.manifest import read_manifest
 from batchstyle.model.temporal import consistency, entering_band, flow_pair, uncovered, warp, warp_numpy
 from batchstyle.options import default_values
-from batchstyle.run.ledger import read_records
+from batchstyle.run.ledger import read_records, unpack_history
 from batchstyle.video import frames_folder
 
 SAMPLE = Path(__file__).parent.parent / "manifests" / "samples" / "astronaut.jpg"
@@ -226,6 +226,11 @@ def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: 
     status = cli("status", clip_dir / "m")
     rows = [line for line in status.output.splitlines() if line.strip().startswith("row")]
     assert len(rows) == 1 and "12/12 frames" in rows[0]  # a clip is one row, its frames in the ledger
+    [record] = read_records(clip_dir / "m")[0]
+    history = unpack_history(record.history)  # its last frame's iterations, the temporal term by name among them
+    assert list(history) == ["content", "style", "tv", "temporal"] and len(set(map(len, history.values()))) == 1
+    assert history["temporal"][0] < 1e-6, "a frame starts at the previous output warped: no temporal loss yet"
+    assert "temporal" in [e for e in events if e["event"] == "iteration"][-1]  # frame 11's losses, every term
     assert cli("report", clip_dir / "m").exit_code == 0
     page = (clip_dir / "m" / "report.html").read_text()
     assert "frames of row 1" in page and "temporal error" in page
