@@ -6,7 +6,11 @@ a worker lost with its batch in flight (the engine decides about retries), and m
 
 Hung workers: every message a worker sends is a sign of life (progress per iteration, and beats when a batch starts
 and between phases). A worker process or Ray actor that holds a batch and stays silent for the stall timeout is
-killed and replaced, and its rows are lost like a dead worker's. The in-process slot cannot watch itself.
+killed and replaced, and its rows are lost like a dead worker's. The in-process slot cannot watch itself. Whether a
+member is hung is `overdue`, a decision on its last sign of life and the pool's clock alone (injected, so that tests
+decide it with a clock they move by hand, not by waiting).
+
+What crosses between the parent and a worker process or Ray actor is a record of `batchstyle.run.messages`.
 """
 
 from __future__ import annotations
@@ -18,15 +22,32 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from batchstyle.errors import RunError
 from batchstyle.model.weights import Weights
 from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, precision_for
+from batchstyle.run.messages import (
+    ActorResults,
+    ActorState,
+    Beat,
+    Fatal,
+    Fault,
+    FromWorker,
+    Note,
+    Progress,
+    Ready,
+    Results,
+    RowProgress,
+    RunBatch,
+    Stop,
+)
 from batchstyle.run.plan import Job
-from batchstyle.run.worker import Result, Worker, WorkerSpec, serve
+from batchstyle.run.worker import TEST_HANG_ROW, Result, Worker, WorkerSpec, hang_if_asked, serve
+
+Clock = Callable[[], float]  # seconds, only ever subtracted from one another: time.monotonic
 
 START_ALLOWANCE = 300.0  # seconds a starting worker (importing torch, loading weights, opening its device) may take
 ENGINE_BUILD_ALLOWANCE = 1800.0  # seconds ONNX Runtime may take to build a TensorRT engine while computing targets
@@ -42,6 +63,30 @@ def stall_limit(timeout: float, started: bool, phase: str, spec: WorkerSpec) -> 
     if phase == "targets" and spec.targets == "ort" and spec.device.startswith("cuda"):
         return max(timeout, ENGINE_BUILD_ALLOWANCE)
     return timeout
+
+
+class Watched(Protocol):
+    """What the stall watch reads of a pool's member."""
+
+    @property
+    def batch(self) -> list[Job] | None: ...
+    @property
+    def started(self) -> bool: ...  # it said it was ready
+    @property
+    def phase(self) -> str: ...  # what its last beat said it was doing
+    @property
+    def spec(self) -> WorkerSpec: ...
+    @property
+    def last_sign(self) -> float: ...  # the pool's clock at its last sign of life, or at the batch handed to it
+
+
+def overdue(member: Watched, timeout: float, now: float) -> float | None:
+    """Seconds of silence of a member that holds a batch and has been silent past its stall limit; None while it
+    is idle or may still be at work. An idle member's silence is no hang: it has nothing to say."""
+    if member.batch is None:
+        return None
+    silent = now - member.last_sign
+    return silent if silent > stall_limit(timeout, member.started, member.phase, member.spec) else None
 
 
 def hung_reason(silent: float, replaced: bool) -> str:
@@ -160,6 +205,7 @@ class _ReplacingPool:
     events: PoolEvents
     closing: bool
     stall_timeout: float | None  # None or 0: no member is ever taken as hung
+    clock: Clock  # what every sign of life is stamped with and the silence measured by
     _members: list[Any]
 
     def idle(self) -> list[int]:
@@ -212,10 +258,11 @@ class _ReplacingPool:
         if not self.stall_timeout:
             return
         for index, member in enumerate(self._members):
-            if member.batch is None or not self._watched(index) or member.batch is None:
-                continue  # (the signs brought in may have been the batch's results)
-            silent = time.monotonic() - member.last_sign
-            if silent <= stall_limit(self.stall_timeout, member.started, member.phase, member.spec):
+            if member.batch is None or not self._watched(index):
+                continue
+            # (the signs brought in may have been the batch's results: then it holds no batch any more)
+            silent = overdue(member, self.stall_timeout, self.clock())
+            if silent is None:
                 continue
             started = member.started
             replaced = not self.closing and member.broken is None
@@ -234,7 +281,7 @@ class _Slot:
     ready: bool = False
     failed_starts: int = 0  # deaths before "ready", in a row: a slot that cannot start is given up
     broken: str | None = None
-    last_sign: float = 0.0  # time.monotonic() of its last message, or of the batch handed to it
+    last_sign: float = 0.0  # the pool's clock at its last message, or at the batch handed to it
     phase: str = "starting"  # what its last beat said it was doing
     fault: str | None = None  # the device fault it reported before exiting
 
@@ -250,10 +297,17 @@ class ProcessPool(_ReplacingPool):
     the parent's. A dead worker is replaced by a fresh one; the engine is told, and re-queues or fails its rows.
     """
 
-    def __init__(self, specs: Sequence[WorkerSpec], events: PoolEvents, stall_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        specs: Sequence[WorkerSpec],
+        events: PoolEvents,
+        stall_timeout: float | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.context = multiprocessing.get_context("spawn")
         self.events = events
         self.stall_timeout = stall_timeout
+        self.clock = clock
         self._slots = self._members = [_Slot(spec.device, spec) for spec in specs]
         self.slots = [slot.device for slot in self._slots]
         self.closing = False
@@ -262,23 +316,27 @@ class ProcessPool(_ReplacingPool):
 
     def _start(self, index: int) -> None:
         slot = self._slots[index]
+        slot.process, slot.conn = self._spawn(index)
+        slot.ready, slot.last_sign, slot.phase = False, self.clock(), "starting"
+
+    def _spawn(self, index: int) -> tuple[Any, Any]:
+        """A worker process for the slot, started, and the parent's end of its pipe."""
         parent, child = self.context.Pipe()
         process = self.context.Process(
-            target=serve, args=(child, slot.spec), name=f"batchstyle-worker-{index}", daemon=True
+            target=serve, args=(child, self._slots[index].spec), name=f"batchstyle-worker-{index}", daemon=True
         )
         # The child starts with Ctrl-C blocked and unblocks it only once it ignores it: a Ctrl-C meant for the
         # parent (a drain) must not kill a worker that is still importing torch.
         with _sigint_blocked():
             process.start()
         child.close()
-        slot.process, slot.conn, slot.ready = process, parent, False
-        slot.last_sign, slot.phase = time.monotonic(), "starting"
+        return process, parent
 
     def _stop(self, index: int) -> None:
         s = self._slots[index]
         if s.conn is not None:
             with contextlib.suppress(BrokenPipeError, OSError):
-                s.conn.send(("stop",))  # it exits; its sentinel then finds a broken slot, replaced by none
+                s.conn.send(Stop())  # it exits; its sentinel then finds a broken slot, replaced by none
 
     def _kill(self, index: int) -> None:
         s = self._slots[index]
@@ -296,10 +354,10 @@ class ProcessPool(_ReplacingPool):
     def submit(self, slot: int, batch: Sequence[Job]) -> None:
         s = self._slots[slot]
         s.batch = list(batch)
-        s.last_sign = time.monotonic()  # an idle worker's silence is no hang
+        s.last_sign = self.clock()  # an idle worker's silence is no hang
         # If the process is dying, its sentinel reports it and the batch is handed out again.
         with contextlib.suppress(BrokenPipeError, OSError):
-            s.conn.send(("batch", 0, s.batch))
+            s.conn.send(RunBatch(tuple(s.batch)))
 
     def wait(self, timeout: float) -> None:
         live = [s for s in self._slots if s.process is not None]
@@ -323,28 +381,28 @@ class ProcessPool(_ReplacingPool):
         except (EOFError, OSError):
             pass  # the sentinel says what happened
 
-    def _handle(self, index: int, message: tuple[Any, ...]) -> None:
+    def _handle(self, index: int, message: FromWorker) -> None:
         s = self._slots[index]
-        s.last_sign = time.monotonic()
-        kind = message[0]
-        if kind == "ready":
-            s.ready, s.failed_starts, s.phase = True, 0, "idle"
-        elif kind == "beat":
-            s.phase = message[2]
-        elif kind == "message":
-            self.events.message(message[1])
-        elif kind == "progress":
-            s.phase = "working"
-            for row, (iteration, losses) in message[2].items():
-                self.events.progress(index, row, iteration, losses)
-        elif kind == "results":
-            s.batch = None
-            self.events.results(index, message[2])
-        elif kind == "fatal":
-            s.broken = message[1]
-            self.events.message(message[1])
-        elif kind == "fault":
-            s.fault = message[1]
+        s.last_sign = self.clock()
+        match message:
+            case Ready():
+                s.ready, s.failed_starts, s.phase = True, 0, "idle"
+            case Beat(phase=phase):
+                s.phase = phase
+            case Note(text=text):
+                self.events.message(text)
+            case Progress(rows=rows):
+                s.phase = "working"
+                for row, moved in rows.items():
+                    self.events.progress(index, row, moved.iteration, moved.losses)
+            case Results(results=results):
+                s.batch = None
+                self.events.results(index, list(results))
+            case Fatal(reason=reason):
+                s.broken = reason
+                self.events.message(reason)
+            case Fault(cause=cause):
+                s.fault = cause
 
     def _died(self, index: int) -> None:
         s = self._slots[index]
@@ -364,7 +422,7 @@ class ProcessPool(_ReplacingPool):
                 s.process.terminate()
             else:
                 with contextlib.suppress(BrokenPipeError, OSError):
-                    s.conn.send(("stop",))
+                    s.conn.send(Stop())
         deadline = time.monotonic() + 10
         for s in self._slots:
             if s.process is None:
@@ -392,8 +450,8 @@ class RayWorker:
         from concurrent.futures import ThreadPoolExecutor
 
         self.lock = threading.Lock()
-        self.messages: list[str] = []
-        self.rows: dict[int, tuple[int, dict[str, float]]] = {}
+        self.notes: list[str] = []
+        self.rows: dict[int, RowProgress] = {}
         self.phase, self.sign = "starting", time.monotonic()
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchstyle-worker")
         self.worker = self.thread.submit(Worker.build, spec, self._warn).result()
@@ -404,34 +462,28 @@ class RayWorker:
 
         return f"{socket.gethostname()}/{self.worker.device}"
 
-    def progress(self) -> dict[str, Any]:
-        """Seconds since the last sign of life (measured here: no clocks are compared across nodes), the phase, the
-        latest iteration of each row of the batch in flight, and the messages since the last call."""
+    def progress(self) -> ActorState:
         with self.lock:
-            messages, self.messages = self.messages, []
-            return {
-                "silent": time.monotonic() - self.sign,
-                "phase": self.phase,
-                "rows": dict(self.rows),
-                "messages": messages,
-            }
+            notes, self.notes = tuple(self.notes), []
+            return ActorState(time.monotonic() - self.sign, self.phase, dict(self.rows), notes)
 
-    def run_batch(self, jobs: list[Job]) -> tuple[list[Result], list[str]]:
+    def run_batch(self, jobs: list[Job]) -> ActorResults:
         with self.lock:
             self.rows = {}
         self._beat("started")
+        hang_if_asked(jobs)
         try:
             results = self.thread.submit(self.worker.run_batch, jobs, self._iteration).result()
         except DeviceFault:
             os._exit(DEVICE_FAULT_EXIT)  # the actor dies; the driver replaces it and hands the rows out again
         with self.lock:
-            messages, self.messages = self.messages, []
+            notes, self.notes = tuple(self.notes), []
             self.phase = "idle"
-        return results, messages
+        return ActorResults(tuple(results), notes)
 
     def _warn(self, text: str) -> None:
         with self.lock:
-            self.messages.append(text)
+            self.notes.append(text)
 
     def _beat(self, phase: str) -> None:
         with self.lock:
@@ -439,7 +491,7 @@ class RayWorker:
 
     def _iteration(self, row: int, iteration: int, losses: Any) -> None:
         with self.lock:
-            self.rows[row] = (iteration, losses.as_dict())
+            self.rows[row] = RowProgress(iteration, losses.as_dict())
             self.phase, self.sign = "working", time.monotonic()
 
 
@@ -456,7 +508,7 @@ class _Actor:
     started: bool = False
     failed_starts: int = 0
     broken: str | None = None
-    last_sign: float = 0.0  # driver's time.monotonic() of the actor's last sign of life
+    last_sign: float = 0.0  # the driver's clock at the actor's last sign of life
     phase: str = "starting"
     seen: dict[int, int] = field(default_factory=dict)  # latest iteration reported per row of the batch
 
@@ -481,6 +533,7 @@ class RayPool(_ReplacingPool):
         address: str | None,
         retries: int,
         stall_timeout: float | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         try:
             import ray
@@ -491,6 +544,7 @@ class RayPool(_ReplacingPool):
         self.ray = ray
         self.events = events
         self.stall_timeout = stall_timeout
+        self.clock = clock
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             # address="local" starts a private Ray even where a stale cluster file would make init() connect.
@@ -537,6 +591,9 @@ class RayPool(_ReplacingPool):
     def _start(self, index: int) -> None:
         actor = self._actors[index]
         options = {"max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2, **actor.options}
+        if TEST_HANG_ROW in os.environ:
+            # A spawned process inherits the parent's environment; an actor gets the raylet's, fixed when Ray began.
+            options["runtime_env"] = {"env_vars": {TEST_HANG_ROW: os.environ[TEST_HANG_ROW]}}
         actor.handle = self.remote_class.options(**options).remote(actor.spec)
         actor.ready, actor.started, actor.phase = actor.handle.ready.remote(), False, "starting"
 
@@ -556,11 +613,11 @@ class RayPool(_ReplacingPool):
     def submit(self, slot: int, batch: Sequence[Job]) -> None:
         actor = self._actors[slot]
         actor.batch = list(batch)
-        actor.seen, actor.last_sign = {}, time.monotonic()
+        actor.seen, actor.last_sign = {}, self.clock()
         actor.call = actor.handle.run_batch.remote(actor.batch)
 
     def wait(self, timeout: float) -> None:
-        now = time.monotonic()
+        now = self.clock()
         refs = {}
         for index, a in enumerate(self._actors):
             if a.ready is not None:
@@ -609,26 +666,26 @@ class RayPool(_ReplacingPool):
             return
         if kind == "ready":
             actor.ready, actor.started, actor.failed_starts = None, True, 0
-            actor.last_sign, actor.phase = time.monotonic(), "idle"
+            actor.last_sign, actor.phase = self.clock(), "idle"
             self.slots[index] = f"ray:{value}"
             return
-        results, messages = value
-        for text in messages:
+        done: ActorResults = value
+        for text in done.notes:
             self.events.message(text)
         actor.call, actor.batch, actor.poll = None, None, None
-        self.events.results(index, results)
+        self.events.results(index, list(done.results))
 
-    def _polled(self, index: int, state: dict[str, Any]) -> None:
+    def _polled(self, index: int, state: ActorState) -> None:
         """An answered poll: a sign of life as old as the actor says, and the rows' new iterations."""
         actor = self._actors[index]
-        actor.last_sign, actor.phase = time.monotonic() - state["silent"], state["phase"]
-        for text in state["messages"]:
+        actor.last_sign, actor.phase = self.clock() - state.silent, state.phase
+        for text in state.notes:
             self.events.message(text)
         rows = {job.row.number for job in actor.batch or []}  # a late answer may describe a finished batch
-        for row, (iteration, losses) in state["rows"].items():
-            if row in rows and iteration > actor.seen.get(row, 0):
-                actor.seen[row] = iteration
-                self.events.progress(index, row, iteration, losses)
+        for row, moved in state.rows.items():
+            if row in rows and moved.iteration > actor.seen.get(row, 0):
+                actor.seen[row] = moved.iteration
+                self.events.progress(index, row, moved.iteration, moved.losses)
 
     def _died(self, index: int, reason: str) -> None:
         self._kill(index)

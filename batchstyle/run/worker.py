@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from batchstyle.run.devices import (
     is_device_fault,
     is_out_of_memory,
 )
+from batchstyle.run.messages import Beat, Fatal, Fault, Note, Progress, Ready, Results, RowProgress, RunBatch, Stop
 from batchstyle.run.plan import Job
 from batchstyle.version import __version__
 
@@ -391,31 +393,31 @@ class _Throttled:
     (computing a scale's targets, working on), each phase change at once and otherwise throttled like progress.
     """
 
-    def __init__(self, conn: Any, batch_id: int = 0) -> None:
-        self.conn, self.batch_id = conn, batch_id
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
         self.last = 0.0
         self.phase = "idle"
-        self.pending: dict[int, tuple[int, dict[str, float]]] = {}
+        self.pending: dict[int, RowProgress] = {}
 
-    def start(self, batch_id: int) -> _Throttled:
-        self.batch_id, self.pending = batch_id, {}
+    def start(self) -> _Throttled:
+        self.pending = {}
         self.beat("started")
         return self
 
     def __call__(self, row: int, iteration: int, losses: Losses) -> None:
-        self.pending[row] = (iteration, losses.as_dict())
+        self.pending[row] = RowProgress(iteration, losses.as_dict())
         self.phase = "working"
         now = time.monotonic()
         if now - self.last >= PROGRESS_INTERVAL:
             self.last = now
-            self.conn.send(("progress", self.batch_id, self.pending))
+            self.conn.send(Progress(self.pending))
             self.pending = {}
 
     def beat(self, phase: str) -> None:
         now = time.monotonic()
         if phase != self.phase or now - self.last >= PROGRESS_INTERVAL:
             self.phase, self.last = phase, now
-            self.conn.send(("beat", self.batch_id, phase))
+            self.conn.send(Beat(phase))
 
 
 class _BeatingTargets:
@@ -435,6 +437,19 @@ class _BeatingTargets:
         return getattr(self._store, name)
 
 
+TEST_HANG_ROW = "BATCHSTYLE_TEST_HANG_ROW"
+
+
+def hang_if_asked(jobs: Sequence[Job]) -> None:
+    """Test hook: with BATCHSTYLE_TEST_HANG_ROW=<row number> in its environment, a worker handed that row blocks for
+    good without another sign of life, as one stuck in a driver call would; every other row runs as ever. A real
+    hang (SIGSTOP) of whichever worker holds a row cannot single out the row, and a test that waits for it races the
+    healthy worker beside it under load."""
+    row = os.environ.get(TEST_HANG_ROW)
+    if row and any(str(job.row.number) == row for job in jobs):
+        threading.Event().wait()
+
+
 def serve(conn: Any, spec: WorkerSpec) -> None:
     """Main loop of a spawned worker process: build the worker, then run each batch the parent sends.
 
@@ -446,31 +461,33 @@ def serve(conn: Any, spec: WorkerSpec) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until ignored here
 
     def warn(text: str) -> None:
-        conn.send(("message", text))
+        conn.send(Note(text))
 
     try:
         worker = Worker.build(spec, warn)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides what the run does
-        conn.send(("fatal", f"worker on {spec.device} could not start: {exc.__class__.__name__}: {exc}"))
+        conn.send(Fatal(f"worker on {spec.device} could not start: {exc.__class__.__name__}: {exc}"))
         return
     progress = _Throttled(conn)
     worker.beat_with(progress.beat)
-    conn.send(("ready", os.getpid()))
+    conn.send(Ready(os.getpid()))
     try:
         while True:
-            message = conn.recv()
-            if message[0] == "stop":
-                break
-            _, batch_id, jobs = message
-            try:
-                results = worker.run_batch(jobs, progress.start(batch_id))
-            except DeviceFault as exc:
-                # The cause goes first: a slot whose device keeps faulting is taken out of the run.
-                conn.send(("fault", f"DeviceFault: {(str(exc).splitlines() or [''])[0]}"[:200]))
-                conn.send(("message", f"worker on {spec.device}: {exc}; replacing it"))
-                worker.close()
-                os._exit(DEVICE_FAULT_EXIT)
-            conn.send(("results", batch_id, results))
+            match conn.recv():
+                case Stop():
+                    break
+                case RunBatch(jobs=jobs):
+                    on_iteration = progress.start()
+                    hang_if_asked(jobs)
+                    try:
+                        results = worker.run_batch(jobs, on_iteration)
+                    except DeviceFault as exc:
+                        # The cause goes first: a slot whose device keeps faulting is taken out of the run.
+                        conn.send(Fault(f"DeviceFault: {(str(exc).splitlines() or [''])[0]}"[:200]))
+                        conn.send(Note(f"worker on {spec.device}: {exc}; replacing it"))
+                        worker.close()
+                        os._exit(DEVICE_FAULT_EXIT)
+                    conn.send(Results(tuple(results)))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent went away or is stopping: nothing left to report to
     finally:
