@@ -73,9 +73,9 @@ _UNNAMED_TERMS = ("content", "style", "tv")
 
 def pack_history(history: Sequence[Mapping[str, float]]) -> bytes:
     """Per-iteration losses, each iteration's terms by name (a `Losses`, or any mapping), zlib-compressed: the term
-    names as a JSON list on the first line, then (iterations, terms) float32. 500 iterations of four terms take
-    ~6 KB. The blob names its own terms, so a new one (a video row's temporal, a term added later) needs no new
-    column; a term that some iterations lack is NaN there."""
+    names as a JSON list on the first line, then (iterations, terms) float32: 500 iterations of four terms are
+    8 KB before compression. The blob names its own terms, so a new one (a video row's temporal, a term added
+    later) needs no new column; a term that some iterations lack is NaN there."""
     names = list(dict.fromkeys(name for losses in history for name in losses))
     array = np.array([[losses.get(name, np.nan) for name in names] for losses in history], dtype="<f4")
     return zlib.compress(json.dumps(names).encode() + b"\n" + array.tobytes(), 6)
