@@ -18,19 +18,25 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 import warnings
 import zlib
 from collections.abc import Callable, Collection, Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps, PngImagePlugin, features
 
-# Temp files are hidden (leading dot) so globbing for outputs never picks up a half-written one, and carry
-# this marker so a later run can recognise and delete the ones a killed run left behind.
-TEMP_MARKER: str = ".tmp-"
+# Temp files are hidden (leading dot) so globbing for outputs never picks up a half-written one, and are named
+# `.{target}.batchstyle-tmp-{pid}-{16 hex digits}` so a later run can tell the ones a killed run left behind from a
+# user's file: the sweep deletes only names of exactly that shape. A looser `.tmp-` marker took a user's output named
+# `.a.tmp-1.png` for its own and deleted it on every rerun.
+TEMP_MARKER: str = ".batchstyle-tmp-"
+# `--save-every` writes an output's iterates into a folder of their own beside it, named after it with this suffix.
+ITERATES_SUFFIX = ".iterates"
+_TEMP_NAME = re.compile(rf"\.(?P<target>.+){re.escape(TEMP_MARKER)}[0-9]+-[0-9a-f]{{16}}")
 
 _FORMATS = {
     ".png": "PNG",
@@ -66,7 +72,13 @@ class ImageError(Exception):
 
 
 def _readable(path: Path) -> None:
-    """Registers the decoder `path` needs, or says how to install it (before Pillow calls the file unreadable)."""
+    """Refuses what is not a regular file, and registers the decoder `path` needs or says how to install it (before
+    Pillow calls the file unreadable). Opening a named pipe waits for a writer: `check` hung on one given as content."""
+    with contextlib.suppress(OSError):  # a missing file is Pillow's to report, with its own message
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ImageError(
+                f"{path} is not a regular file (a named pipe, socket or device); name an image file instead"
+            )
     suffix = path.suffix.lower()
     if suffix in _HEIF_SUFFIXES:
         try:
@@ -380,7 +392,7 @@ def _write_tiff16(pixels: np.ndarray, metadata: dict[str, str]) -> bytes:
 def write_file_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """`path` is afterwards absent, old or complete, never half-written: a hidden temp file in the same folder,
     fsynced, renamed into place, then the folder fsynced. Any failure removes the temp file."""
-    temp = path.with_name(f".{path.name}{TEMP_MARKER}{secrets.token_hex(8)}")
+    temp = temp_name(path)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -431,16 +443,31 @@ def read_metadata(path: Path) -> dict[str, str]:
     return data
 
 
-def is_temp_file(path: Path) -> bool:
-    """Whether ``path`` is named like a :func:`save_image_atomic` temp file (name only; nothing is read)."""
-    name = Path(path).name
-    return name.startswith(".") and TEMP_MARKER in name
+def temp_name(path: Path) -> Path:
+    """A fresh temp name for `path`, in its folder: hidden, with this process's id and 64 random bits, so no user's
+    file has it by accident and no two writers (workers, shards) share one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def is_temp_file(path: PurePath) -> bool:
+    """Whether ``path`` is named as :func:`temp_name` names temp files (name only; nothing is read)."""
+    return _TEMP_NAME.fullmatch(Path(path).name) is not None
 
 
 def temp_file_target(path: Path) -> Path:
-    """The file a temp file would have become: `.name.tmp-abc123` -> `name`, in the same folder."""
-    name = Path(path).name
-    return Path(path).with_name(name[1 : name.rindex(TEMP_MARKER)])
+    """The file a temp file would have become: `.name.batchstyle-tmp-12-0123456789abcdef` -> `name`, same folder."""
+    found = _TEMP_NAME.fullmatch(Path(path).name)
+    if found is None:
+        raise ValueError(f"{path} is not a batchstyle temp file")
+    return Path(path).with_name(found["target"])
+
+
+def iterates_folder(output: Path) -> Path:
+    """Where `--save-every` writes an output's iterates: `night/a.png` -> `night/a.iterates/`, a folder of their own
+    so nothing takes one for an output."""
+    output = Path(output)
+    return output.parent / f"{output.stem}{ITERATES_SUFFIX}"
 
 
 def remove_stale_temp_files(folder: Path, outputs: Collection[Path] | None = None) -> list[Path]:
@@ -452,7 +479,7 @@ def remove_stale_temp_files(folder: Path, outputs: Collection[Path] | None = Non
     nothing outside ``folder`` is touched.
     """
     owned = None if outputs is None else {Path(p).resolve() for p in outputs}
-    folders = set() if owned is None else {o.parent / f"{o.stem}.iterates" for o in owned}
+    folders = set() if owned is None else {iterates_folder(o) for o in owned}
     removed: list[Path] = []
     for root, _dirs, files in os.walk(folder):
         for name in files:

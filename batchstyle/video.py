@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ if TYPE_CHECKING:
 
 from batchstyle.images import (
     SUPPORTED_SUFFIXES,
-    TEMP_MARKER,
     ImageError,
     _fsync_directory,
     load_image,
+    temp_name,
     write_file_atomic,
 )
 
@@ -46,6 +45,7 @@ FOLDER_RATE = Fraction(25)  # a folder of frames has no rate of its own; a video
 MAX_FRAME_PIXELS = 8192 * 8192  # beyond this a frame is a damaged header or a mistake, not footage
 MAX_FRAMES = 1_000_000  # ~11 hours at 25 fps: more is a damaged header
 FRAME_NAME = "frame-{:06d}.png"
+FRAMES_SUFFIX = ".frames"  # a clip output's frames folder is named after it with this suffix
 INSTALL = "pip install 'batchstyle[video]'"
 # Encoders per output kind: lossless-looking defaults (x264 CRF 16 is visually transparent on stylized frames).
 _CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".gif": "gif"}
@@ -72,8 +72,17 @@ def _need_av() -> None:
 
 
 def is_clip(path: Path) -> bool:
-    """A video file by its extension, or a folder (of frames)."""
-    return Path(path).suffix.lower() in VIDEO_SUFFIXES or Path(path).is_dir()
+    """A video file by its extension, or a folder (of frames). A GIF of one frame is a still image, as a viewer shows
+    it: refusing it as a style ("is a video") was wrong, and Pillow reads it as it reads a PNG. Only a regular file is
+    opened to count its frames (a named pipe would wait for a writer)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gif" and path.is_file():
+        try:
+            with Image.open(path) as img:
+                return bool(getattr(img, "is_animated", False))
+        except Exception:  # Pillow raises many types for a damaged file: a clip by extension, whose probe says why
+            return True
+    return path.suffix.lower() in VIDEO_SUFFIXES or path.is_dir()
 
 
 def is_clip_output(path: Path) -> bool:
@@ -254,7 +263,7 @@ def _timestamps(container: InputContainer, stream: VideoStream) -> list[int]:
 def frames_folder(output: Path) -> Path:
     """Where a clip's finished frames are kept, beside its output: `clip.mp4` -> `clip.mp4.frames/`."""
     output = Path(output)
-    return output.with_name(output.name + ".frames")
+    return output.with_name(output.name + FRAMES_SUFFIX)
 
 
 def frame_path(folder: Path, position: int) -> Path:
@@ -274,13 +283,13 @@ def assemble(frames: Sequence[Path], source: Path, indices: Sequence[int], outpu
     if output.suffix:
         write_file_atomic(output, lambda handle: _encode(frames, Path(source), indices, handle, output.suffix.lower()))
         return
-    temp = output.with_name(f".{output.name}{TEMP_MARKER}{secrets.token_hex(8)}")
+    temp = temp_name(output)
     try:
         temp.mkdir()
         for position, frame in enumerate(frames):
             shutil.copyfile(frame, frame_path(temp, position))
         if output.exists():
-            old = output.with_name(f".{output.name}{TEMP_MARKER}old-{secrets.token_hex(8)}")
+            old = temp_name(output)
             os.replace(output, old)
             os.replace(temp, output)
             shutil.rmtree(old, ignore_errors=True)

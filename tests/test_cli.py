@@ -678,7 +678,7 @@ def test_sigkill_then_resume(tmp_path: Path, images: dict[str, Path]) -> None:
     outputs = {n: out / f"r{n}.png" for n in range(1, 5)}
     kept = {n: identity(outputs[n]) for n in before}
     # As if the kill had also landed in the middle of a save.
-    stale = out / f".r4.png{TEMP_MARKER}0123456789abcdef"
+    stale = out / f".r4.png{TEMP_MARKER}1234-0123456789abcdef"
     stale.write_bytes(outputs[1].read_bytes()[:100])
 
     result = cli("run", manifest, *options)

@@ -24,6 +24,8 @@ from batchstyle.images import (
     remove_stale_temp_files,
     resize_long_side,
     save_image_atomic,
+    temp_file_target,
+    temp_name,
 )
 from batchstyle.model.pixels import (
     image_to_tensor,
@@ -327,7 +329,11 @@ def test_failed_replace_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
         save_image_atomic(noise(8, 8), path, {"k": "v"})
 
     assert list(tmp_path.iterdir()) == []
-    assert seen[0].parent == tmp_path and is_temp_file(seen[0]) and seen[0].name.startswith(".out.png.tmp-")
+    assert (
+        seen[0].parent == tmp_path
+        and is_temp_file(seen[0])
+        and seen[0].name.startswith(f".out.png{TEMP_MARKER}{os.getpid()}-")
+    )
 
 
 def test_failed_encode_leaves_nothing(tmp_path: Path) -> None:
@@ -360,18 +366,33 @@ def test_read_metadata_of_foreign_files(tmp_path: Path) -> None:
 
 
 def test_is_temp_file() -> None:
-    assert TEMP_MARKER == ".tmp-"
-    assert is_temp_file(Path("out/.x.png.tmp-abc"))
-    assert not is_temp_file(Path("out/x.png.tmp-abc"))
-    assert not is_temp_file(Path("out/.hidden.png"))
-    assert not is_temp_file(Path("out/x.png"))
+    """Only the exact shape temp_name makes: a user's `.a.tmp-1.png` or a hidden file is never taken for one."""
+    made = temp_name(Path("out/x.png"))
+    assert made.parent == Path("out") and is_temp_file(made) and temp_file_target(made) == Path("out/x.png")
+    assert made != temp_name(Path("out/x.png"))
+    assert is_temp_file(Path(f"out/.x.png{TEMP_MARKER}12-0123456789abcdef"))
+    for name in [
+        ".a.tmp-1.png",  # the old marker: a user's file deleted on every rerun
+        ".x.png.tmp-0123456789abcdef",
+        f"x.png{TEMP_MARKER}12-0123456789abcdef",  # not hidden
+        f".x.png{TEMP_MARKER}0123456789abcdef",  # no pid
+        f".x.png{TEMP_MARKER}12-0123456789ABCDEF",  # not what token_hex writes
+        f".x.png{TEMP_MARKER}12-0123456789abcdef.png",
+        f".x.png{TEMP_MARKER}12-0123456789abcde",
+        ".hidden.png",
+        "x.png",
+    ]:
+        assert not is_temp_file(Path("out", name)), name
+    with pytest.raises(ValueError, match="not a batchstyle temp file"):
+        temp_file_target(Path("out/.a.tmp-1.png"))
 
 
 def test_remove_stale_temp_files(tmp_path: Path) -> None:
     nested = tmp_path / "a" / "b"
     nested.mkdir(parents=True)
-    stale = [tmp_path / ".x.png.tmp-abc", nested / ".x.png.tmp-abc"]
-    kept = [tmp_path / "x.png", nested / "x.png", nested / ".hidden", nested / "x.png.tmp-abc"]
+    stale = [temp_name(tmp_path / "x.png"), temp_name(nested / "x.png")]
+    kept = [tmp_path / "x.png", nested / "x.png", nested / ".hidden", tmp_path / ".a.tmp-1.png"]
+    kept += [nested / ".x.png.tmp-abc", nested / f".x.png{TEMP_MARKER}0123456789abcdef"]
     for path in stale + kept:
         path.write_bytes(b"data")
 
