@@ -11,6 +11,7 @@ import csv
 import difflib
 import io
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from batchstyle.images import DEEP_SUFFIXES, SUPPORTED_SUFFIXES, ImageError, che
 from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
+from batchstyle.reserved import fold, reserved_problem
 from batchstyle.video import VIDEO_SUFFIXES, ClipInfo, is_clip, is_clip_output, output_problem, probe_clip, select
 
 REQUIRED = ("content", "style")
@@ -151,9 +153,36 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
+def _not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as the manifest file: a folder, a pipe or a device, or nothing at all."""
+    if path.is_dir():
+        found = sorted(path.glob("*.csv"))
+        if not found:
+            return "is a folder, and holds no .csv file; give the manifest CSV file's path"
+        some = ", ".join(str(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        return f"is a folder; give the manifest CSV file, e.g. {some}"
+    if path.exists():
+        return "is not a regular file (a named pipe, socket or device); give the manifest CSV file"
+    return "no such manifest file"
+
+
+def _delimiter_hint(header: list[str]) -> str:
+    """A header read as one column that holds `;` or a tab: the file is separated by something other than commas,
+    as spreadsheets set to many European locales save "CSV" (with `;`), and tab-separated exports do."""
+    if len(header) != 1:
+        return ""
+    for delimiter, name in ((";", "semicolons (;)"), ("\t", "tabs")):
+        if delimiter in header[0]:
+            return (
+                f"; the header is one column holding {name}, so the file is separated by {name}, not commas: save "
+                "it as comma-separated CSV (in Excel: Save As, CSV UTF-8 (Comma delimited))"
+            )
+    return ""
+
+
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     if not path.is_file():
-        raise ManifestError(f"{path}: no such manifest file")
+        raise ManifestError(f"{path}: {_not_a_file(path)}")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -181,8 +210,8 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
         hints = [f"{c!r} (did you mean {m}?)" for c in columns for m in missing if difflib.get_close_matches(c, [m])]
         hint = f"; found {', '.join(hints)}" if hints else ""
         raise ManifestError(
-            f"{path}: the header {','.join(header)!r} has no {' or '.join(missing)} column{hint}; "
-            "the first line must name the columns, e.g. content,style,output"
+            f"{path}: the header {','.join(header)!r} has no {' or '.join(missing)} column{hint}"
+            + (_delimiter_hint(header) or "; the first line must name the columns, e.g. content,style,output")
         )
     unknown = [name for name in columns if name and name not in COLUMNS]
     if unknown:
@@ -267,6 +296,8 @@ def read_manifest(
         return image_ok[file]
 
     planned: list[tuple[Row, str]] = []
+    inputs: list[_Input] = []  # every file any row reads, problem rows' too: no output may land on one
+    unplanned: list[tuple[int, int, Path, str]] = []  # rows with other problems: their outputs are checked as well
     for number, (line, cells) in enumerate(table, start=1):
         problems: list[tuple[str, str]] = []
         content_cell = cells.get("content", "").strip()
@@ -277,6 +308,8 @@ def read_manifest(
             problems.append(("style", "empty; give one style image path, or several separated by ';'"))
         content = (base / content_cell) if content_cell else base
         styles = tuple(base / cell for cell in style_cells)
+        inputs += [(number, "content", content)] if content_cell else []
+        inputs += [(number, "style", style) for style in styles]
         for column, files in (("content", [content] if content_cell else []), ("style", list(styles))):
             for file in files:
                 problem = image_problem(file, clip_ok=column == "content")
@@ -294,6 +327,7 @@ def read_manifest(
         init_image = None
         if values["init"] not in ("content", "noise"):
             init_image = base / values["init"]
+            inputs.append((number, "init", init_image))
             problem = image_problem(init_image)
             if problem:
                 problems.append(("init", problem))
@@ -312,8 +346,10 @@ def read_manifest(
                 )
             )
         values["style_masks"] = tuple(str(mask) for mask in masks)
+        inputs += [(number, "style_masks", mask) for mask in masks]
         if values["content_mask"]:
             content_mask = base / values["content_mask"]
+            inputs.append((number, "content_mask", content_mask))
             problem = image_problem(content_mask)
             if problem:
                 problems.append(("content_mask", problem))
@@ -399,8 +435,13 @@ def read_manifest(
         if not problems:
             row = Row(number, line, content, styles, blend, output, values, init_image)
             planned.append((row, output_cell))
+        elif not any(column == "output" for column, _ in problems):
+            unplanned.append((number, line, output, output_cell))
 
     _resolve_output_clashes(manifest, planned)
+    output_cells = {row.number: cell for row, cell in planned}
+    outputs = [(row.number, row.line, row.output, output_cells[row.number]) for row in manifest.rows]
+    _refuse_unsafe_outputs(manifest, sorted(outputs + unplanned), inputs)
     return manifest
 
 
@@ -429,10 +470,79 @@ def _too_thin(
     return found
 
 
-def _clash_key(output: Path) -> str:
-    """Names that differ only in letter case are one file on Windows and macOS, so they clash everywhere: a manifest
-    checked on Linux must not overwrite one row's output with another's when it runs on a laptop."""
-    return str(output.resolve()).casefold()
+_Key = tuple[str, ...]
+
+
+def _clash_key(path: Path) -> _Key:
+    """Names that differ only in letter case or Unicode normalisation are one file on Windows and macOS, so they
+    clash everywhere: a manifest checked on Linux must not overwrite one row's output with another's, or an input,
+    when it runs on a laptop. Symlinks are resolved, so a link never hides that two names are one file. The key is
+    the path's parts, so that a folder's key starts the keys of everything in it."""
+    return tuple(fold(part) for part in Path(path).resolve().parts)
+
+
+_Input = tuple[int | None, str, Path]  # (row, column, path) of a file a run reads; the manifest itself has no row
+_FIX = "give the output another name, or the run another --out folder"
+
+
+def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[tuple[int, int, Path, str]], inputs: list[_Input]) -> None:
+    """A row whose output would destroy a file that is not its own to write fails, before any work, with a problem
+    in its output column: an input of any row (a photo was replaced by its own stylization: `v.jpg,s.jpg,v.jpg`
+    with `--out .`), the manifest, a file batchstyle writes itself (`reserved_problem`: the report, the ledger,
+    temp names, iterates and frames folders), a folder already at an image's name, or the output folder itself.
+    A name with a control character is refused too: a line break in a file name breaks every listing and script
+    that meets it. The other rows still run."""
+    out = manifest.out_dir.resolve()
+    read: dict[_Key, _Input] = {}
+    for item in [(None, "manifest", manifest.path), *inputs]:
+        read.setdefault(_clash_key(item[2]), item)
+    holding: dict[_Key, _Input] = {}  # every folder above an input: the first input inside it
+    for key, item in read.items():
+        for depth in range(len(key) - 1, 0, -1):
+            if key[:depth] in holding:
+                break  # its own parents were entered with it
+            holding[key[:depth]] = item
+
+    def whose(item: _Input, number: int) -> str:
+        row, column, path = item
+        if row is None:
+            return f"the manifest {path}"
+        owner = "this row's" if row == number else f"row {row}'s"
+        return f"{owner} {column.replace('_', ' ').removesuffix('s')} {path}"
+
+    def hazard(number: int, output: Path, cell: str) -> str | None:
+        name = repr(cell) if cell else f"the generated output name {output.name!r}"
+        if any(unicodedata.category(char) == "Cc" for char in cell or output.name):
+            return f"{name} holds a control character (a line break or tab); remove it from the output name"
+        resolved = output.resolve()
+        if resolved == out:
+            return f"{name} is the output folder itself; name a file or folder inside it"
+        if resolved.is_relative_to(out):
+            reserved = reserved_problem(resolved.relative_to(out))
+            if reserved:
+                return f"{name} {reserved}; {_FIX}"
+        if output.suffix and output.is_dir():
+            return f"{name} is a folder already at {output}; move it away, or {_FIX}"
+        key = _clash_key(output)
+        found = read.get(key)
+        if found is not None:
+            same = resolved == found[2].resolve()
+            alike = "" if same else " (the same file on Windows and macOS: only letter case or normalisation differs)"
+            return f"{name} would overwrite {whose(found, number)}{alike}; {_FIX}"
+        if key in holding:
+            return f"{name} would replace the folder that holds {whose(holding[key], number)}; {_FIX}"
+        inside = next((read[key[:depth]] for depth in range(len(key) - 1, 0, -1) if key[:depth] in read), None)
+        if inside is not None:
+            return f"{name} would be written into {whose(inside, number)}; {_FIX}"
+        return None
+
+    refused = set()
+    for number, line, output, cell in outputs:
+        problem = hazard(number, output, cell)
+        if problem is not None:
+            manifest.problems.append(Problem(manifest.path, number, line, "output", problem))
+            refused.add(number)
+    manifest.rows = [row for row in manifest.rows if row.number not in refused]
 
 
 def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:
@@ -443,8 +553,8 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
     def output_problem(row: Row, message: str) -> None:
         manifest.problems.append(Problem(manifest.path, row.number, row.line, "output", message))
 
-    explicit: dict[str, tuple[Row, str]] = {}
-    generated_count: dict[str, int] = {}
+    explicit: dict[_Key, tuple[Row, str]] = {}
+    generated_count: dict[_Key, int] = {}
     for row, cell in planned:
         key = _clash_key(row.output)
         if not cell:
@@ -456,13 +566,13 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
             else:
                 output_problem(
                     row,
-                    f"output {cell!r} differs from row {first.number}'s {first_cell!r} only in letter case, which "
-                    "names one file on Windows and macOS; give each row its own output",
+                    f"output {cell!r} differs from row {first.number}'s {first_cell!r} only in letter case or "
+                    "Unicode normalisation, which name one file on Windows and macOS; give each row its own output",
                 )
         else:
             explicit[key] = row, cell
             manifest.rows.append(row)
-    taken: dict[str, Row] = {key: row for key, (row, _) in explicit.items()}
+    taken: dict[_Key, Row] = {key: row for key, (row, _) in explicit.items()}
     for row, cell in planned:
         if cell:
             continue

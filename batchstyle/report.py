@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
+from batchstyle.reserved import CONTACT_SHEET_NAME, HTML_NAME
 from batchstyle.run.ledger import (
     LEDGER_NAME,
     STATUSES,
@@ -37,9 +38,6 @@ from batchstyle.run.ledger import (
     unpack_history,
 )
 from batchstyle.video import frames_folder, is_clip, is_clip_output, read_frames
-
-CONTACT_SHEET_NAME = "contact-sheet.png"
-HTML_NAME = "report.html"
 
 # Inputs are cached at this multiple of the thumbnail box, so a wide image still has pixels left for the sheet.
 _MAX_ASPECT = 2.0

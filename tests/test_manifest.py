@@ -431,7 +431,9 @@ def test_missing_manifest(tmp_path: Path) -> None:
 
 def test_directory_as_manifest(tmp_path: Path) -> None:
     (tmp_path / "dir.csv").mkdir()
-    assert "no such manifest file" in manifest_error(tmp_path / "dir.csv")
+    assert "is a folder, and holds no .csv file; give the manifest CSV file's path" in manifest_error(
+        tmp_path / "dir.csv"
+    )
 
 
 def test_binary_manifest(tmp_path: Path, images: dict[str, Path]) -> None:
