@@ -49,7 +49,7 @@ DECISION_VERSION = 1  # bump when the probe changes, so older decisions are meas
 class Decision:
     """What `auto` resolved to on one device, and the measurement behind it (empty where nothing was measured)."""
 
-    device: str  # the device as described in the decision's key: `cpu (Intel Xeon, 2 threads)`, `cuda (H200)`
+    device: str  # the device as described in the decision's key: `cpu (Intel Xeon Processor)`, `cuda (H200)`
     chosen: str  # what the network runs in
     fastest: str = ""  # what the measurement picked (`choose`); differs from `chosen` where one was asked for
     seconds: dict[str, float] = field(default_factory=dict)  # median seconds of one forward+backward per candidate
@@ -76,11 +76,11 @@ def choose(seconds: Mapping[str, float], baseline: str = "fp32", margin: float =
 
 
 def device_label(device: torch.device) -> str:
-    """The device as a decision depends on it: its model, and on a CPU the threads torch computes with (a 2-thread
-    share of a machine can favour another kernel than all its cores)."""
+    """The device as a decision depends on it: its model. Not the threads a worker computes with: every worker of a
+    machine must run the precision the others run, so that a row's pixels do not depend on which slot took it."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"{device.type} ({_cpu_model()})"
 
 
 def _cpu_model() -> str:
