@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,6 +31,8 @@ from batchstyle.run.pools import (
     ENGINE_BUILD_ALLOWANCE,
     START_ALLOWANCE,
     ProcessPool,
+    RayPool,
+    _Actor,
     _Slot,
     overdue,
     stall_limit,
@@ -135,7 +138,7 @@ def spec(tmp_path: Path, device: str = "cpu", targets: str = "ort") -> WorkerSpe
     return WorkerSpec(model="random", cache_dir=tmp_path, device=device, targets=targets)
 
 
-JOB = "row 7"  # the pool hands jobs on without looking inside them
+JOB = SimpleNamespace(row=SimpleNamespace(number=7))  # a pool reads nothing of a job but its row's number
 LOSSES = {"content": 1.0, "style": 2.0, "tv": 0.5, "total": 3.5}
 
 
@@ -249,6 +252,25 @@ def test_a_starting_worker_has_the_start_allowance_and_three_failed_starts_give_
     assert pool.recorder.messages == [f"worker on cpu failed 3 times to start ({reason})"]
 
 
+def test_failed_starts_count_in_a_row_only(tmp_path: Path, clock: Clock) -> None:
+    pool = Pool([spec(tmp_path)], 10, clock)
+    for _ in range(Pool.MAX_FAILED_STARTS - 1):
+        pool.submit(0, [JOB])  # type: ignore[list-item]
+        clock.advance(START_ALLOWANCE + 1)
+        pool._watch()
+    pool.tell(0, Ready(pid=125))  # this one started: the slot is sound after all
+    assert pool._slots[0].failed_starts == 0
+    pool.submit(0, [JOB])  # type: ignore[list-item]
+    clock.advance(START_ALLOWANCE + 1)
+    pool._watch()  # it started, then hung: no failed start
+    assert pool.usable() and pool._slots[0].failed_starts == 0
+    pool.submit(0, [JOB])  # type: ignore[list-item]
+    clock.advance(START_ALLOWANCE + 1)
+    pool._watch()  # its replacement cannot start: one failed start in a row, not a third
+    assert pool.usable() and pool._slots[0].failed_starts == 1
+    assert all(reason.endswith("and replaced") for _, reason, _, _ in pool.recorder.lost_calls)
+
+
 def test_a_worker_building_an_engine_has_the_engine_build_allowance_while_in_that_phase(
     tmp_path: Path, clock: Clock
 ) -> None:
@@ -324,6 +346,21 @@ def test_a_fatal_start_and_a_fault_are_read_by_their_type(tmp_path: Path, clock:
     assert pool.recorder.messages == ["worker on cpu could not start: boom"]
     pool.retire(0, "taken out")
     assert pool._slots[0].conn.sent == [Stop()]
+
+
+def test_a_ray_actors_silence_is_the_one_it_reports_measured_on_its_own_clock(tmp_path: Path, clock: Clock) -> None:
+    """No clocks are compared across nodes: a poll's answer says how long ago the actor's last sign of life was, and
+    the driver dates it back from its own clock. (A RayPool without Ray: only its bookkeeping of polls is used.)"""
+    pool = object.__new__(RayPool)
+    pool.clock, pool.events = clock, Recorder()
+    actor = _Actor(spec(tmp_path), {}, batch=[JOB], started=True)  # type: ignore[list-item]
+    pool._actors = pool._members = [actor]
+    pool._polled(0, ActorState(silent=4.0, phase="working", rows={}, notes=("ran on CPU",)))
+    assert overdue(actor, 10, clock()) is None and pool.events.messages == ["ran on CPU"]
+    clock.advance(6)
+    assert overdue(actor, 10, clock()) is None
+    clock.advance(1)
+    assert overdue(actor, 10, clock()) == 11.0
 
 
 def test_every_message_survives_the_pipe() -> None:
