@@ -121,6 +121,7 @@ def test_noise_init_matches_batchstyle() -> None:
 # --- the reference loop ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reference_loop_lowers_the_objective(hed_weights: Weights, pictures: dict[str, Path]) -> None:
     content, style = _tensors(pictures)
     settings = _settings(iterations=12)
@@ -140,6 +141,7 @@ def test_reference_loop_lowers_the_objective(hed_weights: Weights, pictures: dic
     assert image.shape == content.shape and seconds > 0
 
 
+@pytest.mark.slow
 def test_the_tutorial_reference_clamps_before_every_evaluation(hed_weights: Weights, pictures: dict[str, Path]) -> None:
     """With clamping at the end only, the iterates leave [0, 1]; clamped before every evaluation, as the PyTorch
     tutorial does, every evaluated image is inside, so only the last step (never evaluated) can leave it."""
@@ -171,6 +173,7 @@ def figures(hed_weights: Weights, pictures: dict[str, Path]) -> QualityFigures:
     return quality_figures(hed_weights, pictures["content"], pictures["style"], size=32, iterations=10)
 
 
+@pytest.mark.slow
 def test_quality_figures_are_consistent(figures: QualityFigures) -> None:
     d = default_values()
     assert figures.size == (32, 24)
@@ -191,11 +194,17 @@ def test_quality_figures_are_consistent(figures: QualityFigures) -> None:
     assert 0 <= figures.reference_outside <= 1
 
 
+@pytest.mark.slow
 def test_quality_figures_score_both_images_with_the_same_objective(figures: QualityFigures) -> None:
-    """Both fit the same objective from the same start: neither may be wildly off the other at 10 iterations."""
-    assert 0.2 < figures.loss_ratio < 5
+    """Both fit the same objective from the same start with L-BFGS; batchstyle keeps its lowest-loss iterate where
+    the reference clamps its last one, so batchstyle is never worse. Measured 0.78 here (0.77 to 0.92 over 5, 10 and
+    20 iterations and three seeds; the losses repeat exactly for a thread count), so the lower bound sits below all
+    of them. batchstyle at 5 iterations against the reference's 10 is 1.34: an optimiser making half the progress
+    fails the upper bound."""
+    assert 0.6 < figures.loss_ratio <= 1.0
 
 
+@pytest.mark.slow
 def test_format_quality_has_both_rows(figures: QualityFigures) -> None:
     text = format_quality(figures)
     lines = text.splitlines()

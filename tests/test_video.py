@@ -205,6 +205,7 @@ def test_every_bad_input_is_a_row_error(clip_dir: Path, monkeypatch: pytest.Monk
 # -- runs ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: Path) -> None:
     manifest = write_manifest(clip_dir / "m.csv", "content,style,output", "pan.mp4,painting.png,out/styled.mp4")
     result = cli("run", manifest, *TINY, "--log-json", clip_dir / "log.jsonl")
@@ -236,6 +237,7 @@ def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: 
     assert "frames of row 1" in page and "temporal error" in page
 
 
+@pytest.mark.slow
 def test_a_frame_folder_with_a_frame_span_and_every_gives_a_folder_of_pngs(clip_dir: Path) -> None:
     folder = clip_dir / "frames"
     folder.mkdir()
@@ -248,6 +250,7 @@ def test_a_frame_folder_with_a_frame_span_and_every_gives_a_folder_of_pngs(clip_
     assert sorted(p.name for p in output.iterdir()) == [f"frame-{i:06d}.png" for i in range(3)]  # 2, 5, 8
 
 
+@pytest.mark.slow
 def test_chunked_and_unchunked_runs_both_finish_and_agree_in_frame_count(clip_dir: Path) -> None:
     make_clip(clip_dir / "long.mp4", frames=20, audio=False)
     manifest = write_manifest(clip_dir / "m.csv", "content,style", "long.mp4,painting.png")
@@ -266,6 +269,7 @@ def test_chunked_and_unchunked_runs_both_finish_and_agree_in_frame_count(clip_di
     assert blends == [f"blend-{i:06d}.png" for i in range(6, 10)]  # the overlap went into the video blended
 
 
+@pytest.mark.slow
 def test_a_clip_killed_mid_run_resumes_without_redoing_frames_and_never_shows_a_partial_video(clip_dir: Path) -> None:
     make_clip(clip_dir / "long.mp4", frames=24)
     manifest = write_manifest(clip_dir / "m.csv", "content,style,output", "long.mp4,painting.png,clip.mp4")
@@ -301,6 +305,7 @@ def test_a_clip_killed_mid_run_resumes_without_redoing_frames_and_never_shows_a_
     assert all(after[name] == stamp for name, stamp in finished.items())  # finished frames were not redone
 
 
+@pytest.mark.slow
 def test_bench_video_prints_independent_and_coherent_figures(clip_dir: Path) -> None:
     result = cli(
         "bench", "video", "--model", "random", "--clip", clip_dir / "pan.mp4", "--style", clip_dir / "painting.png",
@@ -310,11 +315,14 @@ def test_bench_video_prints_independent_and_coherent_figures(clip_dir: Path) -> 
     lines = result.output.splitlines()
     independent = next(line for line in lines if line.startswith("independent"))
     coherent = next(line for line in lines if line.startswith("coherent w=200 it=2"))
-    for line in (independent, coherent):
-        error, per_frame, later = (float(x) for x in line.split()[-3:])
-        assert error >= 0 and per_frame > 0 and later > 0
+    # Each frame starting from the previous output warped by the flow, and held to it by the temporal loss, is what
+    # coherence is for: it flickers less. Measured here 8.3 against 12.8 levels (0.65); with the warped start and the
+    # temporal loss both dropped the two lines print the same 12.8, so the bound sits between, at 0.8.
+    independent_error, coherent_error = (float(line.split()[-3]) for line in (independent, coherent))
+    assert coherent_error < 0.8 * independent_error, (independent, coherent)
 
 
+@pytest.mark.slow
 def test_color_auto_decides_once_per_clip_on_its_first_frame(tmp_path: Path) -> None:
     """A clip that starts in daylight and goes dark: the deep field is recoloured (far from the first frame's tones)
     for every frame, though the dark frames alone would keep its own black, so the palette never flips mid-clip."""
