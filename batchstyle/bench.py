@@ -300,7 +300,7 @@ class MemoryFigures:
     baseline_mib: float  # after loading the weights, before any image
     seconds_per_iteration: float  # at the final scale
     tiling: str = "untiled"  # at the final scale: "untiled", or the tile size and L-BFGS pairs
-    predicted_mib: float = 0.0  # what `tiles.scale_bytes` predicted for the final scale's optimisation
+    predicted_mib: float = 0.0  # what `memory.scale_bytes` predicted for the final scale's optimisation
 
     @property
     def working_mib(self) -> float:
@@ -360,8 +360,8 @@ def _memory_child(
 
 def untiled_bytes(model: str, cache_dir: Path, long_side: int) -> int:
     """What the memory model predicts a single-scale untiled 4:3 row of this long side needs, default options."""
+    from batchstyle.model.memory import scale_bytes
     from batchstyle.model.optimize import lbfgs_history
-    from batchstyle.model.tiles import scale_bytes
     from batchstyle.model.weights import resolve
 
     source, _ = resolve(model, cache_dir)
@@ -638,9 +638,10 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     """`batchstyle bench device`: every figure one device's day needs, printed as measured; returns what was skipped
     and why (also printed). Built from the other benchmarks' functions: iteration_figures, image_figures,
     target_figures, throughput_figures."""
+    from batchstyle.model.memory import batch_that_fits
     from batchstyle.model.optimize import lbfgs_history
+    from batchstyle.model.tiles import default_budget
     from batchstyle.run.devices import cpu_has_native_bf16, precision_for
-    from batchstyle.run.plan import auto_batch_size, image_bytes
 
     start = time.perf_counter()
     skipped: list[str] = []
@@ -734,9 +735,9 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     if one is not None:
         echo(f"  batch 1: {one.images_per_hour:.0f}")
     if dev.type == "cuda":
-        taps = (*settings.content_layers, *settings.style_layers)
-        need = image_bytes(weights.arch, taps, w, h, lbfgs_history(3 * w * h))
-        batch = auto_batch_size(torch.cuda.mem_get_info(dev)[0], need)
+        s, pairs = settings, lbfgs_history(3 * w * h)
+        budget = default_budget(dev)  # what a run's only worker on this GPU is given
+        batch = batch_that_fits(budget, weights.arch, s.content_layers, s.style_layers, w, h, pairs)
         if not spent(f"auto batch ({batch})"):
             fig = image_figures(weights, size, iterations, str(dev), batch, auto)
             echo(f"  auto batch {batch}: {fig.images_per_hour:.0f} ({fig.seconds:.1f} s for the batch)")

@@ -636,7 +636,8 @@ def bench_memory(
     import torch
 
     from batchstyle.bench import memory_figures, untiled_bytes
-    from batchstyle.model.tiles import MemoryPolicy, available_memory, default_budget
+    from batchstyle.model.memory import available_memory
+    from batchstyle.model.tiles import MemoryPolicy, default_budget
 
     kinds = [k.strip() for k in tilings.split(",") if k.strip()]
     for kind in kinds:

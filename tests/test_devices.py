@@ -11,6 +11,7 @@ import torch
 
 from batchstyle.errors import RunError
 from batchstyle.run import devices, resources
+from batchstyle.run.config import RunConfig
 from batchstyle.run.devices import cpu_has_native_bf16, parse_devices, pick_device, precision_for
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda:0"), torch.device("mps")
@@ -83,9 +84,12 @@ def test_auto_batch_size_asks_free_memory_without_a_cuda_context_here(monkeypatc
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
     monkeypatch.setattr(resources, "free_gpu_memory", free)
-    assert resources.auto_batch_size(["cuda:0", "cuda:1", "cuda:1"], [], {}, "vgg19") == 1  # no job: nothing to fit
-    assert asked == [["cuda:0", "cuda:1", "cuda:1"]]
-    assert resources.auto_batch_size(["cpu"], [], {}, "vgg19") == 1
-    assert resources.auto_batch_size(["mps"], [], {}, "vgg19") == 1  # unified memory: one image, as on a CPU
+    slots = ["cuda:0", "cuda:1", "cuda:1"]
+    budgets = resources.memory_budgets(RunConfig(), slots)
+    assert budgets == {"cuda:0": 80 << 30, "cuda:1": 40 << 30}  # a GPU's free memory, shared by its slots
+    assert asked == [slots]
+    assert resources.auto_batch_size(slots, budgets, [], {}, "vgg19") == 1  # no job: nothing to fit
+    assert resources.auto_batch_size(["cpu"], {"cpu": 80 << 30}, [], {}, "vgg19") == 1
+    assert resources.auto_batch_size(["mps"], {}, [], {}, "vgg19") == 1  # unified memory: one image, as on a CPU
     assert len(asked) == 1
     assert devices.free_gpu_memory([]) == {}

@@ -10,12 +10,21 @@ from conftest import make_painting, make_photo, write_manifest
 
 from batchstyle.errors import RunError
 from batchstyle.manifest import read_manifest
+from batchstyle.model.memory import FIXED_BYTES, batch_that_fits, scale_bytes
+from batchstyle.model.optimize import lbfgs_history
+from batchstyle.model.tiles import MemoryPolicy, choose_tiling
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values
 from batchstyle.run.config import RunConfig
 from batchstyle.run.devices import parse_devices
-from batchstyle.run.plan import Job, Shard, ShardError, auto_batch_size, image_bytes, make_batches, parse_shard, plan
-from batchstyle.run.resources import STALL_BASE_SECONDS, default_stall_timeout, iteration_seconds, stall_timeout
+from batchstyle.run.plan import Job, Shard, ShardError, make_batches, parse_shard, plan
+from batchstyle.run.resources import (
+    STALL_BASE_SECONDS,
+    auto_batch_size,
+    default_stall_timeout,
+    iteration_seconds,
+    stall_timeout,
+)
 from batchstyle.run.scheduler import Scheduler
 
 
@@ -106,16 +115,33 @@ def test_batches_hold_only_rows_of_the_same_size_and_settings(tmp_path: Path) ->
     assert [1, 5] in two and [2] in two
 
 
-def test_auto_batch_size_fills_free_memory_up_to_a_limit() -> None:
-    one = image_bytes("vgg19", ("relu1_1", "relu4_2", "relu5_1"), 512, 384, lbfgs_pairs=100)
-    # 512x384 on VGG-19: activations dominate, a few hundred MB per image.
-    assert 200e6 < one < 2e9
-    assert auto_batch_size(80 << 30, one) == 8
-    assert auto_batch_size(int(one * 3 / 0.6), one) == 3
-    assert auto_batch_size(one // 2, one) == 1
-    # Memory grows with the pixel count, not faster.
-    four = image_bytes("vgg19", ("relu1_1", "relu4_2", "relu5_1"), 1024, 768, lbfgs_pairs=100)
-    assert 3.9 < four / one < 4.1
+VGG19_DEFAULTS = (("relu4_2",), ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"))
+
+
+def test_auto_batch_size_is_the_most_images_that_fit_the_budget_untiled() -> None:
+    """The model tiling decides by (`memory.scale_bytes`) and the same budget: a batch it picks never tiles."""
+    w, h, pairs = 512, 384, lbfgs_history(3 * 512 * 384)
+    one = scale_bytes("vgg19", *VGG19_DEFAULTS, w, h, history=pairs) - FIXED_BYTES
+    # 512x384 on VGG-19 with 100 L-BFGS pairs: a few hundred MB of activations and ~470 MB of history per image.
+    assert 500e6 < one < 2e9
+    three = scale_bytes("vgg19", *VGG19_DEFAULTS, w, h, batch=3, history=pairs)
+    assert batch_that_fits(three, "vgg19", *VGG19_DEFAULTS, w, h, pairs) == 3
+    assert batch_that_fits(three - 1, "vgg19", *VGG19_DEFAULTS, w, h, pairs) == 2
+    assert choose_tiling(MemoryPolicy(three), "vgg19", *VGG19_DEFAULTS, w, h, batch=3, history=pairs).tile == 0
+    assert batch_that_fits(one // 2, "vgg19", *VGG19_DEFAULTS, w, h, pairs) == 1  # never none
+    assert batch_that_fits(80 << 30, "vgg19", *VGG19_DEFAULTS, w, h, pairs) == 8  # beyond 8 a GPU is saturated
+
+
+def test_auto_batch_size_fits_the_largest_row_in_the_smallest_gpu_slot(tmp_path: Path) -> None:
+    rows = ("in/a.png,in/s1.png,a.png,32", "in/b.png,in/s1.png,b.png,64")
+    jobs, sizes = _jobs(tmp_path, *rows, header="content,style,output,size")
+    arch, s = SOURCES["random"].arch, jobs[1].settings  # the larger row (64x48) decides
+    two = scale_bytes(arch, s.content_layers, s.style_layers, 64, 48, batch=2, history=lbfgs_history(3 * 64 * 48))
+    budgets = {"cuda:0": 8 << 30, "cuda:1": two}
+    assert auto_batch_size(["cuda:0", "cuda:1"], budgets, jobs, sizes, arch) == 2
+    assert auto_batch_size(["cuda:0"], budgets, jobs, sizes, arch) == 8
+    assert auto_batch_size(["cuda:0", "cpu"], {**budgets, "cpu": 8 << 30}, jobs, sizes, arch) == 1  # a CPU: 1
+    assert auto_batch_size(["cuda:2"], budgets, jobs, sizes, arch) == 1  # no budget known
 
 
 def test_default_stall_timeout_is_minutes_beyond_the_slowest_expected_iteration(tmp_path: Path) -> None:
@@ -126,7 +152,7 @@ def test_default_stall_timeout_is_minutes_beyond_the_slowest_expected_iteration(
         header="content,style,output,size",
     )
     big, small = (iteration_seconds(job, sizes, "vgg16") for job in jobs)
-    # Never below what the README's table measured on a 2-core CPU (38.5 s and 1.7 s per iteration), not far above.
+    # Never below the 2-core CPU's 38.5 s and 1.7 s per iteration (docs/benchmarks.md#cost-per-row), not far above.
     assert 38.5 <= big < 1.2 * 38.5 and 1.7 <= small < big / 10
     assert default_stall_timeout(jobs, sizes, "vgg16") == pytest.approx(STALL_BASE_SECONDS + 3 * big)
     # A batch of 4 iterates 4 times slower; two workers sharing one CPU each twice slower.

@@ -17,20 +17,16 @@ from batchstyle.model.export import graph_spec, target_graph
 from batchstyle.model.features import VGGFeatures, copy_module
 from batchstyle.model.layout import halo, stride
 from batchstyle.model.losses import gram_matrix
+from batchstyle.model.memory import FIXED_BYTES, IMAGE_VECTORS, available_memory, network_bytes, scale_bytes
 from batchstyle.model.optimize import Objective, lbfgs_history
 from batchstyle.model.stylize import Inputs, Stylizer
 from batchstyle.model.targets import Targets, stack_targets, style_targets
 from batchstyle.model.tiles import (
-    FIXED_BYTES,
-    IMAGE_VECTORS,
     MIN_TILE,
     PREFERRED_TILE,
     MemoryPolicy,
     TiledObjective,
-    available_memory,
     choose_tiling,
-    network_bytes,
-    scale_bytes,
     tile_grid,
     tiled,
     tiled_targets,

@@ -23,14 +23,13 @@ region count at each layer (a layer of stride s owns rows y0/s .. y1/s), so ever
 
 The optimiser sees the whole image and nothing of this (`TiledObjective` overrides only `Objective.gradient` and
 the value); memory is the whole image's few vectors (pixels, gradient, L-BFGS history) plus one tile's network.
-`tile_for` chooses the tiling from a budget, `tiled_targets` computes targets the same way.
+`choose_tiling` chooses the tiling from a budget (with `memory`'s model), `tiled_targets` computes targets the same way.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,8 +41,9 @@ from torch import nn
 
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.history import bytes_per_float
-from batchstyle.model.layout import activation_floats, deepest, halo, layer_shape, stride
+from batchstyle.model.layout import deepest, halo, layer_shape, stride
 from batchstyle.model.losses import region_weights
+from batchstyle.model.memory import cpu_budget, network_bytes, scale_bytes
 from batchstyle.model.optimize import MIN_PAIRS, TERMS, Objective
 from batchstyle.model.targets import Targets
 from batchstyle.options import Settings
@@ -433,26 +433,8 @@ def tiled(tile: int, devices: Sequence[torch.device] = ()) -> TiledObjectiveFact
     return make
 
 
-# --- how much memory a scale needs, and the tiling that fits a budget ---------------------------------------------
+# --- the tiling that fits a budget (`memory.scale_bytes` says what a scale needs) -----------------------------
 
-# Bytes of a forward+backward per float of `layout.activation_floats` (fp32; conv and in-place ReLU outputs are both
-# counted there though they share memory, and the backward's temporaries come on top). Measured as the peak resident
-# memory of one `Objective.gradient` in a fresh process less what was resident before it, vgg16 to relu5_1 on a CPU
-# (README, "Large outputs"): 342 MiB at 512x384 and 1584 MiB at 1024x768, against 421 and 1686 MiB of floats.
-NET_BYTES_PER_FLOAT = 1.0
-# A tile keeps more per float: pass 2's surrogate keeps its A F products (`_Quadratic`) beside the features, and the
-# tile's pixel gradient is added into the whole image's. Measured with `bench memory` at 1024x768 (the image's vectors
-# taken out as the untiled row gives them): 512 px tiles 954 MiB for 752 MiB of floats read (1.27), 832 px tiles
-# 1821 MiB for 1500 (1.21); and at 2048x1536 560 px tiles worked 12% above a prediction made with 1.0.
-TILED_NET_BYTES_PER_FLOAT = 1.3
-# Image-sized float32 vectors a scale keeps per image besides BatchLBFGS's 2h + 6: the pixels, their gradient, the
-# lowest-loss iterate, the content twice (the scale's and the batch's), the start, and ~3 temporaries of an L-BFGS
-# step and the lowest-loss update; and bytes beyond the network and the vectors (the target graph's copy of the
-# weights, the allocator's slack). Both fitted to `bench memory` rows at 1024x768 on a CPU: working memory 3096 MiB
-# untiled and 2334 MiB in 512 px tiles, 261 and 217 MiB above the model with 7 vectors and nothing fixed.
-IMAGE_VECTORS = 10
-FIXED_BYTES = 256 << 20
-CPU_MEMORY_SHARE = 0.6  # of the machine's available memory: the default budget on a CPU
 PREFERRED_TILE = 768  # px: a 768 px tile reads 928 px, 1.46x its area; the L-BFGS history gives way to it
 MIN_TILE = 128  # px: below this the halo is most of what a tile computes (a 128 px tile reads 288 px, 5x its area)
 
@@ -480,41 +462,6 @@ class Tiling:
     predicted: int
     store: str = "fp32"
     devices: int = 1  # the tiles are dealt to this many devices (`MemoryPolicy.devices` and the worker's own)
-
-
-def scale_bytes(
-    arch: str,
-    content_layers: Sequence[str],
-    style_layers: Sequence[str],
-    width: int,
-    height: int,
-    batch: int = 1,
-    history: int = 0,
-    tile: int = 0,
-    regions: int = 0,
-    store: str = "fp32",
-) -> int:
-    """Predicted peak bytes of optimising `batch` images of width x height: the network over the whole image, or
-    over one tile with its halo, plus the image-sized vectors (`history` L-BFGS pairs in `store` among them), the
-    content targets at their layers' sizes and `regions` mask planes (style masks and the content mask)."""
-    last = deepest(arch, (*content_layers, *style_layers))
-    network = network_bytes(arch, last, width, height, tile)
-    floats = (IMAGE_VECTORS + 6) * 3 * width * height + regions * width * height
-    floats += sum(math.prod(layer_shape(arch, name, height, width)) for name in content_layers)
-    pairs = 2 * history * 3 * width * height * bytes_per_float(store)
-    return int(batch * (network + 4 * floats + pairs) + FIXED_BYTES)
-
-
-def network_bytes(arch: str, deepest: str, width: int, height: int, tile: int = 0) -> int:
-    """Predicted peak bytes of one forward+backward of the network to `deepest`, over the whole image or over one
-    tile of `tile` px read with its halo."""
-    side_h, side_w = height, width
-    if tile:
-        margin, step = halo(arch, deepest), stride(deepest)
-        tile = max(step, tile // step * step)
-        side_h, side_w = min(height, tile + 2 * margin), min(width, tile + 2 * margin)
-    per_float = TILED_NET_BYTES_PER_FLOAT if tile else NET_BYTES_PER_FLOAT
-    return int(per_float * 4 * activation_floats(arch, deepest, side_h, side_w))
 
 
 def choose_tiling(
@@ -547,8 +494,8 @@ def choose_tiling(
     largest = -(-max(width, height) // step) * step
     pairs, store = history, "fp32"
     if budget is not None:
-        # Pairs beyond 5 cost little convergence (README: 5 pairs ended 2% above 100 at 256 px), tiles below 512 px
-        # cost time in halo: the history gets what is left beside a 512 px tile, in fp32 while MIN_PAIRS fit, in
+        # Pairs beyond 5 cost little convergence (README: 5 pairs ended 2% above 100 at 256 px), smaller tiles cost
+        # time in halo: the history gets what is left beside a PREFERRED_TILE tile, in fp32 while MIN_PAIRS fit, in
         # bf16 while they fit so, else in a file, where they cost no memory (README: what bf16 costs).
         spare = budget - cost(forced or min(largest, max(smallest, PREFERRED_TILE)), 0)
         floats = batch * 2 * 3 * width * height  # per pair
@@ -571,25 +518,10 @@ def choose_tiling(
 
 
 def default_budget(device: torch.device) -> int:
-    """A worker's budget when none is given: the device's free memory on a GPU, 60% of the machine's available
-    memory on a CPU (the rest is other processes', and the page cache the image files come through)."""
+    """A worker's budget when none is given: the device's free memory on a GPU, `memory.cpu_budget` on a CPU."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    return int(CPU_MEMORY_SHARE * available_memory())
-
-
-def available_memory() -> int:
-    """Bytes the machine could give a new process without swapping: MemAvailable on Linux, free pages elsewhere."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return cpu_budget()
 
 
 # --- targets, tile by tile ---------------------------------------------------------------------------------------

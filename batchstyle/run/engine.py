@@ -138,7 +138,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 sizes = manifest.image_sizes
                 budgets = memory_budgets(config, slots)
                 specs = worker_specs(source, config, slots, budgets, to_do, sizes, torch_targets, manifest.out_dir)
-                batch_size = config.batch_size or auto_batch_size(slots, to_do, sizes, source.arch)
+                batch_size = config.batch_size or auto_batch_size(slots, budgets, to_do, sizes, source.arch)
                 if batch_size > 1:
                     events.message(f"batches of up to {batch_size} same-size rows")
                 to_do = _chunked(to_do, config, slots)

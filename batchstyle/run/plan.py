@@ -17,7 +17,7 @@ from pathlib import Path
 from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
 from batchstyle.manifest import Manifest, Row
-from batchstyle.model.layout import activation_floats, deepest, layer_names
+from batchstyle.model.layout import layer_names
 from batchstyle.model.scales import scale_plan
 from batchstyle.model.weights import WeightSource, sha256_file
 from batchstyle.options import Settings, make_settings
@@ -181,14 +181,6 @@ def make_batches(jobs: Sequence[Job], batch_size: int, sizes: Mapping[Path, tupl
     return sorted(batches, key=lambda b: min(j.row.number for j in b))
 
 
-def auto_batch_size(free_bytes: int, per_image_bytes: int, limit: int = 8) -> int:
-    """As many images as fit in 60% of the free memory (the rest is the allocator's and the targets'), at most
-    `limit`: beyond ~8 a GPU is already saturated and a batch only delays every output in it."""
-    if per_image_bytes <= 0:
-        return 1
-    return max(1, min(limit, int(free_bytes * 0.6) // per_image_bytes))
-
-
 # -- shards --------------------------------------------------------------------------------------------------------
 
 
@@ -261,11 +253,3 @@ def _checked(index_text: str, count: int, origin: str, forms: str) -> Shard:
     if not 0 <= index < count:
         raise ShardError(f"{origin} gives shard {index} of {count}, outside 0..{count - 1}; {forms}")
     return Shard(index, count)
-
-
-def image_bytes(arch: str, taps: Sequence[str], width: int, height: int, lbfgs_pairs: int = 0) -> int:
-    """Rough device memory one image needs while optimised: every activation up to the deepest tap is kept for the
-    backward pass and about as much again is live during it, plus the L-BFGS history (two image-sized vectors per
-    pair). What `--batch-size auto` divides the free memory by."""
-    floats = activation_floats(arch, deepest(arch, taps), height, width)
-    return 4 * (2 * floats + (2 * lbfgs_pairs + 8) * 3 * width * height)

@@ -16,14 +16,13 @@ import torch
 from batchstyle.images import output_size
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.layout import conv_flops, deepest
+from batchstyle.model.memory import batch_that_fits, cpu_budget
 from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
-from batchstyle.model.tiles import CPU_MEMORY_SHARE, available_memory
 from batchstyle.model.weights import WeightSource
 from batchstyle.run.config import RunConfig
 from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
-from batchstyle.run.plan import Job, image_bytes
-from batchstyle.run.plan import auto_batch_size as fit_batch
+from batchstyle.run.plan import Job
 from batchstyle.run.worker import WorkerSpec
 
 Sizes = Mapping[Path, tuple[int, int]]  # image file -> (width, height), as the manifest checked them
@@ -68,28 +67,31 @@ def memory_budgets(config: RunConfig, slots: Sequence[str]) -> dict[str, int]:
     budgets = {}
     cpus = sum(1 for slot in slots if slot == "cpu")
     if cpus:
-        budgets["cpu"] = int(CPU_MEMORY_SHARE * available_memory()) // cpus
+        budgets["cpu"] = cpu_budget() // cpus
     gpus = [slot for slot in slots if slot.startswith("cuda")]
     for name, free in (free_gpu_memory(gpus) if gpus else {}).items():
         budgets[name] = free // slots.count(name)
     return budgets
 
 
-def auto_batch_size(slots: Sequence[str], jobs: Sequence[Job], sizes: Sizes, arch: str) -> int:
-    """On CUDA, as many images as the smallest GPU's free memory holds; on CPU 1, because a CPU is busy with one
-    image already and a batch there only delays every output in it (see `batchstyle bench iteration --batch`)."""
-    gpus = [s for s in slots if s.startswith("cuda")]
-    if not gpus or len(gpus) != len(slots):
+def auto_batch_size(
+    slots: Sequence[str], budgets: Mapping[str, int], jobs: Sequence[Job], sizes: Sizes, arch: str
+) -> int:
+    """On CUDA, as many images as the smallest slot's budget holds untiled (`memory.batch_that_fits`, the model the
+    worker tiles by, so a batch never makes its rows tile); on CPU 1, because a CPU is busy with one image already
+    and a batch there only delays every output in it (see `batchstyle bench iteration --batch`)."""
+    if not slots or not all(slot.startswith("cuda") and slot in budgets for slot in slots):
         return 1
-    free = min(free_bytes // slots.count(name) for name, free_bytes in free_gpu_memory(gpus).items())
-    need = 0
+    budget = min(budgets[slot] for slot in slots)
+    fits = []
     for job in jobs:
         if job.row.content in sizes:
-            w, h = output_size(*sizes[job.row.content], job.settings.size)
-            taps = (*job.settings.content_layers, *job.settings.style_layers)
-            pairs = lbfgs_history(3 * w * h) if job.settings.optimizer == "lbfgs" else 0
-            need = max(need, image_bytes(arch, taps, w, h, pairs))
-    return fit_batch(free, need)
+            s = job.settings
+            w, h = output_size(*sizes[job.row.content], s.size)
+            pairs = lbfgs_history(3 * w * h) if s.optimizer == "lbfgs" else 0
+            regions = len(s.style_masks) + bool(s.content_mask)
+            fits.append(batch_that_fits(budget, arch, s.content_layers, s.style_layers, w, h, pairs, regions))
+    return min(fits, default=1)
 
 
 # -- how long a worker may stay silent -----------------------------------------------------------------------------
