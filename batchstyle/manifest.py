@@ -296,6 +296,7 @@ def read_manifest(
         return image_ok[file]
 
     planned: list[tuple[Row, str]] = []
+    paths = _Paths()
     inputs: list[_Input] = []  # every file any row reads, problem rows' too: no output may land on one
     unplanned: list[tuple[int, int, Path, str]] = []  # rows with other problems: their outputs are checked as well
     for number, (line, cells) in enumerate(table, start=1):
@@ -421,8 +422,7 @@ def read_manifest(
             problems.append(
                 ("bit_depth", f"16 bits per channel need a .png or .tif output, not {output.name}: change the output")
             )
-        resolved_out = out.resolve()
-        if not output.resolve().is_relative_to(resolved_out):
+        if not paths.resolve(output).is_relative_to(paths.resolve(out)):
             problems.append(
                 (
                     "output",
@@ -438,10 +438,10 @@ def read_manifest(
         elif not any(column == "output" for column, _ in problems):
             unplanned.append((number, line, output, output_cell))
 
-    _resolve_output_clashes(manifest, planned)
+    _resolve_output_clashes(manifest, planned, paths)
     output_cells = {row.number: cell for row, cell in planned}
     outputs = [(row.number, row.line, row.output, output_cells[row.number]) for row in manifest.rows]
-    _refuse_unsafe_outputs(manifest, sorted(outputs + unplanned), inputs)
+    _refuse_unsafe_outputs(manifest, sorted(outputs + unplanned), inputs, paths)
     return manifest
 
 
@@ -473,29 +473,62 @@ def _too_thin(
 _Key = tuple[str, ...]
 
 
-def _clash_key(path: Path) -> _Key:
-    """Names that differ only in letter case or Unicode normalisation are one file on Windows and macOS, so they
-    clash everywhere: a manifest checked on Linux must not overwrite one row's output with another's, or an input,
-    when it runs on a laptop. Symlinks are resolved, so a link never hides that two names are one file. The key is
-    the path's parts, so that a folder's key starts the keys of everything in it."""
-    return tuple(fold(part) for part in Path(path).resolve().parts)
+class _Paths:
+    """Resolved paths and clash keys, each folder resolved once: a large manifest names a few folders many times,
+    and resolving every path in full (a system call per part) cost more than reading the manifest.
+
+    Names that differ only in letter case or Unicode normalisation are one file on Windows and macOS, so their keys
+    are equal everywhere: a manifest checked on Linux must not overwrite one row's output with another's, or an
+    input, when it runs on a laptop. Symlinks are resolved, so a link never hides that two names are one file. A key
+    is the path's parts, so that a folder's key starts the keys of everything in it."""
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, tuple[Path, _Key]] = {}
+        self._files: dict[Path, tuple[Path, _Key]] = {}  # a row's paths are asked for several times, a style's often
+
+    def _folder(self, folder: Path) -> tuple[Path, _Key]:
+        found = self._folders.get(folder)
+        if found is None:
+            resolved = folder.resolve()
+            found = self._folders[folder] = resolved, tuple(fold(part) for part in resolved.parts)
+        return found
+
+    def resolve(self, path: Path) -> Path:
+        return self.resolve_with_key(path)[0]
+
+    def key(self, path: Path) -> _Key:
+        return self.resolve_with_key(path)[1]
+
+    def resolve_with_key(self, path: Path) -> tuple[Path, _Key]:
+        found = self._files.get(path)
+        if found is None:
+            if path.name in ("", "..") or path.is_symlink():
+                resolved = path.resolve()
+                found = resolved, tuple(fold(part) for part in resolved.parts)
+            else:
+                folder, key = self._folder(path.parent)
+                found = folder / path.name, (*key, fold(path.name))
+            self._files[path] = found
+        return found
 
 
 _Input = tuple[int | None, str, Path]  # (row, column, path) of a file a run reads; the manifest itself has no row
 _FIX = "give the output another name, or the run another --out folder"
 
 
-def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[tuple[int, int, Path, str]], inputs: list[_Input]) -> None:
+def _refuse_unsafe_outputs(
+    manifest: Manifest, outputs: list[tuple[int, int, Path, str]], inputs: list[_Input], paths: _Paths
+) -> None:
     """A row whose output would destroy a file that is not its own to write fails, before any work, with a problem
     in its output column: an input of any row (a photo was replaced by its own stylization: `v.jpg,s.jpg,v.jpg`
     with `--out .`), the manifest, a file batchstyle writes itself (`reserved_problem`: the report, the ledger,
     temp names, iterates and frames folders), a folder already at an image's name, or the output folder itself.
     A name with a control character is refused too: a line break in a file name breaks every listing and script
     that meets it. The other rows still run."""
-    out = manifest.out_dir.resolve()
+    out = paths.resolve(manifest.out_dir)
     read: dict[_Key, _Input] = {}
     for item in [(None, "manifest", manifest.path), *inputs]:
-        read.setdefault(_clash_key(item[2]), item)
+        read.setdefault(paths.key(item[2]), item)
     holding: dict[_Key, _Input] = {}  # every folder above an input: the first input inside it
     for key, item in read.items():
         for depth in range(len(key) - 1, 0, -1):
@@ -514,7 +547,7 @@ def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[tuple[int, int, Pat
         name = repr(cell) if cell else f"the generated output name {output.name!r}"
         if any(unicodedata.category(char) == "Cc" for char in cell or output.name):
             return f"{name} holds a control character (a line break or tab); remove it from the output name"
-        resolved = output.resolve()
+        resolved, key = paths.resolve_with_key(output)
         if resolved == out:
             return f"{name} is the output folder itself; name a file or folder inside it"
         if resolved.is_relative_to(out):
@@ -523,10 +556,9 @@ def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[tuple[int, int, Pat
                 return f"{name} {reserved}; {_FIX}"
         if output.suffix and output.is_dir():
             return f"{name} is a folder already at {output}; move it away, or {_FIX}"
-        key = _clash_key(output)
         found = read.get(key)
         if found is not None:
-            same = resolved == found[2].resolve()
+            same = resolved == paths.resolve(found[2])
             alike = "" if same else " (the same file on Windows and macOS: only letter case or normalisation differs)"
             return f"{name} would overwrite {whose(found, number)}{alike}; {_FIX}"
         if key in holding:
@@ -545,7 +577,7 @@ def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[tuple[int, int, Pat
     manifest.rows = [row for row in manifest.rows if row.number not in refused]
 
 
-def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) -> None:
+def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]], paths: _Paths) -> None:
     """Explicit outputs must be unique, letter case aside (an error names both rows); generated names that collide
     with any other output get the row number appended, so a manifest of repeated pairs with different options just
     works."""
@@ -556,12 +588,12 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
     explicit: dict[_Key, tuple[Row, str]] = {}
     generated_count: dict[_Key, int] = {}
     for row, cell in planned:
-        key = _clash_key(row.output)
+        key = paths.key(row.output)
         if not cell:
             generated_count[key] = generated_count.get(key, 0) + 1
         elif key in explicit:
             first, first_cell = explicit[key]
-            if row.output.resolve() == first.output.resolve():
+            if paths.resolve(row.output) == paths.resolve(first.output):
                 output_problem(row, f"same output {cell!r} as row {first.number}; give each row its own output")
             else:
                 output_problem(
@@ -576,7 +608,7 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
     for row, cell in planned:
         if cell:
             continue
-        key = _clash_key(row.output)
+        key = paths.key(row.output)
         if key in explicit or generated_count[key] > 1:
             row = Row(
                 **{
@@ -584,7 +616,7 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]]) 
                     "output": row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}"),
                 }
             )
-            key = _clash_key(row.output)
+            key = paths.key(row.output)
         if key in taken:  # a renamed name that another row's output already has: never let two rows share a file
             output_problem(
                 row,
