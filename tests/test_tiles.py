@@ -230,7 +230,7 @@ def test_a_history_that_does_not_fit_in_fp32_goes_to_bf16_then_to_a_file() -> No
 
 
 def test_the_memory_model_is_the_measured_one_within_a_quarter() -> None:
-    """The figures the model was fitted to (README, "Large outputs"): one untiled gradient's working memory, in a
+    """The figures the model was fitted to (docs/large-outputs.md#the-memory-model): one untiled gradient's memory, in a
     fresh process, at 512x384 and 1024x768; the network is all of it there."""
     for (w, h), measured_mib in (((512, 384), 342), ((1024, 768), 1584)):
         network = scale_bytes("vgg16", *LAYERS, w, h)

@@ -494,9 +494,9 @@ def choose_tiling(
     largest = -(-max(width, height) // step) * step
     pairs, store = history, "fp32"
     if budget is not None:
-        # Pairs beyond 5 cost little convergence (README: 5 pairs ended 2% above 100 at 256 px), smaller tiles cost
+        # Pairs beyond 5 cost little convergence (5 pairs ended 2% above 100 at 256 px), smaller tiles cost
         # time in halo: the history gets what is left beside a PREFERRED_TILE tile, in fp32 while MIN_PAIRS fit, in
-        # bf16 while they fit so, else in a file, where they cost no memory (README: what bf16 costs).
+        # bf16 while they fit so, else in a file, where they cost no memory (docs/large-outputs.md#the-l-bfgs-history).
         spare = budget - cost(forced or min(largest, max(smallest, PREFERRED_TILE)), 0)
         floats = batch * 2 * 3 * width * height  # per pair
         store = next((s for s in ("fp32", "bf16") if spare >= MIN_PAIRS * floats * bytes_per_float(s)), "file")
