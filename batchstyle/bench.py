@@ -18,9 +18,10 @@ from PIL import Image
 
 from batchstyle.model.export import graph_spec
 from batchstyle.model.numerics import PRECISIONS, configure_device
+from batchstyle.model.precision import decide
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
 from batchstyle.model.tiles import MemoryPolicy
-from batchstyle.model.weights import Weights
+from batchstyle.model.weights import Weights, default_cache_dir
 from batchstyle.options import Settings, default_values, make_settings
 
 
@@ -40,17 +41,15 @@ class IterationFigures:
 
 def precisions_to_measure(device: torch.device, asked: str = "auto") -> list[str]:
     """fp32 first (its floor is what every precision is compared with), then the others asked for, resolved for
-    `device` and without repeats; `auto` is every precision that can be faster there."""
-    from batchstyle.run.devices import precision_for
-
+    `device` and without repeats; `auto` is every precision `--precision auto` chooses among there."""
     names = [name.strip().lower() for name in asked.split(",") if name.strip()]
     unknown = [name for name in names if name not in PRECISIONS]
     if unknown:
         raise ValueError(f"unknown precision {', '.join(unknown)}: use {', '.join(PRECISIONS)}")
-    defaults = {"cuda": ["tf32", "bf16"], "cpu": ["bf16"]}.get(device.type, [])
+    defaults = {"cuda": ["tf32", "bf16"], "cpu": ["bf16"]}.get(device.type, [])  # bf16 on CUDA: asked-for only
     found = ["fp32"]
     for name in names:
-        for precision in (defaults + [precision_for(device, "auto")]) if name == "auto" else [name]:
+        for precision in defaults if name == "auto" else [name]:
             if precision not in found:
                 found.append(precision)
     return found
@@ -108,10 +107,8 @@ def iteration_figures(
 ) -> IterationFigures:
     """Median seconds of one optimisation iteration of a batch of `batch` 4:3 images, and of the bare
     forward+backward floor at the same batch and precision, through the `Stylizer` a worker uses."""
-    from batchstyle.run.devices import precision_for
-
     dev = torch.device(device)
-    precision = precision_for(dev, precision)
+    precision = decide(weights, dev, precision, default_cache_dir()).chosen
     configure_device(dev, precision)
     settings: Settings = make_settings(
         {
@@ -530,10 +527,8 @@ def image_figures(
 ) -> ImageFigures:
     """One stylization of `batch` 4:3 images at one scale, `iterations` L-BFGS iterations, timed whole, through the
     `Stylizer` a worker uses (targets with torch, uncached)."""
-    from batchstyle.run.devices import precision_for
-
     dev = torch.device(device)
-    precision = precision_for(dev, precision)
+    precision = decide(weights, dev, precision, default_cache_dir()).chosen
     configure_device(dev, precision)
     settings = make_settings({**default_values(), "size": long_side, "min_size": 0, "iterations": iterations})
     stylizer = Stylizer.local(weights, dev, precision)
@@ -641,7 +636,6 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     from batchstyle.model.memory import batch_that_fits
     from batchstyle.model.optimize import lbfgs_history
     from batchstyle.model.tiles import default_budget
-    from batchstyle.run.devices import cpu_has_native_bf16, precision_for
 
     start = time.perf_counter()
     skipped: list[str] = []
@@ -668,7 +662,6 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     iterations = options.iterations or (500 if accelerated else 20)
     batches = options.batches or ((1, 4) if accelerated else (1,))
     timed = options.timed or (10 if accelerated else 3)
-    auto = precision_for(dev, "auto")
     name = device_name(dev)
     try:
         import onnxruntime as ort
@@ -684,7 +677,9 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     h, w = size * 3 // 4, size
     flops = iteration_flops(weights.arch, settings, w, h)
     echo(f"model {weights.source.name} ({weights.arch}); one iteration at {w}x{h} is {flops / 1e9:.1f} GFLOP")
-    echo(f"--precision auto runs {auto} here")
+    decision = decide(weights, dev, "auto", options.cache_dir)
+    auto = decision.chosen
+    echo(f"--precision auto: {decision.describe()}")
 
     def peak(precision: str) -> float | None:
         if options.peak_tflops is not None and precision == auto:
@@ -703,10 +698,8 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
         precisions += ["tf32", "bf16"]
     else:
         skip("tf32", f"TF32 exists on NVIDIA GPUs only, not on {dev.type}")
-        if dev.type == "cpu" and cpu_has_native_bf16():
-            precisions.append("bf16")
-        elif dev.type == "cpu":
-            skip("bf16", "this CPU has no native bf16 (AVX512-BF16 or AMX): emulated bf16 is slower than fp32")
+        if dev.type == "cpu":
+            precisions.append("bf16")  # measured whatever the CPU's flags say: they say little about its speed
         else:
             skip("bf16", f"--precision auto is fp32 on {dev.type}")
     echo(f"{iteration_header()} {'floor TF/s':>10} {'of peak':>7}")

@@ -332,6 +332,7 @@ def bench_iteration(
     """Seconds per optimisation iteration beside the floor (one bare forward+backward of the same trunk, same size,
     same batch, same precision) and beside the fp32 floor, and per image."""
     from batchstyle.bench import format_iteration, iteration_figures, iteration_header, precisions_to_measure
+    from batchstyle.model.precision import decide
     from batchstyle.run import devices
 
     source, _ = weights.resolve(model, cache_dir)
@@ -341,10 +342,10 @@ def bench_iteration(
         measured = precisions_to_measure(dev, precisions)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--precisions") from None
-    auto = devices.precision_for(dev, "auto")
+    auto = decide(loaded, dev, "auto", cache_dir or weights.default_cache_dir())
     click.echo(
         f"model {source.name} ({source.arch}), device {dev}, {torch_threads()} threads, {optimizer}; "
-        f"--precision auto runs {auto} here"
+        f"--precision auto: {auto.describe()}"
     )
     click.echo(iteration_header())
     for long_side in (int(s) for s in sizes.split(",")):

@@ -19,7 +19,7 @@ import torch
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.numerics import configure_device
-from batchstyle.model.precision import measure, precision_decision
+from batchstyle.model.precision import decide
 from batchstyle.model.stylize import Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.tiles import MemoryPolicy, default_budget
@@ -81,13 +81,7 @@ def build_stylizer(
     memory = MemoryPolicy(budget, tile, scratch, tuple(tile_devices))
     stylizer = Stylizer(weights, device, store, "fp32", memory)
     # The probe times the trunk the default options tap, built as every row's is, and kept for the rows that use it.
-    decision = precision_decision(
-        device,
-        precision,
-        weights.arch,
-        cache_dir,
-        lambda names: measure(stylizer.trunk(DEFAULT_SETTINGS), device, names),
-    )
+    decision = decide(weights, device, precision, cache_dir, lambda: stylizer.trunk(DEFAULT_SETTINGS))
     if decision.measured:
         warn(f"precision: {decision.describe()}")
     if decision.slower:

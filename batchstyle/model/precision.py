@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 
 from batchstyle.images import write_file_atomic
-from batchstyle.model.features import VGGFeatures
+from batchstyle.model.features import VGGFeatures, build
 from batchstyle.model.numerics import PRECISIONS
+from batchstyle.model.weights import Weights
+from batchstyle.options import default_values, make_settings
 
 # What `auto` chooses among on each kind of device; the first is the baseline a faster one must beat. TF32 and bf16
 # exist only where the hardware computes them (Ampere and later, bf16-capable CPUs); elsewhere they are emulated and
@@ -219,6 +221,29 @@ def precision_decision(
     if asked == "auto":
         return decision
     return Decision(label, asked, decision.fastest, decision.seconds, decision.measured)
+
+
+def decide(
+    weights: Weights,
+    device: torch.device,
+    asked: str,
+    cache_dir: Path | None,
+    trunk: Callable[[], VGGFeatures] | None = None,
+) -> Decision:
+    """`precision_decision` for `weights`, timing `trunk` (default: a trunk tapping the default options' layers, as a
+    row builds it) only if no decision is kept for this machine."""
+
+    def timings(candidates: Sequence[str]) -> dict[str, float]:
+        net = trunk() if trunk is not None else _default_trunk(weights, device)
+        return measure(net, device, candidates)
+
+    return precision_decision(device, asked, weights.arch, cache_dir, timings)
+
+
+def _default_trunk(weights: Weights, device: torch.device) -> VGGFeatures:
+    settings = make_settings(default_values())
+    taps = (*settings.content_layers, *settings.style_layers)
+    return build(weights, taps, settings.pooling, channels_last=True).to(device)
 
 
 def _measured(label: str, seconds: dict[str, float]) -> Decision:

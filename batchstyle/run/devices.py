@@ -1,5 +1,5 @@
-"""Devices, in one place: what `--devices` names, which precision runs where, and which failures mean the device
-(not the row) is at fault. What a precision switches on a device is the model layer's (`model.numerics`).
+"""Devices, in one place: what `--devices` names and which failures mean the device (not the row) is at fault.
+Which precision runs on a device is measured (`model.precision`); what it switches there is `model.numerics`'.
 
 Both the engine (which plans slots) and the pools (which host workers) import this; nothing here imports either.
 """
@@ -79,40 +79,6 @@ def parse_devices(text: str, gpus: int | None = None, mps: bool | None = None) -
     needs_mps = any(name.startswith("mps") for name in names)
     mps = (mps_available() if needs_mps else False) if mps is None else mps
     return [_one_device(name, gpus, mps) for name in names]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware, as torch reports it: AVX512-BF16 (Zen 4, Cooper Lake) or AMX-BF16
-    (Sapphire Rapids and later). Without it oneDNN emulates bf16 and is slower than fp32."""
-    get = getattr(torch.cpu, "get_capabilities", None)
-    if get is not None:
-        try:
-            found = get()
-            return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
-        except Exception:  # noqa: BLE001 - an unreadable CPUID is simply no bf16
-            return False
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch before get_capabilities
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-def precision_for(device: torch.device, asked: str, cpu_has_bf16: bool | None = None) -> str:
-    """The precision a device runs at when `asked` for it; `auto` resolves per device:
-
-    - CUDA: TF32 convolutions (Ampere and later run them ~8x faster than fp32, within the noise of the optimisation).
-    - CPU with native bf16 (`cpu_has_bf16`, default: what `cpu_has_native_bf16` reports): bf16 autocast for the
-      network, about half the time of fp32 per iteration, with final losses within a few percent
-      (docs/benchmarks.md#bf16-on-a-cpu). Without it, fp32: there TF32 does not exist and emulated bf16 is slower.
-    - Apple GPUs (mps): fp32.
-
-    Only the network runs in the lower precision: Gram matrices, losses and the optimiser stay fp32 everywhere.
-    """
-    if asked != "auto":
-        return asked
-    if device.type == "cuda":
-        return "tf32"
-    if device.type == "cpu":
-        return "bf16" if (cpu_has_native_bf16() if cpu_has_bf16 is None else cpu_has_bf16) else "fp32"
-    return "fp32"
 
 
 def free_gpu_memory(names: Sequence[str]) -> dict[str, int]:

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from batchstyle.errors import RunError
 from batchstyle.model.weights import Weights
-from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault, precision_for
+from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault
 from batchstyle.run.messages import (
     ActorResults,
     ActorState,
@@ -568,14 +568,12 @@ class RayPool(_ReplacingPool):
     def _placement(self, spec: WorkerSpec) -> list[tuple[WorkerSpec, dict[str, Any]]]:
         from dataclasses import replace
 
-        import torch
-
         ray = self.ray
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        precision = precision_for(torch.device("cuda" if gpus else "cpu"), spec.precision)
+        # `--precision auto` is left to each actor: it measures its own node's device, not this driver's.
         if gpus:
             # Ray sets CUDA_VISIBLE_DEVICES for each actor: its GPU is cuda:0 inside it.
-            gpu = replace(spec, device="cuda:0", precision=precision, threads=1)
+            gpu = replace(spec, device="cuda:0", threads=1)
             return [(gpu, {"num_gpus": 1, "num_cpus": 1}) for _ in range(gpus)]
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -584,7 +582,7 @@ class RayPool(_ReplacingPool):
             cpus = int(node.get("Resources", {}).get("CPU", 0))
             if node.get("Alive") and cpus:
                 strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-                cpu = replace(spec, device="cpu", precision=precision, threads=cpus)
+                cpu = replace(spec, device="cpu", threads=cpus)
                 placed.append((cpu, {"num_cpus": cpus, "scheduling_strategy": strategy}))
         return placed
 

@@ -11,8 +11,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 from batchstyle.images import output_size
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.layout import conv_flops, deepest
@@ -21,7 +19,7 @@ from batchstyle.model.optimize import lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import WeightSource
 from batchstyle.run.config import RunConfig
-from batchstyle.run.devices import free_gpu_memory, parse_devices, precision_for
+from batchstyle.run.devices import free_gpu_memory, parse_devices
 from batchstyle.run.plan import Job
 from batchstyle.run.worker import WorkerSpec
 
@@ -173,7 +171,6 @@ def worker_specs(
     per_worker = threads(slots)
     specs = []
     for device in slots:
-        precision = config.precision if device == "ray" else precision_for(torch.device(device), config.precision)
         specs.append(
             WorkerSpec(
                 model=source.name,
@@ -184,7 +181,7 @@ def worker_specs(
                 profile=profile,
                 torch_targets=torch_targets,
                 save_every=config.save_every,
-                precision=precision,
+                precision=config.precision,  # `auto` is measured by each worker on its own device
                 threads=per_worker,
                 max_memory=budgets.get(device),
                 tile=config.tile,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from batchstyle.images import ImageError, load_image, save_image_atomic
+from batchstyle.images import ImageError, iterates_folder, load_image, save_image_atomic
 from batchstyle.model.build import build_stylizer
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses
@@ -83,7 +83,7 @@ class WorkerSpec:
     profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
     torch_targets: frozenset[GraphSpec] = frozenset()  # graphs whose export failed: computed with torch
     save_every: int = 0
-    precision: str = "fp32"  # fp32 | tf32 | bf16, as `precision_for` resolved it for this device
+    precision: str = "auto"  # auto (measured on this device by the worker: `model.precision`) | fp32 | tf32 | bf16
     max_memory: int | None = None  # bytes a row may use; None: `tiles.default_budget` of the device, asked here
     tile: int | None = None  # None: tiled only where a row would not fit; 0: never; N: tiles of N px
     scratch: Path | None = None  # the run's output folder: an L-BFGS history too large for memory goes there
@@ -325,7 +325,7 @@ class Worker:
 
         def save(scale: int, iteration: int, pixels: torch.Tensor) -> None:
             for job, image in zip(jobs, pixels.split(1)):
-                folder = job.output.parent / f"{job.output.stem}.iterates"
+                folder = iterates_folder(job.output)
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"scale{scale}-iter{iteration:05d}{job.output.suffix}"
                 save_image_atomic(
