@@ -116,6 +116,11 @@ class ContentLoss(nn.Module):
     is white); the loss stays a mean, so an all-ones map is the plain loss.
     """
 
+    # Buffers, declared so that the checker sees tensors (nn.Module's __getattr__ says "Tensor | Module").
+    target: torch.Tensor
+    norm: torch.Tensor
+    weights: torch.Tensor | None
+
     def __init__(self, target: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
@@ -191,6 +196,16 @@ class StyleLoss(nn.Module):
     at the image's size, style k is compared over its region only (guided Gram matrices, Gatys et al. 2017), and the
     K losses are summed with `weights` (B, K).
     """
+
+    # Buffers, declared so that the checker sees tensors (nn.Module's __getattr__ says "Tensor | Module"). target
+    # is kind "gram"'s alone; ridge, target_mean and target_root are kind "moments"'s alone.
+    masks: torch.Tensor | None
+    weights: torch.Tensor
+    norm: torch.Tensor
+    target: torch.Tensor
+    ridge: torch.Tensor
+    target_mean: torch.Tensor
+    target_root: torch.Tensor
 
     def __init__(
         self,

@@ -9,9 +9,10 @@ would get alone: the losses are per image, Adam is elementwise and L-BFGS is kep
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 import torch
 from torch import nn
@@ -75,6 +76,23 @@ class Outcome:
 OnIteration = Callable[[int, Losses], None]
 OnBatchIteration = Callable[[int, list[Losses]], None]  # one Losses per image of the batch
 
+_Loss = TypeVar("_Loss", bound=nn.Module)
+
+
+class _LossDict(nn.ModuleDict, Generic[_Loss]):
+    """An nn.ModuleDict of one kind of loss by layer name, that says so to the checker: a plain one's items are
+    nn.Module, whose attributes read as "Tensor | Module", which left every use of a loss's buffers and methods
+    (the tiled objective's, `model.tiles`) unchecked."""
+
+    def __init__(self, losses: Mapping[str, _Loss]) -> None:
+        super().__init__(losses)
+
+    def __getitem__(self, key: str) -> _Loss:
+        return cast(_Loss, super().__getitem__(key))
+
+    def items(self) -> ItemsView[str, _Loss]:
+        return cast("ItemsView[str, _Loss]", super().items())
+
 
 class Objective(nn.Module):
     """content_weight * content + style_weight * style + tv_weight * TV (+ extra terms), with per-layer weights; one
@@ -102,10 +120,8 @@ class Objective(nn.Module):
         # trunk with its convolutions in that dtype computes exactly what autocast would, without recasting every
         # weight on every forward.
         self.model = model.lowered(autocast) if autocast is not None else model
-        self.content = nn.ModuleDict(
-            {name: ContentLoss(t, targets.content_weights) for name, t in targets.content.items()}
-        )
-        self.style = nn.ModuleDict(
+        self.content = _LossDict({name: ContentLoss(t, targets.content_weights) for name, t in targets.content.items()})
+        self.style = _LossDict(
             {
                 name: StyleLoss(
                     targets.grams[name],
@@ -232,7 +248,6 @@ class BatchLBFGS(torch.optim.Optimizer):
         }
         super().__init__([pixels], defaults)
         b, n, h = pixels.shape[0], pixels[0].numel(), history_size
-        like = {"device": pixels.device, "dtype": pixels.dtype}
         self.batch, self.numel, self.history_size = b, n, h
         self.bounds = bounds
         # Image b's pair in slot k is rows b*2h + 2k (s) and b*2h + 2k + 1 (y) of the store (history.py: fp32 or bf16
@@ -242,14 +257,14 @@ class BatchLBFGS(torch.optim.Optimizer):
         self._base = torch.arange(b, device=pixels.device) * (2 * h)
         self._slots = torch.arange(h, device=pixels.device)
         self._stamp = torch.full((b, h), -1, dtype=torch.long, device=pixels.device)  # step a slot was written; -1
-        self._sy = torch.zeros(b, h, h, **like)  # s_i . y_j between stored pairs, by slot
-        self._yy = torch.zeros(b, h, h, **like)  # y_i . y_j
-        self._rho = torch.zeros(b, h, **like)  # 1 / (s_i . y_i); 0 for an empty slot, which then contributes nothing
-        self._h_diag = torch.ones(b, **like)
-        self._d = torch.zeros(b, n, **like)
-        self._t = torch.zeros(b, **like)
-        self._prev_grad = torch.zeros(b, n, **like)
-        self._vectors = torch.empty(b, 3, n, **like)  # g, y, s of the current step
+        self._sy = pixels.new_zeros(b, h, h)  # s_i . y_j between stored pairs, by slot
+        self._yy = pixels.new_zeros(b, h, h)  # y_i . y_j
+        self._rho = pixels.new_zeros(b, h)  # 1 / (s_i . y_i); 0 for an empty slot, which then contributes nothing
+        self._h_diag = pixels.new_ones(b)
+        self._d = pixels.new_zeros(b, n)
+        self._t = pixels.new_zeros(b)
+        self._prev_grad = pixels.new_zeros(b, n)
+        self._vectors = pixels.new_empty(b, 3, n)  # g, y, s of the current step
         self._started = torch.zeros(b, dtype=torch.bool, device=pixels.device)
         self._steps = 0
 
@@ -534,8 +549,9 @@ def optimize_batch(
     outcomes = []
     for b, (last, kept) in enumerate(zip(keep_last.tolist(), best_iteration.tolist())):
         image = images[b : b + 1]
-        ran = stopped_at[b] if stopped_at[b] is not None else done
-        stop = "converged" if stopped_at[b] is not None else "iterations"
+        converged_at = stopped_at[b]
+        ran = done if converged_at is None else converged_at
+        stop = "iterations" if converged_at is None else "converged"
         if last or not history[b]:
             losses = Losses({name: v[b] for name, v in zip(terms, final)}, final[-1][b])
             outcomes.append(Outcome(image, ran, losses, history[b], ran, stop))
