@@ -143,6 +143,32 @@ def test_a_batch_tiled_keeps_its_images_apart(trunk: VGGFeatures) -> None:
     assert torch.allclose(tiled_values, whole_values, rtol=1e-5, atol=0)
 
 
+class _Grey(torch.nn.Module):
+    """An extra term the pixels alone decide, standing in for a video frame's temporal loss."""
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - 0.5).square().flatten(1).mean(dim=1)
+
+
+def test_a_row_steered_by_an_extra_term_alone_tiles_like_the_whole_image(trunk: VGGFeatures) -> None:
+    """Content, style and tv all weighing 0 leave no tiled term depending on a tile: the tiles add a zero gradient
+    (they raised on a graphless backward) and the extra term's is the whole gradient, as untiled."""
+    settings = make_settings(
+        {**default_values(), "content_weight": 0.0, "style_weight": 0.0, "tv_weight": 0.0, "temporal_weight": 1.0}
+    )
+    content = smooth_image(HEIGHT, WIDTH, 1)
+    targets = compute_targets(
+        trunk, content, [smooth_image(96, 96, 2)], [1.0], settings.content_layers, settings.style_layers
+    )
+    pixels = smooth_image(HEIGHT, WIDTH, 3)
+    extra = {"temporal": _Grey()}
+    whole_values, whole_grad = gradients(Objective(trunk, targets, settings, extra=extra), pixels)
+    tiled_values, tiled_grad = gradients(TiledObjective(trunk, targets, settings, extra=extra, tile=48), pixels)
+    assert whole_grad.abs().max() > 0
+    assert torch.equal(tiled_grad, whole_grad)
+    assert torch.allclose(tiled_values, whole_values, rtol=1e-5, atol=0)
+
+
 def test_the_halo_is_needed_and_tiles_align_to_the_stride(trunk: VGGFeatures) -> None:
     """Without its halo a tile gives another gradient: what gives the exactness test its meaning."""
     assert (halo("vgg16", "relu5_1"), stride("relu5_1")) == (80, 16)

@@ -355,9 +355,13 @@ class TiledObjective(Objective):
                 if c:
                     surrogate = surrogate + c * self._tv_share(read, tile, height, width)
                 del feats
-                surrogate.sum().backward()
-            ry0, ry1, rx0, rx1 = tile.read
-            grad[..., ry0:ry1, rx0:rx1] += read.grad
+                # No tiled term depends on the tile when content, style and tv all weigh 0 (a row steered by an
+                # extra term alone): its gradient is then 0, and backward() would raise on a graphless surrogate.
+                if surrogate.requires_grad:
+                    surrogate.sum().backward()
+            if read.grad is not None:
+                ry0, ry1, rx0, rx1 = tile.read
+                grad[..., ry0:ry1, rx0:rx1] += read.grad
         return grad
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
