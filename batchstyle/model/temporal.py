@@ -32,19 +32,23 @@ BOUNDARY_RELATIVE = 0.01
 BOUNDARY_ABSOLUTE = 0.002
 
 
-def _cv2():  # noqa: ANN202 - the module, imported late: only video rows need OpenCV
+def _need_cv2() -> None:
+    """OpenCV is an extra, imported late (only video rows need it): its absence is an ImportError naming the install,
+    raised before each `import cv2`, which is written out where it is used so that OpenCV's calls are type checked."""
     try:
-        import cv2
+        import cv2  # noqa: F401
     except ImportError as exc:
         raise ImportError(
             "video needs OpenCV for optical flow (opencv-python-headless): pip install 'batchstyle[video]'"
         ) from exc
-    return cv2
 
 
 def grey(frame: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W) uint8 luma, what DIS works on."""
-    return _cv2().cvtColor(np.ascontiguousarray(frame), _cv2().COLOR_RGB2GRAY)
+    _need_cv2()
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
 
 
 def optical_flow(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -54,9 +58,12 @@ def optical_flow(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     `source`, which is the form a backward warp (`warp`) needs. The MEDIUM preset: on 256x144 frames of a panned
     photo it is ~10 ms a pair on one core, against ~3 ms for FAST with visibly noisier edges.
     """
-    cv2 = _cv2()
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    return dis.calc(target, source, None).astype(np.float32)
+    _need_cv2()
+    import cv2
+
+    dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    # OpenCV's stubs type the output flow as an array; None (allocate it) is what its own Python examples pass.
+    return dis.calc(target, source, None).astype(np.float32)  # type: ignore[call-overload]
 
 
 def flow_pair(previous: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +75,9 @@ def flow_pair(previous: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np
 
 def warp_numpy(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     """Backward warp: result(x) = image(x + flow(x)), bilinear, borders replicated. Any channel count."""
-    cv2 = _cv2()
+    _need_cv2()
+    import cv2
+
     h, w = flow.shape[:2]
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     return cv2.remap(
@@ -113,7 +122,10 @@ def entering_band(new: np.ndarray, width: float) -> np.ndarray:
     held a little harder every frame as the pan carries it inwards."""
     if not new.any():
         return np.zeros_like(new, dtype=np.float32)
-    distance = _cv2().distanceTransform((new == 0).astype(np.uint8), _cv2().DIST_L2, 3)
+    _need_cv2()
+    import cv2
+
+    distance = cv2.distanceTransform((new == 0).astype(np.uint8), cv2.DIST_L2, 3)
     return np.clip(1 - distance / max(width, 1.0), 0, 1).astype(np.float32)
 
 
@@ -138,6 +150,10 @@ class TemporalLoss(nn.Module):
     """Mean over pixels and channels of c * (x - warped previous output)^2, one value per image: Ruder et al.'s
     short-term temporal loss, with c the consistency mask. Resized to the pixels' grid at each scale. Unweighted,
     like the other terms: the objective weights it by temporal_weight, and records it as the "temporal" term."""
+
+    # Buffers, declared so that the checker sees tensors (nn.Module's __getattr__ says "Tensor | Module").
+    previous: torch.Tensor
+    mask: torch.Tensor
 
     def __init__(self, previous: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
