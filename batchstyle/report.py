@@ -201,8 +201,8 @@ def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
         if is_clip_output(output_path):
             row.strip = _frame_strip(output_path, thumb)
         if len(row.blend) == len(row.inputs) - 1 > 1:
-            for style, weight in zip(row.inputs[1:], row.blend):
-                style.weight = weight
+            for shown, weight in zip(row.inputs[1:], row.blend):
+                shown.weight = weight
         rows.append(row)
     return rows
 

@@ -111,7 +111,8 @@ class FileStore(PairStore):
                 if row != self.scratch:
                     half = vectors[b].to("cpu", torch.bfloat16).view(torch.int16).numpy()
                     self._seek(row)
-                    self._file.write(memoryview(half))
+                    # .data is memoryview(half): numpy declares ndarray a buffer to the checker only for Python 3.12+.
+                    self._file.write(half.data)
 
     def _slices(self, m: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Per CHUNK slice: (start, end, the first m slots' vectors of every image there as fp32 on the device)."""

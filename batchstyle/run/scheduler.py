@@ -55,7 +55,8 @@ class Scheduler:
         return keys[0] if keys else None
 
     def next_for(self, slot: int) -> list[Job] | None:
-        if self._first(self.order) is None:
+        first = self._first(self.order)
+        if first is None:
             return None
         mine = [k for style in self.last.get(slot, ()) if (k := self._first(self.by_style[style])) is not None]
         if mine:
@@ -64,7 +65,7 @@ class Scheduler:
             others = frozenset().union(*(s for k, s in self.active.items() if k != slot))
             key = next(
                 (k for k in itertools.islice(self._live(), self.LOOKAHEAD) if not self.pending[k][1] & others),
-                self._first(self.order),
+                first,
             )
         batch, styles = self.pending.pop(key)
         self.last[slot] = self.active[slot] = styles
