@@ -251,8 +251,8 @@ def cache_figures(
     fills the cache, and a rerun that finds everything there."""
     import tempfile
 
-    from batchstyle.model.export import export_graph
-    from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend
+    from batchstyle.model.export import GraphSpec, export_graph
+    from batchstyle.model.targets import Backend, OrtBackend, TargetCache, TargetStore, TorchBackend
 
     dev = torch.device(device)
     spec = graph_spec(weights.source, make_settings(default_values()))
@@ -262,6 +262,7 @@ def cache_figures(
     style_images = [torch.rand(1, 3, w, w, generator=gen).to(dev) for _ in range(styles)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        make: Callable[[GraphSpec], Backend]
         if backend == "ort":
             path = export_graph(weights, spec, root / "onnx").path
             make = lambda s: OrtBackend(path, s, weights.arch, dev, root)  # noqa: E731
@@ -625,7 +626,7 @@ def device_name(device: torch.device) -> str:
         return "Apple GPU (mps)"
     import platform
 
-    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    caps: dict[str, Any] = getattr(torch.cpu, "get_capabilities", dict)()
     return f"{caps.get('cpu_name') or platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
 
 
@@ -663,12 +664,13 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     batches = options.batches or ((1, 4) if accelerated else (1,))
     timed = options.timed or (10 if accelerated else 3)
     name = device_name(dev)
+    available: list[str] | None = None  # ONNX Runtime's providers; None: it is not installed
     try:
         import onnxruntime as ort
 
-        ort_line = f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})"
+        available = ort.get_available_providers()
+        ort_line = f"onnxruntime {ort.__version__} ({', '.join(available)})"
     except ImportError:
-        ort = None
         ort_line = "no onnxruntime"
     cuda = f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if dev.type == "cuda" else ""
     echo(f"device {dev}: {name}; torch {torch.__version__}{cuda}; {ort_line}")
@@ -708,9 +710,9 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
         for precision in precisions:
             if spent(f"iteration {precision} batch {batch}"):
                 continue
-            fig = iteration_figures(weights, size, "lbfgs", timed, str(dev), batch, precision)
-            fp32_floor = fp32_floor or fig.floor_seconds
-            echo(f"{format_iteration(fig, fp32_floor)} {of_peak(flops * batch, fig.floor_seconds, precision)}")
+            step = iteration_figures(weights, size, "lbfgs", timed, str(dev), batch, precision)
+            fp32_floor = fp32_floor or step.floor_seconds
+            echo(f"{format_iteration(step, fp32_floor)} {of_peak(flops * batch, step.floor_seconds, precision)}")
 
     # 2. One whole image, and 3. images per hour at batch 1 and at the automatic batch.
     echo(f"\n2. one {w}x{h} image, {iterations} iterations, {auto}, batch 1 (targets, set-up and all)")
@@ -732,8 +734,8 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
         budget = default_budget(dev)  # what a run's only worker on this GPU is given
         batch = batch_that_fits(budget, weights.arch, s.content_layers, s.style_layers, w, h, pairs)
         if not spent(f"auto batch ({batch})"):
-            fig = image_figures(weights, size, iterations, str(dev), batch, auto)
-            echo(f"  auto batch {batch}: {fig.images_per_hour:.0f} ({fig.seconds:.1f} s for the batch)")
+            batched = image_figures(weights, size, iterations, str(dev), batch, auto)
+            echo(f"  auto batch {batch}: {batched.images_per_hour:.0f} ({batched.seconds:.1f} s for the batch)")
     else:
         skip("auto batch", f"--batch-size auto is 1 on {dev.type}: the figure is batch 1's")
 
@@ -742,10 +744,11 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     if dev.type != "cuda":
         skip("cudnn.benchmark", f"cuDNN runs on NVIDIA GPUs only, not on {dev.type}")
     elif not spent("cudnn.benchmark"):
-        for fig in cudnn_figures(weights, size, str(dev), auto, timed):
-            state = "on " if fig.benchmark else "off"
+        for search in cudnn_figures(weights, size, str(dev), auto, timed):
+            state = "on " if search.benchmark else "off"
             echo(
-                f"  {state}: first forward+backward at a new shape {fig.first_seconds:.3f} s, then {fig.seconds:.4f} s"
+                f"  {state}: first forward+backward at a new shape {search.first_seconds:.3f} s, "
+                f"then {search.seconds:.4f} s"
             )
 
     # 5. Images per hour of whole runs: one device, then every device of --devices.
@@ -772,7 +775,7 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     # take minutes to build the first time, and are cached after).
     echo(f"\n6. one row's targets at {w}x{h} (content + one style): torch against ONNX Runtime")
     echo(f"  {'provider':<34} {'seconds':>9} {'/torch':>7} {'session s':>9} {'max rel err':>11}")
-    if ort is None:
+    if available is None:
         skip("ONNX Runtime targets", "onnxruntime is not installed")
         return skipped
     wanted: list[tuple[str, bool]] = {
@@ -783,7 +786,6 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
         ],
         "mps": [("CoreMLExecutionProvider", False), ("CPUExecutionProvider", False)],
     }.get(dev.type, [("CPUExecutionProvider", False)])
-    available = ort.get_available_providers()
     torch_line = False
     for provider, fp16 in wanted:
         label = provider.removesuffix("ExecutionProvider") + (" fp16" if fp16 else " fp32")
@@ -792,17 +794,17 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
             continue
         if spent(f"targets on {label}", 150.0 if provider.startswith("Tensorrt") else 0.0):
             continue
-        fig = target_figures(weights, size, options.cache_dir, timed, str(dev), provider, fp16)
+        target = target_figures(weights, size, options.cache_dir, timed, str(dev), provider, fp16)
         if not torch_line:
-            echo(f"  {'torch ' + str(dev):<34} {fig.torch_seconds:>9.4f} {1:>7.3f}")
+            echo(f"  {'torch ' + str(dev):<34} {target.torch_seconds:>9.4f} {1:>7.3f}")
             torch_line = True
-        if fig.ort_provider != provider:
-            skip(f"targets on {label}", f"ONNX Runtime fell back to {fig.ort_provider}")
+        if target.ort_provider != provider:
+            skip(f"targets on {label}", f"ONNX Runtime fell back to {target.ort_provider}")
             continue
-        assert fig.ort_seconds is not None and fig.ort_setup_seconds is not None and fig.ort_error is not None
+        assert target.ort_seconds is not None and target.ort_setup_seconds is not None and target.ort_error is not None
         echo(
-            f"  {label:<34} {fig.ort_seconds:>9.4f} {fig.ort_seconds / fig.torch_seconds:>7.3f} "
-            f"{fig.ort_setup_seconds:>9.1f} {fig.ort_error:>11.1e}"
+            f"  {label:<34} {target.ort_seconds:>9.4f} {target.ort_seconds / target.torch_seconds:>7.3f} "
+            f"{target.ort_setup_seconds:>9.1f} {target.ort_error:>11.1e}"
         )
     if dev.type != "cuda":
         skip("targets on CUDA and TensorRT", f"no CUDA device ({dev})")

@@ -81,12 +81,12 @@ class Execution:
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
         jobs = self.in_flight.get(slot, [])
-        if len(jobs) == 1 and jobs[0].clip is not None:
+        if len(jobs) == 1 and (clip := jobs[0].clip) is not None:
             # A clip reports its frames finished; the chunks of one row add up to one bar, in frames.
             job = jobs[0]
             done = self.clip_frames.setdefault(job.output, {})
-            if done.get(job.clip.chunk) != iteration:
-                done[job.clip.chunk] = iteration
+            if done.get(clip.chunk) != iteration:
+                done[clip.chunk] = iteration
                 with self.stop.shielded():
                     self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals[job.output])
             iteration = sum(done.values())
@@ -97,9 +97,9 @@ class Execution:
             jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
             self.scheduler.finished(slot)
             causes = {result.cause for result in results}
-            if len(causes) == 1 and None not in causes:
+            if len(causes) == 1 and (cause := next(iter(causes))) is not None:
                 # Every row of the batch failed for one reason not their own: the slot's fault, perhaps.
-                self._suspect(slot, causes.pop(), [(jobs[result.row], result) for result in results])
+                self._suspect(slot, cause, [(jobs[result.row], result) for result in results])
                 return
             self._settle(slot)
             for result in results:
