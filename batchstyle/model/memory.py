@@ -98,7 +98,8 @@ def batch_that_fits(
 
 
 def available_memory() -> int:
-    """Bytes the machine could give a new process without swapping: MemAvailable on Linux, free pages elsewhere."""
+    """Bytes the machine could give a new process without swapping: MemAvailable on Linux, free pages where the OS
+    counts them, else half its memory."""
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
@@ -106,7 +107,14 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass  # macOS counts no available pages (an Apple GPU's slot reaches here), Windows has no sysconf
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2  # half the machine, unknown load
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30  # nothing to ask: a modest machine's share; --max-memory says otherwise
 
 
 def cpu_budget() -> int:

@@ -541,7 +541,6 @@ class RayPool(_ReplacingPool):
             raise RunError("--backend ray needs Ray: pip install 'batchstyle[ray]'") from None
         import logging
 
-        self.ray = ray
         self.events = events
         self.stall_timeout = stall_timeout
         self.clock = clock
@@ -568,7 +567,8 @@ class RayPool(_ReplacingPool):
     def _placement(self, spec: WorkerSpec) -> list[tuple[WorkerSpec, dict[str, Any]]]:
         from dataclasses import replace
 
-        ray = self.ray
+        import ray
+
         gpus = int(ray.cluster_resources().get("GPU", 0))
         # `--precision auto` is left to each actor: it measures its own node's device, not this driver's.
         if gpus:
@@ -601,7 +601,9 @@ class RayPool(_ReplacingPool):
     def _kill(self, index: int) -> None:
         actor = self._actors[index]
         if actor.handle is not None:
-            self.ray.kill(actor.handle, no_restart=True)
+            import ray
+
+            ray.kill(actor.handle, no_restart=True)
         actor.handle = actor.ready = actor.call = actor.poll = None
 
     def _watched(self, index: int) -> bool:
@@ -629,14 +631,17 @@ class RayPool(_ReplacingPool):
         if not refs:
             time.sleep(timeout)
             return
-        done, _ = self.ray.wait(list(refs), num_returns=1, timeout=min(timeout, POLL_INTERVAL))
+        import ray
+
+        done, _ = ray.wait(list(refs), num_returns=1, timeout=min(timeout, POLL_INTERVAL))
         for ref in done:
             index, kind = refs[ref]
             self._finished(index, kind, ref)
         self._watch()
 
     def _finished(self, index: int, kind: str, ref: Any) -> None:
-        ray = self.ray
+        import ray
+
         actor = self._actors[index]
         if ref is not actor.ready and ref is not actor.call and ref is not actor.poll:
             return  # a call of an actor already replaced: its death was handled once
@@ -691,9 +696,11 @@ class RayPool(_ReplacingPool):
 
     def close(self, now: bool = False) -> None:
         self.closing = True
+        import ray  # imported by __init__ already: this costs a dictionary look-up
+
         for actor in getattr(self, "_actors", []):
             if actor.handle is not None:
-                self.ray.kill(actor.handle, no_restart=True)
+                ray.kill(actor.handle, no_restart=True)
                 actor.handle = None
         if self.started_ray:
-            self.ray.shutdown()
+            ray.shutdown()
