@@ -7,6 +7,9 @@ goes on.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 
 class UnusableInput(Exception):
     """The manifest, a flag, the weights or the output folder cannot be used at all; the message says the fix."""
@@ -14,3 +17,15 @@ class UnusableInput(Exception):
 
 class RunError(UnusableInput):
     """A run that cannot start: no usable device, no worker could start, an unreachable cluster."""
+
+
+def free_space(folder: Path) -> str:
+    """`12 MB free`, for a message about a full disk: how much room there is tells the user whether to free some or
+    move the run. The nearest folder that exists is asked (the one named may be what could not be made)."""
+    for where in (Path(folder), *Path(folder).parents):
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            continue
+        return f"{free / 1e6:,.0f} MB free" if free >= 1e6 else f"{free:,} bytes free"
+    return "free space unknown"

@@ -10,6 +10,7 @@ import codecs
 import csv
 import difflib
 import io
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -502,7 +503,8 @@ class _Paths:
     def resolve_with_key(self, path: Path) -> tuple[Path, _Key]:
         found = self._files.get(path)
         if found is None:
-            if path.name in ("", "..") or path.is_symlink():
+            # os.path.islink, not Path.is_symlink: a name too long for its folder is no link, and must not raise
+            if path.name in ("", "..") or os.path.islink(path):
                 resolved = path.resolve()
                 found = resolved, tuple(fold(part) for part in resolved.parts)
             else:
@@ -554,7 +556,7 @@ def _refuse_unsafe_outputs(
             reserved = reserved_problem(resolved.relative_to(out))
             if reserved:
                 return f"{name} {reserved}; {_FIX}"
-        if output.suffix and output.is_dir():
+        if output.suffix and os.path.isdir(output):  # not Path.is_dir, which raises on a name too long
             return f"{name} is a folder already at {output}; move it away, or {_FIX}"
         found = read.get(key)
         if found is not None:

@@ -73,6 +73,43 @@ class Outcome:
     stop: str = "iterations"  # why the scale stopped: "iterations" (all were done) or "converged"
 
 
+class LossNotFinite(ArithmeticError):
+    """Some images' losses went NaN or infinite: their pixels are garbage from there on, so no result of theirs may
+    be written. `images` maps each such image's place in the batch to which terms did, in words; the others' losses
+    are finite and they can be run again without it."""
+
+    def __init__(self, when: str, images: dict[int, str]) -> None:
+        self.when = when
+        self.images = images
+        super().__init__(f"the loss is not finite {when}: " + "; ".join(images.values()))
+
+    def describe(self, image: int) -> str:
+        return (
+            f"the loss is not finite {self.when}: {self.images[image]}; nothing was written for it. Lower the "
+            "weights: each term times its weight, and the steps taken from its gradient, must stay within float32 "
+            "(3.4e38)"
+        )
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def non_finite_terms(losses: Losses, weights: Mapping[str, float]) -> str | None:
+    """Which of an image's terms went non-finite, in words; None when its total is finite. A weight so large that
+    weight x term overflows float32 (style_weight=1e38: the terms are finite, their weighted sum infinite) is named
+    as such: it is what the user has to change."""
+    if math.isfinite(losses.total) and all(math.isfinite(value) for value in losses.values()):
+        return None
+    bad = [f"{name} is {value}" for name, value in losses.items() if not math.isfinite(value)]
+    if not bad:
+        bad = [
+            f"{name}_weight {weights[name]:g} x {name} {value:.3g} overflows float32"
+            for name, value in losses.items()
+            if name in weights and abs(weights[name] * value) > FLOAT32_MAX
+        ]
+    return ", ".join(bad) or f"the weighted total is {losses.total}"
+
+
 OnIteration = Callable[[int, Losses], None]
 OnBatchIteration = Callable[[int, list[Losses]], None]  # one Losses per image of the batch
 
@@ -486,6 +523,9 @@ def optimize_batch(
             return
         for k, row in enumerate(recorded[done:upto].cpu().tolist(), start=done):
             losses = [Losses({name: row[j][b] for j, name in enumerate(names)}, row[-1][b]) for b in range(batch)]
+            # Checked here, where the losses reach the host anyway (every iteration on a CPU, every LOSS_CHUNK on a
+            # GPU): a check on the device would wait for it each iteration.
+            check_finite(losses, f"at iteration {k + 1} of {iterations} at {settings.size} px")
             for b in range(batch):
                 if stopped_at[b] is not None:
                     continue
@@ -495,6 +535,11 @@ def optimize_batch(
                     stopped_at[b] = k + 1
             if on_iteration is not None:
                 on_iteration(k + 1, losses)
+
+    def check_finite(losses: list[Losses], when: str) -> None:
+        bad = {b: what for b, loss in enumerate(losses) if (what := non_finite_terms(loss, evaluate.weights))}
+        if bad:
+            raise LossNotFinite(when, bad)
 
     def result_images() -> torch.Tensor:
         if ema is None:
@@ -546,6 +591,8 @@ def optimize_batch(
         keep_last = (total <= best_total) | torch.tensor(average, device=device)
         images = torch.where(keep_last[:, None, None, None], final_images, best_image)
         final = torch.stack([*terms.values(), total]).cpu().tolist()
+    last_losses = [Losses({name: v[b] for name, v in zip(terms, final)}, final[-1][b]) for b in range(batch)]
+    check_finite(last_losses, f"after the last iteration ({done}) at {settings.size} px")
     outcomes = []
     for b, (last, kept) in enumerate(zip(keep_last.tolist(), best_iteration.tolist())):
         image = images[b : b + 1]
@@ -553,8 +600,7 @@ def optimize_batch(
         ran = done if converged_at is None else converged_at
         stop = "iterations" if converged_at is None else "converged"
         if last or not history[b]:
-            losses = Losses({name: v[b] for name, v in zip(terms, final)}, final[-1][b])
-            outcomes.append(Outcome(image, ran, losses, history[b], ran, stop))
+            outcomes.append(Outcome(image, ran, last_losses[b], history[b], ran, stop))
         else:
             outcomes.append(Outcome(image, ran, history[b][kept], history[b], kept, stop))
     return outcomes

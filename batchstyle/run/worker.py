@@ -24,10 +24,18 @@ from typing import Any
 
 import torch
 
-from batchstyle.images import ImageError, iterates_folder, load_image, save_image_atomic
+from batchstyle.errors import free_space
+from batchstyle.images import (
+    ImageError,
+    is_temp_file,
+    iterates_folder,
+    load_image,
+    save_image_atomic,
+    temp_file_target,
+)
 from batchstyle.model.build import build_stylizer
 from batchstyle.model.export import GraphSpec
-from batchstyle.model.optimize import Losses
+from batchstyle.model.optimize import Losses, LossNotFinite
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
 from batchstyle.model.weights import Weights, resolve
@@ -91,10 +99,18 @@ class WorkerSpec:
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
-def describe_failure(job: Job, exc: BaseException, batch: int = 1) -> str:
+def describe_failure(job: Job, exc: BaseException, batch: int = 1, image: int = 0) -> str:
+    """The row's error, for the ledger and the summary. `image` is the row's place in its batch (for what the batch
+    says of each image: `LossNotFinite`)."""
     where = f"row {job.row.number}"
     if isinstance(exc, ImageError):
         return f"{where}: {exc}"
+    if isinstance(exc, LossNotFinite):
+        return f"{where}: {exc.describe(image)}"
+    if isinstance(exc, OSError) and exc.errno in _WRITE_FIXES and exc.errno not in (errno.EACCES, errno.EPERM):
+        # Only ever met writing (a clip's frames, a temp file): the file the user knows is the one it was to become.
+        name = Path(exc.filename) if exc.filename else job.output
+        return describe_write_failure(job, exc, temp_file_target(name) if is_temp_file(name) else name)
     if is_out_of_memory(exc):
         lower = "lower --batch-size or size" if batch > 1 else "lower size for this row"
         return (
@@ -104,6 +120,44 @@ def describe_failure(job: Job, exc: BaseException, batch: int = 1) -> str:
     tail = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     at = f" at {Path(tail[0].filename).name}:{tail[0].lineno}" if tail else ""
     return f"{where} ({job.row.content.name}): {exc.__class__.__name__}: {exc}{at}"
+
+
+_FULL = "free space there or give the run another --out"
+_NOT_WRITABLE = "give the run an --out folder it can write to"
+# What a user does about an output that could not be written, by errno.
+_WRITE_FIXES = {
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.ENAMETOOLONG: "give the row a shorter output name",
+    errno.EROFS: _NOT_WRITABLE,
+    errno.EACCES: _NOT_WRITABLE,
+    errno.EPERM: _NOT_WRITABLE,
+    errno.EFBIG: "lower size for this row, or write it to another file system",
+    errno.EISDIR: "move that folder away, or give the row another output name",
+}
+
+
+def describe_write_failure(job: Job, exc: OSError, path: Path) -> str:
+    """`row 3: cannot write out/x.png: no space left on device (12 MB free in out); free space there or ...`: one
+    line with what a user can do, for an output (or its iterates, or a clip's frames) the system would not take."""
+    what = (exc.strerror or str(exc)).lower()
+    folder = path.parent
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what += f" ({free_space(folder)} in {folder})"
+    elif exc.errno == errno.ENAMETOOLONG:
+        longest = max(path.parts, key=len)  # the file's name, or its iterates folder's
+        what += f" (a name of {len(longest)} characters{_name_max(folder)})"
+    fix = _WRITE_FIXES.get(exc.errno or 0, f"check the output folder {folder}")
+    return f"row {job.row.number}: cannot write {path}: {what}; {fix}"
+
+
+def _name_max(folder: Path) -> str:
+    for where in (folder, *folder.parents):
+        try:
+            return f"; names there hold at most {os.pathconf(where, 'PC_NAME_MAX')}"
+        except (OSError, ValueError):
+            continue
+    return ""
 
 
 # Errors about the row's own names: an output name its folder cannot hold, a path that is a folder, a file too large.
@@ -237,6 +291,21 @@ class Worker:
                     empty_cache(self.device)
                     for job, _ in prepared:
                         results[job.row.number] = self.run(job, on_iteration)
+                elif isinstance(exc, LossNotFinite):
+                    # Those images fail; the others' losses were finite, and each gets the result it would get
+                    # alone, so they run again, together, without them.
+                    rest = []
+                    for b, (job, _) in enumerate(prepared):
+                        if b in exc.images:
+                            error = describe_failure(job, exc, len(prepared), b)
+                            results[job.row.number] = Result(
+                                job.row.number, "failed", time.perf_counter() - start, error=error
+                            )
+                        else:
+                            rest.append(job)
+                    del exc  # its traceback holds the batch's tensors
+                    for result in self.run_batch(rest, on_iteration) if rest else []:
+                        results[result.row] = result
                 else:
                     for job, _ in prepared:
                         results[job.row.number] = Result(
@@ -286,18 +355,30 @@ class Worker:
     def _stylize(self, batch: list[tuple[Job, Inputs]], on_iteration: OnIteration | None, start: float) -> list[Result]:
         jobs = [job for job, _ in batch]
         settings = jobs[0].settings
+        snapshot_failures: dict[int, tuple[str, str | None]] = {}  # row -> (error, cause): its iterates not written
         hooks = Hooks(
             on_iteration=None if on_iteration is None else _batch_progress(on_iteration, jobs),
-            on_snapshot=self._snapshot(jobs) if self.save_every else None,
+            on_snapshot=self._snapshot(jobs, snapshot_failures) if self.save_every else None,
             snapshot_every=self.save_every,
         )
         stylized = self.stylizer.stylize([inputs for _, inputs in batch], settings, hooks)
         provider = self.stylizer.provider(settings)
         results = []
         for job, out in zip(jobs, stylized):
-            job.output.parent.mkdir(parents=True, exist_ok=True)
-            pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
-            save_image_atomic(pixels, job.output, self.metadata(job, out, len(batch)))
+            # Each output is written on its own: one the file system will not take (a full disk, a name too long)
+            # fails its row, and the rows written before and after it stand.
+            failure = snapshot_failures.get(job.row.number)
+            if failure is None:
+                try:
+                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
+                    save_image_atomic(pixels, job.output, self.metadata(job, out, len(batch)))
+                except OSError as exc:
+                    failure = describe_write_failure(job, exc, job.output), failure_cause(job, exc)
+            if failure is not None:
+                error, cause = failure
+                results.append(Result(job.row.number, "failed", time.perf_counter() - start, error=error, cause=cause))
+                continue
             results.append(
                 Result(
                     job.row.number,
@@ -320,17 +401,26 @@ class Worker:
         return results
 
     @staticmethod
-    def _snapshot(jobs: list[Job]) -> Callable[[int, int, torch.Tensor], None]:
-        """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output."""
+    def _snapshot(
+        jobs: list[Job], failures: dict[int, tuple[str, str | None]]
+    ) -> Callable[[int, int, torch.Tensor], None]:
+        """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output. A
+        row whose iterates cannot be written fails (asked for, not given) and writes no more of them; the other rows
+        of its batch go on."""
 
         def save(scale: int, iteration: int, pixels: torch.Tensor) -> None:
             for job, image in zip(jobs, pixels.split(1)):
+                if job.row.number in failures:
+                    continue
                 folder = iterates_folder(job.output)
-                folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"scale{scale}-iter{iteration:05d}{job.output.suffix}"
-                save_image_atomic(
-                    tensor_to_image(image), path, {"batchstyle:iterate": f"scale {scale}, iteration {iteration}"}
-                )
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    save_image_atomic(
+                        tensor_to_image(image), path, {"batchstyle:iterate": f"scale {scale}, iteration {iteration}"}
+                    )
+                except OSError as exc:
+                    failures[job.row.number] = describe_write_failure(job, exc, path), failure_cause(job, exc)
 
         return save
 
