@@ -27,6 +27,7 @@ from batchstyle.run.ledger import (
     Ledger,
     LedgerBusy,
     LedgerError,
+    Planned,
     pack_history,
     read_records,
     summarise,
@@ -450,3 +451,44 @@ def test_a_failed_upgrade_leaves_the_old_ledger_as_it_was(tmp_path: Path, monkey
     with Ledger(tmp_path) as ledger:  # the lock was let go, and the upgrade now runs whole
         assert ledger.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert list(unpack_history(ledger.records()[0].history)) == ["content", "style", "tv"]
+
+
+def test_plan_rows_records_many_rows_as_mark_pending_does_in_batches(tmp_path: Path) -> None:
+    """Planning writes PLAN_BATCH rows to a transaction (one commit per row made 200,000 rows take minutes): more
+    rows than one batch all land, a row planned again keeps its last results, a skipped row joins the run, and a
+    row found finished on disk is done with its old error cleared."""
+    out = tmp_path / "out"
+    count = ledger_module.PLAN_BATCH + 7
+    rows = [Planned(out / f"sub/{i}.png", i + 1, "in/c.png", "in/s.png", f"k{i}") for i in range(count)]
+    with Ledger(out) as ledger:
+        first = ledger.start_run(tmp_path / "m.csv", [], "random", "w")
+        ledger.plan_rows(first, rows)
+        ledger.mark_running(rows[0].output, run_id=first, device="cpu", model="random", weights="w")
+        ledger.mark_finished(rows[0].output, status="done", seconds=2.0)
+        ledger.mark_finished(rows[1].output, status="failed", error="boom")
+        second = ledger.start_run(tmp_path / "m.csv", [], "random", "w")
+        ledger.plan_rows(second, rows[2:], seen=[rows[0].output], finished=[rows[1]])
+        records = {record.output: record for record in ledger.records()}
+        assert ledger.done_keys() == {"sub/0.png": "k0", "sub/1.png": "k1"}
+    assert len(records) == count
+    assert {r.run_id for r in records.values()} == {second}
+    assert (records["sub/0.png"].status, records["sub/0.png"].seconds) == ("done", 2.0)
+    assert (records["sub/1.png"].status, records["sub/1.png"].error) == ("done", None)
+    last = records[f"sub/{count - 1}.png"]
+    assert (last.status, last.row, last.key, last.content, last.styles) == (
+        "pending",
+        count,
+        f"k{count - 1}",
+        "in/c.png",
+        "in/s.png",
+    )
+
+
+def test_a_row_named_too_long_for_its_folder_is_still_a_row(tmp_path: Path) -> None:
+    """`relative` resolves the folder, never the name: a name past the file system's 255 bytes is recorded (its row
+    fails when its file is written) rather than raising inside planning."""
+    output = tmp_path / "out" / ("x" * 300 + ".png")
+    with Ledger(tmp_path / "out") as ledger:
+        run_id = ledger.start_run(tmp_path / "m.csv", [], "random", "w")
+        ledger.plan_rows(run_id, [Planned(output, 1, "c.png", "s.png", "k")])
+        assert [record.output for record in ledger.records()] == [output.name]

@@ -6,6 +6,7 @@ without loading a network (or importing torch).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 # torchvision's VGG configurations: channel counts of the 3x3 convs, "M" for a 2x2 pooling.
@@ -110,6 +111,7 @@ def _expanded(arch: str) -> list[int | str | None]:
     return out
 
 
+@functools.cache  # asked once per row when planning: 200,000 rows spent 70 s recounting a few sizes
 def conv_flops(arch: str, deepest: str, height: int, width: int) -> int:
     """Floating-point operations (a multiply-add counts two) of the 3x3 convolutions of one forward pass, from the
     input up to `deepest`, for one height x width image. Convolutions are nearly all of VGG's work; ReLUs, poolings

@@ -37,8 +37,8 @@ from batchstyle.manifest import Manifest
 from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, graph_spec
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, resolve
 from batchstyle.run.config import RunConfig
-from batchstyle.run.execution import Execution, finished_before, mark_pending, without_row
-from batchstyle.run.ledger import Ledger
+from batchstyle.run.execution import Execution, plan_rows, without_row
+from batchstyle.run.ledger import Ledger, LedgerWriteError
 from batchstyle.run.plan import Job, make_batches, plan, split_clip
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
@@ -116,14 +116,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                     error=unplannable[row.number],
                 )
                 summary.failed[row.number] = without_row(row.number, unplannable[row.number])
-        to_do = []
-        for job in jobs:
-            if not config.force and (ledger.is_done(job.output, job.key) or finished_before(job, ledger, run_id)):
-                summary.skipped.append(job.row.number)
-                ledger.mark_seen(job.output, run_id)
-            else:
-                to_do.append(job)
-                mark_pending(ledger, job, run_id)
+        to_do, skipped = plan_rows(ledger, jobs, run_id, config.force)
+        summary.skipped += [job.row.number for job in skipped]
         total = sum(1 for n in range(1, manifest.total_rows + 1) if shard is None or shard.holds(n))
         where = ", ".join(slots) + (f" (shard {shard} of the manifest)" if shard else "")
         events.run_started(total, len(to_do), source.name, reason, where)
@@ -131,6 +125,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             events.row_finished(number, "", "failed", {"error": message})
         execution = Execution(ledger, run_id, source, config, events, summary, stop)
         pool: Pool | None = None
+        failure: BaseException | None = None
         try:
             if to_do:
                 weights = _load_weights(source, config.model, config.cache, events)
@@ -150,20 +145,31 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 stall = stall_timeout(config, slots, to_do, sizes, source.arch, batch_size)
                 pool = _make_pool(config, specs, execution, weights, stall)
                 execution.execute(pool, batches)
-        except BaseException:
+        except BaseException as exc:
             # Interrupted, or anything unexpected: stop the workers and leave no row `running` in the ledger.
+            failure = exc
             stop.shield()  # cleaning up: a further signal must not cut the ledger's last writes short
             if pool is not None:
                 pool.close(now=True)
                 pool = None
             # A worker stopped mid-save leaves its temp file: swept now its process is gone, not at the next run.
             sweep()
-            execution.interrupt_running()
+            try:
+                execution.interrupt_running()
+            except LedgerWriteError:
+                # The ledger is what failed (a full disk): its `running` rows are done again by the next run, and
+                # the first failure is the one to report, not a second traceback chained to it.
+                if not isinstance(exc, LedgerWriteError):
+                    raise
             raise
         finally:
             if pool is not None:
                 pool.close()
-            ledger.finish_run(run_id, summary.counts())
+            try:
+                ledger.finish_run(run_id, summary.counts())
+            except LedgerWriteError:
+                if failure is None:
+                    raise
             events.run_finished(summary.counts())
     return summary
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,7 @@ from batchstyle.images import read_metadata
 from batchstyle.model.weights import WeightSource
 from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.config import RunConfig
-from batchstyle.run.ledger import Ledger, pack_history
+from batchstyle.run.ledger import Ledger, Planned, pack_history
 from batchstyle.run.plan import Job
 from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
@@ -96,6 +98,7 @@ class Execution:
         with self.stop.shielded():
             jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
             self.scheduler.finished(slot)
+            results = [_own_if_inputs_gone(jobs[result.row], result) for result in results]
             causes = {result.cause for result in results}
             if len(causes) == 1 and (cause := next(iter(causes))) is not None:
                 # Every row of the batch failed for one reason not their own: the slot's fault, perhaps.
@@ -363,31 +366,87 @@ class Execution:
         self.scheduler.clear()
 
 
-def finished_before(job: Job, ledger: Ledger, run_id: int) -> bool:
-    """An output carrying this job's key in its metadata is finished work whose `done` never reached the ledger (a
-    kill between the rename and the ledger write, or a lost ledger): record it rather than redo it."""
-    if not job.output.is_file():
-        return False
+def _own_if_inputs_gone(job: Job, result: Result) -> Result:
+    """A failure the worker took for its slot's (a file it could not read) is the row's own when this process
+    cannot read one of the row's inputs either: the file went, or changed hands, after the manifest was checked.
+    Three rows whose photos were deleted mid-run took the only CPU slot out, and every later row failed with it."""
+    if result.cause is None or all(_readable(path) for path in _inputs(job)):
+        return result
+    return dataclasses.replace(result, cause=None)
+
+
+def _inputs(job: Job) -> list[Path]:
+    row, settings = job.row, job.settings
+    masks = [Path(mask) for mask in settings.style_masks]
+    return [row.content, *row.styles, *([row.init_image] if row.init_image else []), *masks] + (
+        [Path(settings.content_mask)] if settings.content_mask else []
+    )
+
+
+def _readable(path: Path) -> bool:
     try:
-        if read_metadata(job.output).get("batchstyle:key") != job.key:
-            return False
+        return os.access(path, os.R_OK)
+    except (OSError, ValueError):
+        return False
+
+
+def plan_rows(ledger: Ledger, jobs: Sequence[Job], run_id: int, force: bool = False) -> tuple[list[Job], list[Job]]:
+    """(to do, skipped as done), in the jobs' order, recorded in the ledger a batch of rows to a transaction.
+
+    Done: the ledger says so under the job's key and its file is there; or the file carries the job's key in its
+    metadata, finished work whose `done` never reached the ledger (a kill between the rename and the ledger write,
+    or a lost ledger), recorded rather than redone. Which files are there comes from one listing per folder, not a
+    system call per row: a name too long for its folder is then simply not there (its row fails alone when its file
+    is written; `is_file` raised and took the whole run down), and 200,000 rows need no 200,000 stats.
+    """
+    done = {} if force else ledger.done_keys()
+    listings: dict[Path, frozenset[str]] = {}
+    to_do: list[Job] = []
+    skipped: list[Job] = []
+    seen: list[Path] = []
+    finished: list[Job] = []
+    for job in jobs:
+        if not force and _present(job.output, listings):
+            if done.get(ledger.relative(job.output)) == job.key:
+                skipped.append(job)
+                seen.append(job.output)
+                continue
+            if _carries_key(job):
+                skipped.append(job)
+                finished.append(job)
+                continue
+        to_do.append(job)
+    ledger.plan_rows(run_id, map(_planned, to_do), seen, map(_planned, finished))
+    return to_do, skipped
+
+
+def _present(output: Path, listings: dict[Path, frozenset[str]]) -> bool:
+    folder = output.parent
+    names = listings.get(folder)
+    if names is None:
+        try:
+            names = frozenset(os.listdir(folder))
+        except OSError:  # not made yet, or not a folder this system can list: nothing of it is there
+            names = frozenset()
+        listings[folder] = names
+    return output.name in names and output.is_file()
+
+
+def _carries_key(job: Job) -> bool:
+    try:
+        return read_metadata(job.output).get("batchstyle:key") == job.key
     except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
         return False
-    mark_pending(ledger, job, run_id)
-    ledger.mark_finished(job.output, status="done", error=None)
-    return True
+
+
+def _planned(job: Job) -> Planned:
+    row = job.row
+    return Planned(job.output, row.number, str(row.content), ";".join(map(str, row.styles)), job.key)
 
 
 def mark_pending(ledger: Ledger, job: Job, run_id: int) -> None:
-    row = job.row
-    ledger.mark_pending(
-        job.output,
-        row=row.number,
-        content=str(row.content),
-        styles=";".join(map(str, row.styles)),
-        key=job.key,
-        run_id=run_id,
-    )
+    """One row recorded as to do, outside planning (tests set a ledger up with it)."""
+    ledger.plan_rows(run_id, [_planned(job)])
 
 
 def without_row(number: int, error: str) -> str:

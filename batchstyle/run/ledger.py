@@ -7,20 +7,22 @@ parent of a run) writes it; a lock file keeps a second run off the same folder.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sqlite3
 import sys
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
-from batchstyle.errors import UnusableInput
+from batchstyle.errors import UnusableInput, free_space
 
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
@@ -132,6 +134,26 @@ class LedgerError(UnusableInput):
 
 class LedgerBusy(LedgerError):
     """Another run holds the output folder."""
+
+
+class LedgerWriteError(Exception):
+    """The ledger could not be written mid-run (a full disk, an I/O error): the run stops, its finished outputs and
+    the rows the ledger holds stay, and the same command resumes once the cause is fixed. Not an `UnusableInput`:
+    work was done."""
+
+
+def ledger_trouble(path: Path, exc: BaseException) -> str:
+    """One message for a ledger that cannot be written: the file, what went wrong, the room left, and the fix.
+    SQLite says "database or disk is full" where the OS said ENOSPC, with no errno."""
+    folder = path.parent
+    what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or exc.__class__.__name__
+    full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+    full = full or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT))
+    fix = "free space there or give the run another --out" if full else "make sure that folder can be written"
+    return (
+        f"cannot write the ledger {path}: {what} ({free_space(folder)} in {folder}); {fix}, then run the same "
+        "command again: finished outputs are kept and the run resumes"
+    )
 
 
 @dataclass(frozen=True)
@@ -252,9 +274,13 @@ class Ledger:
             raise LedgerBusy(
                 f"{who} is writing {what}{self.out_dir}; wait for it to finish, or give this run another --out folder"
             )
-        self._lock_file.truncate(0)
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
+        try:
+            self._lock_file.truncate(0)
+            self._lock_file.write(str(os.getpid()))
+            self._lock_file.flush()
+        except OSError as exc:
+            self._lock_file.close()
+            raise LedgerError(ledger_trouble(self.out_dir / lock_name, exc)) from None
         # Shards share the folder with each other, never with an unsharded run (which would redo their rows and
         # remove their temp files): they hold the folder's lock shared, an unsharded run holds it exclusively.
         self._folder_lock: IO[str] | None = None
@@ -267,22 +293,35 @@ class Ledger:
                     f"an unsharded batchstyle run (pid {holder}) is writing to {self.out_dir}; wait for it to "
                     "finish before running shards there"
                 )
-        self.conn = _connect(self.out_dir / self.name)
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise LedgerError(
-                f"{self.out_dir / self.name} was written by a newer batchstyle (schema {version}); upgrade batchstyle"
-            )
-        fresh = self.conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'rows'").fetchone()[0] == 0
-        if fresh:
-            self.conn.executescript(_SCHEMA)
-            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        elif version < SCHEMA_VERSION:
-            try:
+        # Names resolved once per folder, not per row (`relative`): a system call per path part made 200,000 rows
+        # spend 30 s resolving names while planning.
+        self._root = self.out_dir.resolve()
+        self._folders: dict[Path, Path] = {}
+        try:
+            self.conn = _connect(self.out_dir / self.name)
+        except (sqlite3.Error, OSError) as exc:
+            self._release()
+            raise LedgerError(ledger_trouble(self.out_dir / self.name, exc)) from None
+        try:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"{self.out_dir / self.name} was written by a newer batchstyle (schema {version}); upgrade "
+                    "batchstyle"
+                )
+            fresh = self.conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'rows'").fetchone()[0] == 0
+            if fresh:
+                self.conn.executescript(_SCHEMA)
+                self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION:
                 self._migrate(version)
-            except BaseException:
-                self.close()
-                raise
+        except (sqlite3.Error, OSError) as exc:
+            # A full disk at the start: nothing was run, so it is the output folder that cannot be used (exit 2).
+            self.close()
+            raise LedgerError(ledger_trouble(self.out_dir / self.name, exc)) from None
+        except BaseException:
+            self.close()
+            raise
 
     def _migrate(self, version: int) -> None:
         """Every step and the new version in one transaction: a run killed mid-upgrade leaves the old ledger as it
@@ -302,7 +341,11 @@ class Ledger:
         self.conn.execute("COMMIT")
 
     def close(self) -> None:
-        self.conn.close()
+        with contextlib.suppress(sqlite3.Error):  # closing a ledger on a full disk: what was committed stays
+            self.conn.close()
+        self._release()
+
+    def _release(self) -> None:
         self._lock_file.close()
         if self._folder_lock is not None:
             self._folder_lock.close()
@@ -314,24 +357,82 @@ class Ledger:
         self.close()
 
     def relative(self, output: Path) -> str:
-        return Path(output).resolve().relative_to(self.out_dir.resolve()).as_posix()
+        """The output's name in the ledger: relative to the output folder, its folder's symlinks resolved. The name
+        itself is not: no system call touches it, so a name the file system cannot hold (too long) is still a row,
+        which fails alone when its file is written."""
+        output = Path(output)
+        if output.name in ("", ".", ".."):
+            return output.resolve().relative_to(self._root).as_posix()
+        folder = self._folders.get(output.parent)
+        if folder is None:
+            folder = self._folders[output.parent] = output.parent.resolve().relative_to(self._root)
+        return (folder / output.name).as_posix()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The connection, with what SQLite or the OS says about the ledger turned into one `LedgerWriteError`."""
+        try:
+            yield self.conn
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerWriteError(ledger_trouble(self.out_dir / self.name, exc)) from exc
 
     def start_run(self, manifest: Path, argv: list[str], model: str, weights: str) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO runs (started, manifest, argv, model, weights) VALUES (?, ?, ?, ?, ?)",
-            (time.time(), str(manifest), json.dumps(argv), model, weights),
-        )
+        with self._writing() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (started, manifest, argv, model, weights) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), str(manifest), json.dumps(argv), model, weights),
+            )
         assert cur.lastrowid is not None  # set by every INSERT
         return cur.lastrowid
 
     def finish_run(self, run_id: int, outcome: dict[str, int]) -> None:
-        self.conn.execute(
-            "UPDATE runs SET finished = ?, outcome = ? WHERE id = ?", (time.time(), json.dumps(outcome), run_id)
-        )
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE runs SET finished = ?, outcome = ? WHERE id = ?", (time.time(), json.dumps(outcome), run_id)
+            )
 
     def get(self, output: Path) -> Record | None:
-        found = self.conn.execute("SELECT * FROM rows WHERE output = ?", (self.relative(output),)).fetchone()
+        with self._writing() as conn:
+            found = conn.execute("SELECT * FROM rows WHERE output = ?", (self.relative(output),)).fetchone()
         return Record(**dict(found)) if found else None
+
+    def done_keys(self) -> dict[str, str]:
+        """The key of every row done, by its name in the ledger: what planning needs from it, in one query rather
+        than one per row."""
+        with self._writing() as conn:
+            return dict(conn.execute("SELECT output, key FROM rows WHERE status = 'done'").fetchall())
+
+    def plan_rows(
+        self, run_id: int, pending: Iterable[Planned], seen: Iterable[Path] = (), finished: Iterable[Planned] = ()
+    ) -> None:
+        """Records, PLAN_BATCH rows to a transaction, the rows this run will do (`pending`), those it skips as done
+        (`seen`: they still belong to its manifest) and those found finished on disk with no `done` in the ledger
+        (`finished`). One commit per row, each waiting for the disk (synchronous=FULL), made a 200,000-row manifest
+        spend minutes before its first row; a run killed mid-plan loses nothing, as the next one plans again."""
+        now = time.time()
+        columns = "output, row, content, styles, key, status, run_id, finished, error"
+        upsert = (
+            f"INSERT INTO rows ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT(output) DO UPDATE SET "
+            "row = excluded.row, content = excluded.content, styles = excluded.styles, key = excluded.key, "
+            "status = excluded.status, run_id = excluded.run_id"
+        )
+        # A row found finished also gets its finish time and loses an old error, as `mark_finished` would set them.
+        done = upsert + ", finished = excluded.finished, error = NULL"
+        writes: list[tuple[str, Iterable[tuple[Any, ...]]]] = [
+            (upsert, ((self.relative(p.output), *p[1:], "pending", run_id, None) for p in pending)),
+            (done, ((self.relative(p.output), *p[1:], "done", run_id, now) for p in finished)),
+            ("UPDATE rows SET run_id = ? WHERE output = ?", ((run_id, self.relative(out)) for out in seen)),
+        ]
+        with self._writing() as conn:
+            for sql, rows in writes:
+                for chunk in _chunks(rows, PLAN_BATCH):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        conn.executemany(sql, chunk)
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
 
     def is_done(self, output: Path, key: str) -> bool:
         """Done means: same inputs and options as now, finished, and its file still there."""
@@ -343,16 +444,18 @@ class Ledger:
         names = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{name} = excluded.{name}" for name in fields if name != "output")
-        self.conn.execute(
-            f"INSERT INTO rows ({names}) VALUES ({marks}) ON CONFLICT(output) DO UPDATE SET {updates}",
-            tuple(fields.values()),
-        )
+        with self._writing() as conn:
+            conn.execute(
+                f"INSERT INTO rows ({names}) VALUES ({marks}) ON CONFLICT(output) DO UPDATE SET {updates}",
+                tuple(fields.values()),
+            )
 
     def _update(self, output: Path, fields: dict[str, Any]) -> None:
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        cur = self.conn.execute(
-            f"UPDATE rows SET {assignments} WHERE output = ?", (*fields.values(), self.relative(output))
-        )
+        with self._writing() as conn:
+            cur = conn.execute(
+                f"UPDATE rows SET {assignments} WHERE output = ?", (*fields.values(), self.relative(output))
+            )
         if cur.rowcount != 1:
             raise KeyError(f"the ledger has no row for {output}")
 
@@ -399,13 +502,10 @@ class Ledger:
         """A clip's frames finished so far: per-frame progress, written as each frame file is renamed into place."""
         self._update(output, {"frames": total, "frames_done": done})
 
-    def mark_seen(self, output: Path, run_id: int) -> None:
-        """A row the run planned but skipped as done still belongs to this run's manifest."""
-        self._update(output, {"run_id": run_id})
-
     def forget_invalid_rows(self) -> None:
         """Validation failures belong to the run that found them: the next run re-validates the manifest."""
-        self.conn.execute("DELETE FROM rows WHERE key = 'invalid'")
+        with self._writing() as conn:
+            conn.execute("DELETE FROM rows WHERE key = 'invalid'")
 
     def mark_failed_unstarted(
         self, output: Path, *, row: int, content: str, styles: str, run_id: int, error: str
@@ -427,7 +527,32 @@ class Ledger:
         )
 
     def records(self) -> list[Record]:
-        return [Record(**dict(r)) for r in self.conn.execute("SELECT * FROM rows ORDER BY row, output")]
+        with self._writing() as conn:
+            return [Record(**dict(r)) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
+
+
+PLAN_BATCH = 10_000  # rows per transaction while planning: 20 commits for 200,000 rows, each chunk's rows in memory
+
+
+class Planned(NamedTuple):
+    """A row as planning records it: what `mark_pending` takes, for many rows at once (`Ledger.plan_rows`)."""
+
+    output: Path
+    row: int
+    content: str
+    styles: str
+    key: str
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], dict[str, Any] | None]:

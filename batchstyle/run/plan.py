@@ -7,12 +7,14 @@ process: the parent plans, workers only execute.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from batchstyle.errors import UnusableInput
 from batchstyle.images import output_size
@@ -99,13 +101,19 @@ def _file_digest(path: Path, memo: dict[Path, str]) -> str:
     return memo[path]
 
 
+@functools.lru_cache(maxsize=256)
+def _settings_dict(settings: Settings) -> dict[str, Any]:
+    """Rows mostly share their settings: a deep copy of them per row was a third of planning 200,000 rows."""
+    return settings.as_dict()
+
+
 def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path, str] | None = None) -> str:
     """Hash of everything that determines the output: input bytes, options, weights and algorithm version.
 
     Paths are left out on purpose (moving a folder must not redo a night's work), file contents are in.
     """
     memo = {} if memo is None else memo
-    params = settings.as_dict()
+    params = dict(_settings_dict(settings))  # a copy: its file entries are replaced below
     if row.init_image is not None:
         params["init"] = "file:" + _file_digest(row.init_image, memo)
     # Files by their bytes, never their paths: moving a folder must not redo a night's work.
@@ -129,8 +137,10 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
     memo: dict[Path, str] = {}
     jobs, failed = [], {}
     known = layer_names(source.arch)
+    shared: dict[tuple[tuple[str, Any], ...], Settings] = {}  # one Settings per distinct set of values, not per row
     for row in manifest.rows:
-        settings = make_settings(row.values)
+        values = tuple(row.values.items())
+        settings = shared.get(values) or shared.setdefault(values, make_settings(row.values))
         missing = [name for name in (*settings.content_layers, *settings.style_layers) if name not in known]
         if missing:
             failed[row.number] = (
@@ -139,7 +149,15 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
                 "use layers it has (VGG-16 stops at relu5_3) or --model vgg19"
             )
             continue
-        key = job_key(row, settings, source, memo)
+        try:
+            key = job_key(row, settings, source, memo)
+        except OSError as exc:  # an input gone or unreadable since the manifest was checked: this row's failure
+            what = Path(exc.filename).name if exc.filename else row.content.name
+            failed[row.number] = (
+                f"row {row.number}: cannot read {what}: {exc.strerror or exc}; it was there when the manifest was "
+                "checked: put it back, or fix the row"
+            )
+            continue
         clip = None
         if row.content in manifest.clips:
             total = manifest.clips[row.content].frames

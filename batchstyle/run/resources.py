@@ -8,6 +8,7 @@ from a short-lived process (`devices.free_gpu_memory`) rather than open a CUDA c
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def shape_profile(jobs: Sequence[Job], sizes: Sizes) -> tuple[tuple[int, int], t
         return None
     low = (min(h for h, _ in shapes), min(w for _, w in shapes))
     high = (max(h for h, _ in shapes), max(w for _, w in shapes))
-    common = max(sorted(set(shapes)), key=shapes.count)
+    counts = Counter(shapes)  # shapes.count per distinct shape went over every row's shapes again each time
+    common = max(sorted(counts), key=counts.__getitem__)
     return low, common, high
 
 
