@@ -2,7 +2,8 @@
 
 Exit codes: 0 every row done, 1 some row failed, 2 the manifest or the command line is unusable (found before any
 work is done). Errors reach the user as click exceptions: every `UnusableInput` the library raises becomes
-`Unusable` (exit 2) in one place, the group's `invoke`.
+`Unusable` (exit 2) in one place, the group's `invoke`, and a ledger that cannot be written mid-run (a full disk)
+becomes `Failed` (exit 1) there too.
 
 Light commands stay light: `--help`, `check`, `status`, `cache info`, `weights list` and `report` import neither
 torch nor onnxruntime (a test holds them to it), so this module imports only torch-free modules at the top and
@@ -24,6 +25,7 @@ from batchstyle.model import weights
 from batchstyle.model.numerics import PRECISIONS
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values
 from batchstyle.run.config import RUN_SETTINGS, RunConfig
+from batchstyle.run.ledger import LedgerWriteError
 from batchstyle.version import __version__
 
 if TYPE_CHECKING:
@@ -51,6 +53,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UnusableInput as exc:
             raise Unusable(str(exc)) from exc
+        except LedgerWriteError as exc:
+            # Mid-run (a full disk): finished outputs stay and the same command resumes; one line, no traceback.
+            raise Failed(str(exc)) from exc
 
 
 # Every command's cache folder; for `run` it is also a run setting, whose record gives the help.
@@ -378,6 +383,25 @@ def bench_throughput(
     for count in (int(w) for w in workers.split(",")):
         fig = throughput_figures(source.name, cache, count, rows, size, iterations, device)
         click.echo(f"{count:>7} {fig.seconds:>9.1f} {fig.images_per_hour:>12.1f}")
+
+
+@bench.command("plan")
+@click.option("--rows", default=200_000, show_default=True, help="Rows of the generated manifest.")
+@click.option("--model", default="random", show_default=True, help="Model the rows are planned for.")
+@CACHE_DIR
+def bench_plan(rows: int, model: str, cache_dir: Path | None) -> None:
+    """Seconds and peak memory of reading a large manifest and of planning it (keys, ledger rows, batches) up to
+    the first row handed out; no row is optimised. The manifest and its output folder go to a temporary folder."""
+    import tempfile
+
+    from batchstyle.bench import plan_figures
+
+    with tempfile.TemporaryDirectory(prefix="batchstyle-bench-plan-") as folder:
+        fig = plan_figures(rows, Path(folder), model, cache_dir)
+    click.echo(f"{fig.rows} rows (process at {fig.start_mb:.0f} MB before reading: interpreter, torch, batchstyle)")
+    click.echo(f"{'phase':<8} {'seconds':>8} {'peak RSS MB':>12}")
+    click.echo(f"{'read':<8} {fig.read_seconds:>8.1f} {fig.read_peak_mb:>12.0f}")
+    click.echo(f"{'plan':<8} {fig.plan_seconds:>8.1f} {fig.plan_peak_mb:>12.0f}")
 
 
 @bench.command("device")

@@ -649,3 +649,18 @@ def test_a_hung_ray_actor_is_killed_and_replaced(
     assert error.startswith(f"row {HANG_ROW}: its worker hung once (") and error.endswith("raise --stall-timeout")
     silence = HUNG.search(error)
     assert silence is not None and int(silence.group(1)) >= STALL, error
+
+
+def test_bench_plan_plans_every_row_and_optimises_none(tmp_path: Path) -> None:
+    """`batchstyle bench plan`'s figures come from the real run up to its first row handed out: every row is in
+    the ledger, none was optimised (the first, handed out and stopped, is pending again), no output was written."""
+    from batchstyle.bench import plan_figures
+
+    fig = plan_figures(300, tmp_path)
+    assert fig.rows == 300
+    assert fig.read_seconds > 0 and fig.plan_seconds > 0
+    assert fig.read_peak_mb > 0 and fig.plan_peak_mb > 0
+    records = read_records(tmp_path / "out")[0]
+    assert len(records) == 300
+    assert {record.status for record in records} == {"pending"}
+    assert not list((tmp_path / "out").glob("*.png"))
