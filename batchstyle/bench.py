@@ -396,6 +396,8 @@ class ThroughputFigures:
     workers: int
     rows: int
     seconds: float  # wall time of the whole run, worker start-up included
+    seconds_per_iteration: float  # the rows' own optimisation seconds over their iterations, as the ledger has them
+    precisions: tuple[str, ...] = ()  # what the rows ran in, as the ledger has it
 
     @property
     def images_per_hour(self) -> float:
@@ -435,10 +437,12 @@ def throughput_figures(
     iterations: int,
     device: str = "cpu",
     slots: str | None = None,
+    precision: str = "auto",
 ) -> ThroughputFigures:
     """Images per hour for a whole run of `rows` rows on `workers` worker slots of `device` (or on the `--devices`
     list `slots`, e.g. every GPU), through the same engine `batchstyle run` uses. Each measurement gets a fresh
-    target cache (weights and exported graphs are shared), so no run profits from another's targets."""
+    target cache (weights, exported graphs and the precision decision are shared), so no run profits from another's
+    targets; `precision` is the run's `--precision`."""
     import tempfile
 
     from batchstyle.manifest import read_manifest
@@ -446,6 +450,7 @@ def throughput_figures(
     from batchstyle.model.weights import resolve
     from batchstyle.run.config import RunConfig
     from batchstyle.run.engine import run
+    from batchstyle.run.ledger import read_records
 
     source, _ = resolve(model, cache_dir)
     spec = graph_spec(source, make_settings(default_values()))
@@ -455,7 +460,7 @@ def throughput_figures(
         root = Path(tmp)
         cache = root / "cache"
         cache.mkdir()
-        for shared in ("weights", "onnx", "downloads"):
+        for shared in ("weights", "onnx", "downloads", "precision"):
             if (cache_dir / shared).exists():
                 (cache / shared).symlink_to((cache_dir / shared).resolve())
         manifest = read_manifest(
@@ -465,11 +470,14 @@ def throughput_figures(
         )
         devices = slots or ",".join([device] * workers)
         start = time.perf_counter()
-        summary = run(manifest, RunConfig(model=model, devices=devices, cache_dir=cache))
+        summary = run(manifest, RunConfig(model=model, devices=devices, cache_dir=cache, precision=precision))
         seconds = time.perf_counter() - start
+        records = read_records(root / "out")[0]
     if summary.failed:
         raise RuntimeError(f"benchmark rows failed: {summary.failed}")
-    return ThroughputFigures(workers, rows, seconds)
+    per_iteration = sum(r.seconds or 0.0 for r in records) / max(1, sum(r.iterations or 0 for r in records))
+    ran = tuple(sorted({r.precision or "?" for r in records}))
+    return ThroughputFigures(workers, rows, seconds, per_iteration, ran)
 
 
 # --- bench device: every path of one device in one prepared run ------------------------------------------------------
