@@ -425,9 +425,10 @@ def bench_plan(rows: int, model: str, cache_dir: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="batchstyle-bench-plan-") as folder:
         fig = plan_figures(rows, Path(folder), model, cache_dir)
     click.echo(f"{fig.rows} rows (process at {fig.start_mb:.0f} MB before reading: interpreter, torch, batchstyle)")
-    click.echo(f"{'phase':<8} {'seconds':>8} {'peak RSS MB':>12}")
-    click.echo(f"{'read':<8} {fig.read_seconds:>8.1f} {fig.read_peak_mb:>12.0f}")
-    click.echo(f"{'plan':<8} {fig.plan_seconds:>8.1f} {fig.plan_peak_mb:>12.0f}")
+    click.echo(f"{'phase':<8} {'seconds':>8} {'peak RSS MB':>12} {'over start':>11}")
+    phases = (("read", fig.read_seconds, fig.read_peak_mb), ("plan", fig.plan_seconds, fig.plan_peak_mb))
+    for phase, seconds, peak in phases:
+        click.echo(f"{phase:<8} {seconds:>8.1f} {peak:>12.0f} {peak - fig.start_mb:>11.0f}")
 
 
 @bench.command("device")

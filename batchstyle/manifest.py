@@ -7,18 +7,19 @@ manifest in seconds, and a run knows up front which rows cannot succeed.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
+import dataclasses
 import difflib
 import io
 import os
 import re
-import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from batchstyle.errors import UnusableInput
-from batchstyle.images import DEEP_SUFFIXES, SUPPORTED_SUFFIXES, ImageError, check_image, output_size
+from batchstyle.images import DEEP_SUFFIXES, SUPPORTED_SUFFIXES, ImageError, check_image, output_size, temp_name
 from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
@@ -50,7 +51,7 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
     number: int  # 1-based among data rows, as a spreadsheet user counts them below the header
     line: int  # line in the file, for editors
@@ -58,7 +59,7 @@ class Row:
     styles: tuple[Path, ...]
     blend: tuple[float, ...]
     output: Path  # absolute, inside the output folder
-    values: dict[str, Any]  # every option: defaults overlaid by this row's cells
+    values: dict[str, Any]  # every option: defaults overlaid by this row's cells (shared: never change it)
     init_image: Path | None = None
 
 
@@ -258,7 +259,10 @@ def read_manifest(
     a quote never closed, a row with more cells than the header, a header or rows missing. Problems of single rows
     are listed in `problems`, by row and column.
 
-    `defaults` are the command line's option values; a row's non-empty cells override them.
+    `defaults` are the command line's option values; a row's non-empty cells override them. Rows share what their
+    cells share: one Path per distinct file cell, one options dict per distinct set of option cells (never change a
+    row's `values`: other rows hold the same dict). A large manifest repeats a few photos' folders and a few sets of
+    options over many rows, and a dict of every option per row was most of reading 200,000 rows' memory.
     """
     path = Path(path)
     columns, table = _read_table(path)
@@ -268,11 +272,18 @@ def read_manifest(
     suffix = "." + fmt.lower().lstrip(".")
     image_ok: dict[Path, str | None] = {}
     image_size = manifest.image_sizes
+    clip_or_not: dict[Path, bool] = {}  # is_clip asks the file system: once per file, not once per row
+
+    def clip_file(file: Path) -> bool:
+        found = clip_or_not.get(file)
+        if found is None:
+            found = clip_or_not[file] = is_clip(file)
+        return found
 
     def image_problem(file: Path, clip_ok: bool = False) -> str | None:
-        if clip_ok and is_clip(file):
-            return clip_problem(file)
-        if is_clip(file):
+        if clip_file(file):
+            if clip_ok:
+                return clip_problem(file)
             return f"{file} is a video or a folder; only content takes a clip, give an image here"
         if file not in image_ok:
             try:
@@ -296,68 +307,124 @@ def read_manifest(
                 image_ok[file] = str(exc)
         return image_ok[file]
 
-    planned: list[tuple[Row, str]] = []
-    paths = _Paths()
-    inputs: list[_Input] = []  # every file any row reads, problem rows' too: no output may land on one
-    unplanned: list[tuple[int, int, Path, str]] = []  # rows with other problems: their outputs are checked as well
-    for number, (line, cells) in enumerate(table, start=1):
-        problems: list[tuple[str, str]] = []
-        content_cell = cells.get("content", "").strip()
-        style_cells = _split_paths(cells.get("style", ""))
-        if not content_cell:
-            problems.append(("content", "empty; give the content image's path"))
-        if not style_cells:
-            problems.append(("style", "empty; give one style image path, or several separated by ';'"))
-        content = (base / content_cell) if content_cell else base
-        styles = tuple(base / cell for cell in style_cells)
-        inputs += [(number, "content", content)] if content_cell else []
-        inputs += [(number, "style", style) for style in styles]
-        for column, files in (("content", [content] if content_cell else []), ("style", list(styles))):
-            for file in files:
-                problem = image_problem(file, clip_ok=column == "content")
-                if problem:
-                    problems.append((column, problem))
+    located: dict[str, Path] = {}
 
+    def at(cell: str) -> Path:
+        """One Path per distinct cell: a row's own made 200,000 copies of four photos' paths."""
+        found = located.get(cell)
+        if found is None:
+            found = located[cell] = base / cell
+        return found
+
+    style_sets: dict[str, tuple[Path, ...]] = {}
+    option_columns = tuple(name for name in columns if name in OPTIONS)
+    option_sets: dict[tuple[str, ...], _Options] = {}
+
+    def options_of(raw: tuple[str, ...]) -> _Options:
+        """What a set of option cells makes: the values, the files they name, and their problems, once per set."""
+        problems: list[tuple[str, str]] = []
         values = dict(defaults)
-        for name, option in OPTIONS.items():
-            raw = cells.get(name, "")
-            if raw.strip():
+        for name, cell in zip(option_columns, raw):
+            if cell.strip():
                 try:
-                    values[name] = option.from_text(raw)
+                    values[name] = OPTIONS[name].from_text(cell)
                 except OptionError as exc:
                     problems.append((name, str(exc)))
+        files: list[tuple[str, Path]] = []
         init_image = None
         if values["init"] not in ("content", "noise"):
-            init_image = base / values["init"]
-            inputs.append((number, "init", init_image))
+            init_image = at(values["init"])
+            files.append(("init", init_image))
             problem = image_problem(init_image)
             if problem:
                 problems.append(("init", problem))
         # Masks are paths relative to the manifest, like the images; they are kept resolved in the row's values.
-        masks = tuple(base / mask for mask in values["style_masks"])
+        masks = tuple(at(mask) for mask in values["style_masks"])
         for mask in masks:
             problem = image_problem(mask)
             if problem:
                 problems.append(("style_masks", problem))
-        if masks and len(masks) != len(styles):
+        values["style_masks"] = tuple(str(mask) for mask in masks)
+        files += [("style_masks", mask) for mask in masks]
+        later: list[tuple[str, str]] = []  # after the masks' count, which depends on the row's styles
+        if values["content_mask"]:
+            content_mask = at(values["content_mask"])
+            files.append(("content_mask", content_mask))
+            problem = image_problem(content_mask)
+            if problem:
+                later.append(("content_mask", problem))
+            values["content_mask"] = str(content_mask)
+        if problems or later:
+            return _Options(values, init_image, len(masks), problems, later, files, None, None, ("", 0, 0, 0))
+        settings = make_settings(values)
+        return _Options(
+            values,
+            init_image,
+            len(masks),
+            problems,
+            later,
+            files,
+            settings,
+            settings_problem(settings),
+            _thinnest(settings),
+        )
+
+    blends: dict[int, tuple[float, ...]] = {}
+    planned: list[tuple[Row, str, _Key]] = []
+    paths = _Paths(out)
+    inputs: dict[Path, _Input] = {}  # every file any row reads, problem rows' too, with the first row that reads it
+    unplanned: list[_Output] = []  # rows with other problems: their outputs are checked as well
+    table.reverse()  # rows are taken from the end: each row's cells are let go once read
+    number = 0
+    while table:
+        line, cells = table.pop()
+        number += 1
+        problems: list[tuple[str, str]] = []
+        content_cell = cells.get("content", "").strip()
+        style_cell = cells.get("style", "")
+        styles = style_sets.get(style_cell)
+        if styles is None:
+            styles = style_sets[style_cell] = tuple(at(cell) for cell in _split_paths(style_cell))
+        if not content_cell:
+            problems.append(("content", "empty; give the content image's path"))
+        if not styles:
+            problems.append(("style", "empty; give one style image path, or several separated by ';'"))
+        content = at(content_cell) if content_cell else base
+        if content_cell:
+            inputs.setdefault(content, (number, "content", content))
+        for style in styles:
+            inputs.setdefault(style, (number, "style", style))
+        if content_cell:
+            problem = image_problem(content, clip_ok=True)
+            if problem:
+                problems.append(("content", problem))
+        for style in styles:
+            problem = image_problem(style)
+            if problem:
+                problems.append(("style", problem))
+
+        raw = tuple(cells.get(name, "") for name in option_columns)
+        options = option_sets.get(raw)
+        if options is None:
+            options = option_sets[raw] = options_of(raw)
+        for column, file in options.files:
+            inputs.setdefault(file, (number, column, file))
+        problems += options.problems
+        miscounted = options.masks > 0 and options.masks != len(styles)
+        if miscounted:
             problems.append(
                 (
                     "style_masks",
-                    f"{len(masks)} mask{'s' if len(masks) != 1 else ''} for {len(styles)} style image"
+                    f"{options.masks} mask{'s' if options.masks != 1 else ''} for {len(styles)} style image"
                     f"{'s' if len(styles) != 1 else ''}; give one mask per style, ';'-separated in the styles' order",
                 )
             )
-        values["style_masks"] = tuple(str(mask) for mask in masks)
-        inputs += [(number, "style_masks", mask) for mask in masks]
-        if values["content_mask"]:
-            content_mask = base / values["content_mask"]
-            inputs.append((number, "content_mask", content_mask))
-            problem = image_problem(content_mask)
-            if problem:
-                problems.append(("content_mask", problem))
-            values["content_mask"] = str(content_mask)
+        problems += options.later
+        values, settings = options.values, None if miscounted else options.settings
 
-        blend: tuple[float, ...] = (1.0,) * len(styles)
+        blend = blends.get(len(styles))
+        if blend is None:
+            blend = blends[len(styles)] = (1.0,) * len(styles)
         raw_blend = cells.get("style_blend_weights", "").strip()
         if raw_blend:
             try:
@@ -373,25 +440,26 @@ def read_manifest(
                 problems.append(("style_blend_weights", str(exc)))
         # Cross-option checks run unless an option cell itself failed (its default would stand in and mislead), so
         # one `check` reports them next to a row's other problems. The only one is about style_layer_weights.
-        if not any(column in OPTIONS for column, _ in problems):
-            settings = make_settings(values)
-            cross = settings_problem(settings)
-            if cross:
-                problems.append(("style_layer_weights", cross))
-            problems += _too_thin(settings, content if content_cell else None, styles, image_size)
+        if settings is not None:
+            if options.cross:
+                problems.append(("style_layer_weights", options.cross))
+            problems += _too_thin(options.thinnest, content if content_cell else None, styles, image_size)
 
         clip = manifest.clips.get(content) if content_cell else None
         video_cells = [name for name in ("frames", "every") if cells.get(name, "").strip()]
-        if content_cell and clip is None and video_cells and not is_clip(content):
+        if content_cell and clip is None and video_cells and not clip_file(content):
             problems += [(name, "only video rows take it; the content is an image") for name in video_cells]
-        if clip is not None and not any(column in OPTIONS for column, _ in problems):
-            settings = make_settings(values)
-            if not select(clip.frames, settings.frame_span(), settings.every):
-                problems.append(
-                    ("frames", f"selects no frame of {content.name}, which has {clip.frames}; use START below that")
-                )
+        if (
+            clip is not None
+            and settings is not None
+            and not options.cross
+            and not select(clip.frames, settings.frame_span(), settings.every)
+        ):
+            problems.append(
+                ("frames", f"selects no frame of {content.name}, which has {clip.frames}; use START below that")
+            )
         output_cell = cells.get("output", "").strip()
-        if output_cell and is_clip(content) and content_cell:
+        if output_cell and content_cell and clip_file(content):
             output = out / output_cell
             if not is_clip_output(output):
                 problems.append(
@@ -419,11 +487,12 @@ def read_manifest(
             if clip is not None and kind and output_problem(clip, out / f"{stem}{kind}"):
                 kind = ".mkv"  # a WebM whose audio WebM cannot hold unchanged
             output = out / f"{stem}{kind}"
-        if values.get("bit_depth") == 16 and output.suffix.lower() not in DEEP_SUFFIXES:
+        if values["bit_depth"] == 16 and output.suffix.lower() not in DEEP_SUFFIXES:
             problems.append(
                 ("bit_depth", f"16 bits per channel need a .png or .tif output, not {output.name}: change the output")
             )
-        if not paths.resolve(output).is_relative_to(paths.resolve(out)):
+        key, inside = paths.output(output)
+        if not inside:
             problems.append(
                 (
                     "output",
@@ -434,29 +503,52 @@ def read_manifest(
         for column, message in problems:
             manifest.problems.append(Problem(path, number, line, column, message))
         if not problems:
-            row = Row(number, line, content, styles, blend, output, values, init_image)
-            planned.append((row, output_cell))
+            planned.append(
+                (Row(number, line, content, styles, blend, output, values, options.init_image), output_cell, key)
+            )
         elif not any(column == "output" for column, _ in problems):
-            unplanned.append((number, line, output, output_cell))
+            unplanned.append((number, line, output, output_cell, key))
 
-    _resolve_output_clashes(manifest, planned, paths)
-    output_cells = {row.number: cell for row, cell in planned}
-    outputs = [(row.number, row.line, row.output, output_cells[row.number]) for row in manifest.rows]
-    _refuse_unsafe_outputs(manifest, sorted(outputs + unplanned), inputs, paths)
+    outputs = _resolve_output_clashes(manifest, planned, paths)
+    _refuse_unsafe_outputs(manifest, sorted(outputs + unplanned), list(inputs.values()), paths)
     return manifest
 
 
+@dataclass(frozen=True)
+class _Options:
+    """What one set of option cells makes of a row, shared by every row with the same cells."""
+
+    values: dict[str, Any]
+    init_image: Path | None
+    masks: int  # style masks given
+    problems: list[tuple[str, str]]  # of the option cells, the init image and the masks, in a row's column order
+    later: list[tuple[str, str]]  # the content mask's, listed after the masks' count
+    files: list[tuple[str, Path]]  # (column, path) of each file the options name
+    settings: Settings | None  # None where a cell failed: its default would stand in and mislead
+    cross: str | None  # settings_problem
+    thinnest: tuple[str, int, int, int]  # see _too_thin
+
+
+def _thinnest(settings: Settings) -> tuple[str, int, int, int]:
+    """The deepest tapped layer, its stride, and the smallest scale's long side for the content and the styles."""
+    deepest = max((*settings.content_layers, *settings.style_layers), key=stride)
+    smallest = scale_sizes(settings.min_size, settings.size)[0]
+    return deepest, stride(deepest), smallest, style_long_side(smallest, settings.style_scale)
+
+
 def _too_thin(
-    settings: Settings, content: Path | None, styles: tuple[Path, ...], sizes: dict[Path, tuple[int, int]]
+    thinnest: tuple[str, int, int, int],
+    content: Path | None,
+    styles: tuple[Path, ...],
+    sizes: dict[Path, tuple[int, int]],
 ) -> list[tuple[str, str]]:
     """Every pooling halves the image: at its smallest scale an image must keep at least one pixel at the deepest
-    tapped layer, or the network fails mid-run with a cryptic error. Found here, it names the row and the fix."""
-    deepest = max((*settings.content_layers, *settings.style_layers), key=stride)
-    need = stride(deepest)
-    smallest = scale_sizes(settings.min_size, settings.size)[0]
+    tapped layer, or the network fails mid-run with a cryptic error. Found here, it names the row and the fix.
+    `thinnest` is the row's settings' `_thinnest`, worked out once per set of options."""
+    deepest, need, smallest, style_side = thinnest
     found = []
     checks = [("content", content, smallest)] if content is not None else []
-    checks += [("style", style, style_long_side(smallest, settings.style_scale)) for style in styles]
+    checks += [("style", style, style_side) for style in styles]
     for column, file, long_side in checks:
         if file in sizes:
             w, h = output_size(*sizes[file], long_side)
@@ -472,6 +564,60 @@ def _too_thin(
 
 
 _Key = tuple[str, ...]
+_Output = tuple[int, int, Path, str, _Key]  # (row, line, output, its cell, its key) of an output to check
+
+
+class _Folder:
+    """A folder as the checks see it: resolved once, its clash key, and from one listing (not a system call per
+    row) which of its names are links and which are folders. A rerun's output folder holds 200,000 names."""
+
+    __slots__ = ("path", "resolved", "key", "_listing", "_name_max", "inside")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.resolved = path.resolve()
+        self.key: _Key = tuple(fold(part) for part in self.resolved.parts)
+        self._listing: tuple[frozenset[str], frozenset[str]] | None = None
+        self._name_max: int | None = None
+        self.inside: bool | None = None  # in the output folder (`_Paths.output`)
+
+    def listing(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(links, folders) among its names; nothing where it is not there (yet) or cannot be listed. A name too
+        long for it is in neither, as os.path.islink and isdir say (pathlib's raise ENAMETOOLONG)."""
+        if self._listing is None:
+            links, folders = set(), set()
+            with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.is_symlink():
+                            links.add(entry.name)
+                        if entry.is_dir():
+                            folders.add(entry.name)
+            self._listing = frozenset(links), frozenset(folders)
+        return self._listing
+
+    def name_max(self) -> int:
+        """The longest name, in bytes, its file system holds (that of its nearest parent there, if it is not)."""
+        if self._name_max is None:
+            self._name_max = _name_max(self.resolved)
+        return self._name_max
+
+
+def _name_max(folder: Path) -> int:
+    if hasattr(os, "pathconf"):  # not on Windows, whose file systems hold 255 UTF-16 units
+        for where in (folder, *folder.parents):
+            try:
+                found = os.pathconf(where, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                continue
+            return found if found > 0 else DEFAULT_NAME_MAX
+    return DEFAULT_NAME_MAX
+
+
+DEFAULT_NAME_MAX = 255  # bytes in a name: ext4, XFS, Btrfs, APFS, tmpfs
+# A temp file's name is its output's and this much more: a dot, the marker, a process id (7 digits at most: Linux's
+# largest pid_max is 4194304) and 16 hex digits. An output name must leave room for it, or it cannot be saved.
+TEMP_ROOM = len(os.fsencode(temp_name(Path("x")).name)) - 1 - len(str(os.getpid())) + 7
 
 
 class _Paths:
@@ -481,17 +627,20 @@ class _Paths:
     Names that differ only in letter case or Unicode normalisation are one file on Windows and macOS, so their keys
     are equal everywhere: a manifest checked on Linux must not overwrite one row's output with another's, or an
     input, when it runs on a laptop. Symlinks are resolved, so a link never hides that two names are one file. A key
-    is the path's parts, so that a folder's key starts the keys of everything in it."""
+    is the path's parts, so that a folder's key starts the keys of everything in it.
 
-    def __init__(self) -> None:
-        self._folders: dict[Path, tuple[Path, _Key]] = {}
-        self._files: dict[Path, tuple[Path, _Key]] = {}  # a row's paths are asked for several times, a style's often
+    Inputs are kept once resolved (every row asks for its style's), outputs are not: each is asked for once, and
+    200,000 of them kept were 100 MB."""
 
-    def _folder(self, folder: Path) -> tuple[Path, _Key]:
+    def __init__(self, out: Path) -> None:
+        self._folders: dict[Path, _Folder] = {}
+        self._files: dict[Path, tuple[Path, _Key]] = {}
+        self.out = self.resolve(out)
+
+    def folder(self, folder: Path) -> _Folder:
         found = self._folders.get(folder)
         if found is None:
-            resolved = folder.resolve()
-            found = self._folders[folder] = resolved, tuple(fold(part) for part in resolved.parts)
+            found = self._folders[folder] = _Folder(folder)
         return found
 
     def resolve(self, path: Path) -> Path:
@@ -500,34 +649,53 @@ class _Paths:
     def key(self, path: Path) -> _Key:
         return self.resolve_with_key(path)[1]
 
-    def resolve_with_key(self, path: Path) -> tuple[Path, _Key]:
+    def resolve_with_key(self, path: Path, keep: bool = True) -> tuple[Path, _Key]:
         found = self._files.get(path)
         if found is None:
-            # os.path.islink, not Path.is_symlink: a name too long for its folder is no link, and must not raise
-            if path.name in ("", "..") or os.path.islink(path):
+            folder = self.folder(path.parent)
+            if self._plain(path.name, folder):
+                found = folder.resolved / path.name, (*folder.key, fold(path.name))
+            else:
                 resolved = path.resolve()
                 found = resolved, tuple(fold(part) for part in resolved.parts)
-            else:
-                folder, key = self._folder(path.parent)
-                found = folder / path.name, (*key, fold(path.name))
-            self._files[path] = found
+            if keep:
+                self._files[path] = found
         return found
+
+    def output(self, path: Path) -> tuple[_Key, bool]:
+        """An output's key, and whether it lands in the output folder (asked of its folder once, for a plain
+        name: `is_relative_to` per row cost a second for 200,000 rows)."""
+        name, folder = path.name, self.folder(path.parent)
+        if not self._plain(name, folder):
+            resolved, key = self.resolve_with_key(path, keep=False)
+            return key, resolved.is_relative_to(self.out)
+        if folder.inside is None:
+            folder.inside = folder.resolved.is_relative_to(self.out)
+        return (*folder.key, fold(name)), folder.inside
+
+    def is_folder(self, path: Path) -> bool:
+        return path.name in self.folder(path.parent).listing()[1]
+
+    @staticmethod
+    def _plain(name: str, folder: _Folder) -> bool:
+        """A name that resolves to itself in its folder: not '..', nor a link."""
+        return name not in ("", "..") and name not in folder.listing()[0]
 
 
 _Input = tuple[int | None, str, Path]  # (row, column, path) of a file a run reads; the manifest itself has no row
 _FIX = "give the output another name, or the run another --out folder"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (category Cc): C0, DEL and C1
 
 
-def _refuse_unsafe_outputs(
-    manifest: Manifest, outputs: list[tuple[int, int, Path, str]], inputs: list[_Input], paths: _Paths
-) -> None:
+def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[_Output], inputs: list[_Input], paths: _Paths) -> None:
     """A row whose output would destroy a file that is not its own to write fails, before any work, with a problem
     in its output column: an input of any row (a photo was replaced by its own stylization: `v.jpg,s.jpg,v.jpg`
     with `--out .`), the manifest, a file batchstyle writes itself (`reserved_problem`: the report, the ledger,
     temp names, iterates and frames folders), a folder already at an image's name, or the output folder itself.
     A name with a control character is refused too: a line break in a file name breaks every listing and script
-    that meets it. The other rows still run."""
-    out = paths.resolve(manifest.out_dir)
+    that meets it; and so is a name longer than its folder's file system holds (a 300-character name passed
+    `check` and failed its row at run time). The other rows still run."""
+    out_key = paths.key(paths.out)
     read: dict[_Key, _Input] = {}
     for item in [(None, "manifest", manifest.path), *inputs]:
         read.setdefault(paths.key(item[2]), item)
@@ -545,22 +713,23 @@ def _refuse_unsafe_outputs(
         owner = "this row's" if row == number else f"row {row}'s"
         return f"{owner} {column.replace('_', ' ').removesuffix('s')} {path}"
 
-    def hazard(number: int, output: Path, cell: str) -> str | None:
+    def hazard(number: int, output: Path, cell: str, key: _Key) -> str | None:
         name = repr(cell) if cell else f"the generated output name {output.name!r}"
-        if any(unicodedata.category(char) == "Cc" for char in cell or output.name):
+        if _CONTROL.search(cell or output.name):
             return f"{name} holds a control character (a line break or tab); remove it from the output name"
-        resolved, key = paths.resolve_with_key(output)
-        if resolved == out:
+        too_long = _name_too_long(cell or output.name, paths.folder(output.parent).name_max())
+        if too_long:
+            return f"{name} {too_long}"
+        if key == out_key:  # it lies in the output folder (checked), so this is the folder itself
             return f"{name} is the output folder itself; name a file or folder inside it"
-        if resolved.is_relative_to(out):
-            reserved = reserved_problem(resolved.relative_to(out))
-            if reserved:
-                return f"{name} {reserved}; {_FIX}"
-        if output.suffix and os.path.isdir(output):  # not Path.is_dir, which raises on a name too long
+        reserved = reserved_problem(PurePath(*key[len(out_key) :]))
+        if reserved:
+            return f"{name} {reserved}; {_FIX}"
+        if output.suffix and paths.is_folder(output):
             return f"{name} is a folder already at {output}; move it away, or {_FIX}"
         found = read.get(key)
         if found is not None:
-            same = resolved == paths.resolve(found[2])
+            same = paths.resolve_with_key(output, keep=False)[0] == paths.resolve(found[2])
             alike = "" if same else " (the same file on Windows and macOS: only letter case or normalisation differs)"
             return f"{name} would overwrite {whose(found, number)}{alike}; {_FIX}"
         if key in holding:
@@ -571,31 +740,53 @@ def _refuse_unsafe_outputs(
         return None
 
     refused = set()
-    for number, line, output, cell in outputs:
-        problem = hazard(number, output, cell)
+    for number, line, output, cell, key in outputs:
+        problem = hazard(number, output, cell, key)
         if problem is not None:
             manifest.problems.append(Problem(manifest.path, number, line, "output", problem))
             refused.add(number)
-    manifest.rows = [row for row in manifest.rows if row.number not in refused]
+    if refused:
+        manifest.rows = [row for row in manifest.rows if row.number not in refused]
 
 
-def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]], paths: _Paths) -> None:
+def _name_too_long(name: str, limit: int) -> str | None:
+    """Why an output name (a cell's path, or a generated name) cannot be made in a folder whose names hold at most
+    `limit` bytes, or None. Its file name must leave room for the temp file it is saved through (`TEMP_ROOM`)."""
+    if len(os.fsencode(name)) <= limit - TEMP_ROOM:
+        return None
+    *folders, last = PurePath(name).parts
+    for part in folders:
+        if len(os.fsencode(part)) > limit:
+            return (
+                f"has a folder name of {len(os.fsencode(part))} bytes; give a shorter output name: names there hold "
+                f"at most {limit} bytes"
+            )
+    size = len(os.fsencode(last))
+    if size <= limit - TEMP_ROOM:
+        return None
+    return (
+        f"is a file name of {size} bytes; give a shorter output name: names there hold at most {limit} bytes, and "
+        f"the run saves each output through a temp file {TEMP_ROOM} bytes longer, so at most {limit - TEMP_ROOM}"
+    )
+
+
+def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str, _Key]], paths: _Paths) -> list[_Output]:
     """Explicit outputs must be unique, letter case aside (an error names both rows); generated names that collide
     with any other output get the row number appended, so a manifest of repeated pairs with different options just
-    works."""
+    works. The rows kept go to `manifest.rows`, and their outputs are returned."""
 
     def output_problem(row: Row, message: str) -> None:
         manifest.problems.append(Problem(manifest.path, row.number, row.line, "output", message))
 
+    kept: list[_Output] = []
     explicit: dict[_Key, tuple[Row, str]] = {}
     generated_count: dict[_Key, int] = {}
-    for row, cell in planned:
-        key = paths.key(row.output)
+    for row, cell, key in planned:
         if not cell:
             generated_count[key] = generated_count.get(key, 0) + 1
         elif key in explicit:
             first, first_cell = explicit[key]
-            if paths.resolve(row.output) == paths.resolve(first.output):
+            if paths.resolve_with_key(row.output, keep=False)[0] == paths.resolve_with_key(first.output, keep=False)[0]:
                 output_problem(row, f"same output {cell!r} as row {first.number}; give each row its own output")
             else:
                 output_problem(
@@ -606,19 +797,16 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]], 
         else:
             explicit[key] = row, cell
             manifest.rows.append(row)
+            kept.append((row.number, row.line, row.output, cell, key))
     taken: dict[_Key, Row] = {key: row for key, (row, _) in explicit.items()}
-    for row, cell in planned:
+    for row, cell, key in planned:
         if cell:
             continue
-        key = paths.key(row.output)
         if key in explicit or generated_count[key] > 1:
-            row = Row(
-                **{
-                    **row.__dict__,
-                    "output": row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}"),
-                }
+            row = dataclasses.replace(
+                row, output=row.output.with_name(f"{row.output.stem}-row{row.number}{row.output.suffix}")
             )
-            key = paths.key(row.output)
+            key = paths.output(row.output)[0]
         if key in taken:  # a renamed name that another row's output already has: never let two rows share a file
             output_problem(
                 row,
@@ -628,4 +816,6 @@ def _resolve_output_clashes(manifest: Manifest, planned: list[tuple[Row, str]], 
             continue
         taken[key] = row
         manifest.rows.append(row)
+        kept.append((row.number, row.line, row.output, cell, key))
     manifest.rows.sort(key=lambda r: r.number)
+    return kept

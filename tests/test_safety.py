@@ -196,6 +196,43 @@ def test_an_output_named_like_an_old_temp_file_survives_a_rerun(tmp_path: Path, 
     assert statuses(tmp_path / "m") == {1: "done"}
 
 
+# --- 5. a name too long for its folder ---------------------------------------------------------------------------
+
+
+def test_an_output_name_too_long_for_its_folder_is_refused_by_check_and_the_good_row_runs(here: Path) -> None:
+    """A 300-character name passed `check`, then failed at run time (before that, it crashed the run). Names are
+    measured in bytes, as the file system holds them: 106 'é' are 212 bytes. The file name must leave room for the
+    temp file it is saved through (41 bytes), so 214 bytes is the longest an output name may be where names hold
+    255; a folder in the output's path may take all 255."""
+    limit = os.pathconf(here, "PC_NAME_MAX")
+    assert limit == 255  # the test's figures are for it; every file system CI runs on holds 255-byte names
+    longest = "x" * 210 + ".png"
+    manifest = write_manifest(
+        here / "m.csv",
+        HEADER,
+        f"v.jpg,s.jpg,{'x' * 300}.png",
+        f"v.jpg,s.jpg,{'é' * 106}.png",
+        f"v.jpg,s.jpg,{'d' * 256}/a.png",
+        f"v.jpg,s.jpg,{longest}",
+        f"v.jpg,s.jpg,{'d' * 255}/b.png",
+    )
+    checked = cli("check", manifest.name, "--out", "out")
+    assert checked.exit_code == 1, checked.output
+    fix = "give a shorter output name: names there hold at most 255 bytes"
+    for row, what in [(1, "is a file name of 304"), (2, "is a file name of 216"), (3, "has a folder name of 256")]:
+        said = [line for line in checked.output.splitlines() if f"row {row} (line {row + 1}), column output: " in line]
+        assert len(said) == 1 and f"{what} bytes; {fix}" in said[0], checked.output
+    assert "the run saves each output through a temp file 41 bytes longer, so at most 214" in checked.output
+    assert "5 rows: 2 ok, 3 with problems" in checked.output
+
+    for _ in range(2):  # the rerun fails it again, and skips the rows done
+        result = cli("run", manifest.name, "--out", "out", *FAST)
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output
+        assert statuses(here / "out") == {1: "failed", 2: "failed", 3: "failed", 4: "done", 5: "done"}
+        assert (here / "out" / longest).is_file() and (here / "out" / ("d" * 255) / "b.png").is_file()
+
+
 # --- 7. questionable cases, fixed where cheap ----------------------------------------------------------------------
 
 

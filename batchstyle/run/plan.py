@@ -44,7 +44,7 @@ class ClipPart:
         return self.end - self.first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     row: Row
     settings: Settings
@@ -59,11 +59,17 @@ class Job:
 
     def scales(self) -> list[tuple[int, int]]:
         """(long side, iterations) per scale, coarse to fine."""
-        return scale_plan(self.settings)
+        return list(_scales(self.settings))
 
     @property
     def total_iterations(self) -> int:
         return sum(iterations for _, iterations in self.scales())
+
+
+@functools.lru_cache(maxsize=256)
+def _scales(settings: Settings) -> tuple[tuple[int, int], ...]:
+    """Asked of every job by the stall timeout, the shape profile and the bars: once per distinct settings."""
+    return tuple(scale_plan(settings))
 
 
 def split_clip(job: Job, chunks: int, overlap: int = 0) -> list[Job]:
@@ -101,46 +107,66 @@ def _file_digest(path: Path, memo: dict[Path, str]) -> str:
     return memo[path]
 
 
-@functools.lru_cache(maxsize=256)
-def _settings_dict(settings: Settings) -> dict[str, Any]:
-    """Rows mostly share their settings: a deep copy of them per row was a third of planning 200,000 rows."""
-    return settings.as_dict()
+_PARAMS = "\0params\0"  # stands in for the options' JSON, spliced into the key's material (no path holds a NUL)
+_PARAMS_JSON = json.dumps(_PARAMS)
 
 
-def job_key(row: Row, settings: Settings, source: WeightSource, memo: dict[Path, str] | None = None) -> str:
+def job_key(
+    row: Row,
+    settings: Settings,
+    source: WeightSource,
+    memo: dict[Path, str] | None = None,
+    params: dict[tuple[Settings, Path | None], str] | None = None,
+) -> str:
     """Hash of everything that determines the output: input bytes, options, weights and algorithm version.
 
-    Paths are left out on purpose (moving a folder must not redo a night's work), file contents are in.
+    Paths are left out on purpose (moving a folder must not redo a night's work), file contents are in. `memo` keeps
+    the files' digests, `params` the options' JSON, across the rows of one plan: encoding every option for every row
+    was most of keying 200,000 rows.
     """
     memo = {} if memo is None else memo
-    params = dict(_settings_dict(settings))  # a copy: its file entries are replaced below
-    if row.init_image is not None:
-        params["init"] = "file:" + _file_digest(row.init_image, memo)
-    # Files by their bytes, never their paths: moving a folder must not redo a night's work.
-    params["style_masks"] = ["file:" + _file_digest(Path(mask), memo) for mask in settings.style_masks]
-    if settings.content_mask:
-        params["content_mask"] = "file:" + _file_digest(Path(settings.content_mask), memo)
+    params = {} if params is None else params
+    options = params.get((settings, row.init_image))
+    if options is None:
+        options = params[settings, row.init_image] = json.dumps(_params(row, settings, memo), sort_keys=True)
     material = {
         "algorithm": ALGORITHM_VERSION,
         "content": _file_digest(row.content, memo),
         "styles": [_file_digest(s, memo) for s in row.styles],
         "blend": list(row.blend),
-        "params": params,
+        "params": _PARAMS,
         "model": {"arch": source.arch, "weights": source.sha256, "preprocess": source.preprocess.name},
         "format": row.output.suffix.lower(),
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    text = json.dumps(material, sort_keys=True).replace(_PARAMS_JSON, options, 1)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _params(row: Row, settings: Settings, memo: dict[Path, str]) -> dict[str, Any]:
+    """The options as the key holds them: files by their bytes, never their paths."""
+    params = settings.as_dict()
+    if row.init_image is not None:
+        params["init"] = "file:" + _file_digest(row.init_image, memo)
+    params["style_masks"] = ["file:" + _file_digest(Path(mask), memo) for mask in settings.style_masks]
+    if settings.content_mask:
+        params["content_mask"] = "file:" + _file_digest(Path(settings.content_mask), memo)
+    return params
 
 
 def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int, str]]:
     """Keyed jobs for the manifest's valid rows; rows that cannot work with this model fail here, alone."""
     memo: dict[Path, str] = {}
+    params: dict[tuple[Settings, Path | None], str] = {}
     jobs, failed = [], {}
     known = layer_names(source.arch)
-    shared: dict[tuple[tuple[str, Any], ...], Settings] = {}  # one Settings per distinct set of values, not per row
+    # One Settings per options dict, not per row: rows with the same option cells share one dict (read_manifest),
+    # which stays alive with its rows while they are planned, so its id names it.
+    shared: dict[int, Settings] = {}
+    digests: dict[tuple[Path, ...], tuple[str, ...]] = {}  # the styles' digests, one tuple per set of styles
     for row in manifest.rows:
-        values = tuple(row.values.items())
-        settings = shared.get(values) or shared.setdefault(values, make_settings(row.values))
+        settings = shared.get(id(row.values))
+        if settings is None:
+            settings = shared[id(row.values)] = make_settings(row.values)
         missing = [name for name in (*settings.content_layers, *settings.style_layers) if name not in known]
         if missing:
             failed[row.number] = (
@@ -150,7 +176,7 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
             )
             continue
         try:
-            key = job_key(row, settings, source, memo)
+            key = job_key(row, settings, source, memo, params)
         except OSError as exc:  # an input gone or unreadable since the manifest was checked: this row's failure
             what = Path(exc.filename).name if exc.filename else row.content.name
             failed[row.number] = (
@@ -163,7 +189,10 @@ def plan(manifest: Manifest, source: WeightSource) -> tuple[list[Job], dict[int,
             total = manifest.clips[row.content].frames
             selected = len(select(total, settings.frame_span(), settings.every))
             clip = ClipPart(total, 0, 0, selected)
-        jobs.append(Job(row, settings, key, memo[row.content], tuple(memo[p] for p in row.styles), clip))
+        style_digests = digests.get(row.styles)
+        if style_digests is None:
+            style_digests = digests[row.styles] = tuple(memo[p] for p in row.styles)
+        jobs.append(Job(row, settings, key, memo[row.content], style_digests, clip))
     return jobs, failed
 
 
@@ -178,9 +207,14 @@ def batch_key(job: Job, sizes: Mapping[Path, tuple[int, int]]) -> tuple[object, 
     if job.row.content not in sizes or job.clip is not None:  # a clip's frames go one after another
         return None
     w, h = sizes[job.row.content]
-    settings = tuple(sorted((k, repr(v)) for k, v in job.settings.as_dict().items()))
     # Every scale's grid, not just the last: 1000x302 and 1001x303 agree at 512 px but not at 362.
-    return (settings, tuple(output_size(w, h, size) for size, _ in job.scales()))
+    return (_batch_settings(job.settings), tuple(output_size(w, h, size) for size, _ in _scales(job.settings)))
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_settings(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """The settings as a batch key compares them, worked out once per distinct settings rather than per row."""
+    return tuple(sorted((k, repr(v)) for k, v in settings.as_dict().items()))
 
 
 def make_batches(jobs: Sequence[Job], batch_size: int, sizes: Mapping[Path, tuple[int, int]]) -> list[list[Job]]:
