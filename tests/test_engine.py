@@ -38,7 +38,7 @@ from batchstyle.run.plan import plan
 from batchstyle.run.progress import Silent
 from batchstyle.run.scheduler import Scheduler
 from batchstyle.run.signals import Stop
-from batchstyle.run.worker import TEST_HANG_ROW, failure_cause
+from batchstyle.run.worker import TEST_HANG_ROW, failure_cause, full_folder
 from batchstyle.run.worker import Result as RowResult
 
 TINY = ("--model", "random", "--size", "32", "-q")
@@ -196,9 +196,9 @@ def test_a_failure_is_the_rows_own_unless_any_row_would_fail_there_too(
     )
     cudnn = failure_cause(job, RuntimeError(f"cuDNN error: CUDNN_STATUS_NOT_INITIALIZED ({job.row.content})"))
     assert cudnn == "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_INITIALIZED (<file>)"
-    assert failure_cause(job, OSError(errno.ENOSPC, "No space left on device")) == (
-        "OSError: [Errno 28] No space left on device"
-    )
+    # Nor a full disk, which is the folder's: the run stops (tests/test_failures.py), its rows still to do.
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / ".x.png"))
+    assert failure_cause(job, full) is None and full_folder(job, full) == tmp_path / "out"
 
 
 class _Messages(Silent):

@@ -1,13 +1,13 @@
 """Failures a run meets mid-way, each the failure of its own row or a clean stop (issue 26), with real files:
-a loss that goes non-finite, an output the file system will not take (a name too long), a full disk under the
-ledger, and inputs deleted while the run goes on."""
+a loss that goes non-finite, a full disk under the ledger or under the outputs, and inputs deleted while the run
+goes on. (A name too long for its folder is refused before any work: tests/test_safety.py.)"""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,48 +79,35 @@ def test_an_lbfgs_run_whose_steps_overflow_fails_at_the_iteration_it_went_nan(he
     assert not (here / "out" / "a.png").exists()
 
 
-# --- an output the file system will not take ----------------------------------------------------------------------
-
-
-def test_an_output_name_too_long_fails_its_row_alone_and_the_good_row_is_done_on_every_run(here: Path) -> None:
-    """Its file cannot be written (the name is past the folder's 255), so its row fails with the fix; the row
-    beside it (in the same batch) is done. The rerun, with the output folder there, fails it again rather than
-    crashing in the resume scan (OSError: File name too long), and skips the good row. With --save-every, its
-    iterates cannot be written either: the row fails, the other's iterates are written."""
-    long_name = "x" * 300 + ".png"
-    write_manifest(here / "m.csv", "content,style,output", f"v.png,s.png,{long_name}", "v.png,s.png,good.png")
-    for attempt in range(2):
-        result = cli("run", "m.csv", "--out", "out", *FAST, "--save-every", "1")
-        assert result.exit_code == 1, result.output
-        assert "Traceback" not in result.output
-        found = records(here / "out")
-        assert found[1][0] == "failed"
-        # its iterates folder is the first thing it writes: x * 300 + ".iterates"
-        assert "file name too long (a name of 309 characters; names there hold at most 255)" in (found[1][1] or "")
-        assert "give the row a shorter output name" in (found[1][1] or "")
-        assert found[2] == ("done", None)
-        assert (here / "out" / "good.png").is_file()
-        assert any((here / "out" / "good.iterates").iterdir())
-        assert re.search(rf"skipped +{attempt}\n", result.output), result.output  # the good row, on the rerun
-
-
 # --- a full disk under the ledger ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real file system of 256 KB (tmpfs, mounted here), unmounted however the test ends."""
-    mount = tmp_path / "small"
-    mount.mkdir()
+def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """Mounts a real file system of a given size (tmpfs) at a folder; unmounted however the test ends."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
     try:
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+        for folder in reversed(mounted):
+            subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, tmpfs: Callable[[Path, str], Path]) -> Path:
+    """A real file system of 256 KB."""
+    return tmpfs(tmp_path / "small", "256k")
 
 
 def test_a_full_disk_stops_the_run_with_one_message_and_a_rerun_with_space_resumes(
@@ -152,6 +139,46 @@ def test_a_full_disk_stops_the_run_with_one_message_and_a_rerun_with_space_resum
     assert re.search(rf"skipped +{len(written)}\n", again.output), again.output
     assert {record.status for record in read_records(out)[0]} == {"done"}
     assert {name: (out / name).read_bytes() for name in written} == before
+
+
+def test_a_full_disk_under_the_outputs_stops_the_run_and_leaves_the_rest_to_do(
+    here: Path, tmpfs: Callable[[Path, str], Path]
+) -> None:
+    """The outputs go to a 64 KB tmpfs, the ledger beside it on the test's disk: after a dozen rows no output fits.
+    Every row then failed with 'no space left', and three in a row took the only slot out of the run, so the rows
+    left failed with 'every worker was taken out'. A full disk is its folder's: the run stops handing out rows,
+    says so once, naming the folder and the room left (exit 1); no row fails, the rows left stay to do, and the
+    same command with room does them."""
+    rows = [f"v.png,s.png,full/o{i:02d}.png" for i in range(30)]
+    write_manifest(here / "m.csv", "content,style,output", *rows)
+    out = here / "out"
+    full = tmpfs(out / "full", "64k")
+    result = cli("run", "m.csv", "--out", str(out), *FAST, "--batch-size", "1")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "taken out" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert re.search(
+        rf"no room left in {re.escape(str(full))} \([0-9,]+ bytes free\): the run stopped with \d+ rows", lines[0]
+    )
+    assert "free space there or give the run another --out, then run the same command again" in lines[0]
+    written = sorted(p.name for p in full.glob("o*.png"))
+    assert 0 < len(written) < len(rows)
+    found = records(out)
+    assert sorted(number for number, (status, _) in found.items() if status == "done") == list(
+        range(1, len(written) + 1)
+    )
+    assert {status for status, _ in found.values()} == {"done", "pending"}
+    assert any("no space left on device" in (error or "") for _, error in found.values())
+    before = {name: (full / name).read_bytes() for name in written}
+
+    subprocess.run(["mount", "-o", "remount,size=1m", str(full)], check=True)
+    again = cli("run", "m.csv", "--out", str(out), *FAST, "--batch-size", "1")
+    assert again.exit_code == 0, again.output
+    assert re.search(rf"skipped +{len(written)}\n", again.output), again.output
+    assert {status for status, _ in records(out).values()} == {"done"}
+    assert {name: (full / name).read_bytes() for name in written} == before
+    assert len(list(full.glob("o*.png"))) == len(rows)
 
 
 # --- inputs deleted mid-run ---------------------------------------------------------------------------------------

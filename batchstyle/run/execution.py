@@ -5,7 +5,8 @@ into place, so a crash anywhere leaves the ledger saying what is still to do. On
 error and never costs other rows their work; a worker that dies, or hangs (silent for the stall timeout), has its rows
 handed out again, up to `retries` times, on a fresh worker. A slot whose rows fail SLOT_FAILURES times in a row for
 one cause that is not theirs (its worker cannot read the inputs, its device or driver is broken) is taken out of the
-run, and those rows go to the other slots.
+run, and those rows go to the other slots. A row that could not be written for want of room stops the run (`DiskFull`):
+the disk is full for every row and every slot alike.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchstyle.errors import RunError
+from batchstyle.errors import RunError, free_space
 from batchstyle.images import read_metadata
 from batchstyle.model.weights import WeightSource
 from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.config import RunConfig
-from batchstyle.run.ledger import Ledger, Planned, pack_history
+from batchstyle.run.ledger import Ledger, LedgerWriteError, Planned, pack_history
 from batchstyle.run.plan import Job
 from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
     from batchstyle.run.engine import RunSummary
 
 SLOT_FAILURES = 3  # rows in a row failed with one cause that is not theirs: the slot is taken out of the run
+
+
+class DiskFull(LedgerWriteError):
+    """An output (or its iterates, or a clip's frames) could not be written for want of room: the run stops as it
+    does when the ledger cannot be written, with one message, its finished outputs kept and the rows left still to
+    do, so that the same command resumes once there is room. Failing the rows instead took the slot out after three
+    and failed every row left; a full disk is neither a row's trouble nor its worker's."""
 
 
 @dataclass
@@ -79,6 +87,7 @@ class Execution:
         self.clip_failed: set[Path] = set()
         self.clip_frames: dict[Path, dict[int, int]] = {}  # a clip row's frames finished, per chunk (its bar)
         self.clip_totals: dict[Path, int] = {}  # a clip row's frames to stylize, lead-ins of every chunk included
+        self.full: Path | None = None  # the folder an output found full: no row is handed out after that
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
@@ -99,6 +108,12 @@ class Execution:
             jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
             self.scheduler.finished(slot)
             results = [_own_if_inputs_gone(jobs[result.row], result) for result in results]
+            for result in results:
+                if result.full is not None:
+                    self._no_room(jobs[result.row], result)
+            results = [result for result in results if result.full is None]
+            if not results:
+                return
             causes = {result.cause for result in results}
             if len(causes) == 1 and (cause := next(iter(causes))) is not None:
                 # Every row of the batch failed for one reason not their own: the slot's fault, perhaps.
@@ -107,6 +122,13 @@ class Execution:
             self._settle(slot)
             for result in results:
                 self._record(jobs[result.row], result)
+
+    def _no_room(self, job: Job, result: Result) -> None:
+        """The row's output found its folder full: the row stays to do, and the run stops handing out rows."""
+        self.full = self.full or result.full
+        self.summary.interrupted.append(job.row.number)
+        self.ledger.mark_finished(job.output, status="pending", error=result.error)
+        self.events.row_finished(job.row.number, self.ledger.relative(job.output), "retry", {})
 
     def _suspect(self, slot: int, cause: str, failures: list[tuple[Job, Result]]) -> None:
         streak = self.streaks.get(slot)
@@ -220,7 +242,7 @@ class Execution:
         announced = False
         while True:
             for slot in pool.idle():
-                if stop.requested:
+                if stop.requested or self.full:
                     break
                 with stop.shielded():
                     batch = self.scheduler.next_for(slot)
@@ -233,8 +255,11 @@ class Execution:
                 announced = True
                 pool.drain()
                 self.events.message("stopping: running rows finish, no new ones start; Ctrl-C again to stop at once")
+            if self.full and not announced:
+                announced = True
+                pool.drain()  # the rows running finish (or find the disk full too), and the run stops
             if not pool.busy():
-                if stop.requested or not len(self.scheduler):
+                if stop.requested or self.full or not len(self.scheduler):
                     break
                 if not pool.usable():
                     if self.retired:
@@ -248,6 +273,13 @@ class Execution:
         with stop.shielded():
             for slot in list(self.streaks):
                 self._settle(slot)
+        if self.full:
+            left = len(self.summary.interrupted) + len(self.scheduler.rows())
+            raise DiskFull(
+                f"no room left in {self.full} ({free_space(self.full)}): the run stopped with {left} row"
+                f"{'s' if left != 1 else ''} still to do; free space there or give the run another --out, then run "
+                "the same command again: finished outputs are kept and the run resumes"
+            )
         self._leave_rest()
 
     def _hand_out(self, slot: int, batch: list[Job]) -> None:
@@ -400,7 +432,7 @@ def plan_rows(ledger: Ledger, jobs: Sequence[Job], run_id: int, force: bool = Fa
     is written; `is_file` raised and took the whole run down), and 200,000 rows need no 200,000 stats.
     """
     done = {} if force else ledger.done_keys()
-    listings: dict[Path, frozenset[str]] = {}
+    listings: dict[str, frozenset[str]] = {}
     to_do: list[Job] = []
     skipped: list[Job] = []
     seen: list[Path] = []
@@ -420,16 +452,16 @@ def plan_rows(ledger: Ledger, jobs: Sequence[Job], run_id: int, force: bool = Fa
     return to_do, skipped
 
 
-def _present(output: Path, listings: dict[Path, frozenset[str]]) -> bool:
-    folder = output.parent
+def _present(output: Path, listings: dict[str, frozenset[str]]) -> bool:
+    folder, name = os.path.split(output)  # strings, not a Path made per row for its folder
     names = listings.get(folder)
     if names is None:
         try:
-            names = frozenset(os.listdir(folder))
+            names = frozenset(os.listdir(folder or "."))
         except OSError:  # not made yet, or not a folder this system can list: nothing of it is there
             names = frozenset()
         listings[folder] = names
-    return output.name in names and output.is_file()
+    return name in names and output.is_file()
 
 
 def _carries_key(job: Job) -> bool:

@@ -71,6 +71,7 @@ class Result:
     colours: list[str] = field(default_factory=list)  # per style, how its colours were taken (color=auto decides)
     batch: int = 1  # images optimised together with this one
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
+    full: Path | None = None  # the folder with no room left for it (`full_folder`): the run stops, the row waits
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
     frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
     temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
@@ -145,8 +146,8 @@ def describe_write_failure(job: Job, exc: OSError, path: Path) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         what += f" ({free_space(folder)} in {folder})"
     elif exc.errno == errno.ENAMETOOLONG:
-        longest = max(path.parts, key=len)  # the file's name, or its iterates folder's
-        what += f" (a name of {len(longest)} characters{_name_max(folder)})"
+        longest = max(len(os.fsencode(part)) for part in path.parts)  # the file's name, or its iterates folder's
+        what += f" (a name of {longest} bytes{_name_max(folder)})"
     fix = _WRITE_FIXES.get(exc.errno or 0, f"check the output folder {folder}")
     return f"row {job.row.number}: cannot write {path}: {what}; {fix}"
 
@@ -154,7 +155,7 @@ def describe_write_failure(job: Job, exc: OSError, path: Path) -> str:
 def _name_max(folder: Path) -> str:
     for where in (folder, *folder.parents):
         try:
-            return f"; names there hold at most {os.pathconf(where, 'PC_NAME_MAX')}"
+            return f"; names there hold at most {os.pathconf(where, 'PC_NAME_MAX')} bytes"
         except (OSError, ValueError):
             continue
     return ""
@@ -162,6 +163,8 @@ def _name_max(folder: Path) -> str:
 
 # Errors about the row's own names: an output name its folder cannot hold, a path that is a folder, a file too large.
 _ROW_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.EFBIG})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 # Errors of the device and its libraries (a fault that poisons a CUDA context is a DeviceFault, seen before this).
 _DEVICE_WORDS = re.compile(
     r"\b(cuda|cudnn|cublas|cufft|curand|nccl|nvrtc|driver|rocm|hip|mps|xpu|onednn|mkldnn)\b",
@@ -176,8 +179,9 @@ def failure_cause(job: Job, exc: BaseException) -> str | None:
     manifest, so a file this worker cannot open or read (permission denied, gone, an I/O error, no file descriptor
     left) tells about the worker's view of the disk, not the file; so do import errors, ONNX Runtime failures and
     device or driver errors. The row's own: a corrupt or undecodable image, a decompression bomb, out of memory at
-    its size, a bad value, a name its folder cannot hold. The signature leaves the row's paths out, so the same
-    cause on different rows compares equal; the engine takes a slot out after a run of them (SLOT_FAILURES).
+    its size, a bad value, a name its folder cannot hold. Neither: a full disk (`full_folder`). The signature leaves
+    the row's paths out, so the same cause on different rows compares equal; the engine takes a slot out after a run
+    of them (SLOT_FAILURES).
     """
     if is_out_of_memory(exc):
         return None
@@ -187,7 +191,7 @@ def failure_cause(job: Job, exc: BaseException) -> str | None:
         if not isinstance(exc, OSError):
             return None
     if isinstance(exc, OSError):
-        if exc.errno is None or exc.errno in _ROW_ERRNOS:
+        if exc.errno is None or exc.errno in _ROW_ERRNOS or exc.errno in _FULL_ERRNOS:
             return None
         return f"{exc.__class__.__name__}: [Errno {exc.errno}] {exc.strerror or os.strerror(exc.errno)}"
     kind = type(exc)
@@ -203,6 +207,40 @@ def failure_cause(job: Job, exc: BaseException) -> str | None:
         if path is not None:
             text = text.replace(str(path), "<file>").replace(Path(path).name, "<file>")
     return f"{kind.__name__}: {text}"[:200]
+
+
+def full_folder(job: Job, exc: BaseException) -> Path | None:
+    """The folder that had no room left for what the row wrote (no space, or the user's quota spent), or None.
+
+    A full disk is the folder's trouble, neither the row's nor its slot's. Counted against the slot, three rows in a
+    row took it out of the run and failed every row left with "every worker was taken out"; the parent stops the
+    run instead, and the rows left stay to do for the same command once there is room."""
+    if isinstance(exc, ImageError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    if not isinstance(exc, OSError) or exc.errno not in _FULL_ERRNOS:
+        return None
+    return Path(exc.filename).parent if exc.filename else job.output.parent
+
+
+def failed(job: Job, exc: BaseException, seconds: float, batch: int = 1) -> Result:
+    """The row's failure on `exc`, and whose it is: the row's own, its slot's (`cause`), or its disk's (`full`)."""
+    return Result(
+        job.row.number,
+        "failed",
+        seconds,
+        error=describe_failure(job, exc, batch),
+        cause=failure_cause(job, exc),
+        full=full_folder(job, exc),
+    )
+
+
+# A row's output (or iterates) the file system would not take: (error, cause, full) as `failed` makes them, kept
+# rather than the exception, whose traceback would hold the batch's frames and tensors.
+_WriteFailure = tuple[str, str | None, Path | None]
+
+
+def _write_failure(job: Job, exc: OSError, path: Path) -> _WriteFailure:
+    return describe_write_failure(job, exc, path), failure_cause(job, exc), full_folder(job, exc)
 
 
 class Worker:
@@ -272,13 +310,7 @@ class Worker:
             try:
                 prepared.append((job, inputs_of(job)))
             except Exception as exc:  # noqa: BLE001 - a row's failure is recorded, never fatal to the run
-                results[job.row.number] = Result(
-                    job.row.number,
-                    "failed",
-                    time.perf_counter() - start,
-                    error=describe_failure(job, exc),
-                    cause=failure_cause(job, exc),
-                )
+                results[job.row.number] = failed(job, exc, time.perf_counter() - start)
         if prepared:
             try:
                 for result in self._stylize(prepared, on_iteration, start):
@@ -308,13 +340,7 @@ class Worker:
                         results[result.row] = result
                 else:
                     for job, _ in prepared:
-                        results[job.row.number] = Result(
-                            job.row.number,
-                            "failed",
-                            time.perf_counter() - start,
-                            error=describe_failure(job, exc, len(prepared)),
-                            cause=failure_cause(job, exc),
-                        )
+                        results[job.row.number] = failed(job, exc, time.perf_counter() - start, len(prepared))
         return [results[job.row.number] for job in jobs]
 
     def _clip(self, job: Job, on_iteration: OnIteration | None) -> Result:
@@ -329,13 +355,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - a clip's failure is its row's, never the run's
             if is_device_fault(exc, self.device):
                 raise DeviceFault(f"{exc.__class__.__name__}: {exc}") from exc
-            return Result(
-                job.row.number,
-                "failed",
-                time.perf_counter() - start,
-                error=describe_failure(job, exc),
-                cause=failure_cause(job, exc),
-            )
+            return failed(job, exc, time.perf_counter() - start)
         return Result(
             job.row.number,
             "done",
@@ -355,7 +375,7 @@ class Worker:
     def _stylize(self, batch: list[tuple[Job, Inputs]], on_iteration: OnIteration | None, start: float) -> list[Result]:
         jobs = [job for job, _ in batch]
         settings = jobs[0].settings
-        snapshot_failures: dict[int, tuple[str, str | None]] = {}  # row -> (error, cause): its iterates not written
+        snapshot_failures: dict[int, _WriteFailure] = {}  # its iterates not written
         hooks = Hooks(
             on_iteration=None if on_iteration is None else _batch_progress(on_iteration, jobs),
             on_snapshot=self._snapshot(jobs, snapshot_failures) if self.save_every else None,
@@ -374,10 +394,11 @@ class Worker:
                     pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
                     save_image_atomic(pixels, job.output, self.metadata(job, out, len(batch)))
                 except OSError as exc:
-                    failure = describe_write_failure(job, exc, job.output), failure_cause(job, exc)
+                    failure = _write_failure(job, exc, job.output)
             if failure is not None:
-                error, cause = failure
-                results.append(Result(job.row.number, "failed", time.perf_counter() - start, error=error, cause=cause))
+                error, cause, full = failure
+                seconds = time.perf_counter() - start
+                results.append(Result(job.row.number, "failed", seconds, error=error, cause=cause, full=full))
                 continue
             results.append(
                 Result(
@@ -401,9 +422,7 @@ class Worker:
         return results
 
     @staticmethod
-    def _snapshot(
-        jobs: list[Job], failures: dict[int, tuple[str, str | None]]
-    ) -> Callable[[int, int, torch.Tensor], None]:
+    def _snapshot(jobs: list[Job], failures: dict[int, _WriteFailure]) -> Callable[[int, int, torch.Tensor], None]:
         """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output. A
         row whose iterates cannot be written fails (asked for, not given) and writes no more of them; the other rows
         of its batch go on."""
@@ -420,7 +439,7 @@ class Worker:
                         tensor_to_image(image), path, {"batchstyle:iterate": f"scale {scale}, iteration {iteration}"}
                     )
                 except OSError as exc:
-                    failures[job.row.number] = describe_write_failure(job, exc, path), failure_cause(job, exc)
+                    failures[job.row.number] = _write_failure(job, exc, path)
 
         return save
 
