@@ -180,6 +180,9 @@ def test_the_precision_a_row_ran_in_is_what_this_machine_measured(
     assert read_metadata(tmp_path / "m" / record.output)["batchstyle:precision"] == expected
     assert record.total_loss is not None and record.total_loss > 0
     assert decision_path(cache, torch.device("cpu"), "vgg16").read_bytes() == kept  # reused, not measured again
+    measured = json.loads(record.params or "{}")["precision_measured"]  # the ledger says what was timed and chosen
+    assert measured.startswith(f"{expected} on cpu") and "measured earlier" in measured
+    assert f"fp32 {round(1000 * seeded.seconds['fp32'])} ms" in measured
 
 
 def test_output_in_a_subfolder(tmp_path: Path, images: dict[str, Path]) -> None:

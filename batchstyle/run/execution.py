@@ -364,6 +364,7 @@ class Execution:
                         # within 1/255 only, so it is recorded, not part of the key
                         "tiling": [list(t) for t in result.tiling],
                         "memory_budget": result.memory_budget,
+                        "precision_measured": result.precision_measured,  # what --precision auto timed here
                     }
                 ),
             )

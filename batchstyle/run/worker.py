@@ -73,6 +73,7 @@ class Result:
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
     full: Path | None = None  # the folder with no room left for it (`full_folder`): the run stops, the row waits
     precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
+    precision_measured: str | None = None  # how `auto` decided it on this machine: the timings and the choice
     frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
     temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
     # per scale: tile px (0: untiled), L-BFGS pairs, where they were kept, devices the tiles were dealt to
@@ -289,6 +290,10 @@ class Worker:
     def close(self) -> None:
         self.stylizer.targets.close()
 
+    def _precision_measured(self) -> str | None:
+        decision = self.stylizer.precision_decision
+        return decision.describe() if decision is not None and decision.seconds else None
+
     def beat_with(self, beat: Callable[[str], None]) -> None:
         """Report a sign of life before and after every target lookup: each scale starts with its targets, which at
         a large size (or while TensorRT builds an engine) take long with no iteration to report."""
@@ -369,6 +374,7 @@ class Worker:
             stops=last.stops if last is not None else [],
             colours=list(last.colours) if last is not None else [],
             precision=self.stylizer.precision,
+            precision_measured=self._precision_measured(),
             frames=frames,
         )
 
@@ -415,6 +421,7 @@ class Worker:
                     colours=list(out.colours),
                     batch=len(batch),
                     precision=self.stylizer.precision,
+                    precision_measured=self._precision_measured(),
                     tiling=[(t.tile, t.history, t.store, t.devices) for t in out.tilings],
                     memory_budget=self.stylizer.memory.budget,
                 )
