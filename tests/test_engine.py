@@ -17,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -332,12 +333,18 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float = 180) -> int:
 
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    """A test that outlasts `seconds` prints every thread's stack and ends the test process: a hang fails with where
-    it hung rather than stalling the whole suite."""
-    faulthandler.dump_traceback_later(seconds, exit=True)
+    """A test that outlasts `seconds` prints every thread's stack (shown with its failure, if it fails), and one that
+    outlasts three times that ends the test process, so a hang never stalls the whole suite. Ending it at `seconds`
+    was too soon: with four CPU burners and a second test session on 2 cores the healthy Ray hang test passed 600 s,
+    and the whole session ended with exit 1 and no summary."""
+    soft = threading.Timer(seconds, faulthandler.dump_traceback, kwargs={"all_threads": True})
+    soft.daemon = True
+    soft.start()
+    faulthandler.dump_traceback_later(3 * seconds, exit=True)
     try:
         yield
     finally:
+        soft.cancel()
         faulthandler.cancel_dump_traceback_later()
 
 
