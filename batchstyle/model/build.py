@@ -19,14 +19,12 @@ import torch
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import GraphSpec
 from batchstyle.model.numerics import configure_device
-from batchstyle.model.precision import decide
+from batchstyle.model.precision import PROBE_SETTINGS, decide
 from batchstyle.model.stylize import Stylizer
 from batchstyle.model.targets import TargetStore, backend_factory
 from batchstyle.model.tiles import MemoryPolicy, default_budget
 from batchstyle.model.weights import Weights
-from batchstyle.options import default_values, make_settings
 
-DEFAULT_SETTINGS = make_settings(default_values())
 Profile = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # TensorRT's (min, opt, max) input shapes
 
 
@@ -81,7 +79,7 @@ def build_stylizer(
     memory = MemoryPolicy(budget, tile, scratch, tuple(tile_devices))
     stylizer = Stylizer(weights, device, store, "fp32", memory)
     # The probe times the trunk the default options tap, built as every row's is, and kept for the rows that use it.
-    decision = decide(weights, device, precision, cache_dir, lambda: stylizer.trunk(DEFAULT_SETTINGS))
+    decision = decide(weights, device, precision, cache_dir, lambda: stylizer.trunk(PROBE_SETTINGS))
     if decision.measured:
         warn(f"precision: {decision.describe()}")
     if decision.slower:

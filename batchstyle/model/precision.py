@@ -44,6 +44,8 @@ MARGIN = 0.85
 PROBE_SIDE = 128  # px, square: at 128 px a Xeon's fp32 pass takes ~0.1 s, so the whole decision ~1-2 s, once
 WARM_UPS = 2  # untimed passes first: the bf16 copy of the trunk, oneDNN's or cuDNN's first choice of kernels
 REPEATS = 3  # timed passes per candidate; the fastest is kept, the least disturbed by other work on the machine
+# The trunk timed is the one the default options tap, built as a row builds it (`model.build` times the stylizer's own).
+PROBE_SETTINGS = make_settings(default_values())
 DECISION_VERSION = 2  # bump when the probe changes, so older decisions are measured again
 
 
@@ -244,7 +246,7 @@ def decide(
 
 
 def _default_trunk(weights: Weights, device: torch.device) -> VGGFeatures:
-    settings = make_settings(default_values())
+    settings = PROBE_SETTINGS
     taps = (*settings.content_layers, *settings.style_layers)
     return build(weights, taps, settings.pooling, channels_last=True).to(device)
 
