@@ -51,17 +51,22 @@ Clock = Callable[[], float]  # seconds, only ever subtracted from one another: t
 
 START_ALLOWANCE = 300.0  # seconds a starting worker (importing torch, loading weights, opening its device) may take
 ENGINE_BUILD_ALLOWANCE = 1800.0  # seconds ONNX Runtime may take to build a TensorRT engine while computing targets
+# Seconds ONNX Runtime may take computing targets on a CPU: opening a session for the VGG graph is a few seconds on an
+# idle machine, but a healthy Ray actor doing so was silent past 30 s with two CPU burners and a second test session
+# on 2 cores (and killed as hung), and a whole suite beside the hang test with two burners took it past 90 s.
+SESSION_ALLOWANCE = START_ALLOWANCE
 POLL_INTERVAL = 0.5  # seconds between progress polls of a busy Ray actor
 
 
 def stall_limit(timeout: float, started: bool, phase: str, spec: WorkerSpec) -> float:
     """Seconds a worker holding a batch may stay silent before it is taken as hung: the stall timeout, but never
     less than START_ALLOWANCE before it said it was ready, nor than ENGINE_BUILD_ALLOWANCE while it computes targets
-    on a GPU with ONNX Runtime (a first TensorRT engine build is minutes of silence, and happens once per cache)."""
+    on a GPU with ONNX Runtime (a first TensorRT engine build is minutes of silence, and happens once per cache), nor
+    than SESSION_ALLOWANCE while it does so on a CPU. A hang anywhere else is still caught at the stall timeout."""
     if not started:
         return max(timeout, START_ALLOWANCE)
-    if phase == "targets" and spec.targets == "ort" and spec.device.startswith("cuda"):
-        return max(timeout, ENGINE_BUILD_ALLOWANCE)
+    if phase == "targets" and spec.targets == "ort":
+        return max(timeout, ENGINE_BUILD_ALLOWANCE if spec.device.startswith("cuda") else SESSION_ALLOWANCE)
     return timeout
 
 
