@@ -176,6 +176,8 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 COLORS = ("auto", "style", "luminance", "transfer")
 STOP_WINDOW = 20  # iterations over which a scale's relative improvement is measured for stop_tolerance
 CONTENT_MASK_GAIN = 10.0  # content loss weight where a content mask is white, relative to where it is black
+LAPLACIAN_POOL = 4  # px: Li et al. 2017 average-pool 4x4 before the Laplacian (lapstyle's default, lap_layers 2)
+FACES = ("auto", "off")
 TEMPORAL_WEIGHT = 200.0  # measured: docs/video.md#temporal-weight
 FRAME_ITERATIONS_DIVISOR = 4  # frames after the first: iterations / this (measured: docs/video.md#temporal-weight)
 
@@ -249,6 +251,22 @@ OPTIONS: dict[str, Option] = {
         ),
         Option("style_weight", 100.0, _parse_number(float), "Weight of the style loss (beta).", _range(0, None)),
         Option("tv_weight", 10.0, _parse_number(float), "Weight of the total-variation loss.", _range(0, None)),
+        Option(
+            "laplacian_weight",
+            0.0,
+            _parse_number(float),
+            "Weight of the structure term (Li et al. 2017): the output's Laplacian against the content's, both "
+            "after laplacian_pool average pooling; keeps outlines and features the strokes would eat (0: off).",
+            _range(0, None),
+        ),
+        Option(
+            "laplacian_pool",
+            LAPLACIAN_POOL,
+            _parse_number(int),
+            "Average pooling (px) before the structure term's Laplacian: larger compares coarser structure.",
+            _range(1, 64),
+            "PX",
+        ),
         Option(
             "content_layers",
             ("relu4_2",),
@@ -332,6 +350,22 @@ OPTIONS: dict[str, Option] = {
             f"A greyscale mask: where it is white the content holds {CONTENT_MASK_GAIN:g}x more (a face, a sign).",
             metavar="MASK",
         ),
+        Option(
+            "faces",
+            "off",
+            _choice(*FACES),
+            "auto: find frontal faces in the content (an LBP cascade, offline) and hold the content there "
+            "face_weight x more, as a content_mask would; a content_mask given wins. off: no detection. The default "
+            "is off until the portrait panel has judged auto.",
+            metavar="|".join(FACES),
+        ),
+        Option(
+            "face_weight",
+            CONTENT_MASK_GAIN,
+            _parse_number(float),
+            "With faces=auto: how much more the content holds on a found face than elsewhere (1: no more).",
+            _range(1, 1000),
+        ),
         Option("init", "content", _parse_init, "Start from: content, noise, or an image file.", metavar="INIT"),
         Option("pooling", "max", _choice("max", "avg"), "VGG pooling layers.", metavar="max|avg"),
         Option("seed", 0, _parse_number(int), "Random seed (noise init).", _range(0, 2**63 - 1)),
@@ -387,6 +421,8 @@ class Settings:
     content_weight: float
     style_weight: float
     tv_weight: float
+    laplacian_weight: float
+    laplacian_pool: int
     content_layers: tuple[str, ...]
     style_layers: tuple[str, ...]
     style_layer_weights: tuple[float, ...]
@@ -398,6 +434,8 @@ class Settings:
     stop_tolerance: float
     style_masks: tuple[str, ...]
     content_mask: str
+    faces: str
+    face_weight: float
     init: str
     pooling: str
     seed: int

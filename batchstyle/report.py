@@ -12,6 +12,7 @@ placeholder, and a failed row shows its error where its output would be.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -43,7 +44,14 @@ from batchstyle.video import frames_folder, is_clip, is_clip_output, read_frames
 _MAX_ASPECT = 2.0
 _STATUS_COLOURS = {"done": (30, 130, 60), "failed": (190, 40, 40), "pending": (170, 120, 0), "running": (40, 90, 180)}
 # One curve per recorded term; a term with no colour of its own here takes the next of _SPARE_COLOURS.
-_CURVE_COLOURS = {"content": "#1f77b4", "style": "#d62728", "tv": "#2ca02c", "temporal": "#9467bd"}
+_CURVE_COLOURS = {
+    "content": "#1f77b4",
+    "style": "#d62728",
+    "tv": "#2ca02c",
+    "temporal": "#9467bd",
+    "laplacian": "#ff7f0e",
+}
+_FACE_COLOUR = (255, 200, 0)  # the boxes of the faces faces=auto found, drawn on the content's thumbnail
 _SPARE_COLOURS = ("#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _FINAL_COLUMNS = ("content", "style", "tv")  # the terms whose kept-iterate values have ledger columns of their own
 
@@ -185,7 +193,7 @@ def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
                 row.recovered = bool(content or styles)
                 if found.get("output", "").strip():
                     row.output_name = found["output"].strip() + " (not planned)"
-        row.inputs.append(_input("content", "content", content, out_dir, thumbs))
+        row.inputs.append(_with_faces(_input("content", "content", content, out_dir, thumbs), row.params))
         for number, style in enumerate(styles or [""], start=1):
             row.inputs.append(
                 _input("style", "style" if len(styles) < 2 else f"style {number}", style, out_dir, thumbs)
@@ -234,6 +242,24 @@ def _frame_strip(output: Path, thumb: int) -> Image.Image | None:
         strip.paste(tile, (x, 0))
         x += tile.width + 2
     return strip
+
+
+def _with_faces(item: _Input, params: dict[str, Any]) -> _Input:
+    """The content's thumbnail with a box around each face faces=auto found (the ledger records them as fractions of
+    the content's size), on a copy: the cached thumbnail may be another row's content too."""
+    found = params.get("faces_found")
+    if item.image is None or not isinstance(found, list) or not found:
+        return item
+    from batchstyle.faces import Face
+
+    image = item.image.convert("RGB")  # a copy, in a mode that takes a coloured outline
+    draw = ImageDraw.Draw(image)
+    width = max(1, round(max(image.size) / 120))
+    for box in found:
+        if isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box):
+            draw.rectangle(Face(*box).pixels(image.width, image.height), outline=_FACE_COLOUR, width=width)
+    label = f"{item.label} ({len(found)} face{'s' if len(found) > 1 else ''})"
+    return dataclasses.replace(item, image=image, label=label)
 
 
 def _input(role: str, label: str, text: str, out_dir: Path, thumbs: _Thumbs) -> _Input:

@@ -359,8 +359,8 @@ def test_an_extra_term_is_named_weighted_by_its_option_and_summed_as_before() ->
     assert torch.equal(value, total) and all(torch.equal(detached[n], terms[n]) for n in terms)
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
-    with pytest.raises(ValueError, match="laplacian_weight"):
-        Objective(model, targets, settings, extra={"laplacian": temporal})
+    with pytest.raises(ValueError, match="sharpness_weight"):
+        Objective(model, targets, settings, extra={"sharpness": temporal})
     with pytest.raises(ValueError, match="own"):
         Objective(model, targets, settings, extra={"tv": temporal})
 

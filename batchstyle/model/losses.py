@@ -1,4 +1,5 @@
-"""Content, style (Gram) and total-variation losses, each a small module holding its target as a buffer.
+"""Content, style (Gram), total-variation and structure (Laplacian) losses, each a small module holding its target
+as a buffer.
 
 Normalisation, and why: every loss is a per-image mean squared error divided by the mean square of its target
 (a relative error). Gatys et al. weight each layer by constants tied to its size; dividing by the target's own
@@ -278,3 +279,52 @@ class TVLoss(nn.Module):
         dx = (pixels[..., :, 1:] - pixels[..., :, :-1]).flatten(1).square().mean(dim=1)
         dy = (pixels[..., 1:, :] - pixels[..., :-1, :]).flatten(1).square().mean(dim=1)
         return dx + dy
+
+
+# The 4-neighbour Laplacian, as Li et al. 2017 (and lapstyle) filter with: an edge or a line gives a strong
+# response, a flat or evenly shaded region none.
+LAPLACIAN_KERNEL = ((0.0, -1.0, 0.0), (-1.0, 4.0, -1.0), (0.0, -1.0, 0.0))
+# The floor of the structure term's normalisation: a flat content (a solid colour) has no Laplacian, and dividing
+# by its mean square alone would make one 8-bit level of change cost as much as a whole photo's edges.
+LAPLACIAN_FLOOR = (1.0 / 255.0) ** 2
+
+
+def laplacian(pixels: torch.Tensor, pool: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, ceil(H/pool), ceil(W/pool)): the Laplacian of the channels' sum after `pool` x `pool`
+    average pooling, as Li et al. 2017 take it (lapstyle sums the three channels' responses in one convolution).
+
+    Two departures, both at the edges: a last partial pooling window counts (averaged over the pixels it has,
+    `ceil_mode`, as the network pools), and the pooled image is padded by repeating its border, so its edge rows
+    are compared too (lapstyle's unpadded convolution leaves them out) and a border draws no false edge."""
+    pooled = pixels
+    if pool > 1:
+        pooled = torch.nn.functional.avg_pool2d(pixels, pool, ceil_mode=True)
+    summed = pooled.sum(dim=1, keepdim=True)
+    kernel = torch.tensor(LAPLACIAN_KERNEL, dtype=summed.dtype, device=summed.device).view(1, 1, 3, 3)
+    padded = torch.nn.functional.pad(summed, (1, 1, 1, 1), mode="replicate")
+    return torch.nn.functional.conv2d(padded, kernel)
+
+
+class LaplacianLoss(nn.Module):
+    """The structure term of Li et al. 2017 ("Laplacian-Steered Neural Style Transfer"): squared error of the
+    output's pooled Laplacian against the content's, relative to the content's (its mean square, floored at
+    LAPLACIAN_FLOOR), like every other term. The content and style losses see features whose receptive fields are
+    tens of pixels wide, so strokes may move an eye or a mouth; the Laplacian of the lightly pooled pixels pins the
+    outlines where they are, at little cost (a pooled image is 1/pool^2 of the pixels, and no network).
+
+    Pixel-level and image-sized, as the temporal loss is: a tiled objective evaluates it on the whole image, so tiled
+    equals untiled by construction, and batched images each keep their own target and value."""
+
+    target: torch.Tensor
+    norm: torch.Tensor
+
+    def __init__(self, content: torch.Tensor, pool: int) -> None:
+        super().__init__()
+        self.pool = pool
+        target = laplacian(content.detach().float(), pool)
+        self.register_buffer("target", target)
+        self.register_buffer("norm", target.flatten(1).square().mean(dim=1).clamp(min=LAPLACIAN_FLOOR))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        value = laplacian(pixels.to(_at_least_fp32(pixels.dtype)), self.pool)
+        return _relative_mse(value, self.target.to(value.dtype), self.norm.to(value.dtype))

@@ -19,7 +19,7 @@ from torch import nn
 
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.history import pair_store
-from batchstyle.model.losses import ContentLoss, StyleLoss, TVLoss
+from batchstyle.model.losses import ContentLoss, LaplacianLoss, StyleLoss, TVLoss
 from batchstyle.model.numerics import NETWORK_PRECISIONS
 from batchstyle.model.targets import Targets
 from batchstyle.options import STOP_WINDOW, Settings
@@ -212,6 +212,15 @@ class Objective(nn.Module):
         total, terms = self(pixels)
         total.sum().backward()
         return total.detach(), {name: value.detach() for name, value in terms.items()}
+
+
+def structure_terms(settings: Settings, contents: torch.Tensor) -> dict[str, nn.Module]:
+    """The terms the content pixels themselves are the target of, by name: the Laplacian structure term when its
+    weight is not 0. With weight 0 there is no term at all, so the objective, its graph and its results are what they
+    were before the term existed, to the bit."""
+    if not settings.laplacian_weight:
+        return {}
+    return {"laplacian": LaplacianLoss(contents, settings.laplacian_pool)}
 
 
 def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch.Tensor | None) -> torch.Tensor:
@@ -469,7 +478,8 @@ def optimize_batch(
     and changes nothing here; "bf16" runs the network's convolutions in bf16 (as autocast would, see
     `VGGFeatures.lowered`), the Grams, losses and optimiser staying fp32.
 
-    `extra` adds loss terms by name (`Objective`); every `Losses` then carries them, each iteration's included.
+    `extra` adds loss terms by name (`Objective`), after the structure term (`structure_terms`) where
+    `settings.laplacian_weight` asks for it; every `Losses` then carries them, each iteration's included.
     `objective` builds the objective from (model, targets, settings, autocast, extra): `tiles.tiled(px)` evaluates
     it tile by tile in bounded memory. `history_pairs` is each image's L-BFGS pairs (default `lbfgs_history`), kept in
     `history_store` (`history.STORES`; a "file" in `history_folder`, default the system's temporary folder).
@@ -479,6 +489,7 @@ def optimize_batch(
     batch, device = contents.shape[0], contents.device
     torch.manual_seed(settings.seed)
     autocast = torch.bfloat16 if precision == "bf16" else None
+    extra = {**structure_terms(settings, contents), **(extra or {})}
     evaluate = objective(model, targets, settings, autocast, extra).to(device)
     if starts is not None:
         if starts.shape != contents.shape:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from batchstyle.faces import Face, face_mask, find_faces
 from batchstyle.images import output_size, resize_long_side
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.colour import TONE_SIZE, auto_colour, match_colours
@@ -71,6 +72,8 @@ class Inputs:
     # Under color=auto, "style" or "transfer" per style, decided by the caller (a clip decides on its first frame, so
     # the palette never flips mid-clip); empty: decided from this content (`style_colours`).
     colours: Sequence[str] = ()
+    # Under faces=auto, the faces to hold the content on, found by the caller; None: looked for in this content.
+    faces: Sequence[Face] | None = None
 
     def __post_init__(self) -> None:
         if not self.styles:
@@ -111,6 +114,7 @@ class Stylized:
     targets: str = ""  # where each scale's targets came from, e.g. "content=hit style=miss | ..."
     tilings: list[Tiling] = field(default_factory=list)  # per scale: the tile size (0: untiled), L-BFGS pairs
     colours: tuple[str, ...] = ()  # per style, how its colours were taken: style | luminance | transfer
+    faces: tuple[Face, ...] | None = None  # under faces=auto, the faces the content held on; None: not looked for
 
     @property
     def iterations(self) -> int:
@@ -165,7 +169,7 @@ class Stylizer:
     def tiling(self, items: Sequence[Inputs], settings: Settings, size: int) -> Tiling:
         """How a scale of this long side runs within the memory budget: untiled if it fits, else tiled."""
         w, h = output_size(*items[0].content.size, size)
-        regions = len(items[0].style_masks) + (items[0].content_mask is not None)
+        regions = len(items[0].style_masks) + (items[0].content_mask is not None or bool(items[0].faces))
         history = lbfgs_history(3 * w * h) if settings.optimizer == "lbfgs" else 0
         s = settings
         chosen = choose_tiling(
@@ -240,6 +244,8 @@ class Stylizer:
         weights = None
         if item.content_mask is not None:
             weights = 1 + (CONTENT_MASK_GAIN - 1) * _masks([item.content_mask], (w, h), dev)
+        elif item.faces:
+            weights = 1 + (s.face_weight - 1) * torch.from_numpy(face_mask(item.faces, w, h)).to(dev)[None, None]
         grams, means, shares, masks = style_targets(found, item.blend, s.style_layers, masks)
         targets = Targets(content_targets, grams, means, shares, masks, weights)
         hits = f"content={_hit(content_hit)} style={','.join(_hit(h) for h in style_hits)}"
@@ -262,6 +268,7 @@ class Stylizer:
         if not items:
             return []
         hooks = hooks or Hooks()
+        items = [_with_faces(item, settings) for item in items]
         spec = self.graph(settings)
         trunk = self.trunk(settings)
         scales_plan = list(plan) if plan is not None else scale_plan(settings)
@@ -329,8 +336,8 @@ class Stylizer:
                 stops[b].append(outcome.stop)
             done_before += max(outcome.iterations for outcome in outcomes)
         results = []
-        for p, outcome, history, found, done, why, chosen in zip(
-            per_image, outcomes, histories, hits, scales, stops, colours
+        for item, p, outcome, history, found, done, why, chosen in zip(
+            items, per_image, outcomes, histories, hits, scales, stops, colours
         ):
             final = recombine_color(outcome.image, p.original) if settings.color == "luminance" else outcome.image
             results.append(
@@ -344,6 +351,7 @@ class Stylizer:
                     " | ".join(found),
                     list(tilings),
                     chosen,
+                    None if item.faces is None else tuple(item.faces),
                 )
             )
         return results
@@ -365,6 +373,16 @@ def style_colours(
         auto_colour(measured, image_to_tensor(resize_long_side(style, TONE_SIZE)), region)
         for style, region in zip(styles, where)
     )
+
+
+def _with_faces(item: Inputs, settings: Settings) -> Inputs:
+    """`item` with the faces its content holds on: under faces=auto those the caller found, else those found here,
+    once for every scale; none looked for under faces=off or where a content_mask is given (the user's mask wins)."""
+    if settings.faces != "auto" or item.content_mask is not None:
+        return dataclasses.replace(item, faces=None) if item.faces is not None else item
+    if item.faces is not None:
+        return item
+    return dataclasses.replace(item, faces=find_faces(item.content))
 
 
 def _colours(item: Inputs, settings: Settings) -> tuple[str, ...]:

@@ -358,6 +358,8 @@ class Execution:
                         "scales": [list(x) for x in result.scales],
                         "stops": result.stops,
                         "colours": result.colours,  # per style: what color=auto chose
+                        # faces=auto: the faces found, [x, y, w, h] as fractions of the content
+                        **({"faces_found": result.faces} if result.faces is not None else {}),
                         "batch": result.batch,
                         **({"frames": result.frames, "temporal_error": result.temporal_error} if job.clip else {}),
                         # per scale [tile px (0: untiled), L-BFGS pairs, their store, devices]: a tile changes pixels

@@ -88,7 +88,8 @@ def auto_batch_size(
             s = job.settings
             w, h = output_size(*sizes[job.row.content], s.size)
             pairs = lbfgs_history(3 * w * h) if s.optimizer == "lbfgs" else 0
-            regions = len(s.style_masks) + bool(s.content_mask)
+            # faces=auto may find a face: its content weights are counted as a content mask's, before it is found
+            regions = len(s.style_masks) + bool(s.content_mask or s.faces == "auto")
             fits.append(batch_that_fits(budget, arch, s.content_layers, s.style_layers, w, h, pairs, regions))
     return min(fits, default=1)
 

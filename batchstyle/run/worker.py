@@ -69,6 +69,7 @@ class Result:
     scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
     stops: list[str] = field(default_factory=list)  # why each scale stopped: "iterations" or "converged"
     colours: list[str] = field(default_factory=list)  # per style, how its colours were taken (color=auto decides)
+    faces: list[list[float]] | None = None  # faces=auto: the faces found, [x, y, w, h] as fractions; None: not looked
     batch: int = 1  # images optimised together with this one
     cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
     full: Path | None = None  # the folder with no room left for it (`full_folder`): the run stops, the row waits
@@ -373,6 +374,7 @@ class Worker:
             scales=last.scales if last is not None else [],
             stops=last.stops if last is not None else [],
             colours=list(last.colours) if last is not None else [],
+            faces=found_faces(last) if last is not None else None,
             precision=self.stylizer.precision,
             precision_measured=self._precision_measured(),
             frames=frames,
@@ -419,6 +421,7 @@ class Worker:
                     scales=out.scales,
                     stops=out.stops,
                     colours=list(out.colours),
+                    faces=found_faces(out),
                     batch=len(batch),
                     precision=self.stylizer.precision,
                     precision_measured=self._precision_measured(),
@@ -455,6 +458,8 @@ class Worker:
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in job.settings.as_dict().items()}
         params["scales"] = [list(scale) for scale in out.scales]
         params["colours"] = list(out.colours)  # what color=auto chose, per style
+        if out.faces is not None:
+            params["faces_found"] = found_faces(out)  # what faces=auto found: [x, y, w, h] as fractions
         return {
             "Software": f"batchstyle {__version__}",
             "batchstyle:content": job.row.content.name,
@@ -470,6 +475,12 @@ class Worker:
             "batchstyle:precision": self.stylizer.precision,
             "batchstyle:batch": str(batch),
         }
+
+
+def found_faces(out: Stylized) -> list[list[float]] | None:
+    """The faces a row's content held on, as recorded: [x, y, width, height] as fractions of the content's size;
+    None where none were looked for (faces=off, or a content_mask given)."""
+    return None if out.faces is None else [face.as_list() for face in out.faces]
 
 
 def inputs_of(job: Job) -> Inputs:
