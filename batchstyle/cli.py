@@ -123,7 +123,34 @@ def _split(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return options, params
 
 
+def _source_flags(func: Any) -> Any:
+    """The folder form: rows from files, folders, globs and bucket prefixes rather than a CSV (batchstyle.sources)."""
+    func = click.option(
+        "--pair",
+        is_flag=True,
+        help="Match the contents to the styles in sorted order, the first with the first, rather than every content "
+        "with every style.",
+    )(func)
+    func = click.option(
+        "--style",
+        "styles",
+        multiple=True,
+        metavar="PATTERN",
+        help="Style images, as --content finds them (images only); repeat the flag for more.",
+    )(func)
+    func = click.option(
+        "--content",
+        "contents",
+        multiple=True,
+        metavar="PATTERN",
+        help="Content images or videos instead of a MANIFEST: a file, a folder (the images in it), a glob "
+        "('photos/**/*.jpg', quoted) or a bucket prefix (s3://bucket/photos/); repeat the flag for more.",
+    )(func)
+    return func
+
+
 def _common(func: Any) -> Any:
+    func = _source_flags(func)
     func = click.option(
         "--format",
         "fmt",
@@ -135,17 +162,46 @@ def _common(func: Any) -> Any:
     func = click.option(
         "--out",
         "out_dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Output folder [default: beside the manifest, named after it].",
+        callback=_path_or_url,
+        help="Output folder or URL prefix (s3://bucket/out/) [default: beside the manifest, named after it].",
     )(func)
-    func = click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))(func)
+    func = click.argument("manifest_path", metavar="[MANIFEST]", required=False, callback=_path_or_url)(func)
     return _option_decorators(func)
 
 
-def _read(manifest_path: Path, out_dir: Path | None, fmt: str, options: dict[str, Any]) -> Manifest:
+def _path_or_url(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
+    """A URL as given (a Path would fold its `//`), anything else as a path."""
+    from batchstyle.store import is_url
+
+    return value if value is None or is_url(value) else Path(value)
+
+
+def _read(
+    manifest_path: Path | str | None,
+    out_dir: Path | str | None,
+    fmt: str,
+    options: dict[str, Any],
+    found: tuple[tuple[str, ...], tuple[str, ...], bool] = ((), (), False),
+    ledger_dir: Path | None = None,
+) -> Manifest:
+    """MANIFEST's rows, or the folder form's (`found`: --content, --style, --pair)."""
     from batchstyle.manifest import read_manifest
 
-    return read_manifest(manifest_path, _option_values(options), out_dir, fmt)
+    contents, styles, pair = found
+    if manifest_path is None and not (contents or styles):
+        raise click.UsageError("give a MANIFEST, or --content and --style (files, folders, globs or bucket prefixes)")
+    if manifest_path is None:
+        from batchstyle.sources import find_rows
+
+        if out_dir is None:
+            raise click.UsageError("--content and --style need --out: the folder for the outputs and their ledger")
+        sources = find_rows(contents, styles, pair, fmt, out_dir if isinstance(out_dir, Path) else None)
+        return read_manifest(
+            sources.label, _option_values(options), out_dir, fmt, source_table=sources.table, ledger_dir=ledger_dir
+        )
+    if contents or styles or pair:
+        raise click.UsageError("give a MANIFEST or --content and --style, not both")
+    return read_manifest(manifest_path, _option_values(options), out_dir, fmt, ledger_dir=ledger_dir)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -156,9 +212,18 @@ def main() -> None:
 
 @main.command()
 @_common
-def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -> None:
-    """Validate MANIFEST without loading the network: every problem, by row."""
-    manifest = _read(manifest_path, out_dir, fmt, options)
+def check(
+    manifest_path: Path | None,
+    out_dir: Path | None,
+    fmt: str,
+    contents: tuple[str, ...],
+    styles: tuple[str, ...],
+    pair: bool,
+    **options: Any,
+) -> None:
+    """Validate MANIFEST (or the rows --content and --style find) without loading the network: every problem, by
+    row."""
+    manifest = _read(manifest_path, out_dir, fmt, options, (contents, styles, pair))
     for problem in manifest.problems:
         click.echo(str(problem))
     bad = len(manifest.problem_rows())
@@ -181,21 +246,30 @@ def check(manifest_path: Path, out_dir: Path | None, fmt: str, **options: Any) -
 @click.option("--report", "make_report", is_flag=True, help="Write contact-sheet.png and report.html at the end.")
 @CACHE_DIR
 def run(
-    manifest_path: Path,
+    manifest_path: Path | None,
     out_dir: Path | None,
     fmt: str,
+    contents: tuple[str, ...],
+    styles: tuple[str, ...],
+    pair: bool,
     quiet: bool,
     log_json: Path | None,
     make_report: bool,
     **params: Any,
 ) -> None:
-    """Stylize every row of MANIFEST, skipping rows already done."""
+    """Stylize every row of MANIFEST, or every --content with every --style (`--content 'photos/*.jpg' --style
+    paintings/ --out night/`), skipping rows already done: rerun it and only new photos are done."""
     from batchstyle.run import engine
     from batchstyle.run.progress import Fanout, JsonLog, Silent, Terminal
+    from batchstyle.store import scrub
 
     options, settings = _split(params)
     config = RunConfig.from_values({**settings, "argv": sys.argv})
-    manifest = _read(manifest_path, out_dir, fmt, options)
+    manifest = _read(manifest_path, out_dir, fmt, options, (contents, styles, pair), config.ledger)
+    if manifest.out_url is None and config.ledger is not None:
+        raise Unusable("--ledger moves the ledger of a run whose --out is a URL; a folder's ledger stays in it")
+    if manifest.out_url is not None and make_report:
+        raise Unusable("--report writes into a folder; give a folder --out, or run `batchstyle report` on a copy")
     sinks: list[Any] = [] if quiet else [Terminal()]
     try:
         log_handle = open(log_json, "a", encoding="utf-8") if log_json else None  # noqa: SIM115
@@ -217,13 +291,66 @@ def run(
         click.echo("stopped before the end: run the same command again to do the rest", err=True)
     for number, error in sorted(summary.failed.items()):
         click.echo(f"  row {number}: {error}")
-    click.echo(f"outputs: {summary.out_dir}  (model {summary.model})")
+    where = f"{scrub(manifest.out_url)}  (ledger in {summary.out_dir})" if manifest.out_url else summary.out_dir
+    click.echo(f"outputs: {where}  (model {summary.model})")
     if make_report:
         from batchstyle.report import write_report
 
         files = write_report(summary.out_dir)
         click.echo(f"report: {files.html}  contact sheet: {files.contact_sheet}")
     raise click.exceptions.Exit(summary.exit_code)
+
+
+@main.command("manifest")
+@_source_flags
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The output folder the CSV will be run with: files inside it are outputs, not inputs.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="png",
+    show_default=True,
+    type=click.Choice(["png", "jpg", "webp", "tif"]),
+    help="Format of the outputs named (videos keep their container).",
+)
+@click.option(
+    "--output",
+    "-o",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the CSV here, its paths relative to its folder [default: standard output, with absolute paths].",
+)
+@_option_decorators
+def manifest_command(
+    contents: tuple[str, ...],
+    styles: tuple[str, ...],
+    pair: bool,
+    out_dir: Path | None,
+    fmt: str,
+    csv_path: Path | None,
+    **options: Any,
+) -> None:
+    """Write the CSV that `batchstyle run --content ... --style ...` runs, to edit it or run it later: one row per
+    content and style, each option flag given a column."""
+    from batchstyle.sources import find_rows, manifest_text
+
+    sources = find_rows(contents, styles, pair, fmt, out_dir)
+    values = _option_values(options)
+    given = {name: values[name] for name, raw in options.items() if raw is not None}
+    text = manifest_text(sources, given, lambda name, value: OPTIONS[name].to_text(value), csv_path and csv_path.parent)
+    if csv_path is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        csv_path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise Unusable(f"cannot write {csv_path}: {exc.strerror}") from None
+    click.echo(f"wrote {csv_path}: {len(sources.table[1])} rows")
 
 
 def _out_dir(target: Path) -> Path:

@@ -24,6 +24,7 @@ from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
 from batchstyle.reserved import fold, reserved_problem
+from batchstyle.store import StoreError, child, is_url, join, local_path, scrub, stage, work_dir
 from batchstyle.video import VIDEO_SUFFIXES, ClipInfo, is_clip, is_clip_output, output_problem, probe_clip, select
 
 REQUIRED = ("content", "style")
@@ -37,7 +38,7 @@ class ManifestError(UnusableInput):
 
 @dataclass(frozen=True)
 class Problem:
-    manifest: Path
+    manifest: Path | str  # see Manifest.path
     row: int | None
     line: int | None
     column: str
@@ -46,7 +47,7 @@ class Problem:
     def __str__(self) -> str:
         where = [str(self.manifest)]
         if self.row is not None:
-            where.append(f"row {self.row} (line {self.line})")
+            where.append(f"row {self.row}" + (f" (line {self.line})" if self.line is not None else ""))
         where.append(f"column {self.column}")
         return f"{', '.join(where)}: {self.message}"
 
@@ -54,24 +55,31 @@ class Problem:
 @dataclass(frozen=True, slots=True)
 class Row:
     number: int  # 1-based among data rows, as a spreadsheet user counts them below the header
-    line: int  # line in the file, for editors
+    line: int | None  # line in the file, for editors; None for rows from no file (batchstyle.sources)
     content: Path
     styles: tuple[Path, ...]
     blend: tuple[float, ...]
     output: Path  # absolute, inside the output folder
     values: dict[str, Any]  # every option: defaults overlaid by this row's cells (shared: never change it)
     init_image: Path | None = None
+    # Objects in a store: each local copy this row reads and the URL it was staged from, so that a worker on another
+    # node (a Ray actor) stages its own; and the URL the output is put to, where --out is one.
+    sources: tuple[tuple[Path, str], ...] = ()
+    output_url: str | None = None
 
 
 @dataclass
 class Manifest:
-    path: Path
-    out_dir: Path
+    path: Path | str  # the CSV file; for rows from no file (batchstyle.sources), the flags that found them
+    out_dir: Path  # where --out is a URL: the run's local folder (ledger, lock, outputs before they are put)
     rows: list[Row] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     total_rows: int = 0
     image_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # (w, h) of every image checked
     clips: dict[Path, ClipInfo] = field(default_factory=dict)  # the header of every clip (video or frame folder)
+    url: str | None = None  # the manifest's own URL, where it was read from a store
+    out_url: str | None = None  # the prefix outputs are put under, where --out is a URL
+    sources: dict[Path, str] = field(default_factory=dict)  # every staged input's URL, by its local copy
 
     def problem_rows(self) -> dict[int, list[Problem]]:
         found: dict[int, list[Problem]] = {}
@@ -182,7 +190,11 @@ def _delimiter_hint(header: list[str]) -> str:
     return ""
 
 
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+# A manifest's columns, and each row's line (None for rows from no file) and its cells by column.
+Table = tuple[list[str], list[tuple[int | None, dict[str, str]]]]
+
+
+def _read_table(path: Path) -> Table:
     if not path.is_file():
         raise ManifestError(f"{path}: {_not_a_file(path)}")
     try:
@@ -224,7 +236,7 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     duplicated = sorted({name for name in columns if name and columns.count(name) > 1})
     if duplicated:
         raise ManifestError(f"{path}: column {', '.join(duplicated)} appears twice in the header")
-    rows = []
+    rows: list[tuple[int | None, dict[str, str]]] = []
     # A row is named by the line it starts on: a quoted cell may run over several, and reader.line_num is the last.
     starts = reader.line_num + 1
     try:
@@ -249,11 +261,13 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
 
 
 def read_manifest(
-    path: Path,
+    path: Path | str,
     defaults: dict[str, Any],
-    out_dir: Path | None = None,
+    out_dir: Path | str | None = None,
     fmt: str = "png",
     check_images: bool = True,
+    source_table: Table | None = None,
+    ledger_dir: Path | None = None,
 ) -> Manifest:
     """Parses and validates every row. Raises ManifestError when the file as a whole cannot be used: not UTF-8 text,
     a quote never closed, a row with more cells than the header, a header or rows missing. Problems of single rows
@@ -263,12 +277,41 @@ def read_manifest(
     cells share: one Path per distinct file cell, one options dict per distinct set of option cells (never change a
     row's `values`: other rows hold the same dict). A large manifest repeats a few photos' folders and a few sets of
     options over many rows, and a dict of every option per row was most of reading 200,000 rows' memory.
+
+    `source_table` holds rows that come from no file (`batchstyle.sources`: folders, globs, bucket prefixes): `path`
+    then names the flags that found them in every problem, their cells are absolute paths or URLs, and `out_dir` is
+    needed. Every check applies to them as to a CSV's rows.
+
+    `path`, `out_dir` and every file cell may be URLs (`batchstyle.store`): a relative cell of a manifest read from
+    a store names an object beside it. Objects are staged as local copies, which the checks and job keys read; a
+    URL `out_dir` gets a local folder for the ledger (`ledger_dir`, else one in the cache named after the URL).
     """
-    path = Path(path)
-    columns, table = _read_table(path)
-    base = path.parent
-    out = Path(out_dir) if out_dir is not None else default_out_dir(path)
-    manifest = Manifest(path=path, out_dir=out, total_rows=len(table))
+    url = str(path) if source_table is None and is_url(str(path)) else None
+    if url is not None and url.lower().startswith("file://"):
+        path, url = local_path(url), None
+    out_url = str(out_dir) if out_dir is not None and is_url(str(out_dir)) else None
+    if out_url is not None and out_url.lower().startswith("file://"):
+        out_dir, out_url = local_path(out_url), None
+    if url is not None:
+        try:
+            path = stage(url)
+        except StoreError as exc:
+            raise ManifestError(f"cannot read the manifest {exc}") from None
+        if out_dir is None:  # beside the manifest, named after it, as for a file
+            out_url = url.rsplit(".", 1)[0] + "/" if url.lower().endswith(".csv") else url + "-out/"
+    if source_table is None:
+        path = Path(path)
+        columns, table = _read_table(path)
+        base, out = path.parent, Path(out_dir) if out_dir is not None else default_out_dir(path)
+    elif out_dir is None:
+        raise ValueError("rows from no file need an output folder")
+    else:
+        columns, table = source_table[0], list(source_table[1])  # a copy: its rows are taken as they are read
+        base, out = Path.cwd(), Path(out_dir)
+    if out_url is not None:
+        out = Path(ledger_dir) if ledger_dir is not None else work_dir(out_url)
+    manifest = Manifest(path=path, out_dir=out, total_rows=len(table), url=url, out_url=out_url)
+    sources = manifest.sources
     suffix = "." + fmt.lower().lstrip(".")
     image_ok: dict[Path, str | None] = {}
     image_size = manifest.image_sizes
@@ -310,10 +353,22 @@ def read_manifest(
     located: dict[str, Path] = {}
 
     def at(cell: str) -> Path:
-        """One Path per distinct cell: a row's own made 200,000 copies of four photos' paths."""
+        """One Path per distinct cell: a row's own made 200,000 copies of four photos' paths. An object (a URL
+        cell, or any relative cell of a manifest read from a store) is staged here, once."""
         found = located.get(cell)
         if found is None:
-            found = located[cell] = base / cell
+            remote = cell if is_url(cell) else join(url, cell) if url and not Path(cell).is_absolute() else None
+            if remote is None or remote.lower().startswith("file://"):
+                found = base / local_path(remote or cell)
+            else:
+                try:
+                    found = stage(remote)
+                except StoreError as exc:
+                    found = work_dir(remote) / "missing" / (Path(cell).name or "object")
+                    image_ok[found] = str(exc)
+                    clip_or_not[found] = False
+                sources[found] = remote
+            located[cell] = found
         return found
 
     style_sets: dict[str, tuple[Path, ...]] = {}
@@ -511,7 +566,35 @@ def read_manifest(
 
     outputs = _resolve_output_clashes(manifest, planned, paths)
     _refuse_unsafe_outputs(manifest, sorted(outputs + unplanned), list(inputs.values()), paths)
+    if sources or out_url or url:
+        _with_urls(manifest)
     return manifest
+
+
+def _with_urls(manifest: Manifest) -> None:
+    """Rows told the URLs of the objects they read and of their output; problems told the objects' URLs in place
+    of their local copies' paths (which a user never gave)."""
+    sources, out_url = manifest.sources, manifest.out_url
+    for index, row in enumerate(manifest.rows):
+        files = [row.content, *row.styles, *([row.init_image] if row.init_image else [])]
+        files += [Path(mask) for mask in row.values["style_masks"]]
+        files += [Path(row.values["content_mask"])] if row.values["content_mask"] else []
+        output_url = child(out_url, row.output.relative_to(manifest.out_dir).as_posix()) if out_url else None
+        found = tuple((file, sources[file]) for file in dict.fromkeys(files) if file in sources)
+        manifest.rows[index] = dataclasses.replace(row, sources=found, output_url=output_url)
+    shown = {str(file): scrub(url) for file, url in sources.items()}
+    if manifest.url:
+        shown[str(manifest.path)] = scrub(manifest.url)
+    if manifest.problems and shown:
+        pattern = re.compile("|".join(re.escape(file) for file in sorted(shown, key=len, reverse=True)))
+        manifest.problems = [
+            dataclasses.replace(
+                problem,
+                manifest=shown.get(str(problem.manifest), problem.manifest),
+                message=pattern.sub(lambda m: shown[m.group(0)], problem.message),
+            )
+            for problem in manifest.problems
+        ]
 
 
 @dataclass(frozen=True)
@@ -564,7 +647,7 @@ def _too_thin(
 
 
 _Key = tuple[str, ...]
-_Output = tuple[int, int, Path, str, _Key]  # (row, line, output, its cell, its key) of an output to check
+_Output = tuple[int, int | None, Path, str, _Key]  # (row, line, output, its cell, its key) of an output to check
 
 
 class _Folder:
@@ -697,7 +780,8 @@ def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[_Output], inputs: l
     `check` and failed its row at run time). The other rows still run."""
     out_key = paths.key(paths.out)
     read: dict[_Key, _Input] = {}
-    for item in [(None, "manifest", manifest.path), *inputs]:
+    itself: list[_Input] = [(None, "manifest", manifest.path)] if isinstance(manifest.path, Path) else []
+    for item in [*itself, *inputs]:
         read.setdefault(paths.key(item[2]), item)
     holding: dict[_Key, _Input] = {}  # every folder above an input: the first input inside it
     for key, item in read.items():

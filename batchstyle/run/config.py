@@ -287,6 +287,15 @@ class RunConfig:
         flag=False,
         facade=True,
     )
+    ledger: Path | None = setting(  # None: store.work_dir of the --out URL, in the cache
+        None,
+        "Where --out is a URL (s3://bucket/out/): the local folder for the run's ledger and lock, and for each output "
+        "until it is put [default: remote-out/<hash of the URL> in the cache].",
+        parse=lambda raw: None if raw is None else Path(raw).expanduser(),
+        accepts=_optional(lambda value: isinstance(value, Path)),
+        hint="give a local folder",
+        metavar="DIR",
+    )
     argv: tuple[str, ...] = setting(  # the command line, for the ledger
         (),
         "The command line the run was started with, as the ledger records it.",

@@ -14,17 +14,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchstyle import store
 from batchstyle.errors import RunError, free_space
 from batchstyle.images import read_metadata
 from batchstyle.model.weights import WeightSource
 from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.config import RunConfig
-from batchstyle.run.ledger import Ledger, LedgerWriteError, Planned, pack_history
+from batchstyle.run.ledger import Ledger, LedgerWriteError, Planned, WorkerState, pack_history
 from batchstyle.run.plan import Job
 from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
     from batchstyle.run.engine import RunSummary
 
 SLOT_FAILURES = 3  # rows in a row failed with one cause that is not theirs: the slot is taken out of the run
+# Seconds between a slot's progress writes to the ledger (rows' iterations, its rate), which is all a separate
+# `batchstyle serve` sees of a run: one small commit a second a slot, against rows of seconds to hours.
+LIVE_INTERVAL = 1.0
 
 
 class DiskFull(LedgerWriteError):
@@ -88,6 +94,7 @@ class Execution:
         self.clip_frames: dict[Path, dict[int, int]] = {}  # a clip row's frames finished, per chunk (its bar)
         self.clip_totals: dict[Path, int] = {}  # a clip row's frames to stylize, lead-ins of every chunk included
         self.full: Path | None = None  # the folder an output found full: no row is handed out after that
+        self.live = _Live()
 
     # PoolEvents
     def progress(self, slot: int, row: int, iteration: int, losses: dict[str, float]) -> None:
@@ -101,12 +108,58 @@ class Execution:
                 with self.stop.shielded():
                     self.ledger.mark_frames(job.output, sum(done.values()), self.clip_totals[job.output])
             iteration = sum(done.values())
+        elif jobs:
+            self._progressed(slot, jobs, row, iteration)
         self.events.iteration(row, iteration, losses)
+
+    def _progressed(self, slot: int, jobs: list[Job], row: int, iteration: int) -> None:
+        """A row's iterations so far, kept here and written with its slot's rate at most every LIVE_INTERVAL."""
+        live, worker = self.live, self.live.workers.get(slot)
+        job = next((job for job in jobs if job.row.number == row), None)
+        if worker is None or job is None:
+            return
+        moved = iteration - live.iterations.get(job.output, 0)
+        if moved <= 0:
+            return
+        live.iterations[job.output] = iteration
+        worker.iterations += moved
+        now = time.monotonic()
+        last, counted = live.written.setdefault(slot, (now, worker.iterations - moved))
+        if now - last >= LIVE_INTERVAL:
+            worker.rate = (worker.iterations - counted) / (now - last)
+            live.written[slot] = (now, worker.iterations)
+            with self.stop.shielded():
+                moving = {job.output: live.iterations[job.output] for job in jobs if job.output in live.iterations}
+                self.ledger.write_live(self.run_id, [worker], moving)
+                self._count_workers()
+
+    def _worker(self, slot: int, state: str, detail: str | None = None, rows: str = "", settled: int = 0) -> None:
+        """The slot's new state, written at once: handed rows, idle again, lost, taken out."""
+        worker = self.live.workers.get(slot)
+        if worker is None:
+            return
+        worker.state, worker.detail, worker.rows, worker.since = state, detail, rows, time.time()
+        worker.rows_done += settled
+        if state != "running":
+            worker.rate = None
+            self.live.written.pop(slot, None)
+        self.ledger.write_live(self.run_id, [worker])
+        self._count_workers()
+
+    def _count_workers(self) -> None:
+        """The pool's replacements and stall kills, written when they change."""
+        if self.pool is None:
+            return
+        counts = (self.pool.replaced, self.pool.stalls_killed)
+        if counts != self.live.counted:
+            self.live.counted = counts
+            self.ledger.count_workers(self.run_id, *counts)
 
     def results(self, slot: int, results: list[Result]) -> None:
         with self.stop.shielded():
             jobs = {job.row.number: job for job in self.in_flight.pop(slot, [])}
             self.scheduler.finished(slot)
+            self._worker(slot, "idle", settled=len(results))
             results = [_own_if_inputs_gone(jobs[result.row], result) for result in results]
             for result in results:
                 if result.full is not None:
@@ -155,6 +208,7 @@ class Execution:
         device = self._device(slot)
         self.retired[slot] = f"worker on {device}: {streak.cause}"
         self.pool.retire(slot, f"taken out of the run ({streak.cause})")
+        self._worker(slot, "taken out", streak.cause)
         where = "its rows go to the other workers" if self.pool.usable() else "no worker is left to run the rest"
         times = f"{streak.count} times in a row" if streak.count > 1 else "once"
         self.events.message(
@@ -192,6 +246,7 @@ class Execution:
     def _lost(self, slot: int, reason: str, counts: bool, hung: bool = False) -> None:
         jobs = self.in_flight.pop(slot, [])
         self.scheduler.finished(slot)
+        self._worker(slot, "lost", reason)
         # Which row of a batch killed the worker is unknown: its rows go back alone and free, and only a row that
         # kills a worker on its own is charged a retry.
         counts = counts and len(jobs) == 1
@@ -239,6 +294,10 @@ class Execution:
         stop = self.stop
         self.pool = pool
         self.scheduler = Scheduler(batches)
+        now = time.time()
+        self.live.workers = {slot: WorkerState(slot, device, since=now) for slot, device in enumerate(pool.slots)}
+        with stop.shielded():
+            self.ledger.start_workers(self.run_id, list(self.live.workers.values()))
         announced = False
         while True:
             for slot in pool.idle():
@@ -273,6 +332,7 @@ class Execution:
         with stop.shielded():
             for slot in list(self.streaks):
                 self._settle(slot)
+            self._finish_workers()
         if self.full:
             left = len(self.summary.interrupted) + len(self.scheduler.rows())
             raise DiskFull(
@@ -286,8 +346,14 @@ class Execution:
         device = self._device(slot)
         self.in_flight[slot] = batch
         for job in batch:
+            self.live.iterations.pop(job.output, None)
             self.ledger.mark_running(
-                job.output, run_id=self.run_id, device=device, model=self.source.name, weights=self.source.sha256
+                job.output,
+                run_id=self.run_id,
+                device=device,
+                model=self.source.name,
+                weights=self.source.sha256,
+                planned=job.total_iterations if job.clip is None else None,
             )
             if job.clip is None:
                 self.events.row_started(job.row.number, self.ledger.relative(job.output), job.total_iterations)
@@ -295,6 +361,9 @@ class Execution:
                 self.clip_frames[job.output] = {}
                 self.events.row_started(job.row.number, self.ledger.relative(job.output), self.clip_totals[job.output])
         assert self.pool is not None
+        if slot in self.live.workers:
+            self.live.workers[slot].device = device  # a Ray actor's name says its node once it is ready
+        self._worker(slot, "running", rows=",".join(str(job.row.number) for job in batch))
         self.pool.submit(slot, batch)
 
     def _record(self, job: Job, result: Result) -> None:
@@ -388,6 +457,15 @@ class Execution:
             self.summary.stopped = True
             self.summary.interrupted += left
 
+    def _finish_workers(self) -> None:
+        """The run is over: every slot still in it says so."""
+        now = time.time()
+        finished = [w for w in self.live.workers.values() if w.state != "taken out"]
+        for worker in finished:
+            worker.state, worker.detail, worker.rows, worker.since, worker.rate = "finished", None, "", now, None
+        self.ledger.write_live(self.run_id, finished)
+        self._count_workers()
+
     def interrupt_running(self) -> None:
         held = [[job for job, _ in streak.held] for streak in self.streaks.values()]
         for jobs in [*self.in_flight.values(), *held]:
@@ -399,6 +477,18 @@ class Execution:
         self.summary.stopped = True
         self.summary.interrupted += self.scheduler.rows()
         self.scheduler.clear()
+        self._finish_workers()
+
+
+@dataclass
+class _Live:
+    """What the ledger's live state is written from: each slot's `WorkerState`, the running rows' iterations so far,
+    and when each slot's progress was last written (monotonic seconds, and its iterations then)."""
+
+    workers: dict[int, WorkerState] = field(default_factory=dict)
+    iterations: dict[Path, int] = field(default_factory=dict)
+    written: dict[int, tuple[float, int]] = field(default_factory=dict)
+    counted: tuple[int, int] = (0, 0)  # workers replaced and stalls killed, as last written
 
 
 def _own_if_inputs_gone(job: Job, result: Result) -> Result:
@@ -441,7 +531,11 @@ def plan_rows(ledger: Ledger, jobs: Sequence[Job], run_id: int, force: bool = Fa
     seen: list[Path] = []
     finished: list[Job] = []
     for job in jobs:
-        if not force and _present(job.output, listings):
+        if not force and (
+            _present(job.output, listings)
+            if job.row.output_url is None
+            else _stored(job, ledger.relative(job.output), listings)
+        ):
             if done.get(ledger.relative(job.output)) == job.key:
                 skipped.append(job)
                 seen.append(job.output)
@@ -467,8 +561,26 @@ def _present(output: Path, listings: dict[str, frozenset[str]]) -> bool:
     return name in names and output.is_file()
 
 
+def _stored(job: Job, name: str, listings: dict[str, frozenset[str]]) -> bool:
+    """Whether the row's output (`name` under the --out prefix) is in the store: one listing of the prefix for the
+    whole run. A bucket that does not exist or cannot be listed stops the run here, before any work."""
+    url = job.row.output_url
+    if url is None or not url.endswith(name):
+        return False
+    prefix = url[: len(url) - len(name)]
+    names = listings.get(prefix)
+    if names is None:
+        names = listings[prefix] = store.names(prefix)
+    return name in names
+
+
 def _carries_key(job: Job) -> bool:
     try:
+        if job.row.output_url:  # finished work in the store whose `done` never reached the ledger: read its key
+            with tempfile.TemporaryDirectory() as folder:
+                copy = Path(folder) / job.output.name
+                copy.write_bytes(store.read_bytes(job.row.output_url))
+                return read_metadata(copy).get("batchstyle:key") == job.key
         return read_metadata(job.output).get("batchstyle:key") == job.key
     except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
         return False

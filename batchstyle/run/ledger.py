@@ -26,7 +26,7 @@ from batchstyle.errors import UnusableInput, free_space
 
 LEDGER_NAME = "batchstyle-ledger.sqlite"
 LOCK_NAME = ".batchstyle.lock"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 STATUSES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS runs (
     argv TEXT,
     model TEXT,
     weights TEXT,
-    outcome TEXT
+    outcome TEXT,
+    workers_replaced INTEGER,         -- worker processes or Ray actors that died or hung and were started afresh
+    stalls_killed INTEGER             -- of those, killed as hung (silent past the stall timeout)
 );
 CREATE TABLE IF NOT EXISTS rows (
     output TEXT PRIMARY KEY,          -- relative to the output folder: the row's identity across runs
@@ -66,9 +68,27 @@ CREATE TABLE IF NOT EXISTS rows (
     history BLOB,                     -- per-iteration losses by term name, see pack_history
     precision TEXT,                   -- what the network ran in: fp32, tf32 or bf16 (Grams and losses are fp32)
     frames INTEGER,                   -- a clip: frames to stylize (chunks' lead-ins included)
-    frames_done INTEGER               -- a clip: of those, finished (written as each frame is)
+    frames_done INTEGER,              -- a clip: of those, finished (written as each frame is)
+    iteration INTEGER,                -- live: iterations done so far by the attempt under way, about 1/s
+    planned INTEGER                   -- the iterations that attempt will run, every scale's together
 );
 """
+# Live state for `batchstyle serve` and /metrics, which see a run only through its ledger; one row per worker slot.
+_WORKERS = """
+CREATE TABLE IF NOT EXISTS workers (  -- live: what each worker slot of the latest run is doing
+    slot INTEGER PRIMARY KEY,
+    run_id INTEGER REFERENCES runs(id),
+    device TEXT,
+    state TEXT,                       -- starting, running, idle, lost, taken out, finished
+    detail TEXT,                      -- why it was lost or taken out
+    rows TEXT,                        -- the row numbers it holds: "3,4"
+    since REAL,                       -- when it entered its state
+    rows_done INTEGER,                -- rows it settled this run, done or failed
+    iterations INTEGER,               -- row iterations it ran this run (a batch of 4 rows: 4 per step)
+    rate REAL                         -- row iterations per second over its last LIVE_INTERVAL or more
+);
+"""
+_SCHEMA += _WORKERS
 
 HISTORY_VERSION = 6  # the schema whose history blobs name their terms; before it, always (content, style, tv)
 _UNNAMED_TERMS = ("content", "style", "tv")
@@ -125,6 +145,13 @@ _MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     4: ["ALTER TABLE rows ADD COLUMN precision TEXT"],
     5: ["ALTER TABLE rows ADD COLUMN frames INTEGER", "ALTER TABLE rows ADD COLUMN frames_done INTEGER"],
     HISTORY_VERSION: [_name_history_terms],
+    7: [
+        "ALTER TABLE runs ADD COLUMN workers_replaced INTEGER",
+        "ALTER TABLE runs ADD COLUMN stalls_killed INTEGER",
+        "ALTER TABLE rows ADD COLUMN iteration INTEGER",
+        "ALTER TABLE rows ADD COLUMN planned INTEGER",
+        _WORKERS,
+    ],
 }
 
 
@@ -184,6 +211,8 @@ class Record:
     precision: str | None = None  # fp32 | tf32 | bf16: the network's precision (None: written before schema 4)
     frames: int | None = None  # a clip row: frames to stylize, and how many are finished
     frames_done: int | None = None
+    iteration: int | None = None  # live, while running: iterations done so far, of `planned`
+    planned: int | None = None
     ledger: str = LEDGER_NAME  # the file it was read from: shards of one run each keep their own
 
     def as_dict(self, history: bool = False) -> dict[str, Any]:
@@ -194,6 +223,46 @@ class Record:
         if history:
             data["history"] = {name: values.tolist() for name, values in unpack_history(self.history).items()}
         return data
+
+
+@dataclass
+class WorkerState:
+    """What one worker slot is doing, as the `workers` table holds it: the parent's view (rows handed out, progress
+    reported, losses), written by `Execution` for `batchstyle serve` and /metrics."""
+
+    slot: int
+    device: str
+    state: str = "starting"  # starting, running, idle, lost, taken out, finished
+    since: float = 0.0
+    detail: str | None = None
+    rows: str = ""
+    rows_done: int = 0
+    iterations: int = 0
+    rate: float | None = None
+
+    def as_row(self, run_id: int) -> tuple[Any, ...]:
+        return (
+            self.slot,
+            run_id,
+            self.device,
+            self.state,
+            self.detail,
+            self.rows,
+            self.since,
+            self.rows_done,
+            self.iterations,
+            self.rate,
+        )
+
+
+@dataclass(frozen=True)
+class Activity:
+    """The live side of an output folder's latest run (every shard's ledger together), beside its rows."""
+
+    workers: list[dict[str, Any]]  # the `workers` table's rows, each with the `ledger` it came from
+    workers_replaced: int
+    stalls_killed: int
+    runs: list[dict[str, Any]]  # each ledger's latest run
 
 
 def _lock(handle: IO[str], shared: bool = False) -> bool:
@@ -377,7 +446,7 @@ class Ledger:
         except (sqlite3.Error, OSError) as exc:
             raise LedgerWriteError(ledger_trouble(self.out_dir / self.name, exc)) from exc
 
-    def start_run(self, manifest: Path, argv: list[str], model: str, weights: str) -> int:
+    def start_run(self, manifest: Path | str, argv: list[str], model: str, weights: str) -> int:
         with self._writing() as conn:
             cur = conn.execute(
                 "INSERT INTO runs (started, manifest, argv, model, weights) VALUES (?, ?, ?, ?, ?)",
@@ -467,7 +536,11 @@ class Ledger:
             {"row": row, "content": content, "styles": styles, "key": key, "status": "pending", "run_id": run_id},
         )
 
-    def mark_running(self, output: Path, *, run_id: int, device: str, model: str, weights: str) -> None:
+    def mark_running(
+        self, output: Path, *, run_id: int, device: str, model: str, weights: str, planned: int | None = None
+    ) -> None:
+        """`planned`: the iterations the row will run (none for a clip, which counts frames), for the live page's
+        progress and ETA."""
         self._update(
             output,
             {
@@ -491,6 +564,8 @@ class Ledger:
                 "provider": None,
                 "history": None,
                 "precision": None,
+                "iteration": 0 if planned else None,
+                "planned": planned,
             },
         )
 
@@ -502,6 +577,32 @@ class Ledger:
     def mark_frames(self, output: Path, done: int, total: int) -> None:
         """A clip's frames finished so far: per-frame progress, written as each frame file is renamed into place."""
         self._update(output, {"frames": total, "frames_done": done})
+
+    def start_workers(self, run_id: int, workers: Sequence[WorkerState]) -> None:
+        """The run's worker slots, replacing an earlier run's: the table says what this run's workers are doing."""
+        with self._writing() as conn, _transaction(conn):
+            conn.execute("DELETE FROM workers")
+            conn.executemany(_WORKER_UPSERT, [worker.as_row(run_id) for worker in workers])
+
+    def write_live(
+        self, run_id: int, workers: Sequence[WorkerState], iterations: Mapping[Path, int] | None = None
+    ) -> None:
+        """Workers' states and running rows' iterations so far, in one transaction: the parent calls it as things
+        happen, and for progress at most once a second a slot (`execution.LIVE_INTERVAL`)."""
+        with self._writing() as conn, _transaction(conn):
+            conn.executemany(_WORKER_UPSERT, [worker.as_row(run_id) for worker in workers])
+            conn.executemany(
+                "UPDATE rows SET iteration = ? WHERE output = ?",
+                [(iteration, self.relative(output)) for output, iteration in (iterations or {}).items()],
+            )
+
+    def count_workers(self, run_id: int, replaced: int, stalls_killed: int) -> None:
+        """The run's workers replaced so far, and of those killed as hung."""
+        with self._writing() as conn:
+            conn.execute(
+                "UPDATE runs SET workers_replaced = ?, stalls_killed = ? WHERE id = ?",
+                (replaced, stalls_killed, run_id),
+            )
 
     def forget_invalid_rows(self) -> None:
         """Validation failures belong to the run that found them: the next run re-validates the manifest."""
@@ -532,6 +633,23 @@ class Ledger:
             return [Record(**dict(r)) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
 
 
+_WORKER_UPSERT = (
+    "INSERT OR REPLACE INTO workers (slot, run_id, device, state, detail, rows, since, rows_done, iterations, rate) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 PLAN_BATCH = 10_000  # rows per transaction while planning: 20 commits for 200,000 rows, each chunk's rows in memory
 
 
@@ -556,24 +674,26 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], dict[str, Any] | None]:
+def read_records(
+    out_dir: Path, all_rows: bool = False, history: bool = True
+) -> tuple[list[Record], dict[str, Any] | None]:
     """Read-only view for `batchstyle status` and reports: works while runs hold the folder (WAL readers never block).
 
     Merges every ledger in the folder (one per shard); where two hold the same output, the one touched last wins.
     By default only the rows of each ledger's latest run: rows since dropped from the manifest keep their history
-    in the ledger but no longer count as its state. The run returned is the latest to start.
+    in the ledger but no longer count as its state. The run returned is the latest to start. `history=False` leaves
+    the per-iteration losses unread: the live page reads the ledger every second, and they are most of its bytes.
     """
     files = ledger_files(out_dir)
     if not files:
         raise FileNotFoundError(f"{out_dir} has no {LEDGER_NAME}: no batchstyle run has written there")
     merged: dict[str, Record] = {}
     latest: dict[str, Any] | None = None
-    read = [(path, *_read_one(path, all_rows)) for path in files]
+    read = [(path, *_read_one(path, all_rows, history)) for path in files]
     # Only the ledgers of the latest way of running the folder: after moving from 4 shards to 8, or from shards to
     # one run, the old ledgers keep their history (--all) but no longer count as the folder's state.
     if not all_rows:
-        newest = max(read, key=lambda item: item[2]["started"] if item[2] else -1.0)[0]
-        read = [item for item in read if _shard_count(item[0]) == _shard_count(newest)]
+        read = _latest_layout(read, lambda item: item[2])
     for _path, records, last in read:
         for record in records:
             seen = merged.get(record.output)
@@ -583,6 +703,13 @@ def read_records(out_dir: Path, all_rows: bool = False) -> tuple[list[Record], d
             latest = last
     records = sorted(merged.values(), key=lambda r: (r.row is None, r.row or 0, r.output))
     return records, latest
+
+
+def _latest_layout(read: list[Any], last: Callable[[Any], dict[str, Any] | None]) -> list[Any]:
+    """Of what was read from each ledger (`item[0]` its path, `last(item)` its latest run), that of the ledgers laid
+    out as the latest run was: as many shards as it had."""
+    newest = max(read, key=lambda item: (last(item) or {}).get("started", -1.0))[0]
+    return [item for item in read if _shard_count(item[0]) == _shard_count(newest)]
 
 
 def _shard_count(path: Path) -> int:
@@ -601,12 +728,17 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _read_one(path: Path, all_rows: bool) -> tuple[list[Record], dict[str, Any] | None]:
+def _read_one(path: Path, all_rows: bool, history: bool = True) -> tuple[list[Record], dict[str, Any] | None]:
     conn = _connect_read_only(path)
     try:
         conn.execute("BEGIN")  # one snapshot: the version read is the version of the rows read, even mid-upgrade
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        records = [Record(**dict(r), ledger=path.name) for r in conn.execute("SELECT * FROM rows ORDER BY row, output")]
+        columns = "*"
+        if not history:
+            names = [r["name"] for r in conn.execute("PRAGMA table_info(rows)") if r["name"] != "history"]
+            columns = ", ".join(names)
+        query = f"SELECT {columns} FROM rows ORDER BY row, output"
+        records = [Record(**dict(r), ledger=path.name) for r in conn.execute(query)]
         if version < HISTORY_VERSION:  # read-only, so not upgraded: its histories are named here as the upgrade would
             records = [replace(r, history=_named_history(r.history)) for r in records]
         last = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
@@ -627,6 +759,34 @@ def read_runs(out_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
         finally:
             conn.close()
     return runs
+
+
+def read_activity(out_dir: Path) -> Activity:
+    """What the latest run's workers are doing and how many were replaced, read-only like `read_records`, every
+    shard's ledger together. A ledger older than schema 7 has none of it: no workers, nothing replaced."""
+    read = []
+    for path in ledger_files(out_dir):
+        conn = _connect_read_only(path)
+        try:
+            conn.execute("BEGIN")
+            found = conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+            last = {**dict(found), "ledger": path.name} if found else None
+            has_workers = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'workers'").fetchone()[0]
+            workers = []
+            if last is not None and has_workers:
+                query = "SELECT * FROM workers WHERE run_id = ? ORDER BY slot"
+                workers = [{**dict(w), "ledger": path.name} for w in conn.execute(query, (last["id"],))]
+        finally:
+            conn.close()
+        read.append((path, last, workers))
+    read = _latest_layout(read, lambda item: item[1]) if read else []
+    runs = [last for _, last, _ in read if last is not None]
+    return Activity(
+        workers=[worker for _, _, workers in read for worker in workers],
+        workers_replaced=sum(run.get("workers_replaced") or 0 for run in runs),
+        stalls_killed=sum(run.get("stalls_killed") or 0 for run in runs),
+        runs=runs,
+    )
 
 
 def summarise(records: list[Record]) -> dict[str, int]:

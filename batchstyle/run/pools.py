@@ -107,6 +107,8 @@ class PoolEvents(Protocol):
 
 class Pool(Protocol):
     slots: list[str]  # the device of each slot
+    replaced: int  # workers started afresh after one died or hung, so far
+    stalls_killed: int  # of those, killed as hung
 
     def idle(self) -> list[int]: ...
     def busy(self) -> bool: ...
@@ -124,6 +126,7 @@ class InlinePool:
 
     def __init__(self, spec: WorkerSpec, events: PoolEvents, weights: Weights | None = None) -> None:
         self.slots = [spec.device]
+        self.replaced = self.stalls_killed = 0  # the parent is the worker: nothing to replace or kill
         self.spec = spec
         self.weights = weights
         self.events = events
@@ -207,6 +210,8 @@ class _ReplacingPool:
     that cannot start MAX_FAILED_STARTS times in a row is given up; otherwise a fresh one takes its place."""
 
     MAX_FAILED_STARTS = 3
+    replaced = 0  # members started afresh after one died or hung (counted before the engine hears of the loss)
+    stalls_killed = 0
     events: PoolEvents
     closing: bool
     stall_timeout: float | None  # None or 0: no member is ever taken as hung
@@ -251,10 +256,13 @@ class _ReplacingPool:
             if member.failed_starts >= self.MAX_FAILED_STARTS and member.broken is None:
                 member.broken = f"worker on {member.device} failed {member.failed_starts} times to start ({reason})"
                 self.events.message(member.broken)
+        replacing = not self.closing and member.broken is None
+        self.replaced += replacing
+        self.stalls_killed += hung
         if member.batch is not None:
             member.batch = None
             self.events.lost(index, reason, counts=started, hung=hung, cause=cause)
-        if not self.closing and member.broken is None:
+        if replacing:
             self._start(index)
 
     def _watch(self) -> None:

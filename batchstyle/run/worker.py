@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from batchstyle import store
 from batchstyle.errors import free_space
 from batchstyle.images import (
     ImageError,
@@ -48,6 +49,7 @@ from batchstyle.run.devices import (
 )
 from batchstyle.run.messages import Beat, Fatal, Fault, Note, Progress, Ready, Results, RowProgress, RunBatch, Stop
 from batchstyle.run.plan import Job
+from batchstyle.store import StoreError
 from batchstyle.version import __version__
 
 # row number, iteration (counted across scales), losses
@@ -106,7 +108,7 @@ def describe_failure(job: Job, exc: BaseException, batch: int = 1, image: int = 
     """The row's error, for the ledger and the summary. `image` is the row's place in its batch (for what the batch
     says of each image: `LossNotFinite`)."""
     where = f"row {job.row.number}"
-    if isinstance(exc, ImageError):
+    if isinstance(exc, (ImageError, StoreError)):
         return f"{where}: {exc}"
     if isinstance(exc, LossNotFinite):
         return f"{where}: {exc.describe(image)}"
@@ -401,8 +403,12 @@ class Worker:
                     job.output.parent.mkdir(parents=True, exist_ok=True)
                     pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
                     save_image_atomic(pixels, job.output, self.metadata(job, out, len(batch)))
+                    if job.row.output_url is not None:
+                        put_output(job.output, job.row.output_url)
                 except OSError as exc:
                     failure = _write_failure(job, exc, job.output)
+                except StoreError as exc:
+                    failure = f"row {job.row.number}: cannot put the output to {exc}", None, None
             if failure is not None:
                 error, cause, full = failure
                 seconds = time.perf_counter() - start
@@ -483,16 +489,30 @@ def found_faces(out: Stylized) -> list[list[float]] | None:
     return None if out.faces is None else [face.as_list() for face in out.faces]
 
 
+def put_output(local: Path, url: str) -> None:
+    """The finished output to its URL in one put, before the row is reported done; the local copy then goes."""
+    store.put(local, url)
+    local.unlink()
+
+
 def inputs_of(job: Job) -> Inputs:
-    """A row's images, decoded, addressed in the target cache by their files' sha256 (the job's digests)."""
+    """A row's images, decoded, addressed in the target cache by their files' sha256 (the job's digests). An input
+    staged from a store by the parent is staged again here from its URL, into this node's own staging folder: a Ray
+    actor on another node shares no folder with the driver."""
     row = job.row
+    urls = dict(row.sources)
+
+    def read(path: Path) -> Any:
+        url = urls.get(path)
+        return load_image(path if url is None else store.stage(url))
+
     return Inputs(
-        content=load_image(row.content),
-        styles=[load_image(path) for path in row.styles],
+        content=read(row.content),
+        styles=[read(path) for path in row.styles],
         blend=row.blend,
-        init=load_image(row.init_image) if row.init_image else None,
-        style_masks=[load_image(Path(mask)) for mask in job.settings.style_masks],
-        content_mask=load_image(Path(job.settings.content_mask)) if job.settings.content_mask else None,
+        init=read(row.init_image) if row.init_image else None,
+        style_masks=[read(Path(mask)) for mask in job.settings.style_masks],
+        content_mask=read(Path(job.settings.content_mask)) if job.settings.content_mask else None,
         content_id=job.content_digest,
         style_ids=job.style_digests,
     )

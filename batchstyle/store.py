@@ -1,0 +1,203 @@
+"""Object storage: every fsspec call batchstyle makes, so that a manifest, its inputs and a run's outputs may live
+in a bucket (`s3://`, `gs://`, `az://`, `https://` read-only) as well as in folders.
+
+The rest of the package keeps working on local files: an object read is first staged as a local copy (named by its
+URL, ETag and size, so a changed object is fetched again and an unchanged one never twice on a node), and an output
+is written locally and then put to its URL in one request, so that an object under an output's name is always whole
+(S3, GCS and Azure make an object visible only once its upload completes). Credentials come only from the clients'
+own defaults (environment, config files, instance roles) and are never written anywhere; URLs are shown without
+userinfo or query strings, which is where a signed URL keeps its secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from batchstyle.errors import UnusableInput
+
+T = TypeVar("T")
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C:\ is a Windows path, not a URL
+RETRIES = 3  # tries of a call that failed for a cause a retry can help (the store unreachable, busy, throttling)
+STAGING_ENV = "BATCHSTYLE_STAGING"
+
+
+class StoreError(UnusableInput):
+    """An object that could not be read or written: the URL (scrubbed) and the cause, in words."""
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(f"{scrub(url)}: {cause}")
+        self.url = scrub(url)
+        self.cause = cause
+
+
+def is_url(text: str | os.PathLike[str]) -> bool:
+    """A URL of a store (`file://` too): a scheme of two letters or more, then `://`."""
+    return isinstance(text, str) and _SCHEME.match(text) is not None
+
+
+def local_path(text: str) -> str:
+    """A `file://` URL as the path it names; anything else as given."""
+    return urlsplit(text).path if text.lower().startswith("file://") else text
+
+
+def scrub(url: str) -> str:
+    """The URL without userinfo, query or fragment: a signed URL's query is its credential."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def join(base: str, cell: str) -> str:
+    """A manifest cell resolved against the manifest's own URL: a URL stays as given, a relative name lands beside
+    the manifest (`..` taken out, as a folder would)."""
+    if is_url(cell):
+        return cell
+    parts = urlsplit(base)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path), cell))
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def child(prefix: str, name: str) -> str:
+    """`name` (a relative output name) under the prefix `prefix`."""
+    return prefix.rstrip("/") + "/" + name.lstrip("/")
+
+
+def name_of(url: str) -> str:
+    return posixpath.basename(urlsplit(url).path.rstrip("/"))
+
+
+def staging_root() -> Path:
+    """Where this node keeps its local copies of objects: $BATCHSTYLE_STAGING, else `staging` in the cache. Each
+    process (the driver, every worker or Ray actor) stages what it reads itself, so no folder need be shared."""
+    from batchstyle.model.weights import default_cache_dir
+
+    given = os.environ.get(STAGING_ENV)
+    return Path(given).expanduser() if given else default_cache_dir() / "staging"
+
+
+def work_dir(out_url: str, cache: Path | None = None) -> Path:
+    """The local folder of a run whose outputs go to `out_url`: its ledger, its lock, and each output between being
+    written and being put. Named after the URL, so the same command finds the same ledger."""
+    from batchstyle.model.weights import default_cache_dir
+
+    digest = hashlib.sha256(scrub(out_url).rstrip("/").encode()).hexdigest()[:16]
+    return (cache or default_cache_dir()) / "remote-out" / digest
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        scheme = urlsplit(url).scheme
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(scheme)
+        fix = f"pip install 'batchstyle[{extra}]'" if extra else "give a file path or an s3://, gs://, az:// URL"
+        raise StoreError(url, f"cannot open {scheme}:// URLs ({exc}); {fix}") from None
+    return fs, path
+
+
+def _cause(exc: BaseException) -> tuple[str, bool]:
+    """(the cause in words, whether a retry can help)."""
+    text = f"{exc} {exc.__cause__ or ''}"
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return "the bucket does not exist; create it, or fix the bucket's name", False
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "403" in text or "Forbidden" in text:
+        return "access denied (403); check the credentials and the bucket's policy for this object", False
+    if isinstance(exc, FileNotFoundError):
+        return "no such object", False
+    transient = ("Could not connect", "ConnectTimeout", "EndpointConnectionError", "Connection refused", "timed out")
+    if isinstance(exc, (ConnectionError, TimeoutError)) or any(word in text for word in transient):
+        return f"the store is unreachable ({exc.__class__.__name__}); check the endpoint and the network", True
+    if any(word in text for word in ("SlowDown", "Throttl", "ServiceUnavailable", "InternalError", " 500", " 503")):
+        return f"the store is busy ({str(exc) or exc.__class__.__name__})", True
+    return f"{exc.__class__.__name__}: {exc}", False
+
+
+def _call(url: str, action: Callable[[], T]) -> T:
+    """`action`, retried where a retry can help; any failure becomes one StoreError naming the URL and the cause."""
+    for attempt in range(RETRIES):
+        try:
+            return action()
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the clients raise many kinds; each is named by _cause
+            cause, transient = _cause(exc)
+            if not transient or attempt == RETRIES - 1:
+                raise StoreError(url, cause) from None
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def stage(url: str, root: Path | None = None) -> Path:
+    """A local copy of the object, fetched once per node and version: named by the URL, ETag and size, written
+    through a temp file, so that a copy under its name is always whole."""
+    fs, path = _fs(url)
+    info = _call(url, lambda: fs.info(path))
+    if info.get("type") == "directory":
+        raise StoreError(url, "is a prefix (a folder), not an object; give an object's URL")
+    version = f"{scrub(url)}\0{info.get('ETag') or info.get('etag') or info.get('mtime')}\0{info.get('size')}"
+    folder = (root or staging_root()) / hashlib.sha256(version.encode()).hexdigest()[:24]
+    local = folder / (name_of(url) or "object")
+    if local.is_file():
+        return local
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=".staging-", dir=folder)
+    os.close(handle)
+    try:
+        _call(url, lambda: fs.get_file(path, temp))
+        os.replace(temp, local)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+    return local
+
+
+def put(local: Path, url: str) -> None:
+    """The finished local file to its URL in one put: an object appears under the name whole, or not at all."""
+    fs, path = _fs(url)
+    if urlsplit(url).scheme in ("http", "https"):
+        raise StoreError(url, "https:// is read-only; give an s3://, gs:// or az:// URL for outputs")
+    _call(url, lambda: fs.put_file(str(local), path))
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    data: bytes = _call(url, lambda: fs.cat_file(path))
+    return data
+
+
+def names(prefix: str) -> frozenset[str]:
+    """Every object's name under `prefix`, relative to it (a resume's one listing, not a request per row). A bucket
+    that does not exist, or cannot be listed, raises StoreError; a prefix with nothing under it is empty."""
+    fs, path = _fs(prefix)
+    root = path.rstrip("/")
+
+    def listing() -> list[str]:
+        try:
+            found: list[str] = fs.find(root)
+        except FileNotFoundError as exc:
+            if "bucket" in str(exc).lower():
+                raise
+            return []
+        return found
+
+    return frozenset(found[len(root) + 1 :] for found in _call(prefix, listing) if found.startswith(root + "/"))
+
+
+def check_writable(prefix: str) -> None:
+    """Fails early, before any row runs, where the outputs' bucket does not exist or cannot be listed."""
+    names(prefix)

@@ -1,0 +1,192 @@
+"""Manifests, inputs and outputs in buckets, against a real S3-protocol server (moto's, on 127.0.0.1) started here:
+the client, its requests and the server's answers are the real ones; only the store is local."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import cli, make_painting, make_photo
+
+from batchstyle.images import read_metadata
+from batchstyle.run.ledger import LEDGER_NAME, read_records
+from batchstyle.store import StoreError, join, names, scrub, stage, work_dir
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "2", "-q")
+SECRET = "not-a-real-secret-4f1c"
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> object:
+    """A client of the server, with the credentials and endpoint in the environment, as a user gives them; every
+    test starts with no bucket."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+        "BATCHSTYLE_STAGING": str(tmp_path / "staging"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3")
+    for bucket in client.list_buckets().get("Buckets", []):
+        for item in client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", []):
+            client.delete_object(Bucket=bucket["Name"], Key=item["Key"])
+        client.delete_bucket(Bucket=bucket["Name"])
+    return client
+
+
+def _upload(client: object, bucket: str, key: str, path: Path) -> None:
+    client.upload_file(str(path), bucket, key)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def night(s3: object, tmp_path: Path) -> str:
+    """A manifest of three rows in a bucket, its inputs beside it (one by its own URL, in another bucket)."""
+    s3.create_bucket(Bucket="night")  # type: ignore[attr-defined]
+    s3.create_bucket(Bucket="paintings")  # type: ignore[attr-defined]
+    local = tmp_path / "made"
+    for k in range(3):
+        _upload(s3, "night", f"photos/c{k}.png", make_photo(local / f"c{k}.png", 40, 32, seed=k))
+    _upload(s3, "paintings", "s0.png", make_painting(local / "s0.png"))
+    rows = "content,style\n" + "".join(f"photos/c{k}.png,s3://paintings/s0.png\n" for k in range(3))
+    s3.put_object(Bucket="night", Key="night.csv", Body=rows.encode())  # type: ignore[attr-defined]
+    return "s3://night/night.csv"
+
+
+def _objects(client: object, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    found = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])  # type: ignore[attr-defined]
+    return {
+        item["Key"]: client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()  # type: ignore[attr-defined]
+        for item in found
+    }
+
+
+def _key_of(data: bytes, tmp_path: Path) -> str:
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(data)
+    return read_metadata(copy)["batchstyle:key"]
+
+
+def test_relative_cells_resolve_against_the_manifests_url() -> None:
+    assert join("s3://b/runs/night.csv", "photos/a.png") == "s3://b/runs/photos/a.png"
+    assert join("s3://b/runs/night.csv", "../shared/s.png") == "s3://b/shared/s.png"
+    assert join("s3://b/runs/night.csv", "gs://other/s.png") == "gs://other/s.png"
+    assert scrub("https://user:pw@host:8443/a/b.png?X-Amz-Signature=abc#f") == "https://host:8443/a/b.png"
+
+
+def test_a_manifest_inputs_and_outputs_in_buckets(night: str, s3: object, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    result = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, *FAST)
+    assert result.exit_code == 0, result.output
+    outputs = _objects(s3, "night", "out/")
+    assert sorted(outputs) == [f"out/c{k}-s0.png" for k in range(3)]
+    records = read_records(ledger)[0]
+    assert {r.output: r.status for r in records} == {f"c{k}-s0.png": "done" for k in range(3)}
+    for record in records:  # each object is the finished output its ledger row names
+        assert _key_of(outputs["out/" + record.output], tmp_path) == record.key
+    assert "s3://night/out/" in result.output and str(ledger) in result.output
+    # No credential anywhere: the ledger, the outputs' metadata, what was printed.
+    assert SECRET not in result.output
+    assert all(SECRET.encode() not in data for data in outputs.values())
+    assert all(SECRET.encode() not in f.read_bytes() for f in ledger.iterdir() if f.is_file())
+    # Nothing left in the ledger's folder but the ledger: each output went up and its local copy went.
+    assert not list(ledger.glob("*.png"))
+
+    again = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, *FAST)
+    assert again.exit_code == 0 and "skipped      3" in again.output, again.output
+
+    # The ledger lost: a rerun recovers the three outputs from the bucket (their keys), redoing none.
+    for file in ledger.iterdir():
+        file.unlink()
+    recovered = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, *FAST)
+    assert recovered.exit_code == 0 and "skipped      3" in recovered.output, recovered.output
+    assert _objects(s3, "night", "out/") == outputs
+
+
+def test_the_default_out_is_beside_the_manifest_and_the_ledger_in_the_cache(night: str, s3: object) -> None:
+    result = cli("run", night, *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(_objects(s3, "night", "night/")) == [f"night/c{k}-s0.png" for k in range(3)]
+    assert (work_dir("s3://night/night/") / LEDGER_NAME).is_file()
+
+
+def test_a_missing_bucket_and_a_denied_key_are_named_with_their_url(night: str, s3: object, tmp_path: Path) -> None:
+    # The server denies one photo by the bucket's policy: that row fails with its URL and the cause; the rest run.
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::night/photos/c1*"}
+        ],
+    }
+    s3.put_bucket_policy(Bucket="night", Policy=json.dumps(policy))  # type: ignore[attr-defined]
+    checked = cli("check", night, "--out", "s3://night/out/")
+    assert checked.exit_code == 1, checked.output
+    assert "row 2" in checked.output and "s3://night/photos/c1.png" in checked.output
+    assert "access denied" in checked.output and "Traceback" not in checked.output
+    assert "1 with problems" in checked.output
+    with pytest.raises(StoreError, match="access denied"):
+        stage("s3://night/photos/c1.png")
+    with pytest.raises(StoreError, match="no such object"):
+        stage("s3://night/photos/c9.png")
+    assert names("s3://night/nothing-here/") == frozenset()
+
+    missing = cli("run", "s3://no-such-bucket/night.csv", *FAST)
+    assert missing.exit_code == 2
+    assert "s3://no-such-bucket/night.csv" in missing.output and "the bucket does not exist" in missing.output
+    assert "Traceback" not in missing.output
+
+    out = cli("run", night, "--out", "s3://no-such-bucket/out/", "--ledger", tmp_path / "l", *FAST)
+    assert out.exit_code == 2, out.output
+    assert "s3://no-such-bucket/out" in out.output and "the bucket does not exist" in out.output
+
+
+def test_a_run_killed_mid_way_loses_nothing_and_redoes_nothing(night: str, s3: object, tmp_path: Path) -> None:
+    ledger, log = tmp_path / "ledger", tmp_path / "log.jsonl"
+    args = [sys.executable, "-m", "batchstyle", "run", night, "--out", "s3://night/out/", "--ledger", str(ledger)]
+    args += [*FAST[:-3], "--iterations", "60", "-q", "--log-json", str(log)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    try:
+        while not any('"done"' in line for line in (log.read_text().splitlines() if log.is_file() else [])):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no row finished"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _objects(s3, "night", "out/")
+    assert before, "a row was done before the kill"
+    for data in before.values():  # every object under an output's name is a whole image
+        _key_of(data, tmp_path)
+    rerun = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, *FAST[:-3], "--iterations", "60", "-q")
+    assert rerun.exit_code == 0, rerun.output
+    after = _objects(s3, "night", "out/")
+    assert sorted(after) == [f"out/c{k}-s0.png" for k in range(3)]
+    assert all(after[name] == data for name, data in before.items()), "a finished output was redone"
+    assert f"skipped {len(before):>6}" in rerun.output
