@@ -6,7 +6,6 @@ so the ratio iteration/floor is what the loop's own overhead (losses, Gram matri
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from batchstyle.model.export import graph_spec
+from batchstyle.model.graph import graph_spec
 from batchstyle.model.numerics import PRECISIONS, configure_device
 from batchstyle.model.precision import decide
 from batchstyle.model.stylize import Hooks, Inputs, Stylizer
@@ -195,7 +194,8 @@ def target_figures(
     """Median seconds to compute one row's targets (content features of one image, Grams of one style), with torch
     and with ONNX Runtime: its first provider for the device, or `provider` alone (then `ort_provider` says what
     actually ran: the CPU provider when `provider` is not in this build)."""
-    from batchstyle.model.export import export_graph, graph_matches
+    from batchstyle.model.export import export_graph
+    from batchstyle.model.graph import graph_matches
     from batchstyle.model.targets import OrtBackend, TorchBackend
 
     dev = torch.device(device)
@@ -252,7 +252,8 @@ def cache_figures(
     fills the cache, and a rerun that finds everything there."""
     import tempfile
 
-    from batchstyle.model.export import GraphSpec, export_graph
+    from batchstyle.model.export import export_graph
+    from batchstyle.model.graph import GraphSpec
     from batchstyle.model.targets import Backend, OrtBackend, TargetCache, TargetStore, TorchBackend
 
     dev = torch.device(device)
@@ -359,8 +360,7 @@ def _memory_child(
 
 def untiled_bytes(model: str, cache_dir: Path, long_side: int) -> int:
     """What the memory model predicts a single-scale untiled 4:3 row of this long side needs, default options."""
-    from batchstyle.model.memory import scale_bytes
-    from batchstyle.model.optimize import lbfgs_history
+    from batchstyle.model.memory import lbfgs_history, scale_bytes
     from batchstyle.model.weights import resolve
 
     source, _ = resolve(model, cache_dir)
@@ -446,7 +446,8 @@ def throughput_figures(
     import tempfile
 
     from batchstyle.manifest import read_manifest
-    from batchstyle.model.export import export_graph, graph_matches
+    from batchstyle.model.export import export_graph
+    from batchstyle.model.graph import graph_matches
     from batchstyle.model.weights import resolve
     from batchstyle.run.config import RunConfig
     from batchstyle.run.engine import run
@@ -643,8 +644,7 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     """`batchstyle bench device`: every figure one device's day needs, printed as measured; returns what was skipped
     and why (also printed). Built from the other benchmarks' functions: iteration_figures, image_figures,
     target_figures, throughput_figures."""
-    from batchstyle.model.memory import batch_that_fits
-    from batchstyle.model.optimize import lbfgs_history
+    from batchstyle.model.memory import batch_that_fits, lbfgs_history
     from batchstyle.model.tiles import default_budget
 
     start = time.perf_counter()
@@ -818,78 +818,3 @@ def device_report(options: DeviceBenchOptions, echo: Callable[[str], None]) -> l
     if dev.type != "cuda":
         skip("targets on CUDA and TensorRT", f"no CUDA device ({dev})")
     return skipped
-
-
-# -- planning a large manifest --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlanFigures:
-    rows: int
-    start_mb: float  # resident memory before reading (the interpreter, torch and the package imported)
-    read_seconds: float
-    read_peak_mb: float  # the process's peak resident memory while reading the manifest
-    plan_seconds: float
-    plan_peak_mb: float  # its peak while planning, up to the first row handed out
-
-
-class _Planned(Exception):
-    """Raised by the bench's events at the first row handed out: planning is over, and no row is optimised."""
-
-
-def _peak_rss_mb(reset: bool = False) -> float:
-    """The process's peak resident memory (VmHWM), reset first when asked so that each phase gets its own peak
-    (Linux: /proc/self/clear_refs); elsewhere the high-water mark of the whole process (getrusage)."""
-    try:
-        if reset:
-            Path("/proc/self/clear_refs").write_text("5")
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def plan_manifest(folder: Path, rows: int) -> Path:
-    """`rows` rows over four generated contents and two styles (small, so planning is all there is to measure)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for i in range(4):
-        random_image(48, 36, generator).save(folder / f"content{i}.png")
-    for k in range(2):
-        random_image(40, 40, generator).save(folder / f"style{k}.png")
-    path = folder / "plan.csv"
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write("content,style,output\n")
-        handle.writelines(f"content{i % 4}.png,style{i % 2}.png,out/{i:07d}.png\n" for i in range(rows))
-    return path
-
-
-def plan_figures(rows: int, folder: Path, model: str = "random", cache_dir: Path | None = None) -> PlanFigures:
-    """Seconds and peak memory of reading a `rows`-row manifest, then of `run` up to the moment it hands out its
-    first row: the keys, the ledger's rows, the batches and every worker's settings, all decided before any work."""
-    from batchstyle.manifest import read_manifest
-    from batchstyle.options import option_values
-    from batchstyle.run.config import RunConfig
-    from batchstyle.run.engine import run
-    from batchstyle.run.progress import Silent
-
-    class StopAtFirstRow(Silent):
-        def row_started(self, row: int, output: str, iterations: int) -> None:
-            raise _Planned
-
-    path = plan_manifest(folder, rows)
-    start_mb = _peak_rss_mb(reset=True)
-    began = time.perf_counter()
-    manifest = read_manifest(path, option_values({}), folder / "out")
-    read_seconds = time.perf_counter() - began
-    read_peak = _peak_rss_mb()
-    _peak_rss_mb(reset=True)
-    began = time.perf_counter()
-    with contextlib.suppress(_Planned):
-        run(manifest, RunConfig(model=model, devices="cpu", cache_dir=cache_dir), StopAtFirstRow())
-    plan_seconds = time.perf_counter() - began
-    return PlanFigures(rows, start_mb, read_seconds, read_peak, plan_seconds, _peak_rss_mb())

@@ -547,11 +547,14 @@ def bench_plan(rows: int, model: str, cache_dir: Path | None) -> None:
     the first row handed out; no row is optimised. The manifest and its output folder go to a temporary folder."""
     import tempfile
 
-    from batchstyle.bench import plan_figures
+    from batchstyle.bench_plan import plan_figures
 
     with tempfile.TemporaryDirectory(prefix="batchstyle-bench-plan-") as folder:
         fig = plan_figures(rows, Path(folder), model, cache_dir)
-    click.echo(f"{fig.rows} rows (process at {fig.start_mb:.0f} MB before reading: interpreter, torch, batchstyle)")
+    torch = "imported" if fig.torch_imported else "not imported"
+    click.echo(
+        f"{fig.rows} rows (process at {fig.start_mb:.0f} MB before reading: interpreter, batchstyle; torch {torch})"
+    )
     click.echo(f"{'phase':<8} {'seconds':>8} {'peak RSS MB':>12} {'over start':>11}")
     phases = (("read", fig.read_seconds, fig.read_peak_mb), ("plan", fig.plan_seconds, fig.plan_peak_mb))
     for phase, seconds, peak in phases:
@@ -706,7 +709,8 @@ def export_command(
     cache_dir: Path | None,
 ) -> None:
     """Export the target graph (features + Gram matrices, pixels in) to ONNX and validate it against PyTorch."""
-    from batchstyle.model.export import ExportError, export_graph, graph_spec
+    from batchstyle.model.export import export_graph
+    from batchstyle.model.graph import ExportError, graph_spec
     from batchstyle.model.layout import layer_names
 
     values = _option_values({"content_layers": content_layers, "style_layers": style_layers, "pooling": pooling})

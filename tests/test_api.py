@@ -14,12 +14,13 @@ from PIL import Image
 from batchstyle import StyleTransfer, run_manifest
 from batchstyle.errors import RunError
 from batchstyle.images import load_image
-from batchstyle.model.export import graph_spec
+from batchstyle.model.graph import graph_spec
 from batchstyle.model.stylize import Inputs, Stylizer
 from batchstyle.options import OptionError, default_values, make_settings
 from batchstyle.run.config import RUN_SETTINGS
 from batchstyle.run.ledger import read_records
-from batchstyle.run.worker import Worker, WorkerSpec
+from batchstyle.run.messages import WorkerSpec
+from batchstyle.run.worker import Worker
 
 # Coarse-to-fine on purpose (scales 24, 34, 48): the facade must run the same scale loop a row does.
 OPTIONS = {"size": 48, "min_size": 24, "iterations": 3, "scale_iterations": 4, "seed": 3}

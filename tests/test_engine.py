@@ -34,13 +34,14 @@ from batchstyle.options import default_values
 from batchstyle.run.config import RunConfig
 from batchstyle.run.engine import RunSummary, run
 from batchstyle.run.execution import SLOT_FAILURES, Execution, mark_pending
+from batchstyle.run.hooks import TEST_HANG_ROW
 from batchstyle.run.ledger import Ledger, ledger_files, read_records
+from batchstyle.run.messages import Result as RowResult
 from batchstyle.run.plan import plan
 from batchstyle.run.progress import Silent
 from batchstyle.run.scheduler import Scheduler
 from batchstyle.run.signals import Stop
-from batchstyle.run.worker import TEST_HANG_ROW, failure_cause, full_folder
-from batchstyle.run.worker import Result as RowResult
+from batchstyle.run.worker import failure_cause, full_folder
 
 TINY = ("--model", "random", "--size", "32", "-q")
 
@@ -664,9 +665,9 @@ def test_a_hung_ray_actor_is_killed_and_replaced(
 def test_bench_plan_plans_every_row_and_optimises_none(tmp_path: Path) -> None:
     """`batchstyle bench plan`'s figures come from the real run up to its first row handed out: every row is in
     the ledger, none was optimised (the first, handed out and stopped, is pending again), no output was written."""
-    from batchstyle.bench import plan_figures
+    from batchstyle.bench_plan import plan_figures
 
-    fig = plan_figures(300, tmp_path)
+    fig = plan_figures(300, tmp_path, cache_dir=tmp_path / "cache")
     assert fig.rows == 300
     assert fig.read_seconds > 0 and fig.plan_seconds > 0
     assert fig.read_peak_mb > 0 and fig.plan_peak_mb > 0

@@ -12,7 +12,8 @@ import torch
 from conftest import cli
 
 from batchstyle.model import export
-from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, target_graph, validate
+from batchstyle.model.export import export_graph, target_graph, validate
+from batchstyle.model.graph import ExportError, GraphSpec, graph_matches
 from batchstyle.model.weights import SOURCES
 
 # A short layer set keeps the export small and quick; the full default set is exercised by test_targets.

@@ -29,7 +29,7 @@ def _is_type_checking(node: ast.If) -> bool:
 
 # The model layer's entry points, the only model modules the run layer may import: a stylizer built (`build`,
 # `numerics`), a stylization (`stylize`) and a clip's frames (`frames`), where targets come from and are kept
-# (`targets`, `cache`, `export`), the network's layout and weights, planning (`scales`, `tiles`, `memory`,
+# (`targets`, `cache`, `export`, `graph`), the network's layout and weights, planning (`scales`, `tiles`, `memory`,
 # `precision`), pixels to files (`pixels`), and from `optimize` the losses a stylization reports and the L-BFGS
 # memory it plans with (never its Objective: `_is_loss_builder`). Losses, the temporal loss and its flows, the VGG
 # trunk, colour transfer and the L-BFGS history are the model's own.
@@ -40,6 +40,7 @@ RUN_MAY_IMPORT = {
         "cache",
         "export",
         "frames",
+        "graph",
         "layout",
         "memory",
         "numerics",

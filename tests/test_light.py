@@ -73,3 +73,24 @@ def test_a_light_command_imports_neither_torch_nor_onnxruntime(folder: Path, arg
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["code"] == 0, proc.stdout + proc.stderr
     assert probe["heavy"] == [], f"batchstyle {' '.join(args)} imported {probe['heavy']}"
+
+
+def test_planning_a_run_imports_no_torch_once_its_graph_is_exported(tmp_path: Path) -> None:
+    """`bench plan` is `run` up to its first row handed out, in this process; it exports the graph in a process of
+    its own first (as a machine's first run does), after which the parent reads, keys, records and batches every
+    row without torch: most of planning's memory on a 200,000-row manifest was torch's (docs/benchmarks.md)."""
+    env = {**os.environ, "BATCHSTYLE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "bench", "plan", "--rows", "40"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["code"] == 0, proc.stdout + proc.stderr
+    assert "40 rows" in proc.stdout and "torch not imported" in proc.stdout, proc.stdout
+    assert probe["heavy"] == [], f"planning imported {probe['heavy']}"
+    assert any((tmp_path / "cache" / "onnx").glob("*.onnx")), "the graph was not exported into the cache"

@@ -13,7 +13,8 @@ from conftest import compute_targets, make_painting, make_photo, optimize_one
 from batchstyle.images import load_image
 from batchstyle.model import history
 from batchstyle.model.features import VGGFeatures, build
-from batchstyle.model.history import STORES, pair_store
+from batchstyle.model.history import pair_store
+from batchstyle.model.memory import STORES
 from batchstyle.model.optimize import (
     BatchLBFGS,
     Losses,

@@ -10,8 +10,7 @@ from conftest import make_painting, make_photo, write_manifest
 
 from batchstyle.errors import RunError
 from batchstyle.manifest import read_manifest
-from batchstyle.model.memory import FIXED_BYTES, batch_that_fits, scale_bytes
-from batchstyle.model.optimize import lbfgs_history
+from batchstyle.model.memory import FIXED_BYTES, batch_that_fits, lbfgs_history, scale_bytes
 from batchstyle.model.tiles import MemoryPolicy, choose_tiling
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values

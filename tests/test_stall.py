@@ -22,10 +22,12 @@ from batchstyle.run.messages import (
     Note,
     Progress,
     Ready,
+    Result,
     Results,
     RowProgress,
     RunBatch,
     Stop,
+    WorkerSpec,
 )
 from batchstyle.run.pools import (
     ENGINE_BUILD_ALLOWANCE,
@@ -38,7 +40,6 @@ from batchstyle.run.pools import (
     overdue,
     stall_limit,
 )
-from batchstyle.run.worker import Result, WorkerSpec
 
 
 class Clock:

@@ -11,7 +11,8 @@ import torch
 from conftest import cli, write_manifest
 from PIL import Image
 
-from batchstyle.model.export import export_graph, graph_spec
+from batchstyle.model.export import export_graph
+from batchstyle.model.graph import graph_spec
 from batchstyle.model.targets import OrtBackend, TargetCache, TargetStore, TorchBackend, ort_providers
 from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings

@@ -13,12 +13,20 @@ from conftest import cli, compute_targets, optimize_one, write_manifest
 from PIL import Image
 
 from batchstyle.images import load_image
-from batchstyle.model.export import graph_spec, target_graph
+from batchstyle.model.export import target_graph
 from batchstyle.model.features import VGGFeatures, copy_module
+from batchstyle.model.graph import graph_spec
 from batchstyle.model.layout import halo, stride
 from batchstyle.model.losses import gram_matrix
-from batchstyle.model.memory import FIXED_BYTES, IMAGE_VECTORS, available_memory, network_bytes, scale_bytes
-from batchstyle.model.optimize import Objective, lbfgs_history
+from batchstyle.model.memory import (
+    FIXED_BYTES,
+    IMAGE_VECTORS,
+    available_memory,
+    lbfgs_history,
+    network_bytes,
+    scale_bytes,
+)
+from batchstyle.model.optimize import Objective
 from batchstyle.model.stylize import Inputs, Stylizer
 from batchstyle.model.targets import Targets, stack_targets, style_targets
 from batchstyle.model.tiles import (

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from batchstyle.model.cache import TargetCache
-from batchstyle.model.export import GraphSpec
+from batchstyle.model.graph import GraphSpec
 from batchstyle.model.numerics import configure_device
 from batchstyle.model.precision import PROBE_SETTINGS, decide
 from batchstyle.model.stylize import Stylizer

@@ -24,13 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STORES = ("fp32", "bf16", "file")
+from batchstyle.model.memory import STORES
+
 CHUNK = 1 << 20  # elements of a vector per slice: a 4 MiB fp32 slice per stored vector, a few MiB in all
-
-
-def bytes_per_float(store: str) -> int:
-    """What one stored float costs the memory budget: a file's floats cost none of it."""
-    return {"fp32": 4, "bf16": 2, "file": 0}[store]
 
 
 class PairStore(ABC):

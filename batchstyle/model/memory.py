@@ -18,8 +18,30 @@ import math
 import os
 from collections.abc import Sequence
 
-from batchstyle.model.history import bytes_per_float
 from batchstyle.model.layout import activation_floats, deepest, halo, layer_shape, stride
+
+STORES = ("fp32", "bf16", "file")  # where L-BFGS keeps its pairs (`history.pair_store`)
+
+
+def bytes_per_float(store: str) -> int:
+    """What one stored float costs the memory budget: a file's floats cost none of it."""
+    return {"fp32": 4, "bf16": 2, "file": 0}[store]
+
+
+LBFGS_HISTORY_BYTES = 1 << 30
+MIN_PAIRS = 5  # L-BFGS pairs an image keeps at the least, however large it is
+
+
+def lbfgs_history(numel: int, budget: int = LBFGS_HISTORY_BYTES) -> int:
+    """L-BFGS correction pairs per image: 100 (neural-style's choice) while they fit in 1 GiB, fewer for big images.
+
+    Each pair holds two image-sized float32 vectors, so at 2048x1536 a history of 100 alone takes 7.5 GB, more than
+    the network's activations; 14 pairs there keep the curvature estimate and bound the memory. The budget is per
+    image, not per batch, so that a row comes out of a batch as it would alone; `--batch-size auto` counts the
+    history in what each image of a batch needs.
+    """
+    return max(MIN_PAIRS, min(100, budget // (2 * 4 * numel)))
+
 
 # Bytes of a forward+backward per float of `layout.activation_floats` (fp32; conv and in-place ReLU outputs are both
 # counted there though they share memory, and the backward's temporaries come on top). Measured as the peak resident

@@ -20,6 +20,7 @@ from torch import nn
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.history import pair_store
 from batchstyle.model.losses import ContentLoss, LaplacianLoss, StyleLoss, TVLoss
+from batchstyle.model.memory import lbfgs_history
 from batchstyle.model.numerics import NETWORK_PRECISIONS
 from batchstyle.model.targets import Targets
 from batchstyle.options import STOP_WINDOW, Settings
@@ -232,21 +233,6 @@ def initial_image(init: str, content: torch.Tensor, seed: int, init_image: torch
     if init_image is None:
         raise ValueError(f"init {init!r} needs its image")
     return torch.nn.functional.interpolate(init_image, size=content.shape[-2:], mode="bicubic").clamp(0, 1)
-
-
-LBFGS_HISTORY_BYTES = 1 << 30
-MIN_PAIRS = 5  # L-BFGS pairs an image keeps at the least, however large it is
-
-
-def lbfgs_history(numel: int, budget: int = LBFGS_HISTORY_BYTES) -> int:
-    """L-BFGS correction pairs per image: 100 (neural-style's choice) while they fit in 1 GiB, fewer for big images.
-
-    Each pair holds two image-sized float32 vectors, so at 2048x1536 a history of 100 alone takes 7.5 GB, more than
-    the network's activations; 14 pairs there keep the curvature estimate and bound the memory. The budget is per
-    image, not per batch, so that a row comes out of a batch as it would alone; `--batch-size auto` counts the
-    history in what each image of a batch needs.
-    """
-    return max(MIN_PAIRS, min(100, budget // (2 * 4 * numel)))
 
 
 class BatchLBFGS(torch.optim.Optimizer):
@@ -482,7 +468,7 @@ def optimize_batch(
     `settings.laplacian_weight` asks for it; every `Losses` then carries them, each iteration's included.
     `objective` builds the objective from (model, targets, settings, autocast, extra): `tiles.tiled(px)` evaluates
     it tile by tile in bounded memory. `history_pairs` is each image's L-BFGS pairs (default `lbfgs_history`), kept in
-    `history_store` (`history.STORES`; a "file" in `history_folder`, default the system's temporary folder).
+    `history_store` (`memory.STORES`; a "file" in `history_folder`, default the system's temporary folder).
     """
     if precision not in NETWORK_PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(NETWORK_PRECISIONS)}")

@@ -34,9 +34,10 @@ from batchstyle.faces import Face, face_mask, find_faces
 from batchstyle.images import output_size, resize_long_side
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.colour import TONE_SIZE, auto_colour, match_colours
-from batchstyle.model.export import GraphSpec, graph_spec
 from batchstyle.model.features import VGGFeatures
-from batchstyle.model.optimize import Losses, Objective, lbfgs_history, optimize_batch, upsample
+from batchstyle.model.graph import GraphSpec, graph_spec
+from batchstyle.model.memory import lbfgs_history
+from batchstyle.model.optimize import Losses, Objective, optimize_batch, upsample
 from batchstyle.model.pixels import image_to_tensor, luminance_image, recombine_color
 from batchstyle.model.precision import Decision
 from batchstyle.model.scales import scale_plan, style_long_side

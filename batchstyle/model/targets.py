@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import torch
 
 from batchstyle.model.cache import TargetCache
-from batchstyle.model.export import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, target_graph
+from batchstyle.model.export import target_graph
+from batchstyle.model.graph import GRAM_NORMALISATION, INPUT_NAME, GraphSpec
 from batchstyle.model.layout import layer_shape
 from batchstyle.model.weights import Weights
 from batchstyle.version import ALGORITHM_VERSION
@@ -311,7 +312,8 @@ def backend_factory(
     seen: set[str] = set()
 
     def make(graph: GraphSpec) -> Backend:
-        from batchstyle.model.export import ExportError, export_graph, graph_matches
+        from batchstyle.model.export import export_graph
+        from batchstyle.model.graph import ExportError, graph_matches
 
         path = cache_dir / "onnx" / graph.filename()
         if graph in torch_graphs:

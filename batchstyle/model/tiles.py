@@ -40,11 +40,10 @@ import torch
 from torch import nn
 
 from batchstyle.model.features import VGGFeatures
-from batchstyle.model.history import bytes_per_float
 from batchstyle.model.layout import deepest, halo, layer_shape, stride
 from batchstyle.model.losses import region_weights
-from batchstyle.model.memory import cpu_budget, network_bytes, scale_bytes
-from batchstyle.model.optimize import MIN_PAIRS, TERMS, Objective
+from batchstyle.model.memory import MIN_PAIRS, bytes_per_float, cpu_budget, network_bytes, scale_bytes
+from batchstyle.model.optimize import TERMS, Objective
 from batchstyle.model.targets import Targets
 from batchstyle.options import Settings
 
@@ -458,7 +457,7 @@ class MemoryPolicy:
 
 @dataclass(frozen=True)
 class Tiling:
-    """What one scale runs with: `tile` px (0: untiled), `history` L-BFGS pairs kept in `store` (`history.STORES`),
+    """What one scale runs with: `tile` px (0: untiled), `history` L-BFGS pairs kept in `store` (`memory.STORES`),
     the predicted peak bytes (of the worker's own device), and how many devices compute the tiles."""
 
     tile: int

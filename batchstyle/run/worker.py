@@ -14,11 +14,9 @@ import os
 import re
 import signal
 import sqlite3
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,6 @@ from batchstyle.images import (
     temp_file_target,
 )
 from batchstyle.model.build import build_stylizer
-from batchstyle.model.export import GraphSpec
 from batchstyle.model.optimize import Losses, LossNotFinite
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
@@ -47,7 +44,21 @@ from batchstyle.run.devices import (
     is_device_fault,
     is_out_of_memory,
 )
-from batchstyle.run.messages import Beat, Fatal, Fault, Note, Progress, Ready, Results, RowProgress, RunBatch, Stop
+from batchstyle.run.hooks import hang_if_asked
+from batchstyle.run.messages import (
+    Beat,
+    Fatal,
+    Fault,
+    Note,
+    Progress,
+    Ready,
+    Result,
+    Results,
+    RowProgress,
+    RunBatch,
+    Stop,
+    WorkerSpec,
+)
 from batchstyle.run.plan import Job
 from batchstyle.store import StoreError
 from batchstyle.version import __version__
@@ -55,53 +66,6 @@ from batchstyle.version import __version__
 # row number, iteration (counted across scales), losses
 OnIteration = Callable[[int, int, Losses], None]
 Warn = Callable[[str], None]
-
-
-@dataclass
-class Result:
-    row: int
-    status: str  # done | failed
-    seconds: float
-    iterations: int = 0
-    losses: Losses | None = None  # the kept iterate's terms by name (a clip: its last frame's) and total
-    error: str | None = None
-    history: list[Losses] = field(default_factory=list)  # every iteration's, by term: the ledger's loss curves
-    targets: str | None = None  # where the targets came from, e.g. "content=hit style=miss,hit"
-    provider: str | None = None
-    scales: list[tuple[int, int, int]] = field(default_factory=list)  # (width, height, iterations) per scale
-    stops: list[str] = field(default_factory=list)  # why each scale stopped: "iterations" or "converged"
-    colours: list[str] = field(default_factory=list)  # per style, how its colours were taken (color=auto decides)
-    faces: list[list[float]] | None = None  # faces=auto: the faces found, [x, y, w, h] as fractions; None: not looked
-    batch: int = 1  # images optimised together with this one
-    cause: str | None = None  # a failure that is not the row's own: a signature without the row's paths
-    full: Path | None = None  # the folder with no room left for it (`full_folder`): the run stops, the row waits
-    precision: str | None = None  # what the network ran in (fp32 | tf32 | bf16), for the ledger
-    precision_measured: str | None = None  # how `auto` decided it on this machine: the timings and the choice
-    frames: int = 0  # a clip job: frames stylized by this call (finished ones from before are not redone)
-    temporal_error: float | None = None  # an assembled clip's flicker (run.clip.clip_temporal_error)
-    # per scale: tile px (0: untiled), L-BFGS pairs, where they were kept, devices the tiles were dealt to
-    tiling: list[tuple[int, int, str, int]] = field(default_factory=list)
-    memory_budget: int | None = None  # bytes the row was fitted in
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """How to build a worker in any process: by name, never by object."""
-
-    model: str  # a registry name or a weights file path, as resolved by the parent
-    cache_dir: Path
-    device: str
-    targets: str = "ort"  # ort | torch
-    trt_fp16: bool = False
-    profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
-    torch_targets: frozenset[GraphSpec] = frozenset()  # graphs whose export failed: computed with torch
-    save_every: int = 0
-    precision: str = "auto"  # auto (measured on this device by the worker: `model.precision`) | fp32 | tf32 | bf16
-    max_memory: int | None = None  # bytes a row may use; None: `tiles.default_budget` of the device, asked here
-    tile: int | None = None  # None: tiled only where a row would not fit; 0: never; N: tiles of N px
-    scratch: Path | None = None  # the run's output folder: an L-BFGS history too large for memory goes there
-    tile_devices: tuple[str, ...] = ()  # --spread-tiles: more devices a tiled row's tiles are dealt to
-    threads: int | None = None  # torch (and ORT) threads; None leaves the process default
 
 
 def describe_failure(job: Job, exc: BaseException, batch: int = 1, image: int = 0) -> str:
@@ -582,19 +546,6 @@ class _BeatingTargets:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
-
-
-TEST_HANG_ROW = "BATCHSTYLE_TEST_HANG_ROW"
-
-
-def hang_if_asked(jobs: Sequence[Job]) -> None:
-    """Test hook: with BATCHSTYLE_TEST_HANG_ROW=<row number> in its environment, a worker handed that row blocks for
-    good without another sign of life, as one stuck in a driver call would; every other row runs as ever. A real
-    hang (SIGSTOP) of whichever worker holds a row cannot single out the row, and a test that waits for it races the
-    healthy worker beside it under load."""
-    row = os.environ.get(TEST_HANG_ROW)
-    if row and any(str(job.row.number) == row for job in jobs):
-        threading.Event().wait()
 
 
 def serve(conn: Any, spec: WorkerSpec) -> None:
