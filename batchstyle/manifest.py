@@ -23,7 +23,7 @@ from batchstyle.images import DEEP_SUFFIXES, SUPPORTED_SUFFIXES, ImageError, che
 from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
-from batchstyle.reserved import fold, reserved_problem
+from batchstyle.reserved import fold, reserved_in
 from batchstyle.store import StoreError, child, is_url, join, local_path, scrub, stage, work_dir
 from batchstyle.video import VIDEO_SUFFIXES, ClipInfo, is_clip, is_clip_output, output_problem, probe_clip, select
 
@@ -773,7 +773,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode's control characters (c
 def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[_Output], inputs: list[_Input], paths: _Paths) -> None:
     """A row whose output would destroy a file that is not its own to write fails, before any work, with a problem
     in its output column: an input of any row (a photo was replaced by its own stylization: `v.jpg,s.jpg,v.jpg`
-    with `--out .`), the manifest, a file batchstyle writes itself (`reserved_problem`: the report, the ledger,
+    with `--out .`), the manifest, a file batchstyle writes itself (`reserved.reserved_in`: the report, the ledger,
     temp names, iterates and frames folders), a folder already at an image's name, or the output folder itself.
     A name with a control character is refused too: a line break in a file name breaks every listing and script
     that meets it; and so is a name longer than its folder's file system holds (a 300-character name passed
@@ -806,7 +806,7 @@ def _refuse_unsafe_outputs(manifest: Manifest, outputs: list[_Output], inputs: l
             return f"{name} {too_long}"
         if key == out_key:  # it lies in the output folder (checked), so this is the folder itself
             return f"{name} is the output folder itself; name a file or folder inside it"
-        reserved = reserved_problem(PurePath(*key[len(out_key) :]))
+        reserved = reserved_in(key[len(out_key) :])
         if reserved:
             return f"{name} {reserved}; {_FIX}"
         if output.suffix and paths.is_folder(output):
