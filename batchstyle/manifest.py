@@ -14,6 +14,7 @@ import difflib
 import io
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -359,7 +360,7 @@ def read_manifest(
         if found is None:
             remote = cell if is_url(cell) else join(url, cell) if url and not Path(cell).is_absolute() else None
             if remote is None or remote.lower().startswith("file://"):
-                found = base / local_path(remote or cell)
+                found = _as_on_disk(base / local_path(remote or cell))
             else:
                 try:
                     found = stage(remote)
@@ -569,6 +570,20 @@ def read_manifest(
     if sources or out_url or url:
         _with_urls(manifest)
     return manifest
+
+
+def _as_on_disk(path: Path) -> Path:
+    """`path`, or the file it names in the other Unicode normalisation. A name typed or pasted in NFD (as macOS
+    writes names) names no file on Linux, where the photo's name was written in NFC, and the reverse: the bytes
+    differ though the names read the same. macOS and Windows match either form themselves."""
+    text = str(path)
+    if text.isascii() or path.exists():
+        return path
+    for form in ("NFC", "NFD"):
+        other = Path(unicodedata.normalize(form, text))
+        if other != path and other.exists():
+            return other
+    return path
 
 
 def _with_urls(manifest: Manifest) -> None:

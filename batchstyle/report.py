@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from batchstyle.errors import UnusableInput
 from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
-from batchstyle.reserved import CONTACT_SHEET_NAME, HTML_NAME
+from batchstyle.reserved import CONTACT_SHEET_NAME, HTML_NAME, fold
 from batchstyle.run.ledger import (
     LEDGER_NAME,
     STATUSES,
@@ -812,6 +813,41 @@ def _write_text_atomic(path: Path, text: str) -> None:
     write_file_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+class ReportRefused(UnusableInput):
+    """The report's files would replace a file it did not write."""
+
+
+_SHEET_MARK = "batchstyle report"  # the contact sheet's Software text, since the first report
+_HTML_MARK = "<title>batchstyle report"  # in the HTML page's head, since the first report
+
+
+def _refuse_foreign(records: Sequence[Record], sheet: Path, page: Path) -> None:
+    """Refuses to write over a row's output or any file the report did not write itself. Manifests refuse outputs
+    at these names now, but a ledger from before they did may hold one (the sheet then replaced the row's output
+    while the ledger said done, and reruns skipped it), and a user may have put a file of their own there."""
+    taken = {fold(CONTACT_SHEET_NAME): sheet, fold(HTML_NAME): page}
+    for record in records:
+        path = taken.get(fold(record.output))
+        if path is not None:
+            raise ReportRefused(
+                f"row {record.row}'s output is {path}, where the report writes its "
+                f"{'contact sheet' if path == sheet else 'page'}: it would be replaced. Move that output and rename "
+                "it in the manifest (runs refuse such names now), then report again"
+            )
+    if sheet.is_file():
+        try:
+            ours = read_metadata(sheet).get("Software") == _SHEET_MARK
+        except ImageError:
+            ours = False
+        if not ours:
+            raise ReportRefused(f"{sheet} is not a contact sheet batchstyle wrote: move it, then report again")
+    if page.is_file():
+        with page.open("rb") as handle:
+            head = handle.read(4096).decode("utf-8", "replace")
+        if _HTML_MARK not in head:
+            raise ReportRefused(f"{page} is not a report batchstyle wrote: move it, then report again")
+
+
 def write_report(out_dir: Path, all_rows: bool = False, thumb: int = 160) -> ReportFiles:
     """Writes contact-sheet.png and report.html into ``out_dir`` from its ledger, each atomically.
 
@@ -833,7 +869,8 @@ def write_report(out_dir: Path, all_rows: bool = False, thumb: int = 160) -> Rep
     models = _models(records, last_run)
     sheet_path = out_dir / CONTACT_SHEET_NAME
     html_path = out_dir / HTML_NAME
+    _refuse_foreign(records, sheet_path, html_path)
     sheet = _contact_sheet(rows, out_dir, last_run, models, thumb)
-    save_image_atomic(sheet, sheet_path, {"Software": "batchstyle report", "batchstyle:report": str(out_dir.name)})
+    save_image_atomic(sheet, sheet_path, {"Software": _SHEET_MARK, "batchstyle:report": str(out_dir.name)})
     _write_text_atomic(html_path, _html(rows, out_dir, last_run, models, thumb))
     return ReportFiles(contact_sheet=sheet_path, html=html_path)

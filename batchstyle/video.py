@@ -125,6 +125,8 @@ def _open(path: Path) -> Iterator[InputContainer]:
 
     if not path.exists():
         raise VideoError(f"{path}: no such file; check the path")
+    if not path.is_file():  # a named pipe blocks FFmpeg's open until something writes to it: `check` hung on one
+        raise VideoError(f"{path} is not a regular file (a named pipe, socket or device); name a video file instead")
     try:
         container = av.open(str(path))
     except Exception as exc:  # noqa: BLE001 - FFmpeg raises many kinds for a bad file

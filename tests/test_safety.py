@@ -129,6 +129,19 @@ def test_outputs_differing_only_in_unicode_normalisation_clash(tmp_path: Path, i
     )
 
 
+def test_an_input_named_in_the_other_unicode_normalisation_is_found(tmp_path: Path, images: dict[str, Path]) -> None:
+    """The photo's name was written in NFC; the cell, pasted from macOS, is NFD: the same name to a reader, other
+    bytes to Linux, and `check` said "no such file"."""
+    nfc = unicodedata.normalize("NFC", "café.png")
+    (tmp_path / "in" / nfc).write_bytes(images["photo"].read_bytes())
+    manifest = write_manifest(
+        tmp_path / "m.csv", HEADER, f"in/{unicodedata.normalize('NFD', nfc)},in/painting.png,a.png"
+    )
+    result = cli("run", manifest, *FAST)
+    assert result.exit_code == 0, result.output
+    assert statuses(tmp_path / "m") == {1: "done"}
+
+
 # --- 2. the report and the run's own files are never an output ---------------------------------------------------
 
 
@@ -154,6 +167,40 @@ def test_an_output_named_contact_sheet_is_refused_and_the_report_writes_only_its
     written = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
     assert {PurePath(CONTACT_SHEET_NAME), PurePath(HTML_NAME), PurePath("photo2-painting.png")} <= written
     assert [p for p in written if p.name != "photo2-painting.png" and reserved_problem(p) is None] == []
+
+
+def test_the_report_never_replaces_an_output_of_an_old_ledger_nor_a_file_of_its_own(
+    tmp_path: Path, images: dict[str, Path]
+) -> None:
+    """A ledger from before such names were refused holds a done row whose output is contact-sheet.png: the report
+    refuses (the output survives byte for byte) rather than replace it, as it refuses a sheet it did not write."""
+    from batchstyle.run.ledger import Ledger
+
+    out = tmp_path / "night"
+    output = make_photo(out / CONTACT_SHEET_NAME)
+    before = identity(output)
+    with Ledger(out) as ledger:
+        run_id = ledger.start_run(tmp_path / "m.csv", [], "random", "random:vgg16:seed0")
+        ledger.mark_pending(output, row=1, content="in/photo.png", styles="in/painting.png", key="k", run_id=run_id)
+        ledger.mark_running(output, run_id=run_id, device="cpu", model="random", weights="random:vgg16:seed0")
+        ledger.mark_finished(output, status="done", seconds=1.0, iterations=2, total_loss=1.0)
+        ledger.finish_run(run_id, {"done": 1})
+    result = cli("report", out)
+    assert result.exit_code == 2, result.output
+    assert f"row 1's output is {output}, where the report writes its contact sheet" in result.output
+    assert identity(output) == before and not (out / HTML_NAME).exists()
+
+    mine = tmp_path / "mine"
+    manifest = write_manifest(tmp_path / "m2.csv", HEADER, "in/photo.png,in/painting.png,a.png")
+    assert cli("run", manifest, "--out", mine, *FAST).exit_code == 0
+    sheet = make_photo(mine / CONTACT_SHEET_NAME)  # a user's own picture, under the sheet's name
+    kept = identity(sheet)
+    result = cli("report", mine)
+    assert result.exit_code == 2 and "is not a contact sheet batchstyle wrote" in result.output, result.output
+    assert identity(sheet) == kept
+    sheet.unlink()
+    assert cli("report", mine).exit_code == 0
+    assert cli("report", mine).exit_code == 0  # its own sheet and page it replaces
 
 
 @pytest.mark.parametrize(
@@ -246,12 +293,14 @@ def test_a_folder_at_an_outputs_name_is_refused_by_check(tmp_path: Path, images:
     )
 
 
+@pytest.mark.parametrize("name", ["pipe.png", "pipe.mp4"])
 def test_a_named_pipe_as_content_is_refused_without_waiting_for_a_writer(
-    tmp_path: Path, images: dict[str, Path]
+    tmp_path: Path, images: dict[str, Path], name: str
 ) -> None:
-    """Opening a FIFO blocks until something writes to it: `check` hung. A fresh interpreter, so a hang fails."""
-    os.mkfifo(tmp_path / "in" / "pipe.png")
-    manifest = write_manifest(tmp_path / "m.csv", HEADER, "in/pipe.png,in/painting.png,a.png")
+    """Opening a FIFO blocks until something writes to it: `check` hung, on an image's name and on a video's (FFmpeg
+    opens it too). A fresh interpreter, so a hang fails."""
+    os.mkfifo(tmp_path / "in" / name)
+    manifest = write_manifest(tmp_path / "m.csv", HEADER, f"in/{name},in/painting.png,a{Path(name).suffix}")
     done = subprocess.run(
         [sys.executable, "-m", "batchstyle", "check", str(manifest)],
         capture_output=True,
@@ -260,7 +309,7 @@ def test_a_named_pipe_as_content_is_refused_without_waiting_for_a_writer(
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "column content: " in done.stdout and "pipe.png is not a regular file (a named pipe" in done.stdout
+    assert "column content: " in done.stdout and f"{name} is not a regular file (a named pipe" in done.stdout
 
 
 @pytest.mark.parametrize(("delimiter", "says"), [(";", "separated by semicolons (;)"), ("\t", "separated by tabs")])
