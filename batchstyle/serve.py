@@ -524,6 +524,8 @@ function thumbCell(tr, r) {
   let a = img.parentNode && img.parentNode.tagName === "A" ? img.parentNode : el("a");
   a.href = r.file; a.target = "_blank"; if (img.parentNode !== a) a.appendChild(img); return a;
 }
+// A row refused before work has no output yet; the ledger keeps it under a placeholder name.
+const shownOutput = r => r.output.startsWith(".invalid-row") ? "(refused before work)" : r.output;
 function render(s) {
   const waiting = document.getElementById("waiting");
   waiting.hidden = !s.waiting; waiting.textContent = s.waiting || "";
@@ -554,7 +556,7 @@ function render(s) {
   const failed = s.rows.filter(r => r.status === "failed");
   document.getElementById("failures-box").hidden = !failed.length;
   keyed(document.querySelector("#failures tbody"), failed, r => r.output, (tr, r) => {
-    cells(tr, [r.row ?? "", r.output, r.error || ""]); tr.children[2].className = "err"; });
+    cells(tr, [r.row ?? "", shownOutput(r), r.error || ""]); tr.children[2].className = "err"; });
   const rows = s.rows.filter(r => !filter || r.status === filter);
   const listed = filter ? (s.counts[filter] || 0) : s.total;
   document.getElementById("shown").textContent = rows.length < listed
@@ -564,7 +566,7 @@ function render(s) {
     const known = v => v !== null && v !== undefined;
     const timing = r.status === "running" ? (known(r.eta) ? "about " + secs(r.eta) + " left" : "")
       : known(r.seconds) ? r.seconds.toFixed(1) + " s" : "";
-    cells(tr, [r.row ?? "", r.status, thumbCell(tr, r), r.output, progressCell(tr, r), timing, r.device || "",
+    cells(tr, [r.row ?? "", r.status, thumbCell(tr, r), shownOutput(r), progressCell(tr, r), timing, r.device || "",
       r.total_loss !== null && r.total_loss !== undefined ? r.total_loss.toPrecision(4) : ""]);
     tr.children[1].className = "badge s-" + r.status; tr.children[0].className = "num"; });
 }
