@@ -48,6 +48,9 @@ __all__ = ["Folder", "LiveServer", "ServeError", "start_server"]
 # A look at the ledger serves every client and scrape within this many seconds: ten open pages and a Prometheus
 # scraping every 5 s then cost the run one read a half second, not one per request.
 READ_INTERVAL = 0.5
+# ... and within this many times the last read's own duration: a 200,000-row ledger took 5 s to read (2 loaded
+# cores), and a page open beside the run would otherwise have kept a core reading it; this way it costs a tenth.
+READ_COST_FACTOR = 10
 # Rows of each status the page lists (all are counted): a 200,000-row night would otherwise send megabytes of JSON
 # every second. Running rows are always listed in full: there are only as many as the workers hold.
 LISTED_ROWS = 200
@@ -86,13 +89,16 @@ class Folder:
         self.root = self.out_dir.resolve()
         self._lock = threading.Lock()
         self._look: Look | None = None
+        self._read_cost = 0.0  # seconds the last read of the ledger took
         self._thumbs: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
 
     def look(self) -> Look:
         with self._lock:
             now = time.time()
-            if self._look is None or now - self._look.at >= READ_INTERVAL:
+            if self._look is None or now - self._look.at >= max(READ_INTERVAL, READ_COST_FACTOR * self._read_cost):
+                began = time.monotonic()
                 self._look = self._read(now)
+                self._read_cost = time.monotonic() - began
             return self._look
 
     def _read(self, now: float) -> Look:
