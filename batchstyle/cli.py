@@ -176,6 +176,17 @@ def _path_or_url(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value if value is None or is_url(value) else Path(value)
 
 
+def _serve_address(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
+    """`8080` or `0.0.0.0:8080` (`[::1]:8080`) -> (host, port); the host defaults to this machine only."""
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r}: give a port (8080), or HOST:PORT (0.0.0.0:8080)")
+    return host, int(port)
+
+
 def _read(
     manifest_path: Path | str | None,
     out_dir: Path | str | None,
@@ -244,6 +255,14 @@ def check(
     help="Append machine-readable JSON-lines events to FILE.",
 )
 @click.option("--report", "make_report", is_flag=True, help="Write contact-sheet.png and report.html at the end.")
+@click.option(
+    "--serve",
+    "serve_at",
+    metavar="[HOST:]PORT",
+    callback=_serve_address,
+    help="Serve the live page and /metrics (as `batchstyle serve`) while the run lasts, on 127.0.0.1 unless "
+    "HOST is given; PORT 0: any free port. The URL is printed once.",
+)
 @CACHE_DIR
 def run(
     manifest_path: Path | None,
@@ -255,6 +274,7 @@ def run(
     quiet: bool,
     log_json: Path | None,
     make_report: bool,
+    serve_at: tuple[str, int] | None,
     **params: Any,
 ) -> None:
     """Stylize every row of MANIFEST, or every --content with every --style (`--content 'photos/*.jpg' --style
@@ -277,6 +297,17 @@ def run(
         raise Unusable(f"cannot write the --log-json file {log_json}: {exc.strerror}") from None
     if log_handle:
         sinks.append(JsonLog(log_handle))
+    server = None
+    if serve_at is not None:
+        from batchstyle.serve import start_server
+
+        try:
+            server = start_server(manifest.out_dir, *serve_at, thread=True)
+        except UnusableInput:
+            if log_handle:
+                log_handle.close()
+            raise
+        click.echo(f"live page: {server.url}  metrics: {server.url}metrics", err=True)
     try:
         summary = engine.run(manifest, config, Fanout(*sinks) if sinks else Silent())
     except KeyboardInterrupt as exc:
@@ -285,6 +316,9 @@ def run(
     finally:
         if log_handle:
             log_handle.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     counts = summary.counts()
     click.echo("\n" + "\n".join(f"{name:<8}{count:>6}" for name, count in counts.items()))
     if summary.stopped:
@@ -397,6 +431,42 @@ def status(target: Path, as_json: bool, all_rows: bool) -> None:
         click.echo(line.rstrip())
         if r.error:
             click.echo(f"        {r.error}")
+
+
+@main.command()
+@click.argument("target", metavar="OUT")
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to serve on; 0: any free port (the URL printed says which).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 lets every machine that reaches this one "
+    "see the page and the outputs' thumbnails.",
+)
+def serve(target: str, port: int, host: str) -> None:
+    """Serve a live page of OUT's rows (an output folder, a manifest standing for its default folder, or a URL --out
+    of a run on this machine) and /metrics for Prometheus, read from its ledger, until Ctrl-C."""
+    from batchstyle.run.ledger import ledger_files
+    from batchstyle.serve import start_server
+    from batchstyle.store import is_url, work_dir
+
+    out_dir = work_dir(target) if is_url(target) else _out_dir(Path(target))
+    server = start_server(out_dir, host, port)
+    waiting = "" if ledger_files(out_dir) else " (no ledger there yet: the page waits for a run to start)"
+    click.echo(f"serving {out_dir.resolve()}{waiting}", err=True)
+    click.echo(f"live page: {server.url}  metrics: {server.url}metrics  (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @main.group("weights")
