@@ -68,6 +68,14 @@ class Row:
     sources: tuple[tuple[Path, str], ...] = ()
     output_url: str | None = None
 
+    def place(self, path: Path) -> str:
+        """Where the user put one of this row's inputs, for the ledger and messages: an object's URL (scrubbed)
+        rather than its local copy, which is named by a hash, differs between nodes and goes with the cache."""
+        for local, url in self.sources:
+            if local == path:
+                return scrub(url)
+        return str(path)
+
 
 @dataclass
 class Manifest:

@@ -199,6 +199,9 @@ def _find_url(pattern: str, flag: str, suffixes: frozenset[str]) -> tuple[tuple[
     try:
         fs, path = url_to_fs(pattern)
         path = path.rstrip("/")
+        # fsspec keeps listings for the life of the process: a second run in one process (the API, a test) saw
+        # none of the photos added since the first.
+        fs.invalidate_cache(path)
         if _GLOB & set(path):
             depth = next(i for i, part in enumerate(path.split("/")) if _GLOB & set(part))
             root, listed = path.split("/")[:depth], fs.glob(path, detail=True)

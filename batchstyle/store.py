@@ -98,10 +98,14 @@ def work_dir(out_url: str, cache: Path | None = None) -> Path:
 
 
 def _fs(url: str) -> tuple[Any, str]:
+    """The file system and path of `url`, with no listing kept from before: fsspec keeps listings (and the sizes
+    and ETags in them) for the life of the process, and a second run in one process saw none of the objects put
+    since the first."""
     import fsspec
 
     try:
         fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(path)
     except (ImportError, ValueError) as exc:
         scheme = urlsplit(url).scheme
         extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}.get(scheme)

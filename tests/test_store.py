@@ -9,55 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cli, make_painting, make_photo
+from conftest import SECRET, cli, make_painting, make_photo
 
 from batchstyle.images import read_metadata
 from batchstyle.run.ledger import LEDGER_NAME, read_records
 from batchstyle.store import StoreError, join, names, scrub, stage, work_dir
 
-boto3 = pytest.importorskip("boto3")
+pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 FAST = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "2", "-q")
-SECRET = "not-a-real-secret-4f1c"
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> object:
-    """A client of the server, with the credentials and endpoint in the environment, as a user gives them; every
-    test starts with no bucket."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_server,
-        "BATCHSTYLE_STAGING": str(tmp_path / "staging"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    client = boto3.client("s3")
-    for bucket in client.list_buckets().get("Buckets", []):
-        for item in client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", []):
-            client.delete_object(Bucket=bucket["Name"], Key=item["Key"])
-        client.delete_bucket(Bucket=bucket["Name"])
-    return client
 
 
 def _upload(client: object, bucket: str, key: str, path: Path) -> None:

@@ -111,8 +111,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
                 ledger.mark_failed_unstarted(
                     row.output,
                     row=row.number,
-                    content=str(row.content),
-                    styles=";".join(map(str, row.styles)),
+                    content=row.place(row.content),
+                    styles=";".join(map(row.place, row.styles)),
                     run_id=run_id,
                     error=unplannable[row.number],
                 )

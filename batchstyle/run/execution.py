@@ -590,7 +590,7 @@ def _carries_key(job: Job) -> bool:
 
 def _planned(job: Job) -> Planned:
     row = job.row
-    return Planned(job.output, row.number, str(row.content), ";".join(map(str, row.styles)), job.key)
+    return Planned(job.output, row.number, row.place(row.content), ";".join(map(row.place, row.styles)), job.key)
 
 
 def mark_pending(ledger: Ledger, job: Job, run_id: int) -> None:
