@@ -88,6 +88,13 @@ def staging_root() -> Path:
     return Path(given).expanduser() if given else default_cache_dir() / "staging"
 
 
+def output_copy(url: str) -> Path:
+    """Where this node writes the output for `url` before putting it: in its own staging folder, never the
+    driver's ledger folder, which a Ray actor on another node may not be able to create."""
+    digest = hashlib.sha256(scrub(url).encode()).hexdigest()[:24]
+    return staging_root() / "outputs" / digest / (name_of(url) or "output")
+
+
 def work_dir(out_url: str, cache: Path | None = None) -> Path:
     """The local folder of a run whose outputs go to `out_url`: its ledger, its lock, and each output between being
     written and being put. Named after the URL, so the same command finds the same ledger."""

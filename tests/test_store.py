@@ -4,11 +4,15 @@ the client, its requests and the server's answers are the real ones; only the st
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -155,3 +159,75 @@ def test_a_run_killed_mid_way_loses_nothing_and_redoes_nothing(night: str, s3: o
     assert sorted(after) == [f"out/c{k}-s0.png" for k in range(3)]
     assert all(after[name] == data for name, data in before.items()), "a finished output was redone"
     assert f"skipped {len(before):>6}" in rerun.output
+
+
+@pytest.fixture
+def two_nodes(s3: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
+    """A Ray cluster of two nodes on this machine, one CPU each (so one actor each), started after the S3 fixture
+    has put the credentials in the environment, which Ray hands on to the actors. Each node has a staging folder
+    and a cache of its own ($BATCHSTYLE_STAGING, $BATCHSTYLE_CACHE in its raylet's environment): nothing an actor
+    reads or writes is in a folder the driver uses."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # another module's Ray (tests/test_engine.py's, one node)
+        ray.shutdown()
+    nodes = {name: tmp_path / f"node-{name}" for name in ("a", "b")}
+    # A short temp dir: Ray's sockets live there and AF_UNIX paths stop at 107 bytes. RAY_TMPDIR also keeps the
+    # cluster's address file out of /tmp/ray, where any other Ray on this machine would find it.
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    os.mkdir(os.path.join(temp, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    cluster = Cluster()
+    for folder in nodes.values():
+        env = {"BATCHSTYLE_STAGING": str(folder / "staging"), "BATCHSTYLE_CACHE": str(folder / "cache")}
+        extra = {"include_dashboard": False} if not cluster.head_node else {}
+        cluster.add_node(num_cpus=1, env_vars=env, object_store_memory=80 * 1024**2, **extra)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+    # Two nodes of one CPU: RayPool places one actor on each.
+    assert [node["Resources"].get("CPU") for node in ray.nodes() if node["Alive"]] == [1.0, 1.0]
+    yield nodes
+    ray.shutdown()
+    cluster.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
+
+
+def test_a_ray_run_with_two_actors_and_no_shared_folder(
+    two_nodes: dict[str, Path], night: str, s3: object, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    # fp32: no precision probe per actor; no --cache-dir: each actor uses its node's own cache.
+    result = cli(
+        "run", night, "--out", "s3://night/out/", "--ledger", ledger, "--backend", "ray", "--precision", "fp32",
+        *FAST,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    outputs = _objects(s3, "night", "out/")
+    assert sorted(outputs) == [f"out/c{k}-s0.png" for k in range(3)]
+    records = read_records(ledger)[0]
+    assert {r.status for r in records} == {"done"} and len(records) == 3
+    assert all((r.device or "").startswith("ray:") for r in records), [r.device for r in records]
+    assert {r.content for r in records} == {f"s3://night/photos/c{k}.png" for k in range(3)}
+    for record in records:  # each object is whole and is the output its ledger row names
+        assert _key_of(outputs["out/" + record.output], tmp_path) == record.key
+    assert sorted(p.name for p in _files(ledger) if p.suffix == ".png") == []
+
+    # The actors read their inputs from their own nodes' staging folders and wrote their outputs there before the
+    # put (the local copies gone once put); the driver's own staging folder is only what it read to plan.
+    staged = [path.name for node in two_nodes.values() for path in _files(node / "staging")]
+    assert {f"c{k}.png" for k in range(3)} <= set(staged) and "s0.png" in staged, staged
+    assert not [p for node in two_nodes.values() for p in _files(node / "staging" / "outputs")]
+    # Each node that ran rows kept its targets in its own cache; the driver's cache holds no actor's targets.
+    working = [node for node in two_nodes.values() if _files(node / "staging")]
+    for node in working:
+        assert _files(node / "cache" / "targets"), _files(node / "cache")
+
+    again = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, "--backend", "ray", *FAST)
+    assert again.exit_code == 0 and "skipped      3" in again.output, again.output

@@ -28,6 +28,7 @@ schedulers send before they kill), stops at once, marking running rows interrupt
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -193,7 +194,9 @@ def _make_pool(
     if config.backend == "ray":
         from batchstyle.run.pools import RayPool
 
-        return RayPool(specs[0], execution, config.address, config.retries, stall)
+        # No --cache-dir: each actor uses its own node's cache, which needs no folder shared with this driver.
+        spec = dataclasses.replace(specs[0], node_cache=config.cache_dir is None)
+        return RayPool(spec, execution, config.address, config.retries, stall)
     if len(specs) == 1 and specs[0].device == "cpu":
         # One CPU slot (a laptop, a CI box) runs in this process: no start-up cost, nothing to isolate it from. A GPU
         # always gets a worker process, so a crashed CUDA context costs a retry, not the run. This slot cannot

@@ -42,6 +42,10 @@ class WorkerSpec:
     scratch: Path | None = None  # the run's output folder: an L-BFGS history too large for memory goes there
     tile_devices: tuple[str, ...] = ()  # --spread-tiles: more devices a tiled row's tiles are dealt to
     threads: int | None = None  # torch (and ORT) threads; None leaves the process default
+    # A Ray actor where no --cache-dir was given: weights, targets and graphs go to its own node's default cache
+    # (its $BATCHSTYLE_CACHE or ~/.cache/batchstyle); the driver's cache path means nothing on a node that shares
+    # no folder with it.
+    node_cache: bool = False
 
 
 @dataclass

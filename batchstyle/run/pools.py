@@ -484,7 +484,7 @@ class RayWorker:
         from batchstyle.run.worker import Worker
 
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchstyle-worker")
-        self.worker = self.thread.submit(Worker.build, spec, self._warn).result()
+        self.worker = self.thread.submit(Worker.build, spec, self._warn, None, True).result()
         self.worker.beat_with(self._beat)
 
     def ready(self) -> str:
@@ -549,8 +549,10 @@ class _Actor:
 
 class RayPool(_ReplacingPool):
     """Workers as Ray actors: one per GPU of the cluster (`num_gpus=1`), or one per node on a cluster without GPUs,
-    with all of that node's CPUs. The driver (this process) keeps the ledger; outputs, inputs and the cache must be
-    on paths every node sees. A dead actor is replaced and its rows handed out again, as with local processes.
+    with all of that node's CPUs. The driver (this process) keeps the ledger; local outputs and inputs must be on
+    paths every node sees, while a manifest's objects in a store need no shared folder: each actor stages its inputs
+    and puts its outputs itself (`batchstyle.store`), with a cache of its own node's. A dead actor is replaced and
+    its rows handed out again, as with local processes.
     A busy actor is polled every POLL_INTERVAL for its progress: an actor whose poll goes unanswered, or whose last
     sign of life is older than the stall timeout, is killed (`ray.kill`) and replaced. An actor still being placed
     or started is not watched: on a busy cluster it may rightly wait for resources.

@@ -8,6 +8,7 @@ values, because weights and sessions are rebuilt inside the process that uses th
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -36,7 +37,7 @@ from batchstyle.model.build import build_stylizer
 from batchstyle.model.optimize import Losses, LossNotFinite
 from batchstyle.model.pixels import tensor_to_deep, tensor_to_image
 from batchstyle.model.stylize import Hooks, Inputs, Stylized, Stylizer
-from batchstyle.model.weights import Weights, resolve
+from batchstyle.model.weights import Weights, default_cache_dir, resolve
 from batchstyle.run.devices import (
     DEVICE_FAULT_EXIT,
     DeviceFault,
@@ -229,14 +230,18 @@ class Worker:
         return self.stylizer.weights
 
     @classmethod
-    def build(cls, spec: WorkerSpec, warn: Warn, weights: Weights | None = None) -> Worker:
+    def build(cls, spec: WorkerSpec, warn: Warn, weights: Weights | None = None, fetch: bool = False) -> Worker:
         """A worker in this process, from names: what a spawned process or a Ray actor calls first. The parent's
-        own worker may pass the weights it already holds."""
+        own worker may pass the weights it already holds. `fetch`: weights not in the cache are fetched and verified
+        here (a Ray actor, whose node may hold no copy of what the driver fetched); a local worker's parent fetched
+        them into the one cache they share."""
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        if spec.node_cache:
+            spec = dataclasses.replace(spec, cache_dir=default_cache_dir())
         if weights is None:
             source, _ = resolve(spec.model, spec.cache_dir)
-            weights = source.load(spec.cache_dir, fetch=False)
+            weights = source.load(spec.cache_dir, fetch=fetch)
         stylizer = build_stylizer(
             weights,
             torch.device(spec.device),
@@ -363,14 +368,16 @@ class Worker:
             # fails its row, and the rows written before and after it stand.
             failure = snapshot_failures.get(job.row.number)
             if failure is None:
+                url = job.row.output_url
+                local = job.output if url is None else store.output_copy(url)
                 try:
-                    job.output.parent.mkdir(parents=True, exist_ok=True)
+                    local.parent.mkdir(parents=True, exist_ok=True)
                     pixels = tensor_to_deep(out.image) if settings.bit_depth == 16 else tensor_to_image(out.image)
-                    save_image_atomic(pixels, job.output, self.metadata(job, out, len(batch)))
-                    if job.row.output_url is not None:
-                        put_output(job.output, job.row.output_url)
+                    save_image_atomic(pixels, local, self.metadata(job, out, len(batch)))
+                    if url is not None:
+                        put_output(local, url)
                 except OSError as exc:
-                    failure = _write_failure(job, exc, job.output)
+                    failure = _write_failure(job, exc, local)
                 except StoreError as exc:
                     failure = f"row {job.row.number}: cannot put the output to {exc}", None, None
             if failure is not None:
