@@ -631,6 +631,55 @@ def bench_plan(rows: int, model: str, cache_dir: Path | None) -> None:
         click.echo(f"{phase:<8} {seconds:>8.1f} {peak:>12.0f} {peak - fig.start_mb:>11.0f}")
 
 
+@bench.command("store")
+@click.argument("url", metavar="URL")
+@click.option("--rows", type=click.IntRange(min=1), default=4, show_default=True, help="Rows of each timed run.")
+@click.option("--size", type=click.IntRange(min=16), default=256, show_default=True, help="Long side of the rows.")
+@click.option("--iterations", type=click.IntRange(min=1), default=10, show_default=True, help="Iterations a row.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs of each kind.")
+@click.option(
+    "--plan-rows",
+    type=click.IntRange(min=0),
+    default=10_000,
+    show_default=True,
+    help="Objects listed and planned from the store (0: skip that part).",
+)
+@click.option("--model", default="random", show_default=True, help="Model the rows run with.")
+@CACHE_DIR
+def bench_store(
+    url: str, rows: int, size: int, iterations: int, repeats: int, plan_rows: int, model: str, cache_dir: Path | None
+) -> None:
+    """Seconds per row of whole runs with inputs and outputs in a store (URL, a prefix it may write under) against
+    the same rows from local files, and the seconds to list, read and plan --plan-rows objects from a prefix. It
+    starts no server: the store's client finds it as a run would (AWS_ENDPOINT_URL, credentials)."""
+    from batchstyle.bench_store import GOAL, listing_figures, store_figures
+    from batchstyle.store import StoreError, check_writable, is_url, scrub
+
+    if not is_url(url) or url.lower().startswith(("file://", "http://", "https://")):
+        raise Unusable(f"{url}: give a store's URL prefix it may write under, e.g. s3://bucket/bench/")
+    try:
+        check_writable(url)
+    except StoreError as exc:
+        raise Unusable(str(exc)) from None
+    click.echo(f"store {scrub(url)}; {rows} rows at {size} px, {iterations} iterations, model {model}")
+    fig = store_figures(url, rows, size, iterations, repeats, model, cache_dir, lambda text: click.echo(f"  {text}"))
+    click.echo(f"{'inputs and outputs':<20} {'s/row (median)':>14} {'runs (s)':>24}")
+    for name, per_row, runs in (
+        ("local files", fig.local_per_row, fig.local_seconds),
+        ("store", fig.store_per_row, fig.store_seconds),
+    ):
+        click.echo(f"{name:<20} {per_row:>14.3f} {' '.join(f'{s:.2f}' for s in runs):>24}")
+    verdict = "within" if fig.overhead <= GOAL else "over"
+    click.echo(f"store over local: {fig.overhead:+.1%} per row ({verdict} the {GOAL:.0%} goal)")
+    if plan_rows:
+        listing = listing_figures(url, plan_rows, model, cache_dir)
+        click.echo(
+            f"{listing.rows} objects from a bucket listing: listed {listing.list_seconds:.1f} s, read (each staged) "
+            f"{listing.read_seconds:.1f} s, planned {listing.plan_seconds:.1f} s, "
+            f"{listing.list_seconds + listing.read_seconds + listing.plan_seconds:.1f} s to the first row"
+        )
+
+
 @bench.command("device")
 @click.option(
     "--devices",
