@@ -164,6 +164,15 @@ def test_a_bucket_prefix_as_content(s3: object, night: Path) -> None:
     assert {name: stamps(out)[name] for name in before} == before
     assert (out / LEDGER_NAME).is_file()
 
+    # A glob under a prefix: the objects it matches, named as the prefix's would be.
+    glob = cli("manifest", "--content", "s3://photos/night/p[02].png", "--style", night / "painting.png")
+    assert glob.exit_code == 0, glob.output
+    assert [line.split(",")[0] for line in glob.output.splitlines()[1:]] == [
+        "s3://photos/night/p0.png",
+        "s3://photos/night/p2.png",
+    ]
+    assert glob.output.splitlines()[1].endswith(",p0-painting.png")
+
     missing = cli("run", "--content", "s3://no-such-bucket/night/", "--style", night / "painting.png", "--out", out)
     assert missing.exit_code == 2 and "s3://no-such-bucket/night/" in missing.output, missing.output
     assert "Traceback" not in missing.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -231,3 +232,21 @@ def test_a_ray_run_with_two_actors_and_no_shared_folder(
 
     again = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, "--backend", "ray", *FAST)
     assert again.exit_code == 0 and "skipped      3" in again.output, again.output
+
+
+def test_bench_store_times_local_and_store_runs_and_plans_a_listing(s3: object) -> None:
+    s3.create_bucket(Bucket="bench")  # type: ignore[attr-defined]
+    args = ("--rows", "2", "--size", "32", "--iterations", "2", "--repeats", "1", "--plan-rows", "5")
+    result = cli("bench", "store", "s3://bench/scratch/", *args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^store over local: [+-]\d+\.\d% per row", result.output, re.MULTILINE), result.output
+    assert "5 objects from a bucket listing" in result.output
+    keys = list(_objects(s3, "bench", "scratch/"))
+    # The timed store run's two outputs were put, whole, beside the inputs it read (warm-up's too).
+    assert len([key for key in keys if "/out1/" in key]) == 2 and len([k for k in keys if "/out0/" in k]) == 2
+    assert len([key for key in keys if "/photos/p" in key and "bench-plan-" in key]) == 5
+
+    refused = cli("bench", "store", "/tmp/not-a-store")
+    assert refused.exit_code == 2 and "give a store's URL prefix" in refused.output
+    missing = cli("bench", "store", "s3://no-such-bucket/x/")
+    assert missing.exit_code == 2 and "the bucket does not exist" in missing.output
