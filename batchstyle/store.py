@@ -60,6 +60,15 @@ def scrub(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]+://[^\s'\"]+")
+
+
+def scrub_text(text: str) -> str:
+    """`text` (a command line's argument, a label of flags) with every URL in it scrubbed, as the ledger keeps it:
+    `--out=https://host/out?X-Amz-Signature=...` is a credential in a run's record otherwise."""
+    return _URL_IN_TEXT.sub(lambda found: scrub(found.group(0)), text)
+
+
 def join(base: str, cell: str) -> str:
     """A manifest cell resolved against the manifest's own URL: a URL stays as given, a relative name lands beside
     the manifest (`..` taken out, as a folder would)."""

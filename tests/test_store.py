@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SECRET, cli, make_painting, make_photo
+from conftest import SECRET, cli, make_painting, make_photo, write_manifest
 
 from batchstyle.images import read_metadata
 from batchstyle.run.ledger import LEDGER_NAME, read_records
@@ -67,6 +67,27 @@ def test_relative_cells_resolve_against_the_manifests_url() -> None:
     assert join("s3://b/runs/night.csv", "../shared/s.png") == "s3://b/shared/s.png"
     assert join("s3://b/runs/night.csv", "gs://other/s.png") == "gs://other/s.png"
     assert scrub("https://user:pw@host:8443/a/b.png?X-Amz-Signature=abc#f") == "https://host:8443/a/b.png"
+
+
+def test_no_credential_in_a_url_on_the_command_line_reaches_the_ledger(tmp_path: Path) -> None:
+    """The ledger keeps the command line a run was started with: a signed URL's query or a user:password@ in it
+    would be a credential on disk, read by `status`, reports and the live page."""
+    from batchstyle.manifest import read_manifest
+    from batchstyle.options import default_values
+    from batchstyle.run.config import RunConfig
+    from batchstyle.run.engine import run
+
+    make_photo(tmp_path / "p.png")
+    make_painting(tmp_path / "s.png")
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "p.png,s.png")
+    signed = f"https://reader:{SECRET}@host:9000/in/night.csv?X-Amz-Signature={SECRET}&X-Amz-Credential=AKIA"
+    argv = ("batchstyle", "run", "m.csv", f"--style={signed}", "--content", signed)
+    values = default_values() | {"size": 32, "iterations": 2, "min_size": 0}
+    summary = run(read_manifest(manifest, values, tmp_path / "out"), RunConfig(model="random", argv=argv))
+    assert summary.exit_code == 0
+    ledger = (tmp_path / "out" / LEDGER_NAME).read_bytes()
+    assert SECRET.encode() not in ledger and b"X-Amz" not in ledger
+    assert b"https://host:9000/in/night.csv" in ledger  # the URL itself is kept, for the record
 
 
 def test_a_manifest_inputs_and_outputs_in_buckets(night: str, s3: object, tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from batchstyle.run.pools import InlinePool, Pool, ProcessPool
 from batchstyle.run.progress import Events, Silent
 from batchstyle.run.resources import auto_batch_size, memory_budgets, stall_timeout, worker_slots, worker_specs
 from batchstyle.run.signals import Stop, catch_signals
+from batchstyle.store import scrub_text
 
 __all__ = ["RunConfig", "RunSummary", "run"]  # RunConfig re-exported from run.config
 
@@ -97,7 +98,9 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
             remove_stale_temp_files(manifest.out_dir, [row.output for row in rows] if shard else None)
 
         sweep()
-        run_id = ledger.start_run(manifest.path, list(config.argv), source.name, source.sha256)
+        # The command line as run, but no credential a URL in it carries (a signed URL's query, a user:password@).
+        argv = [scrub_text(arg) for arg in config.argv]
+        run_id = ledger.start_run(scrub_text(str(manifest.path)), argv, source.name, source.sha256)
         ledger.forget_invalid_rows()
         for number, problems in manifest.problem_rows().items():
             if shard is not None and not shard.holds(number):
