@@ -25,7 +25,7 @@ from batchstyle.model.layout import stride
 from batchstyle.model.scales import scale_sizes, style_long_side
 from batchstyle.options import OPTIONS, OptionError, Settings, make_settings, parse_weight_list, settings_problem
 from batchstyle.reserved import fold, reserved_in
-from batchstyle.store import StoreError, child, is_url, join, local_path, scrub, stage, work_dir
+from batchstyle.store import StoreError, child, is_url, join, local_path, scrub, stage, stage_all, work_dir
 from batchstyle.video import VIDEO_SUFFIXES, ClipInfo, is_clip, is_clip_output, output_problem, probe_clip, select
 
 REQUIRED = ("content", "style")
@@ -361,17 +361,34 @@ def read_manifest(
 
     located: dict[str, Path] = {}
 
+    def remote_of(cell: str) -> str | None:
+        """The URL a cell names (a URL cell, or any relative cell of a manifest read from a store), or None."""
+        return cell if is_url(cell) else join(url, cell) if url and not Path(cell).is_absolute() else None
+
+    def fetched(remote: str | None) -> str | None:
+        return None if remote is None or remote.lower().startswith("file://") else remote
+
+    # The contents' and styles' objects are staged together before the rows are read: one after another, 10,000
+    # photos under a prefix took 226 s of a HEAD and a GET each (docs/benchmarks.md#object-storage).
+    distinct = {cells.get("content", "").strip() for _, cells in table}
+    distinct.update(part for style in {cells.get("style", "") for _, cells in table} for part in _split_paths(style))
+    staged = stage_all([u for cell in distinct if cell and (u := fetched(remote_of(cell))) is not None])
+
     def at(cell: str) -> Path:
         """One Path per distinct cell: a row's own made 200,000 copies of four photos' paths. An object (a URL
         cell, or any relative cell of a manifest read from a store) is staged here, once."""
         found = located.get(cell)
         if found is None:
-            remote = cell if is_url(cell) else join(url, cell) if url and not Path(cell).is_absolute() else None
-            if remote is None or remote.lower().startswith("file://"):
+            remote = remote_of(cell)
+            if fetched(remote) is None:
                 found = _as_on_disk(base / local_path(remote or cell))
             else:
+                assert remote is not None
                 try:
-                    found = stage(remote)
+                    got = staged.get(remote)
+                    if isinstance(got, StoreError):
+                        raise got
+                    found = got if got is not None else stage(remote)
                 except StoreError as exc:
                     found = work_dir(remote) / "missing" / (Path(cell).name or "object")
                     image_ok[found] = str(exc)
