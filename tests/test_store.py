@@ -271,3 +271,21 @@ def test_bench_store_times_local_and_store_runs_and_plans_a_listing(s3: object) 
     assert refused.exit_code == 2 and "give a store's URL prefix" in refused.output
     missing = cli("bench", "store", "s3://no-such-bucket/x/")
     assert missing.exit_code == 2 and "the bucket does not exist" in missing.output
+
+
+def test_a_video_row_with_a_url_out_is_refused_and_the_image_row_beside_it_runs(s3: object, tmp_path: Path) -> None:
+    """A clip's frames and its assembled file are written locally and nothing puts them to the store yet: the row
+    would be done with no object under its name, so it is refused before work, naming the fix."""
+    s3.create_bucket(Bucket="night")  # type: ignore[attr-defined]
+    for k in range(3):
+        make_photo(tmp_path / "walk" / f"frame{k:03d}.png", 40, 32, seed=k)
+    make_photo(tmp_path / "p.png")
+    make_painting(tmp_path / "s.png")
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "walk,s.png", "p.png,s.png")
+    result = cli("run", manifest, "--out", "s3://night/out/", "--ledger", tmp_path / "ledger", *FAST)
+    assert result.exit_code == 1, result.output
+    assert "row 1: column content: " in result.output
+    assert "a video row's output cannot go to a URL yet (--out s3://night/out/); give video rows a local --out" in (
+        result.output
+    )
+    assert sorted(_objects(s3, "night", "out/")) == ["out/p-s.png"]
