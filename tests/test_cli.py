@@ -752,6 +752,7 @@ def test_the_run_commands_flags_are_the_run_settings_table() -> None:
         assert params[name].default == setting.default, name
     own = {"manifest_path", "out_dir", "fmt", "quiet", "log_json", "make_report", "cache_dir"}
     own |= {"contents", "styles", "pair"}  # the folder form's sources, which stand in for MANIFEST
+    own |= {"serve_at"}  # --serve: watching a run changes nothing it computes (batchstyle.serve)
     assert set(params) - set(OPTIONS) - own == set(flagged)
 
 
