@@ -59,6 +59,8 @@ class _Group(click.Group):
 
 
 # Every command's cache folder; for `run` it is also a run setting, whose record gives the help.
+OUTPUT_FORMATS = ("png", "jpg", "webp", "tif")  # --format of `run`, `check` and `manifest`: one list for all
+
 CACHE_DIR = click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -156,7 +158,7 @@ def _common(func: Any) -> Any:
         "fmt",
         default="png",
         show_default=True,
-        type=click.Choice(["png", "jpg", "webp", "tif"]),
+        type=click.Choice(OUTPUT_FORMATS),
         help="Format of outputs whose row gives no output name.",
     )(func)
     func = click.option(
@@ -348,7 +350,7 @@ def run(
     "fmt",
     default="png",
     show_default=True,
-    type=click.Choice(["png", "jpg", "webp", "tif"]),
+    type=click.Choice(OUTPUT_FORMATS),
     help="Format of the outputs named (videos keep their container).",
 )
 @click.option(
