@@ -21,7 +21,7 @@ from batchstyle.model.losses import gram_matrix
 from batchstyle.model.optimize import Outcome, optimize_batch
 from batchstyle.model.targets import Targets, style_targets
 from batchstyle.model.weights import SOURCES, Weights, default_cache_dir
-from batchstyle.options import Settings
+from batchstyle.options import Settings, default_values, make_settings
 
 
 def make_photo(path: Path, width: int = 48, height: int = 36, seed: int = 0) -> Path:
@@ -256,3 +256,22 @@ def optimize_one(
         kwargs["starts"] = kwargs.pop("start")
     report = None if on_iteration is None else (lambda k, losses: on_iteration(k, losses[0]))
     return optimize_batch(model, content, targets, settings, [init_image], report, **kwargs)[0]
+
+
+@pytest.fixture(scope="module")
+def trunk() -> VGGFeatures:
+    """The random VGG-16 trunk tapped at the default layers, channels-last: what the tiling and structure tests
+    evaluate objectives with."""
+    weights = SOURCES["random"].load()
+    settings = make_settings(default_values())
+    taps = (*settings.content_layers, *settings.style_layers)
+    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=True)
+
+
+def smooth_image(height: int, width: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """Structure at several scales (not white noise), so that every layer's features are far from zero."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, height // 8 + 1, width // 8 + 1, generator=gen)
+    fine = torch.rand(batch, 3, height, width, generator=gen)
+    up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+    return (0.7 * up + 0.3 * fine).clamp(0, 1)

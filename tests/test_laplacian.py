@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compute_targets
+from conftest import compute_targets, smooth_image
 
 from batchstyle.model.features import VGGFeatures
 from batchstyle.model.losses import LAPLACIAN_FLOOR, LaplacianLoss, laplacian
 from batchstyle.model.optimize import Objective, optimize_batch, structure_terms
 from batchstyle.model.tiles import TiledObjective
-from batchstyle.model.weights import SOURCES
 from batchstyle.options import default_values, make_settings
 
 HEIGHT, WIDTH = 70, 90  # neither a multiple of the pool nor of the network's stride
-
-
-@pytest.fixture(scope="module")
-def trunk() -> VGGFeatures:
-    weights = SOURCES["random"].load()
-    settings = make_settings(default_values())
-    taps = (*settings.content_layers, *settings.style_layers)
-    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=True)
-
-
-def smooth_image(height: int, width: int, seed: int, batch: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, 3, height // 8 + 1, width // 8 + 1, generator=gen)
-    fine = torch.rand(batch, 3, height, width, generator=gen)
-    up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
-    return (0.7 * up + 0.3 * fine).clamp(0, 1)
 
 
 def blocks(values: list[list[float]], pool: int, rows: int, cols: int) -> torch.Tensor:

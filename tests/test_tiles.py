@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli, compute_targets, optimize_one, write_manifest
+from conftest import cli, compute_targets, optimize_one, smooth_image, write_manifest
 from PIL import Image
 
 from batchstyle.images import load_image
@@ -45,23 +45,6 @@ from batchstyle.run.config import parse_size
 from batchstyle.run.ledger import read_records
 
 HEIGHT, WIDTH = 117, 150  # neither a multiple of the total stride 16: the last pooling windows are partial
-
-
-@pytest.fixture(scope="module")
-def trunk() -> VGGFeatures:
-    weights = SOURCES["random"].load()
-    settings = make_settings(default_values())
-    taps = (*settings.content_layers, *settings.style_layers)
-    return VGGFeatures(weights.arch, weights.state_dict, weights.preprocess, taps, channels_last=True)
-
-
-def smooth_image(height: int, width: int, seed: int, batch: int = 1) -> torch.Tensor:
-    """Structure at several scales (not white noise), so that every layer's features are far from zero."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(batch, 3, height // 8 + 1, width // 8 + 1, generator=gen)
-    fine = torch.rand(batch, 3, height, width, generator=gen)
-    up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
-    return (0.7 * up + 0.3 * fine).clamp(0, 1)
 
 
 def masked_targets(trunk: VGGFeatures, content: torch.Tensor, settings) -> Targets:  # noqa: ANN001
