@@ -505,7 +505,7 @@ def test_the_page_in_chromium_sees_a_row_go_from_running_to_done(
     shots = Path(os.environ["BATCHSTYLE_SHOTS"]) if os.environ.get("BATCHSTYLE_SHOTS") else None
     # Rows of seconds on a fast CPU too (stop_tolerance 0: none stops early); torch targets and fp32 spare the run
     # an ONNX export and a precision probe in this session's fresh cache.
-    args = ["--model", "random", "--device", "cpu", "--size", "32", "--iterations", "40", "--stop-tolerance", "0"]
+    args = ["--model", "random", "--device", "cpu", "--size", "32", "--iterations", "120", "--stop-tolerance", "0"]
     args += ["--targets", "torch", "--precision", "fp32", "-q", "--serve", "0", *(["--report"] if shots else [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BATCHSTYLE_CACHE": str(isolated_cache)}
     run = subprocess.Popen(
@@ -534,7 +534,7 @@ def test_the_page_in_chromium_sees_a_row_go_from_running_to_done(
         browser.evaluate("window.kept = 1")
         history: dict[str, list[str]] = {}
         best_shot = 0  # 1: a row running with its bar moved; 2: that beside a finished row's thumbnail
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             seen = json.loads(browser.evaluate(ROWS_SEEN))
             assert seen["kept"], "the page was reloaded: the test must see its script update it"
