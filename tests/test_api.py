@@ -26,9 +26,13 @@ from batchstyle.run.worker import Worker
 OPTIONS = {"size": 48, "min_size": 24, "iterations": 3, "scale_iterations": 4, "seed": 3}
 
 
+# fp32, not auto: `auto` is decided by timing once per cache, and the run below has a cache of its own, so under CPU
+# load the two could measure different precisions and differ by far more than rounding.
 @pytest.fixture(scope="module")
 def transfer(tmp_path_factory: pytest.TempPathFactory) -> StyleTransfer:
-    return StyleTransfer(model="random", device="cpu", cache_dir=tmp_path_factory.mktemp("facade-cache"))
+    return StyleTransfer(
+        model="random", device="cpu", precision="fp32", cache_dir=tmp_path_factory.mktemp("facade-cache")
+    )
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -43,7 +47,8 @@ def test_the_facade_gives_a_one_row_runs_pixels(
     )
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in OPTIONS.items()]
     # Its own target cache: the run computes its targets (with ONNX Runtime) rather than reading the facade's.
-    result = cli("run", manifest, "--model", "random", "--device", "cpu", "-q", "--cache-dir", tmp_path / "c", *flags)
+    fixed = ("--model", "random", "--device", "cpu", "--precision", "fp32", "-q")
+    result = cli("run", manifest, *fixed, "--cache-dir", tmp_path / "c", *flags)
     assert result.exit_code == 0, result.output
     from_run = _pixels(Image.open(tmp_path / "one" / "o.png"))
 
