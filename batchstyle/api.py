@@ -100,6 +100,7 @@ class StyleTransfer:
             max_memory=config.max_memory,
             tile=config.tile,
             tile_devices=tile_devices,
+            shared_cache=config.cache_url,
         )
 
     @property

@@ -24,7 +24,7 @@ from batchstyle.errors import UnusableInput
 from batchstyle.model import weights
 from batchstyle.model.numerics import PRECISIONS
 from batchstyle.options import OPTIONS, OptionError, make_settings, option_values
-from batchstyle.run.config import RUN_SETTINGS, RunConfig
+from batchstyle.run.config import CACHE_FOLDER_HELP, RUN_SETTINGS, RunConfig
 from batchstyle.run.ledger import LedgerWriteError
 from batchstyle.version import __version__
 
@@ -58,13 +58,31 @@ class _Group(click.Group):
             raise Failed(str(exc)) from exc
 
 
-# Every command's cache folder; for `run` it is also a run setting, whose record gives the help.
 OUTPUT_FORMATS = ("png", "jpg", "webp", "tif")  # --format of `run`, `check` and `manifest`: one list for all
 
-CACHE_DIR = click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=RUN_SETTINGS["cache_dir"].help,
+
+def _path_or_url(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
+    """A URL as given (a Path would fold its `//`), anything else as a path."""
+    from batchstyle.store import is_url
+
+    return value if value is None or is_url(value) else Path(value)
+
+
+def _cache_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """Every command but `run` reads and writes its cache here: a URL (a Path would fold it to `s3:/...`, a folder)
+    is refused, naming where one is taken."""
+    from batchstyle.store import is_url, local_path
+
+    if value is not None and is_url(value) and not value.lower().startswith("file://"):
+        raise click.BadParameter(f"{value}: a URL cache is shared by `batchstyle run`; give a folder here")
+    return None if value is None else Path(local_path(value)).expanduser()
+
+
+# Every command's cache folder; for `run` it is also a run setting, whose record gives the help.
+CACHE_DIR = click.option("--cache-dir", metavar="DIRECTORY", callback=_cache_folder, help=CACHE_FOLDER_HELP)
+# `run`'s: a folder or a store URL, read by the run settings table (`RunConfig.cache_dir`).
+RUN_CACHE_DIR = click.option(
+    "--cache-dir", metavar="DIRECTORY|URL", callback=_path_or_url, help=RUN_SETTINGS["cache_dir"].help
 )
 
 
@@ -171,13 +189,6 @@ def _common(func: Any) -> Any:
     return _option_decorators(func)
 
 
-def _path_or_url(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
-    """A URL as given (a Path would fold its `//`), anything else as a path."""
-    from batchstyle.store import is_url
-
-    return value if value is None or is_url(value) else Path(value)
-
-
 def _serve_address(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
     """`8080` or `0.0.0.0:8080` (`[::1]:8080`) -> (host, port); the host defaults to this machine only."""
     if value is None:
@@ -265,7 +276,7 @@ def check(
     help="Serve the live page and /metrics (as `batchstyle serve`) while the run lasts, on 127.0.0.1 unless "
     "HOST is given; PORT 0: any free port. The URL is printed once.",
 )
-@CACHE_DIR
+@RUN_CACHE_DIR
 def run(
     manifest_path: Path | None,
     out_dir: Path | None,

@@ -213,6 +213,39 @@ def put(local: Path, url: str) -> None:
     _call(url, lambda: fs.put_file(str(local), path))
 
 
+def fetch(url: str, local: Path) -> bool:
+    """The object at `url` to the file `local`, through a temp file so that a copy under its name is always whole;
+    False where there is no such object (a shared cache's miss), StoreError for any other failure."""
+    fs, path = _fs(url)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=".fetching-", dir=local.parent)
+    os.close(handle)
+
+    def get() -> bool:
+        try:
+            fs.get_file(path, temp)
+        except FileNotFoundError as exc:
+            if "bucket" in str(exc).lower():
+                raise
+            return False
+        return True
+
+    try:
+        found = _call(url, get)
+        if found:
+            os.replace(temp, local)
+        return found
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    found: bool = _call(url, lambda: fs.exists(path))
+    return found
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = _fs(url)
     data: bytes = _call(url, lambda: fs.cat_file(path))

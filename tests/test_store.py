@@ -126,6 +126,38 @@ def test_the_default_out_is_beside_the_manifest_and_the_ledger_in_the_cache(nigh
     assert (work_dir("s3://night/night/") / LEDGER_NAME).is_file()
 
 
+def test_a_url_cache_dir_shares_targets_and_graphs_between_machines(
+    night: str, s3: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two machines sharing no folder (two local caches) and one --cache-dir URL: what the first computed (the
+    targets, the exported graph) the second fetches rather than computes; each keeps a local copy in its own cache."""
+    s3.create_bucket(Bucket="cache")  # type: ignore[attr-defined]
+    runs = {}
+    for machine in ("first", "second"):
+        monkeypatch.setenv("BATCHSTYLE_CACHE", str(tmp_path / machine))
+        ledger = tmp_path / f"ledger-{machine}"
+        out = f"s3://night/out-{machine}/"
+        loud = [arg for arg in FAST if arg != "-q"]  # the run's messages say whether it exported the graph
+        result = cli("run", night, "--out", out, "--ledger", ledger, "--cache-dir", "s3://cache/bs/", *loud)
+        assert result.exit_code == 0, result.output
+        runs[machine] = result.output, {r.row: r.targets for r in read_records(ledger)[0]}
+    shared = sorted(_objects(s3, "cache", "bs/"))
+    graphs = [key for key in shared if key.startswith("bs/onnx/")]
+    assert len(graphs) == 1 and graphs[0].endswith(".onnx")
+    assert (tmp_path / "second" / "onnx" / Path(graphs[0]).name).is_file()
+    entries = [key for key in shared if key.startswith("bs/targets/")]
+    assert len(entries) == 4 and all(key.endswith(".safetensors") for key in entries)  # 3 contents, 1 style
+    assert "exporting the target graph" in runs["first"][0]
+    assert "exporting the target graph" not in runs["second"][0]
+    assert set(runs["first"][1].values()) != {"content=hit style=hit"}
+    assert set(runs["second"][1].values()) == {"content=hit style=hit"}, runs["second"][1]
+    assert len(list((tmp_path / "second" / "targets").glob("*/*.safetensors"))) == 4  # its own local copies
+
+    # Other commands keep their cache in a folder: a URL there is refused, not taken as a folder named "s3:".
+    refused = cli("cache", "info", "--cache-dir", "s3://cache/bs/")
+    assert refused.exit_code == 2 and "a URL cache is shared by `batchstyle run`" in refused.output
+
+
 def test_a_missing_bucket_and_a_denied_key_are_named_with_their_url(night: str, s3: object, tmp_path: Path) -> None:
     # The server denies one photo by the bucket's policy: that row fails with its URL and the cause; the rest run.
     policy = {

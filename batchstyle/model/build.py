@@ -44,6 +44,7 @@ def build_stylizer(
     tile: int | None = None,
     scratch: Path | None = None,
     tile_devices: Sequence[str] = (),
+    shared_cache: str | None = None,
 ) -> Stylizer:
     """A stylizer on `device`, configured for `precision`: `auto` is decided by timing the trunk here, once per
     machine (`model.precision`; the decision is kept in `cache_dir`), and `warn` says what was measured and chosen,
@@ -52,12 +53,13 @@ def build_stylizer(
     `targets` "ort" computes targets with ONNX Runtime on graphs exported into `cache_dir` (by the run's parent
     before its workers start, or here on first use with `export`), "torch" with torch; `torch_graphs` failed to
     export and use torch. Targets are kept in the cache in `cache_dir`; where it cannot be opened, `warn` says so and
-    every target is computed. `max_memory` bytes (None: the device's `default_budget`) and `tile` decide tiling, as
+    every target is computed; with `shared_cache` (a store URL) entries and graphs missing there are fetched from the
+    store and new ones put to it. `max_memory` bytes (None: the device's `default_budget`) and `tile` decide tiling, as
     `tiles.MemoryPolicy` says; an L-BFGS history too large for memory goes to `scratch` where that folder exists
     (a Ray node may not see the run's output folder: then the system's temporary folder).
     """
     try:
-        cache: TargetCache | None = TargetCache(cache_dir)
+        cache: TargetCache | None = TargetCache(cache_dir, shared_cache)
     except (OSError, sqlite3.Error) as exc:
         warn(f"no target cache ({exc}): every target is computed")  # a read-only cache costs reuse, never the image
         cache = None
@@ -71,6 +73,7 @@ def build_stylizer(
         profile=profile,
         torch_graphs=torch_graphs,
         export=export,
+        shared=shared_cache,
     )
     # Part of every cache key: fp16 TensorRT targets never stand in for fp32 ones.
     store = TargetStore(backends, cache, "trt-fp16" if trt_fp16 and targets == "ort" else "fp32", warn)

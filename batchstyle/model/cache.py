@@ -35,8 +35,12 @@ class TargetCache:
     index keeps sizes and hit counts for `batchstyle cache info`.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, shared: str | None = None) -> None:
         self.root = Path(root) / "targets"
+        # A store URL (`--cache-dir s3://bucket/cache/`): entries missing here are looked for there, and entries
+        # made here are put there, so that nodes sharing no folder compute each target once between them. The
+        # local folder stays the one read: an entry from the store is fetched into it and checked as any other.
+        self.shared = None if shared is None else shared.rstrip("/") + "/targets"
         self.root.mkdir(parents=True, exist_ok=True)
         self.index = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
         self.index.execute("PRAGMA journal_mode=WAL")
@@ -51,10 +55,25 @@ class TargetCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
+    def url(self, key: str) -> str | None:
+        """Where the shared tier keeps `key`, laid out as the local folder is."""
+        return None if self.shared is None else f"{self.shared}/{key[:2]}/{key}.safetensors"
+
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, or None on a miss. A shared tier that cannot be read (StoreError) is a miss too,
+        never the row's failure: the targets are computed instead, as without a cache."""
         from safetensors import safe_open
 
+        from batchstyle.store import StoreError, fetch
+
         path = self.path(key)
+        url = self.url(key)
+        fetched = False
+        if not path.is_file() and url is not None:
+            try:
+                fetched = fetch(url, path)
+            except StoreError:
+                return None
         if not path.is_file():
             return None
         try:
@@ -67,6 +86,8 @@ class TargetCache:
             path.unlink(missing_ok=True)
             self.index.execute("DELETE FROM entries WHERE key = ?", (key,))
             return None
+        if fetched:
+            self._index(key, meta.get("role", ""), path)
         self.index.execute("UPDATE entries SET hits = hits + 1, last_used = ? WHERE key = ?", (time.time(), key))
         return tensors
 
@@ -79,6 +100,14 @@ class TargetCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = save(cpu, metadata={"sha256": _tensor_digest(cpu), "role": role})
         write_file_atomic(path, lambda handle: handle.write(data))
+        self._index(key, role, path)
+        url = self.url(key)
+        if url is not None:
+            from batchstyle.store import put
+
+            put(path, url)  # one put: another node finds the entry whole or not at all
+
+    def _index(self, key: str, role: str, path: Path) -> None:
         now = time.time()
         self.index.execute(
             "INSERT OR REPLACE INTO entries (key, role, bytes, created, last_used, hits) VALUES (?, ?, ?, ?, ?, 0)",

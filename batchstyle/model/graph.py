@@ -86,6 +86,11 @@ def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
     )
 
 
+def shared_graph(shared: str, spec: GraphSpec) -> str:
+    """Where a shared cache (`--cache-dir s3://...`) keeps an exported graph, laid out as a local cache is."""
+    return f"{shared.rstrip('/')}/onnx/{spec.filename()}"
+
+
 def graph_matches(path: Path, spec: GraphSpec) -> bool:
     """An existing export is reused only if its recorded model, weights and layers are the spec's."""
     import onnx

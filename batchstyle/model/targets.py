@@ -21,9 +21,10 @@ import torch
 
 from batchstyle.model.cache import TargetCache
 from batchstyle.model.export import target_graph
-from batchstyle.model.graph import GRAM_NORMALISATION, INPUT_NAME, GraphSpec
+from batchstyle.model.graph import GRAM_NORMALISATION, INPUT_NAME, GraphSpec, shared_graph
 from batchstyle.model.layout import layer_shape
 from batchstyle.model.weights import Weights
+from batchstyle.store import StoreError, fetch
 from batchstyle.version import ALGORITHM_VERSION
 
 
@@ -290,12 +291,14 @@ def backend_factory(
     profile: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None,
     torch_graphs: frozenset[GraphSpec] = frozenset(),
     export: bool = False,
+    shared: str | None = None,
 ) -> Callable[[GraphSpec], Backend]:
     """How each target graph is opened: ONNX Runtime on its exported graph when `targets` is "ort", torch otherwise.
 
     A run's workers get `export=False`: their parent exported every graph before they started, and a graph that is
     missing (a Ray node without the shared cache) or failed to export (`torch_graphs`) is computed with torch. The
-    Python facade exports on first use instead, so its targets, and hence its pixels, are a run's.
+    Python facade exports on first use instead, so its targets, and hence its pixels, are a run's. With a `shared`
+    cache URL a graph missing here is fetched from it (the parent put it there after exporting it).
     """
     use_ort = targets == "ort"
     if use_ort:
@@ -324,6 +327,11 @@ def backend_factory(
             except (ExportError, OSError, ImportError) as exc:
                 warn(f"ONNX export failed ({exc}); targets are computed with torch")
                 return TorchBackend(weights, graph, device)
+        if not graph_matches(path, graph) and shared is not None:
+            try:
+                fetch(shared_graph(shared, graph), path)
+            except StoreError as exc:
+                warn(f"cannot fetch the target graph from the shared cache ({exc})")
         if not path.is_file():
             # A node that does not share the parent's cache folder (Ray): targets are right either way.
             warn(f"{path} is not on this node: targets are computed with torch; share --cache-dir to use ONNX Runtime")
@@ -410,7 +418,7 @@ class TargetStore:
         if self.cache is not None:
             try:
                 self.cache.put(key, role, found)
-            except (OSError, sqlite3.Error) as exc:  # a full or read-only cache costs reuse, never the row
+            except (OSError, sqlite3.Error, StoreError) as exc:  # a full or read-only cache costs reuse, never the row
                 self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
         return found, False
 
@@ -439,7 +447,7 @@ class TargetStore:
             }
             try:
                 self.cache.put(key, role, found)
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, sqlite3.Error, StoreError) as exc:
                 self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
                 break
         return len(missing)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from batchstyle.errors import RunError
 from batchstyle.model.numerics import PRECISIONS
 from batchstyle.model.weights import default_cache_dir
+from batchstyle.store import is_url, local_path
 
 if TYPE_CHECKING:
     from batchstyle.run.plan import Shard
@@ -127,6 +128,24 @@ def _is_shard(value: Any) -> bool:
     from batchstyle.run.plan import Shard
 
     return value is None or isinstance(value, Shard)
+
+
+CACHE_FOLDER_HELP = "Cache for weights, targets and ONNX graphs [default: $BATCHSTYLE_CACHE or ~/.cache/batchstyle]."
+
+
+def _cache_place(raw: Any) -> Path | str | None:
+    """A folder as a Path, a store URL as given (a Path would fold its `//`), `file://` as the folder it names."""
+    if raw is None or isinstance(raw, Path):
+        return raw if raw is None else raw.expanduser()
+    text = str(raw)
+    if is_url(text):
+        return Path(local_path(text)).expanduser() if text.lower().startswith("file://") else text
+    return Path(text).expanduser()
+
+
+def _shared_url(text: str) -> bool:
+    """A store a cache can be written to: not https://, which is read-only."""
+    return is_url(text) and not text.lower().startswith(("http://", "https://"))
 
 
 def _optional(accepts: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -278,12 +297,15 @@ class RunConfig:
         "One worker drives all --devices: rows run on the first, a tiled row's tiles are dealt to all of them.",
         hint="give True or False",
     )
-    cache_dir: Path | None = setting(  # weights, targets and exported graphs; None: weights.default_cache_dir()
+    # Weights, targets and exported graphs; None: weights.default_cache_dir(). A store URL keeps each node's cache
+    # local (the default folder) and shares targets and graphs through the store: `cache` and `cache_url`.
+    cache_dir: Path | str | None = setting(
         None,
-        "Cache for weights, targets and ONNX graphs [default: $BATCHSTYLE_CACHE or ~/.cache/batchstyle].",
-        parse=lambda raw: None if raw is None else Path(raw).expanduser(),
-        accepts=_optional(lambda value: isinstance(value, Path)),
-        hint="give a folder",
+        CACHE_FOLDER_HELP + " A URL (s3://bucket/cache/) shares targets and graphs between machines through the "
+        "store; each keeps a local copy in its default cache.",
+        parse=_cache_place,
+        accepts=_optional(lambda value: isinstance(value, Path) or (isinstance(value, str) and _shared_url(value))),
+        hint="give a folder, or an s3://, gs:// or az:// URL",
         flag=False,
         facade=True,
     )
@@ -316,7 +338,13 @@ class RunConfig:
 
     @property
     def cache(self) -> Path:
-        return self.cache_dir or default_cache_dir()
+        """This machine's cache folder: the one given, else the default (also where a URL cache is copied to)."""
+        return self.cache_dir if isinstance(self.cache_dir, Path) else default_cache_dir()
+
+    @property
+    def cache_url(self) -> str | None:
+        """The store the cache is shared through, where `--cache-dir` is a URL."""
+        return self.cache_dir if isinstance(self.cache_dir, str) else None
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> RunConfig:

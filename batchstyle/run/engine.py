@@ -197,8 +197,9 @@ def _make_pool(
     if config.backend == "ray":
         from batchstyle.run.pools import RayPool
 
-        # No --cache-dir: each actor uses its own node's cache, which needs no folder shared with this driver.
-        spec = dataclasses.replace(specs[0], node_cache=config.cache_dir is None)
+        # No --cache-dir, or a URL one: each actor uses its own node's cache, which needs no folder shared with this
+        # driver (with a URL, targets and graphs are also shared through the store).
+        spec = dataclasses.replace(specs[0], node_cache=config.cache_url is not None or config.cache_dir is None)
         return RayPool(spec, execution, config.address, config.retries, stall)
     if len(specs) == 1 and specs[0].device == "cpu":
         # One CPU slot (a laptop, a CI box) runs in this process: no start-up cost, nothing to isolate it from. A GPU
@@ -224,6 +225,8 @@ def _export_graphs(
     specs = list(dict.fromkeys(graph_spec(source, job.settings) for job in jobs))
     export_dir = config.cache / "onnx"
     missing = [spec for spec in specs if not graph_matches(export_dir / spec.filename(), spec)] if onnx else specs
+    if onnx and config.cache_url is not None:
+        missing = _share_graphs(config.cache_url, specs, missing, export_dir, events)
     if not missing:
         return None, frozenset()
     weights = _load_weights(source, config, events)
@@ -240,7 +243,32 @@ def _export_graphs(
         except (ExportError, OSError, ImportError) as exc:
             failures.add(spec)
             events.message(f"ONNX export failed ({exc}); rows needing {name} compute targets with torch")
+    if config.cache_url is not None:
+        _share_graphs(config.cache_url, [spec for spec in missing if spec not in failures], [], export_dir, events)
     return weights, frozenset(failures)
+
+
+def _share_graphs(
+    shared: str, specs: Sequence[GraphSpec], missing: Sequence[GraphSpec], export_dir: Path, events: Events
+) -> list[GraphSpec]:
+    """With a URL `--cache-dir`: the graphs missing here fetched from the store (exported once for every node), and
+    those here but not there put there, so each node's workers open them with ONNX Runtime rather than fall back to
+    torch. Returns the graphs still missing. A store that cannot be used costs the sharing, never the run."""
+    from batchstyle.model.graph import shared_graph
+    from batchstyle.store import StoreError, exists, fetch, put
+
+    still = list(missing)
+    try:
+        for spec in specs:
+            url, local = shared_graph(shared, spec), export_dir / spec.filename()
+            if spec in missing:
+                if fetch(url, local) and graph_matches(local, spec):
+                    still.remove(spec)
+            elif not exists(url):
+                put(local, url)
+    except StoreError as exc:
+        events.message(f"the shared cache cannot be used for target graphs ({exc})")
+    return still
 
 
 def _fetch_weights(source: WeightSource, config: RunConfig, events: Events) -> None:

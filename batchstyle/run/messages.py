@@ -46,6 +46,7 @@ class WorkerSpec:
     # (its $BATCHSTYLE_CACHE or ~/.cache/batchstyle); the driver's cache path means nothing on a node that shares
     # no folder with it.
     node_cache: bool = False
+    shared_cache: str | None = None  # --cache-dir as a URL: targets and graphs shared through the store
 
 
 @dataclass

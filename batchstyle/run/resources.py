@@ -183,6 +183,7 @@ def worker_specs(
             WorkerSpec(
                 model=source.name,
                 cache_dir=config.cache,
+                shared_cache=config.cache_url,
                 device=device,
                 targets=config.targets,
                 trt_fp16=config.trt_fp16,

@@ -256,6 +256,7 @@ class Worker:
             tile=spec.tile,
             scratch=spec.scratch,
             tile_devices=spec.tile_devices,
+            shared_cache=spec.shared_cache,
         )
         return cls(stylizer, spec.save_every, spec.cache_dir)
 
