@@ -246,12 +246,6 @@ def delete(url: str) -> None:
     _call(url, lambda: fs.rm_file(path))
 
 
-def read_bytes(url: str) -> bytes:
-    fs, path = _fs(url)
-    data: bytes = _call(url, lambda: fs.cat_file(path))
-    return data
-
-
 def names(prefix: str) -> frozenset[str]:
     """Every object's name under `prefix`, relative to it (a resume's one listing, not a request per row). A bucket
     that does not exist, or cannot be listed, raises StoreError; a prefix with nothing under it is empty."""

@@ -33,6 +33,7 @@ from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
 from batchstyle.run.scheduler import Scheduler
 from batchstyle.run.signals import Stop
+from batchstyle.video import clip_key
 
 if TYPE_CHECKING:
     from batchstyle.run.engine import RunSummary
@@ -577,13 +578,20 @@ def _stored(job: Job, name: str, listings: dict[str, frozenset[str]]) -> bool:
 
 
 def _carries_key(job: Job) -> bool:
+    """Whether the row's output carries its job key: finished work whose `done` never reached the ledger. A clip's
+    video carries it in its container's metadata (`video.clip_key`; not a GIF, whose muxer writes none). A folder
+    of frames is never taken for finished this way: its frames are put one by one, so only every frame's key read
+    would prove them all this row's; the row runs again, finds every frame finished, and only assembles."""
+    url = job.row.output_url
+    if job.clip is not None and not job.output.suffix:
+        return False
     try:
-        if job.row.output_url:  # finished work in the store whose `done` never reached the ledger: read its key
-            with tempfile.TemporaryDirectory() as folder:
-                copy = Path(folder) / job.output.name
-                copy.write_bytes(store.read_bytes(job.row.output_url))
-                return read_metadata(copy).get("batchstyle:key") == job.key
-        return read_metadata(job.output).get("batchstyle:key") == job.key
+        with tempfile.TemporaryDirectory() as folder:
+            # An output in the store is fetched to a file (a clip may be large): read_bytes held it all in memory.
+            output = job.output if url is None else store.get(url, Path(folder) / job.output.name)
+            if job.clip is not None:
+                return clip_key(output) == job.key
+            return read_metadata(output).get("batchstyle:key") == job.key
     except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
         return False
 
