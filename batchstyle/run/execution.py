@@ -33,7 +33,7 @@ from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
 from batchstyle.run.scheduler import Scheduler
 from batchstyle.run.signals import Stop
-from batchstyle.video import clip_key
+from batchstyle.video import FRAME_NAME, clip_key, select
 
 if TYPE_CHECKING:
     from batchstyle.run.engine import RunSummary
@@ -371,8 +371,11 @@ class Execution:
             return
         if job.clip is not None and result.status == "done":
             # Here, not at the top: run.clip is a worker's module (torch), and the parent plans without torch.
-            from batchstyle.run.clip import assemble_clip, clip_temporal_error
+            from batchstyle.run.clip import assemble_clip, clip_temporal_error, release_frames
 
+            # With a URL --out, assemble_clip fetches the frames the workers put to the store (a Ray actor's node
+            # shares no folder with this one) and puts the clip before it returns: the row is recorded done below,
+            # only once its object is there.
             try:
                 frames = assemble_clip(job)
             except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone
@@ -386,6 +389,8 @@ class Execution:
                     self.events.message(f"row {job.row.number}: no temporal error measured ({exc})")
                     error = None
                 result = dataclasses.replace(result, temporal_error=error, frames=len(frames))
+            finally:
+                release_frames(job)
         self._write_record(job, result)
 
     def _clip_settled(self, job: Job, result: Result) -> bool:
@@ -566,7 +571,8 @@ def _present(output: Path, listings: dict[str, frozenset[str]]) -> bool:
 
 def _stored(job: Job, name: str, listings: dict[str, frozenset[str]]) -> bool:
     """Whether the row's output (`name` under the --out prefix) is in the store: one listing of the prefix for the
-    whole run. A bucket that does not exist or cannot be listed stops the run here, before any work."""
+    whole run. A bucket that does not exist or cannot be listed stops the run here, before any work. A clip's
+    folder of frames is no object: it is there once its last frame is, the last one put (`run.clip._put_clip`)."""
     url = job.row.output_url
     if url is None or not url.endswith(name):
         return False
@@ -574,6 +580,9 @@ def _stored(job: Job, name: str, listings: dict[str, frozenset[str]]) -> bool:
     names = listings.get(prefix)
     if names is None:
         names = listings[prefix] = store.names(prefix)
+    if job.clip is not None and not job.output.suffix:
+        last = len(select(job.clip.total, job.settings.frame_span(), job.settings.every)) - 1
+        return f"{name}/{FRAME_NAME.format(last)}" in names
     return name in names
 
 
