@@ -312,6 +312,39 @@ def test_bench_store_times_local_and_store_runs_and_plans_a_listing(s3: object) 
     assert missing.exit_code == 2 and "the bucket does not exist" in missing.output
 
 
+def test_save_every_with_a_url_out_puts_each_iterate_beside_the_output(night: str, s3: object, tmp_path: Path) -> None:
+    """Each iterate is written in the node's staging area and put to `<output stem>.iterates/` under the out prefix,
+    one put each; an iterate that cannot be put fails its row, as one that cannot be written does."""
+    ledger = tmp_path / "ledger"
+    result = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, *FAST, "--save-every", "1")
+    assert result.exit_code == 0, result.output
+    objects = _objects(s3, "night", "out/")
+    for k in range(3):
+        iterates = sorted(name for name in objects if name.startswith(f"out/c{k}-s0.iterates/"))
+        assert len(iterates) >= 2, sorted(objects)
+        assert all(re.fullmatch(r".*/scale\d+-iter\d{5}\.png", name) for name in iterates), iterates
+        copy = tmp_path / "iterate.png"
+        copy.write_bytes(objects[iterates[-1]])  # whole: it opens, and says what it is
+        assert read_metadata(copy)["batchstyle:iterate"].startswith("scale ")
+        assert f"out/c{k}-s0.png" in objects
+    assert not _files(tmp_path / "staging" / "outputs"), "the local copy of each iterate goes once it is put"
+    assert not list(ledger.rglob("*.iterates"))
+
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::night/out2/c1-*"}
+        ],
+    }
+    s3.put_bucket_policy(Bucket="night", Policy=json.dumps(policy))  # type: ignore[attr-defined]
+    denied = cli("run", night, "--out", "s3://night/out2/", "--ledger", tmp_path / "l2", *FAST, "--save-every", "1")
+    assert denied.exit_code == 1, denied.output
+    assert "row 2: cannot put an iterate to s3://night/out2/c1-s0.iterates/scale" in denied.output
+    assert "access denied" in denied.output and "Traceback" not in denied.output
+    stored = _objects(s3, "night", "out2/")
+    assert "out2/c0-s0.png" in stored and "out2/c2-s0.png" in stored and "out2/c1-s0.png" not in stored
+
+
 CLIP = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "--min-size", "0", "-q")
 
 
