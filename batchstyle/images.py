@@ -475,6 +475,13 @@ def iterates_folder(output: Path) -> Path:
     return output.parent / f"{output.stem}{ITERATES_SUFFIX}"
 
 
+def iterates_url(output_url: str, name: str) -> str:
+    """Where `--save-every` puts the iterate `name` of an output in a store, as `iterates_folder` names the local
+    folder: `s3://b/night/a.png` -> `s3://b/night/a.iterates/<name>`."""
+    head, _, tail = output_url.rpartition("/")
+    return f"{head}/{PurePath(tail).stem}{ITERATES_SUFFIX}/{name}"
+
+
 def remove_stale_temp_files(folder: Path, outputs: Collection[Path] | None = None) -> list[Path]:
     """Delete temp files that runs killed mid-save left anywhere under ``folder``; return what was removed.
 

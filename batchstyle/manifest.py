@@ -615,22 +615,6 @@ def _with_urls(manifest: Manifest) -> None:
     """Rows told the URLs of the objects they read and of their output; problems told the objects' URLs in place
     of their local copies' paths (which a user never gave)."""
     sources, out_url = manifest.sources, manifest.out_url
-    if out_url:
-        # A clip's frames are written beside its output and assembled by the run's parent, neither of which puts
-        # them to a store yet: the row would be done with no object under its name. Refused, not lost.
-        clips = [row for row in manifest.rows if row.content in manifest.clips]
-        manifest.problems += [
-            Problem(
-                manifest.path,
-                row.number,
-                row.line,
-                "content",
-                f"{row.content} is a video or a frame folder, and a video row's output cannot go to a URL yet "
-                f"(--out {scrub(out_url)}); give video rows a local --out, in a manifest of their own",
-            )
-            for row in clips
-        ]
-        manifest.rows = [row for row in manifest.rows if row.content not in manifest.clips]
     for index, row in enumerate(manifest.rows):
         files = [row.content, *row.styles, *([row.init_image] if row.init_image else [])]
         files += [Path(mask) for mask in row.values["style_masks"]]

@@ -18,7 +18,7 @@ import posixpath
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +31,7 @@ T = TypeVar("T")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C:\ is a Windows path, not a URL
 RETRIES = 3  # tries of a call that failed for a cause a retry can help (the store unreachable, busy, throttling)
 STAGING_ENV = "BATCHSTYLE_STAGING"
+NO_SUCH_OBJECT = "no such object"  # the cause of a missing object, which some callers take as a miss
 
 
 class StoreError(UnusableInput):
@@ -139,7 +140,7 @@ def _cause(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "403" in text or "Forbidden" in text:
         return "access denied (403); check the credentials and the bucket's policy for this object", False
     if isinstance(exc, FileNotFoundError):
-        return "no such object", False
+        return NO_SUCH_OBJECT, False
     transient = ("Could not connect", "ConnectTimeout", "EndpointConnectionError", "Connection refused", "timed out")
     if isinstance(exc, (ConnectionError, TimeoutError)) or any(word in text for word in transient):
         return f"the store is unreachable ({exc.__class__.__name__}); check the endpoint and the network", True
@@ -175,8 +176,14 @@ def stage(url: str, root: Path | None = None) -> Path:
     local = folder / (name_of(url) or "object")
     if local.is_file():
         return local
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".staging-", dir=folder)
+    _get_file(url, fs, path, local)
+    return local
+
+
+def _get_file(url: str, fs: Any, path: str, local: Path) -> None:
+    """The object to `local` through a temp file beside it, renamed into place: a file under its name is whole."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=".staging-", dir=local.parent)
     os.close(handle)
     try:
         _call(url, lambda: fs.get_file(path, temp))
@@ -184,25 +191,45 @@ def stage(url: str, root: Path | None = None) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+
+
+def get(url: str, local: Path) -> Path:
+    """The object to the local file `local`, whole, replacing what is there. For the run's own work fetched back
+    (a clip's frames, an output whose key is read): unlike an input, no later run reads it again from the staging
+    cache, so it goes where the caller removes it once used rather than filling that cache."""
+    fs, path = _fs(url)
+    _get_file(url, fs, path, local)
     return local
 
 
 STAGE_THREADS = 16  # objects fetched at once: each is two round trips (a HEAD and a GET), mostly waiting
 
 
-def stage_all(urls: Sequence[str], root: Path | None = None) -> dict[str, Path | StoreError]:
-    """`stage` of many objects at once, each URL's copy or its error: planning a night's 10,000 new photos waits on
-    the store's latency, not on this machine, so the requests overlap."""
+def _each(urls: Sequence[str], fetch: Callable[[str], Path]) -> dict[str, Path | StoreError]:
+    """`fetch` of many objects at once, each URL's file or its error: the requests wait on the store's latency, not
+    on this machine, so they overlap."""
     if not urls:
         return {}
     found: dict[str, Path | StoreError] = {}
     with ThreadPoolExecutor(max_workers=min(STAGE_THREADS, len(urls)), thread_name_prefix="batchstyle-stage") as pool:
-        for url, future in [(url, pool.submit(stage, url, root)) for url in dict.fromkeys(urls)]:
+        for url, future in [(url, pool.submit(fetch, url)) for url in dict.fromkeys(urls)]:
             try:
                 found[url] = future.result()
             except StoreError as exc:
                 found[url] = exc
     return found
+
+
+def stage_all(urls: Sequence[str], root: Path | None = None) -> dict[str, Path | StoreError]:
+    """`stage` of many objects at once, each URL's copy or its error: planning a night's 10,000 new photos waits on
+    the store's latency, not on this machine, so the requests overlap."""
+    return _each(urls, lambda url: stage(url, root))
+
+
+def get_all(wanted: Mapping[str, Path]) -> dict[str, Path | StoreError]:
+    """`get` of many objects at once (URL -> local file), each URL's file or its error: a clip's frames fetched
+    back, hundreds of small objects, overlap their requests as `stage_all` does."""
+    return _each(list(wanted), lambda url: get(url, wanted[url]))
 
 
 def put(local: Path, url: str) -> None:
@@ -214,30 +241,14 @@ def put(local: Path, url: str) -> None:
 
 
 def fetch(url: str, local: Path) -> bool:
-    """The object at `url` to the file `local`, through a temp file so that a copy under its name is always whole;
-    False where there is no such object (a shared cache's miss), StoreError for any other failure."""
-    fs, path = _fs(url)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".fetching-", dir=local.parent)
-    os.close(handle)
-
-    def get() -> bool:
-        try:
-            fs.get_file(path, temp)
-        except FileNotFoundError as exc:
-            if "bucket" in str(exc).lower():
-                raise
-            return False
-        return True
-
+    """`get`, with False where there is no such object: a shared cache's miss, which is no error."""
     try:
-        found = _call(url, get)
-        if found:
-            os.replace(temp, local)
-        return found
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+        get(url, local)
+    except StoreError as exc:
+        if exc.cause == NO_SUCH_OBJECT:
+            return False
+        raise
+    return True
 
 
 def exists(url: str) -> bool:
@@ -246,10 +257,11 @@ def exists(url: str) -> bool:
     return found
 
 
-def read_bytes(url: str) -> bytes:
+def delete(url: str) -> None:
+    """The object at `url` removed: a frame a folder output's new assembly no longer holds, as a local folder
+    replaced whole loses it."""
     fs, path = _fs(url)
-    data: bytes = _call(url, lambda: fs.cat_file(path))
-    return data
+    _call(url, lambda: fs.rm_file(path))
 
 
 def names(prefix: str) -> frozenset[str]:

@@ -7,7 +7,8 @@ stylized clip. No torch, and PyAV is imported only when a clip is met, so `check
         read_frames -> (index, RGB image) of the selected frames, in order   (the worker's clip runner)
     <output>.frames/frame-000123.png: finished frames, lossless, each written atomically
         assemble    -> the output video (or folder of PNGs), written to a hidden temp name and renamed into place,
-                       with the selected frames' own timestamps and the audio packets copied unchanged
+                       with the selected frames' own timestamps, the audio packets copied unchanged, and the
+                       row's job key in its metadata (clip_key reads it back)
 
 Errors are `VideoError`s (an `ImageError`, so a run reports them per row) whose message names the file and the fix.
 """
@@ -57,6 +58,11 @@ _CODECS = {
     ".gif": ("gif", "rgb8", {}),  # swscale cannot make pal8; rgb8 is a fixed 3-3-2 palette
 }
 _WEBM_AUDIO = frozenset({"opus", "vorbis"})  # all WebM can hold: other audio cannot be copied unchanged
+# The row's job key in an assembled video's container metadata, so that a finished clip is known from the file alone
+# (a rerun after the ledger is lost, or with the output in a bucket). Matroska and WebM write tag names upper-case.
+KEY_TAG = "batchstyle_key"
+# FFmpeg's MP4 and QuickTime muxers write only the tags they know (title, comment, ...) unless told to keep others.
+_MUXER_OPTIONS = {".mp4": {"movflags": "use_metadata_tags"}, ".mov": {"movflags": "use_metadata_tags"}}
 
 
 class VideoError(ImageError):
@@ -272,18 +278,20 @@ def frame_path(folder: Path, position: int) -> Path:
     return Path(folder) / FRAME_NAME.format(position)
 
 
-def assemble(frames: Sequence[Path], source: Path, indices: Sequence[int], output: Path) -> None:
+def assemble(frames: Sequence[Path], source: Path, indices: Sequence[int], output: Path, key: str = "") -> None:
     """Writes the output clip from finished frame files, atomically: a hidden temp name in the output's folder,
     renamed into place, so a partial video never exists under the output's name.
 
     A video keeps the source's timestamps for the kept frames (so a variable frame rate stays variable, and every
-    N-th frame lasts N frames) and its audio packets, copied unchanged over the kept time span. A name without an
-    extension gets a folder of PNG frames.
+    N-th frame lasts N frames) and its audio packets, copied unchanged over the kept time span, and carries `key`
+    (the row's job key) in its metadata, where the container holds any (`clip_key`). A name without an extension
+    gets a folder of PNG frames (each frame file carries the key already).
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix:
-        write_file_atomic(output, lambda handle: _encode(frames, Path(source), indices, handle, output.suffix.lower()))
+        suffix = output.suffix.lower()
+        write_file_atomic(output, lambda handle: _encode(frames, Path(source), indices, handle, suffix, key))
         return
     temp = temp_name(output)
     try:
@@ -303,7 +311,20 @@ def assemble(frames: Sequence[Path], source: Path, indices: Sequence[int], outpu
         raise
 
 
-def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle: BinaryIO, suffix: str) -> None:
+def clip_key(path: Path) -> str | None:
+    """The job key an assembled video carries (`assemble`), or None: a GIF (FFmpeg's GIF muxer writes no metadata),
+    a folder of frames, a video made by anything else. Raises VideoError for a file that cannot be read as a video."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in _CONTAINERS:
+        return None
+    with _open(path) as container:
+        tags = {str(name).lower(): str(value) for name, value in container.metadata.items()}
+    return tags.get(KEY_TAG)
+
+
+def _encode(
+    frames: Sequence[Path], source: Path, indices: Sequence[int], handle: BinaryIO, suffix: str, key: str = ""
+) -> None:
     _need_av()
     import av
 
@@ -316,7 +337,9 @@ def _encode(frames: Sequence[Path], source: Path, indices: Sequence[int], handle
     source_box: contextlib.AbstractContextManager[InputContainer | None] = (
         contextlib.nullcontext(None) if source.is_dir() else _open(source)
     )
-    with source_box as src, av.open(handle, "w", format=_CONTAINERS[suffix]) as out:
+    with source_box as src, av.open(handle, "w", format=_CONTAINERS[suffix], options=_MUXER_OPTIONS.get(suffix)) as out:
+        if key:
+            out.metadata[KEY_TAG] = key
         if src is not None:
             video_in = src.streams.video[0]
             stamps = _timestamps(src, video_in)

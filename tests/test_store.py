@@ -56,6 +56,12 @@ def _objects(client: object, bucket: str, prefix: str = "") -> dict[str, bytes]:
     }
 
 
+def _keys(client: object, bucket: str, prefix: str = "") -> list[str]:
+    """The objects' names under `prefix`, without their bodies: what a test polls while a run puts objects."""
+    found = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])  # type: ignore[attr-defined]
+    return [item["Key"] for item in found]
+
+
 def _key_of(data: bytes, tmp_path: Path) -> str:
     copy = tmp_path / "copy.png"
     copy.write_bytes(data)
@@ -287,6 +293,39 @@ def test_a_ray_run_with_two_actors_and_no_shared_folder(
     assert again.exit_code == 0 and "skipped      3" in again.output, again.output
 
 
+@pytest.mark.slow
+def test_a_clip_in_two_chunks_on_two_ray_nodes_is_assembled_from_the_store(
+    two_nodes: dict[str, Path], s3: object, tmp_path: Path
+) -> None:
+    """The clip's two chunks run on Ray actors, each node with a staging folder of its own, and each frame is put as
+    it is made; the driver shares no folder with either node: it fetches every frame back from the store to
+    assemble the video, and puts it."""
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    s3.create_bucket(Bucket="night")  # type: ignore[attr-defined]
+    _upload(s3, "night", "in/pan.mp4", make_clip(tmp_path / "made" / "pan.mp4", frames=16, audio=False))
+    _upload(s3, "night", "in/s.png", make_painting(tmp_path / "made" / "s.png"))
+    s3.put_object(Bucket="night", Key="clip.csv", Body=b"content,style\nin/pan.mp4,in/s.png\n")  # type: ignore[attr-defined]
+    ledger = tmp_path / "ledger"
+    args = ("run", "s3://night/clip.csv", "--out", "s3://night/out/", "--ledger", ledger, "--backend", "ray")
+    args += ("--clip-chunks", "2")
+    result = cli(*args, "--precision", "fp32", *CLIP)
+    assert result.exit_code == 0, result.output
+    objects = _objects(s3, "night", "out/")
+    [record] = read_records(ledger)[0]
+    assert record.status == "done" and (record.device or "").startswith("ray:")
+    assert _probe(objects["out/pan-s.mp4"], tmp_path) == (16, record.key)
+    assert len([name for name in objects if "/lead-" in name]) == 4, "one chunk a node, the second with a lead-in"
+    # The nodes that made frames staged the clip themselves, and keep no frame once it was put; the driver's own
+    # staging folder never held one, so the video was assembled from what it fetched back.
+    working = [node for node in two_nodes.values() if _files(node / "staging")]
+    assert working and all("pan.mp4" in [p.name for p in _files(node / "staging")] for node in working)
+    assert not [p for node in two_nodes.values() for p in _files(node / "staging" / "outputs")]
+    again = cli(*args, *CLIP)
+    assert again.exit_code == 0 and "skipped      1" in again.output, again.output
+
+
 def test_bench_store_times_local_and_store_runs_and_plans_a_listing(s3: object) -> None:
     s3.create_bucket(Bucket="bench")  # type: ignore[attr-defined]
     args = ("--rows", "2", "--size", "32", "--iterations", "2", "--repeats", "1", "--plan-rows", "5")
@@ -305,19 +344,182 @@ def test_bench_store_times_local_and_store_runs_and_plans_a_listing(s3: object) 
     assert missing.exit_code == 2 and "the bucket does not exist" in missing.output
 
 
-def test_a_video_row_with_a_url_out_is_refused_and_the_image_row_beside_it_runs(s3: object, tmp_path: Path) -> None:
-    """A clip's frames and its assembled file are written locally and nothing puts them to the store yet: the row
-    would be done with no object under its name, so it is refused before work, naming the fix."""
+def test_save_every_with_a_url_out_puts_each_iterate_beside_the_output(night: str, s3: object, tmp_path: Path) -> None:
+    """Each iterate is written in the node's staging area and put to `<output stem>.iterates/` under the out prefix,
+    one put each; an iterate that cannot be put fails its row, as one that cannot be written does."""
+    ledger = tmp_path / "ledger"
+    result = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, *FAST, "--save-every", "1")
+    assert result.exit_code == 0, result.output
+    objects = _objects(s3, "night", "out/")
+    for k in range(3):
+        iterates = sorted(name for name in objects if name.startswith(f"out/c{k}-s0.iterates/"))
+        assert len(iterates) >= 2, sorted(objects)
+        assert all(re.fullmatch(r".*/scale\d+-iter\d{5}\.png", name) for name in iterates), iterates
+        copy = tmp_path / "iterate.png"
+        copy.write_bytes(objects[iterates[-1]])  # whole: it opens, and says what it is
+        assert read_metadata(copy)["batchstyle:iterate"].startswith("scale ")
+        assert f"out/c{k}-s0.png" in objects
+    assert not _files(tmp_path / "staging" / "outputs"), "the local copy of each iterate goes once it is put"
+    assert not list(ledger.rglob("*.iterates"))
+
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::night/out2/c1-*"}
+        ],
+    }
+    s3.put_bucket_policy(Bucket="night", Policy=json.dumps(policy))  # type: ignore[attr-defined]
+    denied = cli("run", night, "--out", "s3://night/out2/", "--ledger", tmp_path / "l2", *FAST, "--save-every", "1")
+    assert denied.exit_code == 1, denied.output
+    assert "row 2: cannot put an iterate to s3://night/out2/c1-s0.iterates/scale" in denied.output
+    assert "access denied" in denied.output and "Traceback" not in denied.output
+    stored = _objects(s3, "night", "out2/")
+    assert "out2/c0-s0.png" in stored and "out2/c2-s0.png" in stored and "out2/c1-s0.png" not in stored
+
+
+CLIP = ("--model", "random", "--device", "cpu", "--size", "32", "--iterations", "4", "--min-size", "0", "-q")
+
+
+def _probe(data: bytes, tmp_path: Path, name: str = "clip.mp4") -> tuple[int, str | None]:
+    """(frames, job key) of a video object's bytes."""
+    from batchstyle.video import clip_key, probe_clip
+
+    copy = tmp_path / "probed" / name
+    copy.parent.mkdir(exist_ok=True)
+    copy.write_bytes(data)
+    return probe_clip(copy).frames, clip_key(copy)
+
+
+@pytest.mark.slow
+def test_a_clip_with_a_url_out_is_put_whole_and_a_rerun_or_a_lost_ledger_skips_it(s3: object, tmp_path: Path) -> None:
+    """A clip read from the bucket, in two chunks: each frame is put to `<output>.frames/` as it is written, the
+    parent fetches them back to assemble the video and puts it in one put, and the row is done only then. The video
+    carries its job key, so a rerun after the ledger is lost recovers it."""
+    pytest.importorskip("av")
+    from test_video import make_clip
+
+    s3.create_bucket(Bucket="night")  # type: ignore[attr-defined]
+    _upload(s3, "night", "in/pan.mp4", make_clip(tmp_path / "made" / "pan.mp4", frames=16, audio=False))
+    make_painting(tmp_path / "s.png")
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "s3://night/in/pan.mp4,s.png")
+    ledger = tmp_path / "ledger"
+    args = ("run", manifest, "--out", "s3://night/out/", "--ledger", ledger, *CLIP, "--clip-chunks", "2")
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    objects = _objects(s3, "night", "out/")
+    [record] = read_records(ledger)[0]
+    assert record.status == "done" and record.output == "pan-s.mp4"
+    assert _probe(objects["out/pan-s.mp4"], tmp_path) == (16, record.key)
+    frames = sorted(name for name in objects if name.startswith("out/pan-s.mp4.frames/"))
+    assert [n for n in frames if "/frame-" in n] == [f"out/pan-s.mp4.frames/frame-{i:06d}.png" for i in range(16)]
+    assert [n for n in frames if "/lead-" in n] == [f"out/pan-s.mp4.frames/lead-{i:06d}.png" for i in range(4, 8)]
+    assert len(objects) == 1 + 16 + 4
+    # No copy left on this node: the frames and the video went once put; nothing in the ledger's folder either.
+    assert not _files(tmp_path / "staging" / "outputs")
+    assert not [p for p in _files(ledger) if p.suffix in (".png", ".mp4")]
+
+    again = cli(*args)
+    assert again.exit_code == 0 and "skipped      1" in again.output, again.output
+    for file in ledger.iterdir():
+        file.unlink()
+    recovered = cli(*args)
+    assert recovered.exit_code == 0 and "skipped      1" in recovered.output, recovered.output
+    assert _objects(s3, "night", "out/") == objects
+
+
+@pytest.mark.slow
+def test_a_frame_folder_output_with_a_url_out_is_an_object_a_frame(s3: object, tmp_path: Path) -> None:
+    """A frame folder as content gives a folder of frames: each frame put under the output's prefix, in order, before
+    the row is recorded done. The folder is there once its last frame is, so a rerun skips it; with the ledger lost
+    it is assembled again from the stored frames (none stylized again), and replaces the folder whole."""
     s3.create_bucket(Bucket="night")  # type: ignore[attr-defined]
     for k in range(3):
-        make_photo(tmp_path / "walk" / f"frame{k:03d}.png", 40, 32, seed=k)
-    make_photo(tmp_path / "p.png")
+        make_photo(tmp_path / "walk" / f"f{k:03d}.png", 40, 32, seed=k)
     make_painting(tmp_path / "s.png")
-    manifest = write_manifest(tmp_path / "m.csv", "content,style", "walk,s.png", "p.png,s.png")
-    result = cli("run", manifest, "--out", "s3://night/out/", "--ledger", tmp_path / "ledger", *FAST)
-    assert result.exit_code == 1, result.output
-    assert "row 1: column content: " in result.output
-    assert "a video row's output cannot go to a URL yet (--out s3://night/out/); give video rows a local --out" in (
-        result.output
+    manifest = write_manifest(tmp_path / "m.csv", "content,style", "walk,s.png")
+    ledger = tmp_path / "ledger"
+    args = ("run", manifest, "--out", "s3://night/out/", "--ledger", ledger, *CLIP)
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    objects = _objects(s3, "night", "out/")
+    [record] = read_records(ledger)[0]
+    assert record.status == "done" and record.output == "walk-s"
+    folder = [f"out/walk-s/frame-{i:06d}.png" for i in range(3)]
+    assert sorted(name for name in objects if name.startswith("out/walk-s/")) == folder
+    assert all(_key_of(objects[name], tmp_path) == record.key for name in folder)
+    assert sorted(name for name in objects if name.startswith("out/walk-s.frames/")) == [
+        f"out/walk-s.frames/frame-{i:06d}.png" for i in range(3)
+    ]
+    assert not _files(tmp_path / "staging" / "outputs")
+
+    again = cli(*args)
+    assert again.exit_code == 0 and "skipped      1" in again.output, again.output
+
+    s3.put_object(Bucket="night", Key="out/walk-s/frame-000009.png", Body=b"an older, longer assembly's")  # type: ignore[attr-defined]
+    for file in ledger.iterdir():
+        file.unlink()
+    redone = cli(*args, "--log-json", tmp_path / "log.jsonl")
+    assert redone.exit_code == 0 and "done         1" in redone.output, redone.output
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["event"] == "iteration"], "a frame was stylized again"
+    after = _objects(s3, "night", "out/")
+    assert "out/walk-s/frame-000009.png" not in after
+    assert {name: data for name, data in after.items() if ".frames/" in name} == {
+        name: data for name, data in objects.items() if ".frames/" in name
+    }
+
+
+@pytest.mark.slow
+def test_a_clip_killed_mid_run_resumes_from_the_stored_frames_and_never_shows_a_partial_video(
+    s3: object, tmp_path: Path
+) -> None:
+    pytest.importorskip("av")
+    from PIL import Image, PngImagePlugin
+    from test_video import make_clip
+
+    s3.create_bucket(Bucket="night")  # type: ignore[attr-defined]
+    make_clip(tmp_path / "long.mp4", frames=24, audio=False)
+    make_painting(tmp_path / "s.png")
+    manifest = write_manifest(tmp_path / "m.csv", "content,style,output", "long.mp4,s.png,clip.mp4")
+    ledger = tmp_path / "ledger"
+    args = ["run", str(manifest), "--out", "s3://night/out/", "--ledger", str(ledger), *CLIP]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchstyle", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
     )
-    assert sorted(_objects(s3, "night", "out/")) == ["out/p-s.png"]
+    deadline = time.monotonic() + 180
+    try:
+        while len([key for key in _keys(s3, "night", "out/") if "/frame-" in key]) < 4:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no frame was put"
+            assert "out/clip.mp4" not in _keys(s3, "night", "out/")
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _objects(s3, "night", "out/")
+    assert "out/clip.mp4" not in before, "no video before every frame is done"
+    assert 4 <= len(before) < 24
+    # A finished frame marked in the store: the rerun must take it as it is, not make it again.
+    name = sorted(before)[1]
+    copy = tmp_path / "marked.png"
+    copy.write_bytes(before[name])
+    with Image.open(copy) as image:
+        info = PngImagePlugin.PngInfo()
+        for key, value in image.text.items():
+            info.add_text(key, value)
+        info.add_text("test:untouched", "1")
+        image.save(copy, pnginfo=info)
+    s3.put_object(Bucket="night", Key=name, Body=copy.read_bytes())  # type: ignore[attr-defined]
+    rerun = cli(*args)
+    assert rerun.exit_code == 0, rerun.output
+    after = _objects(s3, "night", "out/")
+    assert _probe(after["out/clip.mp4"], tmp_path)[0] == 24
+    assert len([n for n in after if n.startswith("out/clip.mp4.frames/frame-")]) == 24
+    marked = tmp_path / "marked-after.png"
+    marked.write_bytes(after[name])
+    assert read_metadata(marked).get("test:untouched") == "1", "a finished frame was made again"

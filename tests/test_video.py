@@ -24,7 +24,7 @@ from batchstyle import video
 from batchstyle.manifest import read_manifest
 from batchstyle.model.temporal import consistency, entering_band, flow_pair, uncovered, warp, warp_numpy
 from batchstyle.options import default_values
-from batchstyle.run.ledger import read_records, unpack_history
+from batchstyle.run.ledger import LEDGER_NAME, read_records, unpack_history
 from batchstyle.video import frames_folder
 
 SAMPLE = Path(__file__).parent.parent / "manifests" / "samples" / "astronaut.jpg"
@@ -235,6 +235,12 @@ def test_a_clip_keeps_its_frame_count_frame_rate_timestamps_and_audio(clip_dir: 
     assert cli("report", clip_dir / "m").exit_code == 0
     page = (clip_dir / "m" / "report.html").read_text()
     assert "frames of row 1" in page and "temporal error" in page
+    # The video carries its job key: with the ledger lost, a rerun takes it for finished work, as it does a still.
+    assert video.clip_key(output) == record.key
+    for file in (clip_dir / "m").glob(f"{LEDGER_NAME}*"):
+        file.unlink()
+    recovered = cli("run", manifest, *TINY)
+    assert recovered.exit_code == 0 and "skipped      1" in recovered.output, recovered.output
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from batchstyle.run.pools import Pool
 from batchstyle.run.progress import Events
 from batchstyle.run.scheduler import Scheduler
 from batchstyle.run.signals import Stop
+from batchstyle.video import FRAME_NAME, clip_key, select
 
 if TYPE_CHECKING:
     from batchstyle.run.engine import RunSummary
@@ -370,8 +371,11 @@ class Execution:
             return
         if job.clip is not None and result.status == "done":
             # Here, not at the top: run.clip is a worker's module (torch), and the parent plans without torch.
-            from batchstyle.run.clip import assemble_clip, clip_temporal_error
+            from batchstyle.run.clip import assemble_clip, clip_temporal_error, release_frames
 
+            # With a URL --out, assemble_clip fetches the frames the workers put to the store (a Ray actor's node
+            # shares no folder with this one) and puts the clip before it returns: the row is recorded done below,
+            # only once its object is there.
             try:
                 frames = assemble_clip(job)
             except Exception as exc:  # noqa: BLE001 - a clip that cannot be written fails alone
@@ -385,6 +389,8 @@ class Execution:
                     self.events.message(f"row {job.row.number}: no temporal error measured ({exc})")
                     error = None
                 result = dataclasses.replace(result, temporal_error=error, frames=len(frames))
+            finally:
+                release_frames(job)
         self._write_record(job, result)
 
     def _clip_settled(self, job: Job, result: Result) -> bool:
@@ -565,7 +571,8 @@ def _present(output: Path, listings: dict[str, frozenset[str]]) -> bool:
 
 def _stored(job: Job, name: str, listings: dict[str, frozenset[str]]) -> bool:
     """Whether the row's output (`name` under the --out prefix) is in the store: one listing of the prefix for the
-    whole run. A bucket that does not exist or cannot be listed stops the run here, before any work."""
+    whole run. A bucket that does not exist or cannot be listed stops the run here, before any work. A clip's
+    folder of frames is no object: it is there once its last frame is, the last one put (`run.clip._put_clip`)."""
     url = job.row.output_url
     if url is None or not url.endswith(name):
         return False
@@ -573,17 +580,27 @@ def _stored(job: Job, name: str, listings: dict[str, frozenset[str]]) -> bool:
     names = listings.get(prefix)
     if names is None:
         names = listings[prefix] = store.names(prefix)
+    if job.clip is not None and not job.output.suffix:
+        last = len(select(job.clip.total, job.settings.frame_span(), job.settings.every)) - 1
+        return f"{name}/{FRAME_NAME.format(last)}" in names
     return name in names
 
 
 def _carries_key(job: Job) -> bool:
+    """Whether the row's output carries its job key: finished work whose `done` never reached the ledger. A clip's
+    video carries it in its container's metadata (`video.clip_key`; not a GIF, whose muxer writes none). A folder
+    of frames is never taken for finished this way: its frames are put one by one, so only every frame's key read
+    would prove them all this row's; the row runs again, finds every frame finished, and only assembles."""
+    url = job.row.output_url
+    if job.clip is not None and not job.output.suffix:
+        return False
     try:
-        if job.row.output_url:  # finished work in the store whose `done` never reached the ledger: read its key
-            with tempfile.TemporaryDirectory() as folder:
-                copy = Path(folder) / job.output.name
-                copy.write_bytes(store.read_bytes(job.row.output_url))
-                return read_metadata(copy).get("batchstyle:key") == job.key
-        return read_metadata(job.output).get("batchstyle:key") == job.key
+        with tempfile.TemporaryDirectory() as folder:
+            # An output in the store is fetched to a file (a clip may be large): read_bytes held it all in memory.
+            output = job.output if url is None else store.get(url, Path(folder) / job.output.name)
+            if job.clip is not None:
+                return clip_key(output) == job.key
+            return read_metadata(output).get("batchstyle:key") == job.key
     except Exception:  # noqa: BLE001 - an unreadable file is simply not finished work
         return False
 

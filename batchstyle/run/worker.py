@@ -29,6 +29,7 @@ from batchstyle.images import (
     ImageError,
     is_temp_file,
     iterates_folder,
+    iterates_url,
     load_image,
     save_image_atomic,
     temp_file_target,
@@ -413,21 +414,30 @@ class Worker:
     def _snapshot(jobs: list[Job], failures: dict[int, _WriteFailure]) -> Callable[[int, int, torch.Tensor], None]:
         """Iterates go to `<output stem>.iterates/`: a folder of their own, so nothing mistakes one for an output. A
         row whose iterates cannot be written fails (asked for, not given) and writes no more of them; the other rows
-        of its batch go on."""
+        of its batch go on.
+
+        With a URL --out each is written in this node's staging area (beside `store.output_copy`'s file: the output
+        folder is the driver's, which a Ray actor on another node may not reach) and put to the same name under the
+        out prefix in one put, so each iterate's object is whole; the local copy then goes."""
 
         def save(scale: int, iteration: int, pixels: torch.Tensor) -> None:
             for job, image in zip(jobs, pixels.split(1)):
                 if job.row.number in failures:
                     continue
-                folder = iterates_folder(job.output)
+                url = job.row.output_url
+                folder = iterates_folder(job.output if url is None else store.output_copy(url))
                 path = folder / f"scale{scale}-iter{iteration:05d}{job.output.suffix}"
                 try:
                     folder.mkdir(parents=True, exist_ok=True)
                     save_image_atomic(
                         tensor_to_image(image), path, {"batchstyle:iterate": f"scale {scale}, iteration {iteration}"}
                     )
+                    if url is not None:
+                        put_output(path, iterates_url(url, path.name))
                 except OSError as exc:
                     failures[job.row.number] = _write_failure(job, exc, path)
+                except StoreError as exc:
+                    failures[job.row.number] = f"row {job.row.number}: cannot put an iterate to {exc}", None, None
 
         return save
 
