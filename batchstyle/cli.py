@@ -301,8 +301,6 @@ def run(
     manifest = _read(manifest_path, out_dir, fmt, options, (contents, styles, pair), config.ledger)
     if manifest.out_url is None and config.ledger is not None:
         raise Unusable("--ledger moves the ledger of a run whose --out is a URL; a folder's ledger stays in it")
-    if manifest.out_url is not None and make_report:
-        raise Unusable("--report writes into a folder; give a folder --out, or run `batchstyle report` on a copy")
     sinks: list[Any] = [] if quiet else [Terminal()]
     try:
         log_handle = open(log_json, "a", encoding="utf-8") if log_json else None  # noqa: SIM115
@@ -343,8 +341,10 @@ def run(
     if make_report:
         from batchstyle.report import write_report
 
-        files = write_report(summary.out_dir)
-        click.echo(f"report: {files.html}  contact sheet: {files.contact_sheet}")
+        files = write_report(summary.out_dir, out_url=manifest.out_url)
+        click.echo(
+            f"report: {files.html_url or files.html}  contact sheet: {files.contact_sheet_url or files.contact_sheet}"
+        )
     raise click.exceptions.Exit(summary.exit_code)
 
 
@@ -1091,17 +1091,34 @@ def bench_panel(
 
 
 @main.command()
-@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("target", metavar="OUT")
 @click.option("--all", "all_rows", is_flag=True, help="Include rows no longer in the latest run's manifest.")
-def report(out_dir: Path, all_rows: bool) -> None:
-    """Write contact-sheet.png and report.html (self-contained) into an output folder, from its ledger."""
+@click.option(
+    "--ledger",
+    "ledger_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the ledger of a run with a URL OUT is, when it was run with --ledger DIR [default: that URL's "
+    "folder in the cache, as the run put it].",
+)
+def report(target: str, all_rows: bool, ledger_dir: Path | None) -> None:
+    """Write contact-sheet.png and report.html (self-contained) into OUT, from its ledger: an output folder, a
+    manifest standing for its default folder, or a URL prefix (s3://bucket/out/) a run on this machine wrote to,
+    whose outputs are read from the store and the two files put beside them."""
     from batchstyle.report import write_report
+    from batchstyle.store import is_url, local_path, work_dir
 
+    out_url = target if is_url(target) and not target.lower().startswith("file://") else None
+    if out_url is None and ledger_dir is not None:
+        raise Unusable("--ledger names the ledger folder of a run whose OUT is a URL; a folder's ledger stays in it")
+    out_dir = _out_dir(Path(local_path(target))) if out_url is None else ledger_dir or work_dir(out_url)
     try:
-        files = write_report(_out_dir(out_dir), all_rows)
+        files = write_report(out_dir, all_rows, out_url=out_url)
     except FileNotFoundError as exc:
         raise Unusable(str(exc)) from None
-    click.echo(f"wrote {files.contact_sheet} and {files.html}")
+    if files.html_url is None:
+        click.echo(f"wrote {files.contact_sheet} and {files.html}")
+    else:
+        click.echo(f"wrote {files.contact_sheet_url} and {files.html_url} (built in {out_dir})")
 
 
 @bench.command("video")

@@ -7,6 +7,10 @@ it can be mailed, archived or opened on an air-gapped box, and shows the same th
 
 Nothing here may stop the report from being written: a row whose files are gone, unreadable or never recorded gets a
 placeholder, and a failed row shows its error where its output would be.
+
+A run whose outputs went to a bucket (a URL `--out`) is reported the same way: the ledger is in the run's local folder,
+the outputs and any inputs in buckets are read through their staged copies (`batchstyle.store`), and the two files are
+built in that local folder, then each put to the output prefix in one request, so each appears there whole.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from batchstyle import store
 from batchstyle.errors import UnusableInput
 from batchstyle.images import ImageError, load_image, read_metadata, save_image_atomic, write_file_atomic
 from batchstyle.reserved import CONTACT_SHEET_NAME, HTML_NAME, fold
@@ -59,11 +64,33 @@ _FINAL_COLUMNS = ("content", "style", "tv")  # the terms whose kept-iterate valu
 
 @dataclass(frozen=True)
 class ReportFiles:
+    """Where the report was written: the local files, and (a URL --out) the objects they were put to, scrubbed."""
+
     contact_sheet: Path
     html: Path
+    contact_sheet_url: str | None = None
+    html_url: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------- gathering
+
+
+@dataclass(frozen=True)
+class _Place:
+    """What a report is of, as its title and summary show it: the output folder, or a URL --out (scrubbed) and the
+    local folder that holds its ledger."""
+
+    shown: str
+    name: str
+    ledger: Path | None = None
+
+    @classmethod
+    def of(cls, out_dir: Path, out_url: str | None) -> _Place:
+        if out_url is not None:
+            shown = store.scrub(out_url)
+            return cls(shown, store.name_of(shown) or shown, out_dir.resolve())
+        folder = out_dir.resolve()
+        return cls(str(folder), folder.name or str(folder))
 
 
 @dataclass
@@ -72,10 +99,23 @@ class _Input:
 
     role: str  # "content", "style" or "output"
     label: str  # caption under the thumbnail
-    path: Path | None  # None: the ledger does not say which file it was
+    path: Path | None  # the file read; None: the ledger does not say which, or an object's copy could not be had
     image: Image.Image | None = None  # reduced to fit (thumb * _MAX_ASPECT, thumb), never enlarged
     problem: str | None = None  # "missing", "unreadable" or "not recorded" when image is None
     weight: str | None = None  # a style's blend weight, when the row blends several
+    url: str | None = None  # an object's URL, scrubbed: shown in place of its local copy, named by a hash
+    detail: str | None = None  # why an object could not be read, in words (the store's error)
+
+    @property
+    def where(self) -> str | None:
+        """Where the image is, as the user gave it: an object's URL rather than the path of its staged copy."""
+        return self.url or (str(self.path) if self.path is not None else None)
+
+    @property
+    def name(self) -> str:
+        if self.url is not None:
+            return store.name_of(self.url)
+        return self.path.name if self.path is not None else ""
 
 
 @dataclass
@@ -121,6 +161,48 @@ class _Thumbs:
                 except (ImageError, OSError, ValueError):
                     self._seen[path] = (None, "unreadable")
         return self._seen[path]
+
+
+class _Staged:
+    """Local copies of the objects a report shows (a URL --out's outputs, inputs in buckets), each fetched once per
+    node and version (`store.stage`: the run's own staged inputs are found again, not fetched twice). An object that
+    cannot be had any more is its problem and the store's words for it, never an exception: a report of a night
+    whose photos were deleted since still shows every row."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, Path | tuple[str, str]] = {}
+
+    def fetch(self, urls: Iterable[str]) -> None:
+        """Many objects at once (`store.stage_all`): a night's photos wait on the store's latency, not this machine."""
+        wanted = [url for url in dict.fromkeys(urls) if url not in self._found]
+        try:
+            found = store.stage_all(wanted)
+        except OSError:  # the staging folder cannot be written: each object says so on its own in `get`
+            return
+        for url, copy in found.items():
+            self._found[url] = copy if isinstance(copy, Path) else self._problem(copy)
+
+    def get(self, url: str) -> tuple[Path | None, str | None, str | None]:
+        """(the local copy, or None with the placeholder's word and the store's error in words)."""
+        if url not in self._found:
+            try:
+                self._found[url] = store.stage(url)
+            except (store.StoreError, OSError) as exc:
+                self._found[url] = self._problem(exc, url)
+        found = self._found[url]
+        return (found, None, None) if isinstance(found, Path) else (None, *found)
+
+    @staticmethod
+    def _problem(exc: Exception, url: str = "") -> tuple[str, str]:
+        if isinstance(exc, store.StoreError):
+            word = "missing" if exc.cause == "no such object" else "unreadable"
+            return word, store.scrub_text(str(exc))
+        return "unreadable", store.scrub_text(f"{store.scrub(url)}: {exc}")
+
+
+def _is_object(text: str) -> bool:
+    """A cell that names an object in a store (not a `file://` URL, which is a path)."""
+    return store.is_url(text) and not text.lower().startswith("file://")
 
 
 def _locate(text: str, out_dir: Path) -> Path:
@@ -170,8 +252,24 @@ def _params(record: Record) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
+def _gather(
+    records: list[Record],
+    out_dir: Path,
+    thumb: int,
+    out_url: str | None = None,
+    listed: frozenset[str] = frozenset(),
+    staged: _Staged | None = None,
+) -> list[_Row]:
+    """Each record with its pictures. With a URL --out (`out_url`), a row's output is the object under its name:
+    in `listed` (the prefix's one listing) or missing, read through its staged copy."""
     thumbs = _Thumbs(thumb)
+    staged = staged or _Staged()
+    staged.fetch(
+        [
+            *(cell for r in records for cell in [r.content or "", *(r.styles or "").split(";")] if _is_object(cell)),
+            *(store.child(out_url, r.output) for r in records if out_url is not None and r.output in listed),
+        ]
+    )
     runs = read_runs(out_dir)
     manifests: dict[Path, list | None] = {}
     anchors: Counter[str] = Counter()
@@ -194,20 +292,28 @@ def _gather(records: list[Record], out_dir: Path, thumb: int) -> list[_Row]:
                 row.recovered = bool(content or styles)
                 if found.get("output", "").strip():
                     row.output_name = found["output"].strip() + " (not planned)"
-        row.inputs.append(_with_faces(_input("content", "content", content, out_dir, thumbs), row.params))
+        row.inputs.append(_with_faces(_input("content", "content", content, out_dir, thumbs, staged), row.params))
         for number, style in enumerate(styles or [""], start=1):
-            row.inputs.append(
-                _input("style", "style" if len(styles) < 2 else f"style {number}", style, out_dir, thumbs)
-            )
+            label = "style" if len(styles) < 2 else f"style {number}"
+            row.inputs.append(_input("style", label, style, out_dir, thumbs, staged))
         output_path = out_dir / record.output
-        if record.status == "done" or (record.status in ("pending", "running") and output_path.is_file()):
+        url = None if out_url is None else store.child(out_url, record.output)
+        exists = output_path.is_file() if url is None else record.output in listed
+        if record.status == "done" or (record.status in ("pending", "running") and exists):
             label = "output" if record.status == "done" else f"output ({record.status})"
-            row.output = _Input("output", label, output_path, *thumbs.get(output_path))
-            if record.status == "done":
-                row.blend = _blend(output_path, record, len(styles))
+            if url is None:
+                row.output = _Input("output", label, output_path, *thumbs.get(output_path))
+            elif not exists:
+                detail = f"{store.scrub(url)}: no such object under {store.scrub(out_url or '')}"
+                row.output = _Input("output", label, None, problem="missing", url=store.scrub(url), detail=detail)
+            else:
+                row.output = _staged_input("output", label, url, thumbs, staged)
+            if record.status == "done" and row.output.path is not None:
+                row.blend = _blend(row.output.path, record, len(styles))
         elif record.status in ("pending", "running"):
-            row.output = _Input("output", "output", output_path, problem="not yet")
-        if is_clip_output(output_path):
+            local = output_path if url is None else None
+            row.output = _Input("output", "output", local, problem="not yet", url=url and store.scrub(url))
+        if url is None and is_clip_output(output_path):  # a URL --out takes no video rows
             row.strip = _frame_strip(output_path, thumb)
         if len(row.blend) == len(row.inputs) - 1 > 1:
             for shown, weight in zip(row.inputs[1:], row.blend):
@@ -263,11 +369,22 @@ def _with_faces(item: _Input, params: dict[str, Any]) -> _Input:
     return dataclasses.replace(item, image=image, label=label)
 
 
-def _input(role: str, label: str, text: str, out_dir: Path, thumbs: _Thumbs) -> _Input:
+def _input(role: str, label: str, text: str, out_dir: Path, thumbs: _Thumbs, staged: _Staged) -> _Input:
     if not text:
         return _Input(role, label, None, problem="not recorded")
-    path = _locate(text, out_dir)
+    if _is_object(text):
+        return _staged_input(role, label, text, thumbs, staged)
+    path = _locate(store.local_path(text), out_dir)
     return _Input(role, label, path, *thumbs.get(path))
+
+
+def _staged_input(role: str, label: str, url: str, thumbs: _Thumbs, staged: _Staged) -> _Input:
+    """An object's picture from its staged copy, shown under its URL (scrubbed: a signed URL's query is a
+    credential); an object that cannot be read any more gets a placeholder and the store's words for why."""
+    copy, problem, detail = staged.get(url)
+    if copy is None:
+        return _Input(role, label, None, problem=problem, url=store.scrub(url), detail=detail)
+    return _Input(role, label, copy, *thumbs.get(copy), url=store.scrub(url))
 
 
 def _blend(output: Path, record: Record, styles: int) -> list[str]:
@@ -384,7 +501,7 @@ def _sheet_cells(row: _Row, thumb: int) -> list[_Cell]:
         if item is None:
             cells.append(_Cell(round(thumb * 1.6), error=row.record.error or "failed", caption="output"))
             continue
-        name = item.path.name if item.path is not None else ""
+        name = item.name
         # Pillow's default font has no multiplication sign, so the sheet spells the weight out.
         caption = item.label if item.weight is None else f"{item.label}, weight {item.weight}"
         if item.image is not None:
@@ -398,7 +515,7 @@ def _sheet_cells(row: _Row, thumb: int) -> list[_Cell]:
 
 
 def _contact_sheet(
-    rows: list[_Row], out_dir: Path, last_run: dict[str, Any] | None, models: list[str], thumb: int
+    rows: list[_Row], place: _Place, last_run: dict[str, Any] | None, models: list[str], thumb: int
 ) -> Image.Image:
     pad, gap, label_w = 10, 8, 190
     title_font, label_font, small_font = _font(18), _font(14), _font(11)
@@ -409,8 +526,7 @@ def _contact_sheet(
     layouts = [_sheet_cells(row, thumb) for row in rows]
     widths = [pad + label_w + sum(c.width + gap for c in cells) + pad for cells in layouts]
     counts = _counts(row.record for row in rows)
-    folder = out_dir.resolve().name or str(out_dir.resolve())
-    title = f"batchstyle: {folder}"
+    title = f"batchstyle: {place.name}"
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no rows"
     summary += f"   model: {', '.join(models) or '-'}"
     if last_run and last_run.get("started"):
@@ -594,8 +710,9 @@ def _param_value(name: str, value: Any) -> str:
 
 
 def _figure_html(item: _Input, thumb: int) -> str:
-    name = _e(item.path.name) if item.path is not None else ""
-    title = f' title="{_e(item.path)}"' if item.path is not None else ""
+    name = _e(item.name)
+    hover = item.detail or item.where  # the store's error names the object too
+    title = f' title="{_e(hover)}"' if hover is not None else ""
     if item.image is not None:
         body = f'<img class="thumb" alt="{_e(item.label)}" src="{_data_uri(item.image, thumb)}">'
     else:
@@ -663,8 +780,8 @@ def _row_html(row: _Row, thumb: int) -> str:
         ("seconds", _e(_seconds(record.seconds)) if record.seconds is not None else None),
         ("iterations", _e(record.iterations) if record.iterations is not None else None),
         ("finished", _e(_when(record.finished)) if record.finished is not None else None),
-        ("content", _e(row.inputs[0].path) if row.inputs[0].path else None),
-        ("style", "<br>".join(_e(i.path) for i in row.inputs[1:] if i.path) or None),
+        ("content", _e(row.inputs[0].where) if row.inputs[0].where else None),
+        ("style", "<br>".join(_e(i.where) for i in row.inputs[1:] if i.where) or None),
         ("style blend", _e(", ".join(row.blend)) if row.blend else None),
         ("frames", _e(row.params.get("frames")) if done and row.params.get("frames") else None),
         (
@@ -752,18 +869,20 @@ figure.curve { margin-left: 14px; }
 """
 
 
-def _html(rows: list[_Row], out_dir: Path, last_run: dict[str, Any] | None, models: list[str], thumb: int) -> str:
+def _html(rows: list[_Row], place: _Place, last_run: dict[str, Any] | None, models: list[str], thumb: int) -> str:
     records = [row.record for row in rows]
     counts = _counts(records)
-    folder = out_dir.resolve()
     css = (
         _CSS.replace("THUMB", str(thumb))
         .replace("MAXW", str(round(thumb * _MAX_ASPECT)))
         .replace("PLACE", str(round(thumb * 0.75)))
     )
     compute = sum(r.seconds or 0.0 for r in records)
+    where = [("folder", _e(place.shown))]
+    if place.ledger is not None:
+        where = [("outputs", _e(place.shown)), ("ledger", _e(place.ledger))]
     summary = [
-        ("folder", _e(folder)),
+        *where,
         ("rows", " ".join(f'<span class="badge {_e(s)}">{n} {_e(s)}</span>' for s, n in counts.items() if n) or "none"),
         ("model", _e(", ".join(models) or "-")),
         ("device", _e(", ".join(dict.fromkeys(r.device for r in records if r.device)) or "-")),
@@ -790,9 +909,9 @@ def _html(rows: list[_Row], out_dir: Path, last_run: dict[str, Any] | None, mode
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>batchstyle report: {_e(folder.name)}</title>",
+        f"<title>batchstyle report: {_e(place.name)}</title>",
         f"<style>{css}</style></head><body>",
-        f"<header><h1>batchstyle report: {_e(folder.name)}</h1>",
+        f"<header><h1>batchstyle report: {_e(place.name)}</h1>",
         '<table class="summary">',
         *(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary),
         "</table>",
@@ -821,10 +940,13 @@ _SHEET_MARK = "batchstyle report"  # the contact sheet's Software text, since th
 _HTML_MARK = "<title>batchstyle report"  # in the HTML page's head, since the first report
 
 
-def _refuse_foreign(records: Sequence[Record], sheet: Path, page: Path) -> None:
+def _refuse_foreign(records: Sequence[Record], sheet: Path | str, page: Path | str) -> None:
     """Refuses to write over a row's output or any file the report did not write itself. Manifests refuse outputs
     at these names now, but a ledger from before they did may hold one (the sheet then replaced the row's output
-    while the ledger said done, and reruns skipped it), and a user may have put a file of their own there."""
+    while the ledger said done, and reruns skipped it), and a user may have put a file of their own there.
+
+    `sheet` and `page` are where the two go: local files, checked here, or objects' URLs (a URL --out), whose
+    objects `_refuse_foreign_objects` checks."""
     taken = {fold(CONTACT_SHEET_NAME): sheet, fold(HTML_NAME): page}
     for record in records:
         path = taken.get(fold(record.output))
@@ -834,43 +956,94 @@ def _refuse_foreign(records: Sequence[Record], sheet: Path, page: Path) -> None:
                 f"{'contact sheet' if path == sheet else 'page'}: it would be replaced. Move that output and rename "
                 "it in the manifest (runs refuse such names now), then report again"
             )
-    if sheet.is_file():
-        try:
-            ours = read_metadata(sheet).get("Software") == _SHEET_MARK
-        except ImageError:
-            ours = False
-        if not ours:
-            raise ReportRefused(f"{sheet} is not a contact sheet batchstyle wrote: move it, then report again")
-    if page.is_file():
-        with page.open("rb") as handle:
-            head = handle.read(4096).decode("utf-8", "replace")
-        if _HTML_MARK not in head:
-            raise ReportRefused(f"{page} is not a report batchstyle wrote: move it, then report again")
+    for path, ours in ((sheet, _our_sheet), (page, _our_page)):
+        if isinstance(path, Path) and path.is_file() and not ours(path):
+            what = "contact sheet" if path == sheet else "report"
+            raise ReportRefused(f"{path} is not a {what} batchstyle wrote: move it, then report again")
 
 
-def write_report(out_dir: Path, all_rows: bool = False, thumb: int = 160) -> ReportFiles:
+def _refuse_foreign_objects(out_url: str, listed: frozenset[str], staged: _Staged) -> None:
+    """The same guarantee for a URL --out, from the prefix's one listing: an object already under the sheet's or the
+    page's name is replaced only if the report put it there. An object that cannot be read to tell is not replaced
+    either."""
+    for name, ours, what in ((CONTACT_SHEET_NAME, _our_sheet, "contact sheet"), (HTML_NAME, _our_page, "report")):
+        if name not in listed:
+            continue
+        url = store.child(out_url, name)
+        copy, _, detail = staged.get(url)
+        if copy is None:
+            raise ReportRefused(
+                f"{store.scrub(url)} is there and cannot be read to check that batchstyle wrote it ({detail}); "
+                "fix that, or move that object, then report again"
+            )
+        if not ours(copy):
+            raise ReportRefused(
+                f"{store.scrub(url)} is not a {what} batchstyle wrote: move or delete that object, then report again"
+            )
+
+
+def _our_sheet(path: Path) -> bool:
+    try:
+        return read_metadata(path).get("Software") == _SHEET_MARK
+    except ImageError:
+        return False
+
+
+def _our_page(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(4096).decode("utf-8", "replace")
+    return _HTML_MARK in head
+
+
+def write_report(out_dir: Path, all_rows: bool = False, thumb: int = 160, out_url: str | None = None) -> ReportFiles:
     """Writes contact-sheet.png and report.html into ``out_dir`` from its ledger, each atomically.
 
     ``all_rows`` includes rows of earlier runs no longer in the latest manifest (as ``batchstyle status --all``);
     ``thumb`` is the thumbnail height in pixels. Safe to call while a run is writing the folder: the ledger is read
     through SQLite's WAL, and rows still pending or running are shown as such.
+
+    ``out_url``: the run's outputs went to this URL prefix and ``out_dir`` is its local folder (its ledger:
+    ``store.work_dir(out_url)`` or the run's ``--ledger``). The outputs are read from the store (one listing of the
+    prefix; an output not in it shows as missing), the two files are written into ``out_dir`` as for a folder, then
+    each is put under the prefix in one request, so neither is ever seen there half-written. Raises StoreError when
+    the prefix cannot be listed or a file cannot be put.
     """
     out_dir = Path(out_dir)
     if thumb < 16:
         raise ValueError(f"thumb must be at least 16 pixels, got {thumb}")
     if not ledger_files(out_dir):
+        if out_url is not None:
+            raise FileNotFoundError(
+                f"{store.scrub(out_url)} has no {LEDGER_NAME} on this machine (looked in {out_dir}), so there is "
+                "nothing to report: report on the machine that ran it, or name the --ledger folder it was run with"
+            )
         raise FileNotFoundError(
             f"{out_dir} has no {LEDGER_NAME}, so there is nothing to report: name the output folder of a "
             "`batchstyle run` (by default the manifest's name without .csv, beside it)"
         )
     records, last_run = read_records(out_dir, all_rows)
     records = sorted(records, key=lambda r: (r.row is None, r.row or 0, r.output))
-    rows = _gather(records, out_dir, thumb)
-    models = _models(records, last_run)
     sheet_path = out_dir / CONTACT_SHEET_NAME
     html_path = out_dir / HTML_NAME
-    _refuse_foreign(records, sheet_path, html_path)
-    sheet = _contact_sheet(rows, out_dir, last_run, models, thumb)
-    save_image_atomic(sheet, sheet_path, {"Software": _SHEET_MARK, "batchstyle:report": str(out_dir.name)})
-    _write_text_atomic(html_path, _html(rows, out_dir, last_run, models, thumb))
-    return ReportFiles(contact_sheet=sheet_path, html=html_path)
+    staged = _Staged()
+    listed: frozenset[str] = frozenset()
+    urls: tuple[str, str] | None = None  # where the two are put, with a URL --out
+    if out_url is None:
+        _refuse_foreign(records, sheet_path, html_path)
+    else:
+        urls = store.child(out_url, CONTACT_SHEET_NAME), store.child(out_url, HTML_NAME)
+        _refuse_foreign(records, store.scrub(urls[0]), store.scrub(urls[1]))
+        _refuse_foreign(records, sheet_path, html_path)  # the run's local folder: a --ledger DIR may hold a user's file
+        listed = store.names(out_url)
+        _refuse_foreign_objects(out_url, listed, staged)
+    rows = _gather(records, out_dir, thumb, out_url, listed, staged)
+    models = _models(records, last_run)
+    place = _Place.of(out_dir, out_url)
+    sheet = _contact_sheet(rows, place, last_run, models, thumb)
+    save_image_atomic(sheet, sheet_path, {"Software": _SHEET_MARK, "batchstyle:report": place.name})
+    _write_text_atomic(html_path, _html(rows, place, last_run, models, thumb))
+    if urls is None:
+        return ReportFiles(contact_sheet=sheet_path, html=html_path)
+    for local, url in zip((sheet_path, html_path), urls):
+        store.put(local, url)
+    return ReportFiles(sheet_path, html_path, store.scrub(urls[0]), store.scrub(urls[1]))

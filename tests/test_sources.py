@@ -164,6 +164,16 @@ def test_a_bucket_prefix_as_content(s3: object, night: Path) -> None:
     assert {name: stamps(out)[name] for name in before} == before
     assert (out / LEDGER_NAME).is_file()
 
+    # The folder's report draws each photo from the bucket (its staged copy), shown by its URL.
+    report = cli("report", out)
+    assert report.exit_code == 0, report.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for k in range(3):
+        drawn = (
+            f'<figure class="content" title="s3://photos/night/p{k}.png"><img class="thumb" alt="content" src="data:'
+        )
+        assert drawn in page
+
     # A glob under a prefix: the objects it matches, named as the prefix's would be.
     glob = cli("manifest", "--content", "s3://photos/night/p[02].png", "--style", night / "painting.png")
     assert glob.exit_code == 0, glob.output

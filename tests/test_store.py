@@ -523,3 +523,85 @@ def test_a_clip_killed_mid_run_resumes_from_the_stored_frames_and_never_shows_a_
     marked = tmp_path / "marked-after.png"
     marked.write_bytes(after[name])
     assert read_metadata(marked).get("test:untouched") == "1", "a finished frame was made again"
+
+
+def _figures(page: str) -> dict[tuple[str, str], str]:
+    """Each thumbnail cell of the report's rows by (role, where it is shown to be): its data URI, or its
+    placeholder's word."""
+    found = {}
+    for role, title, uri, word in re.findall(
+        r'<figure class="(content|style|output)" title="([^"]*)">'
+        r'(?:<img class="thumb" alt="[^"]*" src="(data:image/jpeg;base64,[^"]+)">|<div class="placeholder">([^<]*))',
+        page,
+    ):
+        found[(role, title.split(": ")[0])] = uri or word
+    return found
+
+
+def _decodes(uri: str) -> bool:
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(uri.partition(",")[2], validate=True))) as image:
+        image.load()
+        return image.height > 0
+
+
+def test_a_report_of_a_run_into_a_bucket_is_put_beside_its_outputs(night: str, s3: object, tmp_path: Path) -> None:
+    """`run --report` and `batchstyle report URL`: the ledger is local, the outputs and inputs are read from the
+    store, and both files are put under the output prefix; an output or input gone since shows as such, a file the
+    report did not write is never replaced, and a signed URL's query never reaches the page."""
+    from botocore.config import Config
+
+    signer = __import__("boto3").client("s3", config=Config(signature_version="s3v4"))
+    _upload(s3, "paintings", "s1.png", make_painting(tmp_path / "made" / "s1.png", seed=4))
+    signed = signer.generate_presigned_url("get_object", Params={"Bucket": "paintings", "Key": "s1.png"})
+    assert "X-Amz-Signature=" in signed
+    rows = "content,style\n" + "".join(f"photos/c{k}.png,s3://paintings/s0.png\n" for k in range(3))
+    s3.put_object(Bucket="night", Key="night.csv", Body=(rows + f"photos/c0.png,{signed}\n").encode())  # type: ignore[attr-defined]
+    ledger = tmp_path / "ledger"
+
+    result = cli("run", night, "--out", "s3://night/out/", "--ledger", ledger, "--report", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "report: s3://night/out/report.html  contact sheet: s3://night/out/contact-sheet.png" in result.output
+    objects = _objects(s3, "night", "out/")
+    assert sorted(objects) == sorted(
+        ["out/contact-sheet.png", "out/report.html", "out/c0-s1.png", *(f"out/c{k}-s0.png" for k in range(3))]
+    )
+    assert objects["out/report.html"] == (ledger / "report.html").read_bytes()  # built locally, put whole
+    assert read_metadata(ledger / "contact-sheet.png")["Software"] == "batchstyle report"
+    page = objects["out/report.html"].decode()
+    figures = _figures(page)
+    for k in range(3):  # every output and every input in a bucket drawn from its object
+        assert _decodes(figures[("output", f"s3://night/out/c{k}-s0.png")])
+        assert _decodes(figures[("content", f"s3://night/photos/c{k}.png")])
+    assert _decodes(figures[("style", "s3://paintings/s0.png")])
+    assert _decodes(figures[("output", "s3://night/out/c0-s1.png")])
+    # The signed style was read by the run; the ledger kept its URL without the signature, which no longer opens it.
+    assert figures[("style", signed.split("?")[0])] == "unreadable"
+    for text in (page, result.output):
+        assert "X-Amz-" not in text and "Signature" not in text and SECRET not in text
+
+    # An output and a photo deleted since: placeholders, not a crash. The report command finds the same ledger.
+    s3.delete_object(Bucket="night", Key="out/c1-s0.png")  # type: ignore[attr-defined]
+    s3.delete_object(Bucket="night", Key="photos/c2.png")  # type: ignore[attr-defined]
+    again = cli("report", "s3://night/out/", "--ledger", ledger)
+    assert again.exit_code == 0, again.output
+    assert "wrote s3://night/out/contact-sheet.png and s3://night/out/report.html" in again.output
+    figures = _figures(_objects(s3, "night", "out/report.html")["out/report.html"].decode())
+    assert figures[("output", "s3://night/out/c1-s0.png")] == "missing"
+    assert figures[("content", "s3://night/photos/c2.png")] == "missing"
+    assert _decodes(figures[("output", "s3://night/out/c2-s0.png")])
+
+    # An object of someone else's under the page's name is not replaced; nor is a ledger missing found elsewhere.
+    s3.put_object(Bucket="night", Key="out/report.html", Body=b"<html>mine</html>")  # type: ignore[attr-defined]
+    refused = cli("report", "s3://night/out/", "--ledger", ledger)
+    assert refused.exit_code == 2, refused.output
+    assert "s3://night/out/report.html is not a report batchstyle wrote" in refused.output
+    assert _objects(s3, "night", "out/report.html")["out/report.html"] == b"<html>mine</html>"
+    nowhere = cli("report", "s3://night/elsewhere/")
+    assert nowhere.exit_code == 2 and "s3://night/elsewhere/ has no batchstyle-ledger.sqlite" in nowhere.output
+    folder = cli("report", tmp_path, "--ledger", ledger)
+    assert folder.exit_code == 2 and "--ledger names the ledger folder of a run whose OUT is a URL" in folder.output
