@@ -164,6 +164,37 @@ def test_a_url_cache_dir_shares_targets_and_graphs_between_machines(
     assert refused.exit_code == 2 and "a URL cache is shared by `batchstyle run`" in refused.output
 
 
+def test_staging_many_objects_of_a_folder_lists_it_instead_of_asking_for_each(
+    s3: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder with LIST_AT objects or more to stage is listed once (a request per 1,000 objects) rather than asked
+    a HEAD per object; the copies are the ones a HEAD would have named, and a second staging (tomorrow's rerun, the
+    photos already here) asks the store for nothing but the listing. Requests counted in moto's own request log."""
+    from batchstyle.store import LIST_AT, stage_all
+
+    s3.create_bucket(Bucket="many")  # type: ignore[attr-defined]
+    urls = []
+    for k in range(LIST_AT + 2):
+        _upload(s3, "many", f"photos/p{k:02d}.png", make_photo(tmp_path / "made" / f"p{k:02d}.png", 8, 8, seed=k))
+        urls.append(f"s3://many/photos/p{k:02d}.png")
+    _upload(s3, "many", "few/a.png", make_photo(tmp_path / "made" / "a.png", 8, 8))
+    urls.append("s3://many/few/a.png")  # alone in its folder: asked for, as before
+
+    def requests(verb: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if f'"{verb} /many' in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        first = stage_all(urls)
+        assert len(requests("HEAD")) == 1 and "few/a.png" in requests("HEAD")[0], requests("HEAD")
+        assert len(requests("GET")) == len(urls) + 1  # one listing and every object once
+        caplog.clear()
+        again = stage_all(urls)
+        assert len(requests("GET")) == 1 and "list-type=2" in requests("GET")[0], requests("GET")
+    assert first == again and all(isinstance(path, Path) and path.is_file() for path in first.values())
+    assert stage(urls[0]) == first[urls[0]]  # a HEAD names the copy as the listing did: nothing fetched twice
+    assert first[urls[0]].read_bytes() == (tmp_path / "made" / "p00.png").read_bytes()
+
+
 def test_a_missing_bucket_and_a_denied_key_are_named_with_their_url(night: str, s3: object, tmp_path: Path) -> None:
     # The server denies one photo by the bucket's policy: that row fails with its URL and the cause; the rest run.
     policy = {
