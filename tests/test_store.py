@@ -20,7 +20,7 @@ import pytest
 from conftest import SECRET, cli, make_painting, make_photo, write_manifest
 
 from batchstyle.images import read_metadata
-from batchstyle.run.ledger import LEDGER_NAME, read_records
+from batchstyle.run.ledger import LEDGER_NAME, read_records, read_runs
 from batchstyle.store import StoreError, join, names, scrub, stage, work_dir
 
 pytest.importorskip("boto3")
@@ -111,6 +111,7 @@ def test_a_manifest_inputs_and_outputs_in_buckets(night: str, s3: object, tmp_pa
     assert SECRET not in result.output
     assert all(SECRET.encode() not in data for data in outputs.values())
     assert all(SECRET.encode() not in f.read_bytes() for f in ledger.iterdir() if f.is_file())
+    assert [run["manifest"] for run in read_runs(ledger).values()] == [night]  # its URL, not the staged copy
     # Nothing left in the ledger's folder but the ledger: each output went up and its local copy went.
     assert not list(ledger.glob("*.png"))
 

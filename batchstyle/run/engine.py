@@ -100,7 +100,8 @@ def run(manifest: Manifest, config: RunConfig | None = None, events: Events | No
         sweep()
         # The command line as run, but no credential a URL in it carries (a signed URL's query, a user:password@).
         argv = [scrub_text(arg) for arg in config.argv]
-        run_id = ledger.start_run(scrub_text(str(manifest.path)), argv, source.name, source.sha256)
+        # A manifest read from a store by its URL, which the user gave, not the staged copy this node read.
+        run_id = ledger.start_run(scrub_text(manifest.url or str(manifest.path)), argv, source.name, source.sha256)
         ledger.forget_invalid_rows()
         for number, problems in manifest.problem_rows().items():
             if shard is not None and not shard.holds(number):
