@@ -89,7 +89,9 @@ def _whole_run(
     began = time.perf_counter()
     local_out = None if "://" in out else Path(out)
     sources = find_rows([contents], [style], out=local_out)
-    manifest = read_manifest(sources.label, values, out, source_table=sources.table, ledger_dir=ledger)
+    manifest = read_manifest(
+        sources.label, values, out, source_table=sources.table, ledger_dir=ledger, listed=sources.listed
+    )
     summary = run(manifest, RunConfig(model=model, devices="cpu", cache_dir=cache, ledger=ledger), Silent())
     if summary.exit_code != 0 or summary.failed:
         raise RuntimeError(f"the bench's run failed: {summary.failed}")
@@ -196,6 +198,7 @@ def listing_figures(url: str, rows: int = 10_000, model: str = "random", cache: 
                 f"{prefix}/out/",
                 source_table=sources.table,
                 ledger_dir=Path(temp) / "ledger",
+                listed=sources.listed,
             )
             read = time.perf_counter()
             config = RunConfig(model=model, devices="cpu", cache_dir=cache, ledger=Path(temp) / "ledger")

@@ -221,7 +221,13 @@ def _read(
             raise click.UsageError("--content and --style need --out: the folder for the outputs and their ledger")
         sources = find_rows(contents, styles, pair, fmt, out_dir if isinstance(out_dir, Path) else None)
         return read_manifest(
-            sources.label, _option_values(options), out_dir, fmt, source_table=sources.table, ledger_dir=ledger_dir
+            sources.label,
+            _option_values(options),
+            out_dir,
+            fmt,
+            source_table=sources.table,
+            ledger_dir=ledger_dir,
+            listed=sources.listed,
         )
     if contents or styles or pair:
         raise click.UsageError("give a MANIFEST or --content and --style, not both")

@@ -15,6 +15,7 @@ import io
 import os
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -277,6 +278,7 @@ def read_manifest(
     check_images: bool = True,
     source_table: Table | None = None,
     ledger_dir: Path | None = None,
+    listed: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Manifest:
     """Parses and validates every row. Raises ManifestError when the file as a whole cannot be used: not UTF-8 text,
     a quote never closed, a row with more cells than the header, a header or rows missing. Problems of single rows
@@ -289,7 +291,8 @@ def read_manifest(
 
     `source_table` holds rows that come from no file (`batchstyle.sources`: folders, globs, bucket prefixes): `path`
     then names the flags that found them in every problem, their cells are absolute paths or URLs, and `out_dir` is
-    needed. Every check applies to them as to a CSV's rows.
+    needed. Every check applies to them as to a CSV's rows; `listed` holds the entries of the objects among them
+    from the listing that found them (`Sources.listed`), which staging reads instead of asking for each.
 
     `path`, `out_dir` and every file cell may be URLs (`batchstyle.store`): a relative cell of a manifest read from
     a store names an object beside it. Objects are staged as local copies, which the checks and job keys read; a
@@ -372,7 +375,7 @@ def read_manifest(
     # photos under a prefix took 226 s of a HEAD and a GET each (docs/benchmarks.md#object-storage).
     distinct = {cells.get("content", "").strip() for _, cells in table}
     distinct.update(part for style in {cells.get("style", "") for _, cells in table} for part in _split_paths(style))
-    staged = stage_all([u for cell in distinct if cell and (u := fetched(remote_of(cell))) is not None])
+    staged = stage_all([u for cell in distinct if cell and (u := fetched(remote_of(cell))) is not None], known=listed)
 
     def at(cell: str) -> Path:
         """One Path per distinct cell: a row's own made 200,000 copies of four photos' paths. An object (a URL

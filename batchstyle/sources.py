@@ -18,7 +18,7 @@ import itertools
 import os
 import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -42,6 +42,7 @@ class SourceError(UnusableInput):
 class _Found:
     cell: str  # what the row's cell holds: an absolute path, or a URL
     parts: tuple[str, ...]  # its place, part by part: ("/", "home", ..., "x.jpg") or ("s3:", "bucket", ..., "x.jpg")
+    listing: Mapping[str, Any] | None = field(default=None, compare=False)  # an object's entry in the listing
 
     @property
     def stem(self) -> str:
@@ -58,6 +59,9 @@ class Sources:
 
     table: Table
     label: str  # the flags as a shell would take them: `--content 'photos/*.jpg' --style paintings/`
+    # Each object's entry in the listing that found it, by URL: its ETag and size, which staging it then needs
+    # (`store.stage_all`) rather than asking the store for each again.
+    listed: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def find_rows(
@@ -98,7 +102,8 @@ def find_rows(
         [*(f"--content {shlex.quote(p)}" for p in contents), *(f"--style {shlex.quote(p)}" for p in styles)]
         + (["--pair"] if pair else [])
     )
-    return Sources((["content", "style", "output"], rows), label)
+    listed = {found.cell: found.listing for found in (*found_contents, *found_styles) if found.listing is not None}
+    return Sources((["content", "style", "output"], rows), label, listed)
 
 
 def manifest_text(
@@ -215,7 +220,7 @@ def _find_url(pattern: str, flag: str, suffixes: frozenset[str]) -> tuple[tuple[
         raise SourceError(f"{flag} {pattern}: cannot list it ({exc})") from None
     names = [name for name, entry in listed.items() if entry.get("type") == "file"]  # one listing, no call per object
     kept = [
-        _Found(f"{protocol}://{name}", (f"{protocol}:", *name.split("/")))
+        _Found(f"{protocol}://{name}", (f"{protocol}:", *name.split("/")), listed[name])
         for name in names
         if PurePath(name).suffix.lower() in suffixes and not PurePath(name).name.startswith(".")
     ]

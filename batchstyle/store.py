@@ -132,12 +132,25 @@ def _fs(url: str) -> tuple[Any, str]:
     return fs, path
 
 
+_FORBIDDEN = re.compile(r"\b403\b|Forbidden")
+
+
 def _cause(exc: BaseException) -> tuple[str, bool]:
-    """(the cause in words, whether a retry can help)."""
-    text = f"{exc} {exc.__cause__ or ''}"
+    """(the cause in words, whether a retry can help). Any URL the client's message quotes is scrubbed: an HTTP
+    client's error names the URL it asked for, signature and all, and the cause goes to the ledger."""
+    cause, transient = _cause_of(exc)
+    return scrub_text(cause), transient
+
+
+def _cause_of(exc: BaseException) -> tuple[str, bool]:
+    cause = str(exc.__cause__ or "")
+    text = f"{exc} {cause}"
     if "NoSuchBucket" in text or "bucket does not exist" in text:
         return "the bucket does not exist; create it, or fix the bucket's name", False
-    if isinstance(exc, PermissionError) or "AccessDenied" in text or "403" in text or "Forbidden" in text:
+    # A FileNotFoundError's own message is the path (`photos/403.png` is no answer); fsspec's HTTP client raises one
+    # for any refusal, the 403 in the error it chains.
+    forbidden = _FORBIDDEN.search(cause if isinstance(exc, FileNotFoundError) else text)
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or forbidden:
         return "access denied (403); check the credentials and the bucket's policy for this object", False
     if isinstance(exc, FileNotFoundError):
         return NO_SUCH_OBJECT, False
@@ -222,40 +235,15 @@ def _each(urls: Sequence[str], fetch: Callable[[str], Path]) -> dict[str, Path |
     return found
 
 
-LIST_AT = 16  # objects wanted under one folder from which one listing of it replaces their HEADs
-
-
-def stage_all(urls: Sequence[str], root: Path | None = None) -> dict[str, Path | StoreError]:
+def stage_all(
+    urls: Sequence[str], root: Path | None = None, known: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Path | StoreError]:
     """`stage` of many objects at once, each URL's copy or its error: planning a night's 10,000 new photos waits on
-    the store's latency, not on this machine, so the requests overlap. Where LIST_AT or more are in one folder, its
-    listing (a request per 1,000 objects) gives their ETags and sizes instead of a HEAD each: a rerun that has them
-    all staged then asks the store for nothing else."""
-    known = _listed(urls)
-    return _each(urls, lambda url: stage(url, root, known.get(url)))
-
-
-def _listed(urls: Sequence[str]) -> dict[str, Mapping[str, Any]]:
-    """The listing entries of the objects among `urls`, by URL, from one listing of each folder holding LIST_AT
-    of them or more. A folder that cannot be listed (a key allowed to read objects but not to list) costs only the
-    saving: its objects are asked for one by one, as with fewer of them."""
-    folders: dict[str, list[str]] = {}
-    for url in dict.fromkeys(urls):
-        if urlsplit(url).scheme not in ("http", "https"):
-            folders.setdefault(url.rsplit("/", 1)[0], []).append(url)
-    known: dict[str, Mapping[str, Any]] = {}
-    for folder, wanted in folders.items():
-        if len(wanted) < LIST_AT:
-            continue
-        try:
-            fs, path = _fs(folder)
-            entries = {entry["name"]: entry for entry in fs.ls(path, detail=True)}
-        except Exception:  # noqa: BLE001 - any failure to list falls back to asking for each object
-            continue
-        for url in wanted:
-            entry = entries.get(fs._strip_protocol(url))
-            if entry is not None and entry.get("type") == "file":
-                known[url] = entry
-    return known
+    the store's latency, not on this machine, so the requests overlap. `known`: the objects' entries in a listing
+    just made (the folder form lists a prefix to find its photos), whose ETags and sizes save a HEAD each, so a
+    rerun over photos already staged asks the store for the listing alone."""
+    entries = known or {}
+    return _each(urls, lambda url: stage(url, root, entries.get(url)))
 
 
 def get_all(wanted: Mapping[str, Path]) -> dict[str, Path | StoreError]:
