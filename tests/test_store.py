@@ -22,6 +22,7 @@ from conftest import SECRET, cli, make_painting, make_photo, write_manifest
 from batchstyle.images import read_metadata
 from batchstyle.run.ledger import LEDGER_NAME, read_records, read_runs
 from batchstyle.store import StoreError, join, names, scrub, stage, work_dir
+from batchstyle.version import ALGORITHM_VERSION
 
 pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
@@ -73,6 +74,21 @@ def test_relative_cells_resolve_against_the_manifests_url() -> None:
     assert join("s3://b/runs/night.csv", "../shared/s.png") == "s3://b/shared/s.png"
     assert join("s3://b/runs/night.csv", "gs://other/s.png") == "gs://other/s.png"
     assert scrub("https://user:pw@host:8443/a/b.png?X-Amz-Signature=abc#f") == "https://host:8443/a/b.png"
+
+
+def test_a_cause_names_a_missing_frame_403_as_missing_and_quotes_no_signature() -> None:
+    """The cause goes into the ledger and the row's error: a missing object whose name holds 403 is missing, not
+    denied (a shared cache's miss, not its failure), and an HTTP client's error quoting a signed URL is scrubbed."""
+    from batchstyle.store import NO_SUCH_OBJECT, _cause
+
+    assert _cause(FileNotFoundError("night/out/walk.mp4.frames/frame-000403.png")) == (NO_SUCH_OBJECT, False)
+    assert _cause(FileNotFoundError("night/photos/403.png")) == (NO_SUCH_OBJECT, False)
+    refused = FileNotFoundError("https://h/b/k.png")  # as fsspec's HTTP client raises a 403: chained
+    refused.__cause__ = OSError("403, message='Forbidden'")
+    assert _cause(refused)[0].startswith("access denied")
+    assert _cause(OSError("GET https://h/b/k.png?X-Amz-Signature=abc: 403 Forbidden"))[0].startswith("access denied")
+    busy, transient = _cause(OSError(f"503 ServiceUnavailable for https://h/b/k.png?X-Amz-Signature={SECRET}"))
+    assert transient and "https://h/b/k.png" in busy and SECRET not in busy and "X-Amz" not in busy
 
 
 def test_no_credential_in_a_url_on_the_command_line_reaches_the_ledger(tmp_path: Path) -> None:
@@ -140,7 +156,8 @@ def test_a_url_cache_dir_shares_targets_and_graphs_between_machines(
     targets, the exported graph) the second fetches rather than computes; each keeps a local copy in its own cache."""
     s3.create_bucket(Bucket="cache")  # type: ignore[attr-defined]
     runs = {}
-    for machine in ("first", "second"):
+
+    def run_on(machine: str) -> None:
         monkeypatch.setenv("BATCHSTYLE_CACHE", str(tmp_path / machine))
         ledger = tmp_path / f"ledger-{machine}"
         out = f"s3://night/out-{machine}/"
@@ -148,9 +165,13 @@ def test_a_url_cache_dir_shares_targets_and_graphs_between_machines(
         result = cli("run", night, "--out", out, "--ledger", ledger, "--cache-dir", "s3://cache/bs/", *loud)
         assert result.exit_code == 0, result.output
         runs[machine] = result.output, {r.row: r.targets for r in read_records(ledger)[0]}
+
+    run_on("first")
+    run_on("second")
     shared = sorted(_objects(s3, "cache", "bs/"))
     graphs = [key for key in shared if key.startswith("bs/onnx/")]
-    assert len(graphs) == 1 and graphs[0].endswith(".onnx")
+    # Under the algorithm's version, which the file's name leaves out: two versions never meet at one name.
+    assert len(graphs) == 1 and graphs[0].startswith(f"bs/onnx/{ALGORITHM_VERSION}/") and graphs[0].endswith(".onnx")
     assert (tmp_path / "second" / "onnx" / Path(graphs[0]).name).is_file()
     entries = [key for key in shared if key.startswith("bs/targets/")]
     assert len(entries) == 4 and all(key.endswith(".safetensors") for key in entries)  # 3 contents, 1 style
@@ -160,40 +181,58 @@ def test_a_url_cache_dir_shares_targets_and_graphs_between_machines(
     assert set(runs["second"][1].values()) == {"content=hit style=hit"}, runs["second"][1]
     assert len(list((tmp_path / "second" / "targets").glob("*/*.safetensors"))) == 4  # its own local copies
 
+    # A graph in the store that is not what its name says is never used: the third machine exports its own and puts
+    # it in the other's place.
+    s3.put_object(Bucket="cache", Key=graphs[0], Body=b"not a graph")  # type: ignore[attr-defined]
+    run_on("third")
+    assert "exporting the target graph" in runs["third"][0]
+    local = (tmp_path / "third" / "onnx" / Path(graphs[0]).name).read_bytes()
+    assert _objects(s3, "cache", graphs[0])[graphs[0]] == local
+
     # Other commands keep their cache in a folder: a URL there is refused, not taken as a folder named "s3:".
     refused = cli("cache", "info", "--cache-dir", "s3://cache/bs/")
     assert refused.exit_code == 2 and "a URL cache is shared by `batchstyle run`" in refused.output
 
 
-def test_staging_many_objects_of_a_folder_lists_it_instead_of_asking_for_each(
+def test_the_folder_forms_listing_gives_staging_the_etags_so_no_object_is_asked_for_twice(
     s3: object, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A folder with LIST_AT objects or more to stage is listed once (a request per 1,000 objects) rather than asked
-    a HEAD per object; the copies are the ones a HEAD would have named, and a second staging (tomorrow's rerun, the
-    photos already here) asks the store for nothing but the listing. Requests counted in moto's own request log."""
-    from batchstyle.store import LIST_AT, stage_all
+    """`--content s3://many/photos/` lists the prefix to find its photos; staging them then takes their ETags and
+    sizes from that listing rather than a HEAD each, names each copy as a HEAD would have, and tomorrow's rerun (the
+    photos already here) fetches nothing. Requests counted in moto's own request log."""
+    from batchstyle.manifest import read_manifest
+    from batchstyle.options import default_values
+    from batchstyle.sources import find_rows
 
     s3.create_bucket(Bucket="many")  # type: ignore[attr-defined]
-    urls = []
-    for k in range(LIST_AT + 2):
-        _upload(s3, "many", f"photos/p{k:02d}.png", make_photo(tmp_path / "made" / f"p{k:02d}.png", 8, 8, seed=k))
-        urls.append(f"s3://many/photos/p{k:02d}.png")
-    _upload(s3, "many", "few/a.png", make_photo(tmp_path / "made" / "a.png", 8, 8))
-    urls.append("s3://many/few/a.png")  # alone in its folder: asked for, as before
+    for k in range(5):
+        _upload(s3, "many", f"photos/p{k}.png", make_photo(tmp_path / "made" / f"p{k}.png", 16, 12, seed=k))
+    _upload(s3, "many", "style.png", make_painting(tmp_path / "made" / "style.png", 16, 16))
 
     def requests(verb: str) -> list[str]:
-        return [r.getMessage() for r in caplog.records if f'"{verb} /many' in r.getMessage()]
+        return [r.getMessage() for r in caplog.records if f'"{verb} /many/' in r.getMessage()]
+
+    def plan() -> dict[str, Path]:
+        sources = find_rows(["s3://many/photos/"], ["s3://many/style.png"])
+        assert sorted(sources.listed) == [*(f"s3://many/photos/p{k}.png" for k in range(5)), "s3://many/style.png"]
+        out = tmp_path / "out"
+        manifest = read_manifest(
+            sources.label, default_values(), out, source_table=sources.table, listed=sources.listed
+        )
+        assert not manifest.problems
+        return {source: path for path, source in manifest.sources.items()}
 
     with caplog.at_level(logging.INFO, logger="werkzeug"):
-        first = stage_all(urls)
-        assert len(requests("HEAD")) == 1 and "few/a.png" in requests("HEAD")[0], requests("HEAD")
-        assert len(requests("GET")) == len(urls) + 1  # one listing and every object once
+        first = plan()
+        # One HEAD: --style names an object, and finding it is asking for it; staging asks for nothing more.
+        assert len(requests("HEAD")) == 1 and "/many/style.png" in requests("HEAD")[0], requests("HEAD")
+        assert len([r for r in requests("GET") if "/photos/p" in r or "/style.png" in r]) == 6
         caplog.clear()
-        again = stage_all(urls)
-        assert len(requests("GET")) == 1 and "list-type=2" in requests("GET")[0], requests("GET")
-    assert first == again and all(isinstance(path, Path) and path.is_file() for path in first.values())
-    assert stage(urls[0]) == first[urls[0]]  # a HEAD names the copy as the listing did: nothing fetched twice
-    assert first[urls[0]].read_bytes() == (tmp_path / "made" / "p00.png").read_bytes()
+        again = plan()
+        assert len(requests("HEAD")) == 1 and [r for r in requests("GET") if ".png" in r] == [], requests("GET")
+    assert first == again
+    assert stage("s3://many/photos/p0.png") == first["s3://many/photos/p0.png"]  # a HEAD names the copy alike
+    assert first["s3://many/photos/p0.png"].read_bytes() == (tmp_path / "made" / "p0.png").read_bytes()
 
 
 def test_a_missing_bucket_and_a_denied_key_are_named_with_their_url(night: str, s3: object, tmp_path: Path) -> None:

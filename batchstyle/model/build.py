@@ -59,7 +59,7 @@ def build_stylizer(
     (a Ray node may not see the run's output folder: then the system's temporary folder).
     """
     try:
-        cache: TargetCache | None = TargetCache(cache_dir, shared_cache)
+        cache: TargetCache | None = TargetCache(cache_dir, shared_cache, warn)
     except (OSError, sqlite3.Error) as exc:
         warn(f"no target cache ({exc}): every target is computed")  # a read-only cache costs reuse, never the image
         cache = None

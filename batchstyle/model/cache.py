@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +36,13 @@ class TargetCache:
     index keeps sizes and hit counts for `batchstyle cache info`.
     """
 
-    def __init__(self, root: Path, shared: str | None = None) -> None:
+    def __init__(self, root: Path, shared: str | None = None, warn: Callable[[str], None] = lambda text: None) -> None:
         self.root = Path(root) / "targets"
         # A store URL (`--cache-dir s3://bucket/cache/`): entries missing here are looked for there, and entries
         # made here are put there, so that nodes sharing no folder compute each target once between them. The
         # local folder stays the one read: an entry from the store is fetched into it and checked as any other.
         self.shared = None if shared is None else shared.rstrip("/") + "/targets"
+        self.warn = warn
         self.root.mkdir(parents=True, exist_ok=True)
         self.index = sqlite3.connect(self.root / "index.sqlite", timeout=30, isolation_level=None)
         self.index.execute("PRAGMA journal_mode=WAL")
@@ -59,9 +61,10 @@ class TargetCache:
         """Where the shared tier keeps `key`, laid out as the local folder is."""
         return None if self.shared is None else f"{self.shared}/{key[:2]}/{key}.safetensors"
 
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The entry's tensors, or None on a miss. A shared tier that cannot be read (StoreError) is a miss too,
-        never the row's failure: the targets are computed instead, as without a cache."""
+    def get(self, key: str, share: bool = True) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, or None on a miss; the shared tier is asked too unless `share` is False (as `put`
+        says). A shared tier that cannot be read (StoreError) is a miss too, never the row's failure: the targets
+        are computed instead, as without a cache, and the tier is left alone from then on (`_give_up`)."""
         from safetensors import safe_open
 
         from batchstyle.store import StoreError, fetch
@@ -69,10 +72,11 @@ class TargetCache:
         path = self.path(key)
         url = self.url(key)
         fetched = False
-        if not path.is_file() and url is not None:
+        if not path.is_file() and url is not None and share:
             try:
                 fetched = fetch(url, path)
-            except StoreError:
+            except StoreError as exc:
+                self._give_up(exc)
                 return None
         if not path.is_file():
             return None
@@ -91,7 +95,9 @@ class TargetCache:
         self.index.execute("UPDATE entries SET hits = hits + 1, last_used = ? WHERE key = ?", (time.time(), key))
         return tensors
 
-    def put(self, key: str, role: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, key: str, role: str, tensors: dict[str, torch.Tensor], share: bool = True) -> None:
+        """The entry written here, and put to the shared tier unless `share` is False (a clip frame's content
+        targets: no other row reads them, and a put each would cost every frame a request of megabytes)."""
         import torch
         from safetensors.torch import save
 
@@ -102,10 +108,19 @@ class TargetCache:
         write_file_atomic(path, lambda handle: handle.write(data))
         self._index(key, role, path)
         url = self.url(key)
-        if url is not None:
-            from batchstyle.store import put
+        if url is not None and share:
+            from batchstyle.store import StoreError, put
 
-            put(path, url)  # one put: another node finds the entry whole or not at all
+            try:
+                put(path, url)  # one put: another node finds the entry whole or not at all
+            except StoreError as exc:
+                self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        """The shared tier left alone for the rest of this process after its first failure: a store that is down
+        would otherwise cost every target its retries and the client's timeouts; this node's cache goes on."""
+        self.warn(f"the shared target cache is not used from here on ({exc}); targets are kept on this node")
+        self.shared = None
 
     def _index(self, key: str, role: str, path: Path) -> None:
         now = time.time()

@@ -87,8 +87,10 @@ def graph_spec(source: WeightSource, settings: Settings) -> GraphSpec:
 
 
 def shared_graph(shared: str, spec: GraphSpec) -> str:
-    """Where a shared cache (`--cache-dir s3://...`) keeps an exported graph, laid out as a local cache is."""
-    return f"{shared.rstrip('/')}/onnx/{spec.filename()}"
+    """Where a shared cache (`--cache-dir s3://...`) keeps an exported graph: by the algorithm's version too, which
+    the file's name leaves out (a local export that does not match is simply exported again; an object in a shared
+    cache is never replaced, so machines of two versions must never meet at one name)."""
+    return f"{shared.rstrip('/')}/onnx/{ALGORITHM_VERSION}/{spec.filename()}"
 
 
 def graph_matches(path: Path, spec: GraphSpec) -> bool:

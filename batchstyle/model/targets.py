@@ -327,9 +327,13 @@ def backend_factory(
             except (ExportError, OSError, ImportError) as exc:
                 warn(f"ONNX export failed ({exc}); targets are computed with torch")
                 return TorchBackend(weights, graph, device)
-        if not graph_matches(path, graph) and shared is not None:
+        if shared is not None and not graph_matches(path, graph):
+            url = shared_graph(shared, graph)
             try:
-                fetch(shared_graph(shared, graph), path)
+                if fetch(url, path) and not graph_matches(path, graph):
+                    path.unlink()  # not this spec's graph, whatever its name says: never opened
+                    warn(f"{url} is not the graph its name says: targets are computed with torch")
+                    return TorchBackend(weights, graph, device)
             except StoreError as exc:
                 warn(f"cannot fetch the target graph from the shared cache ({exc})")
         if not path.is_file():
@@ -432,7 +436,7 @@ class TargetStore:
         for digest, variant, pixels in items:
             h, w = pixels.shape[-2:]
             key = target_key(spec, role, digest, (w, h), f"{variant}:{self.precision}")
-            if self.cache.get(key) is None:
+            if self.cache.get(key, share=False) is None:  # a clip's frames: nothing shares them (`TargetCache.put`)
                 missing.append((key, pixels))
         if not missing:
             return 0
@@ -446,7 +450,7 @@ class TargetStore:
                 if name.startswith(prefixes)
             }
             try:
-                self.cache.put(key, role, found)
+                self.cache.put(key, role, found, share=False)
             except (OSError, sqlite3.Error, StoreError) as exc:
                 self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
                 break

@@ -244,17 +244,24 @@ def _export_graphs(
         except (ExportError, OSError, ImportError) as exc:
             failures.add(spec)
             events.message(f"ONNX export failed ({exc}); rows needing {name} compute targets with torch")
-    if config.cache_url is not None:
-        _share_graphs(config.cache_url, [spec for spec in missing if spec not in failures], [], export_dir, events)
+    if config.cache_url is not None:  # absent from the store, or not what its name says there: put, replacing it
+        exported = [spec for spec in missing if spec not in failures]
+        _share_graphs(config.cache_url, exported, [], export_dir, events, replace=True)
     return weights, frozenset(failures)
 
 
 def _share_graphs(
-    shared: str, specs: Sequence[GraphSpec], missing: Sequence[GraphSpec], export_dir: Path, events: Events
+    shared: str,
+    specs: Sequence[GraphSpec],
+    missing: Sequence[GraphSpec],
+    export_dir: Path,
+    events: Events,
+    replace: bool = False,
 ) -> list[GraphSpec]:
     """With a URL `--cache-dir`: the graphs missing here fetched from the store (exported once for every node), and
-    those here but not there put there, so each node's workers open them with ONNX Runtime rather than fall back to
-    torch. Returns the graphs still missing. A store that cannot be used costs the sharing, never the run."""
+    those here but not there put there (`replace`: put whatever is there), so each node's workers open them with
+    ONNX Runtime rather than fall back to torch. Returns the graphs still missing: absent from the store, or not the
+    graph their name says. A store that cannot be used costs the sharing, never the run."""
     from batchstyle.model.graph import shared_graph
     from batchstyle.store import StoreError, exists, fetch, put
 
@@ -265,7 +272,7 @@ def _share_graphs(
             if spec in missing:
                 if fetch(url, local) and graph_matches(local, spec):
                     still.remove(spec)
-            elif not exists(url):
+            elif replace or not exists(url):
                 put(local, url)
     except StoreError as exc:
         events.message(f"the shared cache cannot be used for target graphs ({exc})")
