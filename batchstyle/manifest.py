@@ -77,6 +77,15 @@ class Row:
                 return scrub(url)
         return str(path)
 
+    def on_this_node(self, path: Path) -> Path:
+        """One of this row's inputs as a file on the node that reads it: one the parent staged from a store is
+        staged again here from its URL (into this node's own staging folder: a Ray actor on another node shares no
+        folder with the driver); a path is used as given."""
+        for local, url in self.sources:
+            if local == path:
+                return stage(url)
+        return path
+
 
 @dataclass
 class Manifest:

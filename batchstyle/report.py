@@ -195,7 +195,7 @@ class _Staged:
     @staticmethod
     def _problem(exc: Exception, url: str = "") -> tuple[str, str]:
         if isinstance(exc, store.StoreError):
-            word = "missing" if exc.cause == "no such object" else "unreadable"
+            word = "missing" if exc.cause == store.NO_SUCH_OBJECT else "unreadable"
             return word, store.scrub_text(str(exc))
         return "unreadable", store.scrub_text(f"{store.scrub(url)}: {exc}")
 

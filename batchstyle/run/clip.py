@@ -68,13 +68,6 @@ def frames_url(job: Job) -> str | None:
     return None if url is None else url.rstrip("/") + FRAMES_SUFFIX
 
 
-def _on_this_node(job: Job, path: Path) -> Path:
-    """An input of the row as a file on this node: one the parent staged from a store is staged again here from its
-    URL, since the parent's copy is on the driver's node; a path is used as given."""
-    url = dict(job.row.sources).get(path)
-    return path if url is None else store.stage(url)
-
-
 def _fetch_stored(remote: str, files: list[Path]) -> None:
     """This node's copies of `files` made what the store holds under `remote`: each one listed there fetched, each
     one not listed removed. A copy the store lacks is a frame whose put a kill cut off; it is made again, since the
@@ -151,8 +144,8 @@ def _run_frames(
         return None, 0, 0
     resume, pending = todo[0], set(todo)
     indices = indices_of(job)
-    content = _on_this_node(job, job.row.content)
-    styles = [load_image(_on_this_node(job, path)) for path in job.row.styles]
+    content = job.row.on_this_node(job.row.content)
+    styles = [load_image(job.row.on_this_node(path)) for path in job.row.styles]
     # color=auto decides once, on the clip's first frame: every chunk and every frame then keeps the same palette.
     colours = style_colours(s.color, read_frame(content, indices[0]), styles) if s.color == "auto" else ()
     chain = FrameChain(stylizer, s, cache_dir, job.content_digest, indices)

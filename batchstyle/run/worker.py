@@ -478,15 +478,12 @@ def put_output(local: Path, url: str) -> None:
 
 
 def inputs_of(job: Job) -> Inputs:
-    """A row's images, decoded, addressed in the target cache by their files' sha256 (the job's digests). An input
-    staged from a store by the parent is staged again here from its URL, into this node's own staging folder: a Ray
-    actor on another node shares no folder with the driver."""
+    """A row's images, decoded, addressed in the target cache by their files' sha256 (the job's digests), each read
+    on this node (`Row.on_this_node`)."""
     row = job.row
-    urls = dict(row.sources)
 
     def read(path: Path) -> Any:
-        url = urls.get(path)
-        return load_image(path if url is None else store.stage(url))
+        return load_image(row.on_this_node(path))
 
     return Inputs(
         content=read(row.content),
