@@ -422,7 +422,7 @@ class TargetStore:
         if self.cache is not None:
             try:
                 self.cache.put(key, role, found)
-            except (OSError, sqlite3.Error, StoreError) as exc:  # a full or read-only cache costs reuse, never the row
+            except (OSError, sqlite3.Error) as exc:  # a full or read-only cache costs reuse, never the row
                 self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
         return found, False
 
@@ -451,7 +451,7 @@ class TargetStore:
             }
             try:
                 self.cache.put(key, role, found, share=False)
-            except (OSError, sqlite3.Error, StoreError) as exc:
+            except (OSError, sqlite3.Error) as exc:
                 self.warn(f"could not write the target cache ({exc}); targets are recomputed next time")
                 break
         return len(missing)

@@ -135,8 +135,8 @@ CACHE_FOLDER_HELP = "Cache for weights, targets and ONNX graphs [default: $BATCH
 
 def _cache_place(raw: Any) -> Path | str | None:
     """A folder as a Path, a store URL as given (a Path would fold its `//`), `file://` as the folder it names."""
-    if raw is None or isinstance(raw, Path):
-        return raw if raw is None else raw.expanduser()
+    if raw is None:
+        return None
     text = str(raw)
     if is_url(text):
         return Path(local_path(text)).expanduser() if text.lower().startswith("file://") else text
