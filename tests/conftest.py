@@ -6,6 +6,7 @@ and stylizations behave as they do on photographs, at tens of pixels.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,6 +23,12 @@ from batchstyle.model.optimize import Outcome, optimize_batch
 from batchstyle.model.targets import Targets, style_targets
 from batchstyle.model.weights import SOURCES, Weights, default_cache_dir
 from batchstyle.options import Settings, default_values, make_settings
+
+# Ray starts its workers at niceness 15 (its RAY_worker_niceness), so beside other work on this 2-core machine an actor
+# gets a few percent of a core: py-spy found a loaded suite spending ~25 minutes in one Ray test, `RayWorker.__init__`
+# at 3.7% CPU beside two burners. The tests' Ray workers run at pytest's own niceness, so they wait their fair turn and
+# no longer; a user's cluster keeps Ray's default. Set here, before any test starts Ray in this process.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def make_photo(path: Path, width: int = 48, height: int = 36, seed: int = 0) -> Path:
